@@ -1,0 +1,78 @@
+/*
+ * lorakern C ABI.
+ *
+ * Plain C, no torch: another inference stack can call the CPU kernels with raw
+ * pointers. All tensors are dense, row-major and contiguous. The packed weight
+ * layout is documented in docs/formats.md (the "canonical" layout).
+ *
+ * Every entry point validates its arguments and returns a status code; it never
+ * aborts the process. Thread count 0 means "the OpenMP default".
+ */
+#ifndef LORAKERN_H_
+#define LORAKERN_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define LK_API __declspec(dllexport)
+#else
+#define LK_API __attribute__((visibility("default")))
+#endif
+
+typedef enum {
+  LK_OK = 0,
+  LK_ERR_INVALID_ARG = 1, /* a null pointer, bad size, unsupported bits/group */
+  LK_ERR_UNSUPPORTED = 2, /* the requested ISA is not supported by this CPU */
+  LK_ERR_ALLOC = 3        /* out of memory for a work buffer */
+} lk_status;
+
+typedef enum { LK_F32 = 0, LK_F16 = 1, LK_BF16 = 2 } lk_dtype;
+
+typedef enum { LK_ISA_GENERIC = 0, LK_ISA_AVX2 = 1, LK_ISA_AVX512 = 2 } lk_isa;
+
+/* A group-wise quantized weight W[N, K] in the canonical packed layout:
+ * w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]), g = k / group_size.
+ * scales and zeros are IEEE fp16 bit patterns, shape [N, K / group_size]. */
+typedef struct {
+  const uint8_t* qweight;  /* [N, K * bits / 8] bytes */
+  const uint16_t* scales;  /* fp16 [N, K / group_size] */
+  const uint16_t* zeros;   /* fp16 [N, K / group_size] */
+  int64_t N;
+  int64_t K;
+  int32_t bits;       /* 2, 3, 4 or 8 */
+  int32_t group_size; /* 32, 64 or 128 */
+} lk_qweight;
+
+LK_API const char* lk_version(void);
+LK_API const char* lk_status_string(lk_status s);
+LK_API const char* lk_isa_name(lk_isa isa);
+
+/* Best ISA this CPU (and OS) supports. */
+LK_API lk_isa lk_detected_isa(void);
+/* ISA the kernels use now: the detected one, or the one forced by the
+ * LORAKERN_ISA environment variable (generic|avx2|avx512) or lk_set_isa. */
+LK_API lk_isa lk_active_isa(void);
+/* Force an ISA path; LK_ERR_UNSUPPORTED if the CPU cannot run it. */
+LK_API lk_status lk_set_isa(lk_isa isa);
+
+/* y[M, N] = x[M, K] @ W^T (+ bias[N]).
+ * x and y have dtype x_dtype; bias (nullable) is fp32.
+ * Activations are quantized per (row, group) to int8 (symmetric, round half to
+ * even), the products with the integer codes are exact int32 sums, and the
+ * scales and zero points are applied in fp32 (docs/formats.md, "Numerics"). */
+LK_API lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M,
+                                 const lk_qweight* w, const float* bias,
+                                 void* y, int num_threads);
+
+/* out[N, K] (fp32) = dequantized W. */
+LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LORAKERN_H_ */

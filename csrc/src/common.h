@@ -1,0 +1,124 @@
+// Internal definitions shared by the CPU kernels. No torch, no ISA flags here:
+// this header is included by sources compiled with different -m options.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace lk {
+
+// IEEE half <-> float in portable code (the SIMD paths use F16C instead).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t mant = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3FFu;
+      bits = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_half(float f) {  // round to nearest even
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t absx = x & 0x7FFFFFFFu;
+  if (absx >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (absx > 0x7F800000u ? 0x200u : 0));
+  if (absx >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // overflow -> inf
+  if (absx < 0x38800000u) {                                    // subnormal or zero
+    if (absx < 0x33000000u) return (uint16_t)sign;
+    const uint32_t e = absx >> 23;
+    uint32_t m = (absx & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // 14..24
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1);
+    const uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = absx - 0x38000000u;  // rebias exponent
+  const uint32_t rem = r & 0x1FFFu;
+  r >>= 13;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) ++r;
+  return (uint16_t)(sign | r);
+}
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40u);
+  const uint32_t lsb = (x >> 16) & 1u;
+  x += 0x7FFFu + lsb;
+  return (uint16_t)(x >> 16);
+}
+
+// Bytes of one packed row / one packed group in the canonical layout.
+inline int64_t row_bytes(int64_t K, int bits) { return K * bits / 8; }
+inline int group_bytes(int G, int bits) { return G * bits / 8; }
+
+// Scalar decode of code i (0 <= i < G) of one packed group (docs/formats.md).
+inline int decode_code(const uint8_t* gp, int G, int bits, int i) {
+  switch (bits) {
+    case 8:
+      return gp[i];
+    case 4: {
+      const int W = G / 2;
+      return i < W ? (gp[i] & 0xF) : (gp[i - W] >> 4);
+    }
+    default: {  // bit planes (1, 2, 3 bits): plane k holds bit k of every code
+      const int PB = G / 8;
+      int q = 0;
+      for (int k = 0; k < bits; ++k) q |= ((gp[k * PB + (i >> 3)] >> (i & 7)) & 1) << k;
+      return q;
+    }
+  }
+}
+
+// One quant_matmul problem after the activations were quantized.
+struct QmmProblem {
+  int64_t M, N, K;
+  int bits, G;
+  const uint8_t* qw;      // [N, row_bytes]
+  const uint16_t* scales;  // fp16 [N, K/G]
+  const uint16_t* zeros;   // fp16 [N, K/G]
+  const int8_t* xq;        // [M, K] int8 activations
+  const float* xs;         // [M, K/G] activation scale per group
+  const float* xsum;       // [M, K/G] exact float sum of x per group
+  const float* bias;       // [N] or null
+  float* y;                // [M, N] fp32 result
+};
+
+// Each computes rows [n0, n1) of y for every m. Same math, different ISA.
+void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1);
+void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
+void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
+
+// Quantize activations: x (fp32) [M, K] -> xq, xs, xsum (per group of G).
+void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
+                          float* xsum);
+
+}  // namespace lk

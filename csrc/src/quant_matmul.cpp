@@ -1,0 +1,124 @@
+// C ABI entry points: validate, quantize activations, split rows over OpenMP
+// threads, dispatch to the active ISA path, convert the result.
+#include <omp.h>
+
+#include <algorithm>
+#include <new>
+#include <vector>
+
+#include "common.h"
+#include "lorakern/lorakern.h"
+
+namespace {
+
+bool valid_format(int bits, int G) {
+  return (bits == 2 || bits == 3 || bits == 4 || bits == 8) && (G == 32 || G == 64 || G == 128);
+}
+
+lk_status check_weight(const lk_qweight* w) {
+  if (!w || !w->qweight || !w->scales || !w->zeros) return LK_ERR_INVALID_ARG;
+  if (!valid_format(w->bits, w->group_size)) return LK_ERR_INVALID_ARG;
+  if (w->N < 0 || w->K <= 0 || w->K % w->group_size != 0) return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
+
+int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
+
+RowsFn rows_fn(lk_isa isa) {
+  switch (isa) {
+    case LK_ISA_AVX512: return lk::qmm_rows_avx512;
+    case LK_ISA_AVX2: return lk::qmm_rows_avx2;
+    default: return lk::qmm_rows_generic;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* lk_version(void) { return "0.1.0"; }
+
+const char* lk_status_string(lk_status s) {
+  switch (s) {
+    case LK_OK: return "ok";
+    case LK_ERR_INVALID_ARG: return "invalid argument";
+    case LK_ERR_UNSUPPORTED: return "unsupported by this CPU";
+    case LK_ERR_ALLOC: return "out of memory";
+  }
+  return "unknown status";
+}
+
+lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
+                          const float* bias, void* y, int num_threads) {
+  if (lk_status s = check_weight(w)) return s;
+  if (M < 0 || (M > 0 && (!x || !y))) return LK_ERR_INVALID_ARG;
+  if (x_dtype != LK_F32 && x_dtype != LK_F16 && x_dtype != LK_BF16) return LK_ERR_INVALID_ARG;
+  const int64_t N = w->N, K = w->K;
+  const int G = w->group_size;
+  if (M == 0 || N == 0) return LK_OK;
+  try {
+    const int64_t ng = K / G;
+    std::vector<float> xf;
+    const float* x32 = static_cast<const float*>(x);
+    if (x_dtype != LK_F32) {
+      xf.resize((size_t)(M * K));
+      const uint16_t* xh = static_cast<const uint16_t*>(x);
+      for (int64_t i = 0; i < M * K; ++i)
+        xf[i] = x_dtype == LK_F16 ? lk::half_to_float(xh[i]) : lk::bf16_to_float(xh[i]);
+      x32 = xf.data();
+    }
+    std::vector<int8_t> xq((size_t)(M * K));
+    std::vector<float> xs((size_t)(M * ng)), xsum((size_t)(M * ng));
+    lk::quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
+
+    std::vector<float> ybuf;
+    float* y32 = static_cast<float*>(y);
+    if (x_dtype != LK_F32) {
+      ybuf.resize((size_t)(M * N));
+      y32 = ybuf.data();
+    }
+    lk::QmmProblem p{M, N, K, w->bits, G, w->qweight, w->scales, w->zeros,
+                     xq.data(), xs.data(), xsum.data(), bias, y32};
+    const RowsFn fn = rows_fn(lk_active_isa());
+    const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
+    // Contiguous row blocks per thread: each thread streams its own slab.
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
+      if (n1 > n0) fn(p, n0, n1);
+    }
+    if (x_dtype != LK_F32) {
+      uint16_t* yh = static_cast<uint16_t*>(y);
+      for (int64_t i = 0; i < M * N; ++i)
+        yh[i] = x_dtype == LK_F16 ? lk::float_to_half(y32[i]) : lk::float_to_bf16(y32[i]);
+    }
+  } catch (const std::bad_alloc&) {
+    return LK_ERR_ALLOC;
+  }
+  return LK_OK;
+}
+
+lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads) {
+  if (lk_status s = check_weight(w)) return s;
+  if (!out && w->N > 0) return LK_ERR_INVALID_ARG;
+  const int64_t N = w->N, K = w->K;
+  const int G = w->group_size, bits = w->bits;
+  const int64_t ng = K / G, rb = lk::row_bytes(K, bits);
+  const int gb = lk::group_bytes(G, bits);
+#pragma omp parallel for num_threads(threads_for(num_threads)) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float s = lk::half_to_float(w->scales[n * ng + g]);
+      const float z = lk::half_to_float(w->zeros[n * ng + g]);
+      const uint8_t* gp = w->qweight + n * rb + g * gb;
+      float* o = out + n * K + g * G;
+      for (int i = 0; i < G; ++i) o[i] = s * ((float)lk::decode_code(gp, G, bits, i) - z);
+    }
+  }
+  return LK_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,183 @@
+// AVX2 + FMA + F16C quant_matmul (compiled with those flags only; chosen at run
+// time). Per group: unpack the codes into bytes in registers, int8 dot products
+// with vpmaddubsw (u8 codes x s8 activations, i16 pairs) and vpmaddwd, one fp32
+// FMA with the combined scale. The zero point is applied once per row:
+// y = sum_g s_g*xs_g*dot_g - sum_g s_g*z_g*sum(x_g).
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "simd_x86.h"
+
+namespace lk {
+namespace {
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// byte i of the result = 0xFF if bit i of w is set, else 0.
+inline __m256i expand_bits32(uint32_t w) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                        2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+}
+
+// Codes of one group as G/32 vectors of 32 unsigned bytes, in code order.
+template <int BITS, int G>
+inline void unpack_group(const uint8_t* gp, __m256i* c) {
+  if constexpr (BITS == 8) {
+    for (int j = 0; j < G / 32; ++j) c[j] = _mm256_loadu_si256((const __m256i*)(gp + 32 * j));
+  } else if constexpr (BITS == 4) {
+    const __m256i F = _mm256_set1_epi8(0x0F);
+    if constexpr (G == 128) {
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)gp);
+      const __m256i v1 = _mm256_loadu_si256((const __m256i*)(gp + 32));
+      c[0] = _mm256_and_si256(v0, F);
+      c[1] = _mm256_and_si256(v1, F);
+      c[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), F);
+      c[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), F);
+    } else if constexpr (G == 64) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)gp);
+      c[0] = _mm256_and_si256(v, F);
+      c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), F);
+    } else {  // G == 32: 16 bytes, low nibbles = codes 0..15, high = 16..31
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)gp));
+      c[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), F);
+    }
+  } else {  // bit planes
+    constexpr int PB = G / 8;
+    for (int j = 0; j < G / 32; ++j) {
+      __m256i acc = _mm256_and_si256(expand_bits32(load_u32(gp + 4 * j)), _mm256_set1_epi8(1));
+      for (int k = 1; k < BITS; ++k)
+        acc = _mm256_or_si256(acc, _mm256_and_si256(expand_bits32(load_u32(gp + k * PB + 4 * j)),
+                                                    _mm256_set1_epi8((char)(1 << k))));
+      c[j] = acc;
+    }
+  }
+}
+
+// sum over the group of code * xq, as 8 int32 partial sums.
+template <int BITS, int G>
+inline __m256i dot_group(const __m256i* c, const int8_t* xp) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS <= 4) {
+    // |code*x| <= 15*127, two per i16 lane, G/32 <= 4 chunks: < 2^15, no saturation.
+    __m256i s16 = _mm256_maddubs_epi16(c[0], _mm256_loadu_si256((const __m256i*)xp));
+    for (int j = 1; j < G / 32; ++j)
+      s16 = _mm256_add_epi16(
+          s16, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i*)(xp + 32 * j))));
+    return _mm256_madd_epi16(s16, ones);
+  } else {  // 8-bit codes would saturate vpmaddubsw: split into nibbles.
+    const __m256i F = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi16(16);
+    __m256i acc = _mm256_setzero_si256();
+    for (int j = 0; j < G / 32; ++j) {
+      const __m256i x = _mm256_loadu_si256((const __m256i*)(xp + 32 * j));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), F);
+      const __m256i lo = _mm256_and_si256(c[j], F);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), sixteen));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x), ones));
+    }
+    return acc;
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One weight row against MR activation rows.
+template <int BITS, int G, int MR>
+inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf,
+                     float* out) {
+  constexpr int GB = G * BITS / 8, NC = G / 32;
+  const int64_t ng = p.K / G;
+  __m256 facc[MR];
+  for (int i = 0; i < MR; ++i) facc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i c[NC];
+    unpack_group<BITS, G>(prow + g * GB, c);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      const __m256i d = dot_group<BITS, G>(c, p.xq + m * p.K + g * G);
+      facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sf[g] * p.xs[m * ng + g]),
+                                facc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = hsum(facc[i]);
+}
+
+template <int BITS, int G>
+void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
+  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
+  std::vector<float> sf((size_t)ng), szf((size_t)ng);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* sp = p.scales + n * ng;
+    const uint16_t* zp = p.zeros + n * ng;
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g)));
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zp + g)));
+      _mm256_storeu_ps(&sf[g], s);
+      _mm256_storeu_ps(&szf[g], _mm256_mul_ps(s, z));
+    }
+    for (; g < ng; ++g) {
+      sf[g] = half_to_float(sp[g]);
+      szf[g] = sf[g] * half_to_float(zp[g]);
+    }
+    const uint8_t* prow = p.qw + n * rb;
+    const float b = p.bias ? p.bias[n] : 0.f;
+    float out[4];
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      const int64_t mr = p.M - m0 < 4 ? p.M - m0 : 4;
+      switch (mr) {
+        case 4: row_tile<BITS, G, 4>(p, prow, m0, sf.data(), out); break;
+        case 3: row_tile<BITS, G, 3>(p, prow, m0, sf.data(), out); break;
+        case 2: row_tile<BITS, G, 2>(p, prow, m0, sf.data(), out); break;
+        default: row_tile<BITS, G, 1>(p, prow, m0, sf.data(), out); break;
+      }
+      for (int64_t i = 0; i < mr; ++i) {
+        const int64_t m = m0 + i;
+        p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + b;
+      }
+    }
+  }
+}
+
+template <int BITS>
+void rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.G) {
+    case 32: rows<BITS, 32>(p, n0, n1); break;
+    case 64: rows<BITS, 64>(p, n0, n1); break;
+    default: rows<BITS, 128>(p, n0, n1); break;
+  }
+}
+
+}  // namespace
+
+void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.bits) {
+    case 2: rows_bits<2>(p, n0, n1); break;
+    case 3: rows_bits<3>(p, n0, n1); break;
+    case 4: rows_bits<4>(p, n0, n1); break;
+    default: rows_bits<8>(p, n0, n1); break;
+  }
+}
+
+}  // namespace lk

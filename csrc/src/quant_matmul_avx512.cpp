@@ -1,0 +1,207 @@
+// AVX-512 (F, BW, VL, VNNI) quant_matmul, chosen at run time. Same math as the
+// generic path: 64 codes per zmm, vpdpbusd (u8 codes x s8 activations -> i32),
+// one fp32 FMA per group with the combined scale. Bit-plane formats expand
+// straight from mask registers (one masked byte op per plane).
+// With G = 32 a zmm holds two groups; its lanes 0-7 belong to the first.
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "simd_x86.h"
+
+#ifdef LORAKERN_SIMDE
+#define qmm_rows_avx512 qmm_rows_avx512_simde  // emulated build for the C++ tests
+#endif
+
+namespace lk {
+namespace {
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline uint64_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int BITS>
+inline __m512i planes_to_codes(const uint64_t* m) {
+  __m512i c = _mm512_maskz_mov_epi8((__mmask64)m[0], _mm512_set1_epi8(1));
+  if constexpr (BITS >= 2) c = _mm512_mask_add_epi8(c, (__mmask64)m[1], c, _mm512_set1_epi8(2));
+  if constexpr (BITS >= 3) c = _mm512_mask_add_epi8(c, (__mmask64)m[2], c, _mm512_set1_epi8(4));
+  return c;
+}
+
+// Codes of one 64-code chunk. G >= 64: chunk t of the group at gp.
+// G == 32: groups at gp and gp + GB.
+template <int BITS, int G>
+inline __m512i unpack_chunk(const uint8_t* gp, int t) {
+  constexpr int GB = G * BITS / 8;
+  const __m512i F = _mm512_set1_epi8(0x0F);
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512((const void*)(gp + 64 * t));
+  } else if constexpr (BITS == 4) {
+    if constexpr (G == 128) {
+      const __m512i v = _mm512_loadu_si512((const void*)gp);
+      return t == 0 ? _mm512_and_si512(v, F) : _mm512_and_si512(_mm512_srli_epi16(v, 4), F);
+    } else if constexpr (G == 64) {
+      const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)gp));
+      const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+      return _mm512_and_si512(_mm512_srlv_epi32(v, sh), F);
+    } else {  // two groups of 16 bytes: [A, A, B, B] shifted [0, 4, 0, 4]
+      const __m512i v0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)gp));
+      const __m512i v = _mm512_shuffle_i64x2(v0, v0, _MM_SHUFFLE(1, 1, 0, 0));
+      const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
+      return _mm512_and_si512(_mm512_srlv_epi32(v, sh), F);
+    }
+  } else {  // bit planes
+    constexpr int PB = G / 8;
+    uint64_t m[BITS];
+    for (int k = 0; k < BITS; ++k) {
+      if constexpr (G >= 64)
+        m[k] = load_u64(gp + k * PB + 8 * t);
+      else
+        m[k] = load_u32(gp + k * PB) | (load_u32(gp + GB + k * PB) << 32);
+    }
+    return planes_to_codes<BITS>(m);
+  }
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int BITS, int G, int MR>
+inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf,
+                     float* out) {
+  constexpr int GB = G * BITS / 8;
+  const int64_t ng = p.K / G;
+  __m512 facc[MR];
+  for (int i = 0; i < MR; ++i) facc[i] = _mm512_setzero_ps();
+  if constexpr (G >= 64) {
+    constexpr int CPG = G / 64;
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i c[CPG];
+      for (int t = 0; t < CPG; ++t) c[t] = unpack_chunk<BITS, G>(prow + g * GB, t);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = m0 + i;
+        const int8_t* xp = p.xq + m * p.K + g * G;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0],
+                                        _mm512_loadu_si512((const void*)xp));
+        for (int t = 1; t < CPG; ++t)
+          d = _mm512_dpbusd_epi32(d, c[t], _mm512_loadu_si512((const void*)(xp + 64 * t)));
+        facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sf[g] * p.xs[m * ng + g]),
+                                  facc[i]);
+      }
+    }
+  } else {  // G == 32: pairs of groups per zmm, then an odd last group
+    int64_t g = 0;
+    for (; g + 2 <= ng; g += 2) {
+      const __m512i c = unpack_chunk<BITS, G>(prow + g * GB, 0);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = m0 + i;
+        const __m512i d = _mm512_dpbusd_epi32(
+            _mm512_setzero_si512(), c, _mm512_loadu_si512((const void*)(p.xq + m * p.K + g * G)));
+        const __m512 s = _mm512_mask_blend_ps((__mmask16)0xFF00,
+                                              _mm512_set1_ps(sf[g] * p.xs[m * ng + g]),
+                                              _mm512_set1_ps(sf[g + 1] * p.xs[m * ng + g + 1]));
+        facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[i]);
+      }
+    }
+    if (g < ng) {  // last group alone: only its 32 bytes of activations may be read
+      // Unpack as a pair with itself, keep the first half.
+      const uint8_t* gp = prow + g * GB;
+      __m512i c;
+      if constexpr (BITS == 8) {
+        c = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)gp));
+      } else if constexpr (BITS == 4) {
+        const __m512i v0 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)gp));
+        const __m512i v = _mm512_shuffle_i64x2(v0, v0, _MM_SHUFFLE(0, 0, 0, 0));
+        const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
+        c = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi8(0x0F));
+      } else {
+        uint64_t mk[BITS];
+        for (int k = 0; k < BITS; ++k) mk[k] = load_u32(gp + k * (G / 8));
+        c = planes_to_codes<BITS>(mk);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = m0 + i;
+        const __m512i x = _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, p.xq + m * p.K + g * G);
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x);
+        facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sf[g] * p.xs[m * ng + g]),
+                                  facc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(facc[i]);
+}
+
+template <int BITS, int G>
+void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
+  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
+  std::vector<float> sf((size_t)ng), szf((size_t)ng);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* sp = p.scales + n * ng;
+    const uint16_t* zp = p.zeros + n * ng;
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) {
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sp + g)));
+      const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(zp + g)));
+      _mm512_storeu_ps(&sf[g], s);
+      _mm512_storeu_ps(&szf[g], _mm512_mul_ps(s, z));
+    }
+    for (; g < ng; ++g) {
+      sf[g] = half_to_float(sp[g]);
+      szf[g] = sf[g] * half_to_float(zp[g]);
+    }
+    const uint8_t* prow = p.qw + n * rb;
+    const float b = p.bias ? p.bias[n] : 0.f;
+    float out[4];
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      const int64_t mr = p.M - m0 < 4 ? p.M - m0 : 4;
+      switch (mr) {
+        case 4: row_tile<BITS, G, 4>(p, prow, m0, sf.data(), out); break;
+        case 3: row_tile<BITS, G, 3>(p, prow, m0, sf.data(), out); break;
+        case 2: row_tile<BITS, G, 2>(p, prow, m0, sf.data(), out); break;
+        default: row_tile<BITS, G, 1>(p, prow, m0, sf.data(), out); break;
+      }
+      for (int64_t i = 0; i < mr; ++i) {
+        const int64_t m = m0 + i;
+        p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + b;
+      }
+    }
+  }
+}
+
+template <int BITS>
+void rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.G) {
+    case 32: rows<BITS, 32>(p, n0, n1); break;
+    case 64: rows<BITS, 64>(p, n0, n1); break;
+    default: rows<BITS, 128>(p, n0, n1); break;
+  }
+}
+
+}  // namespace
+
+void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.bits) {
+    case 2: rows_bits<2>(p, n0, n1); break;
+    case 3: rows_bits<3>(p, n0, n1); break;
+    case 4: rows_bits<4>(p, n0, n1); break;
+    default: rows_bits<8>(p, n0, n1); break;
+  }
+}
+
+}  // namespace lk

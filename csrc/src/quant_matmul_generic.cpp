@@ -1,0 +1,40 @@
+// Portable scalar quant_matmul: the always-available path and the model for
+// the SIMD versions (same integer dot per group, same fp32 scaling).
+#include <vector>
+
+#include "common.h"
+
+namespace lk {
+
+void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
+  const int G = p.G, bits = p.bits;
+  const int64_t ng = p.K / G;
+  const int64_t rb = row_bytes(p.K, bits);
+  const int gb = group_bytes(G, bits);
+  std::vector<uint8_t> codes((size_t)G);
+  std::vector<float> sf((size_t)ng), szf((size_t)ng);
+  std::vector<float> acc((size_t)p.M), zacc((size_t)p.M);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* prow = p.qw + n * rb;
+    for (int64_t g = 0; g < ng; ++g) {
+      sf[g] = half_to_float(p.scales[n * ng + g]);
+      szf[g] = sf[g] * half_to_float(p.zeros[n * ng + g]);
+    }
+    for (int64_t m = 0; m < p.M; ++m) acc[m] = zacc[m] = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* gp = prow + g * gb;
+      for (int i = 0; i < G; ++i) codes[i] = (uint8_t)decode_code(gp, G, bits, i);
+      for (int64_t m = 0; m < p.M; ++m) {
+        const int8_t* xp = p.xq + m * p.K + g * G;
+        int32_t dot = 0;
+        for (int i = 0; i < G; ++i) dot += (int32_t)codes[i] * (int32_t)xp[i];
+        acc[m] += (float)dot * (sf[g] * p.xs[m * ng + g]);
+        zacc[m] += szf[g] * p.xsum[m * ng + g];
+      }
+    }
+    const float b = p.bias ? p.bias[n] : 0.f;
+    for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = acc[m] - zacc[m] + b;
+  }
+}
+
+}  // namespace lk
