@@ -80,21 +80,28 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept
 inline int64_t row_bytes(int64_t K, int bits) { return K * bits / 8; }
 inline int group_bytes(int G, int bits) { return G * bits / 8; }
 
-// Scalar decode of code i (0 <= i < G) of one packed group (docs/formats.md).
+// Scalar decode of code i (0 <= i < G) of one packed group (docs/formats.md):
+// bits in {2, 4, 8}: P = 8/bits codes per byte, W = G/P; byte j holds code s*W + j
+//   in bits [s*bits, (s+1)*bits).
+// bits == 3: the low 2 bits as a 2-bit group (G/4 bytes), then bit 2 as one bit
+//   plane (G/8 bytes; bit i%8 of byte i/8 belongs to code i).
+// bits == 1: one bit plane.
 inline int decode_code(const uint8_t* gp, int G, int bits, int i) {
   switch (bits) {
     case 8:
       return gp[i];
-    case 4: {
-      const int W = G / 2;
-      return i < W ? (gp[i] & 0xF) : (gp[i - W] >> 4);
+    case 4:
+    case 2: {
+      const int W = G * bits / 8;
+      return (gp[i % W] >> ((i / W) * bits)) & ((1 << bits) - 1);
     }
-    default: {  // bit planes (1, 2, 3 bits): plane k holds bit k of every code
-      const int PB = G / 8;
-      int q = 0;
-      for (int k = 0; k < bits; ++k) q |= ((gp[k * PB + (i >> 3)] >> (i & 7)) & 1) << k;
-      return q;
+    case 3: {
+      const int W = G / 4;
+      const int lo = (gp[i % W] >> ((i / W) * 2)) & 3;
+      return lo | (((gp[W + (i >> 3)] >> (i & 7)) & 1) << 2);
     }
+    default:
+      return (gp[i >> 3] >> (i & 7)) & 1;
   }
 }
 

@@ -49,14 +49,25 @@ inline void unpack_group(const uint8_t* gp, __m256i* c) {
       const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)gp));
       c[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), F);
     }
-  } else {  // bit planes
-    constexpr int PB = G / 8;
-    for (int j = 0; j < G / 32; ++j) {
-      __m256i acc = _mm256_and_si256(expand_bits32(load_u32(gp + 4 * j)), _mm256_set1_epi8(1));
-      for (int k = 1; k < BITS; ++k)
-        acc = _mm256_or_si256(acc, _mm256_and_si256(expand_bits32(load_u32(gp + k * PB + 4 * j)),
-                                                    _mm256_set1_epi8((char)(1 << k))));
-      c[j] = acc;
+  } else {  // 2-bit strided part (both 2 and 3 bits), then 3-bit's high plane
+    const __m256i M3 = _mm256_set1_epi8(0x03);
+    if constexpr (G == 128) {  // W = 32: four shifts of one 32-byte vector
+      const __m256i v = _mm256_loadu_si256((const __m256i*)gp);
+      for (int s = 0; s < 4; ++s) c[s] = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s)), M3);
+    } else if constexpr (G == 64) {  // W = 16: [s0, s1] and [s2, s3]
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)gp));
+      c[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), M3);
+      c[1] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), M3);
+    } else {  // W = 8: one 8-byte word, four shifts
+      long long w;
+      std::memcpy(&w, gp, 8);
+      c[0] = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6)), M3);
+    }
+    if constexpr (BITS == 3) {
+      const uint8_t* hp = gp + G / 4;
+      for (int j = 0; j < G / 32; ++j)
+        c[j] = _mm256_or_si256(c[j], _mm256_and_si256(expand_bits32(load_u32(hp + 4 * j)),
+                                                      _mm256_set1_epi8(4)));
     }
   }
 }

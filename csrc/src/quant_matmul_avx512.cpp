@@ -1,7 +1,7 @@
 // AVX-512 (F, BW, VL, VNNI) quant_matmul, chosen at run time. Same math as the
 // generic path: 64 codes per zmm, vpdpbusd (u8 codes x s8 activations -> i32),
-// one fp32 FMA per group with the combined scale. Bit-plane formats expand
-// straight from mask registers (one masked byte op per plane).
+// one fp32 FMA per group with the combined scale. 3-bit's high bit plane is
+// added straight from a mask register (one masked byte add).
 // With G = 32 a zmm holds two groups; its lanes 0-7 belong to the first.
 #include <cstring>
 #include <vector>
@@ -27,14 +27,6 @@ inline uint64_t load_u32(const uint8_t* p) {
   return v;
 }
 
-template <int BITS>
-inline __m512i planes_to_codes(const uint64_t* m) {
-  __m512i c = _mm512_maskz_mov_epi8((__mmask64)m[0], _mm512_set1_epi8(1));
-  if constexpr (BITS >= 2) c = _mm512_mask_add_epi8(c, (__mmask64)m[1], c, _mm512_set1_epi8(2));
-  if constexpr (BITS >= 3) c = _mm512_mask_add_epi8(c, (__mmask64)m[2], c, _mm512_set1_epi8(4));
-  return c;
-}
-
 // Codes of one 64-code chunk. G >= 64: chunk t of the group at gp.
 // G == 32: groups at gp and gp + GB.
 template <int BITS, int G>
@@ -57,16 +49,32 @@ inline __m512i unpack_chunk(const uint8_t* gp, int t) {
       const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
       return _mm512_and_si512(_mm512_srlv_epi32(v, sh), F);
     }
-  } else {  // bit planes
-    constexpr int PB = G / 8;
-    uint64_t m[BITS];
-    for (int k = 0; k < BITS; ++k) {
-      if constexpr (G >= 64)
-        m[k] = load_u64(gp + k * PB + 8 * t);
-      else
-        m[k] = load_u32(gp + k * PB) | (load_u32(gp + GB + k * PB) << 32);
+  } else {  // 2-bit strided part (both 2 and 3 bits), then 3-bit's high plane
+    const __m512i M3 = _mm512_set1_epi8(0x03);
+    __m512i c;
+    if constexpr (G == 128) {  // W = 32: chunk t holds shifts 2t and 2t+1
+      const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)gp));
+      const __m512i sh = t == 0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)
+                                : _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+      c = _mm512_and_si512(_mm512_srlv_epi32(v, sh), M3);
+    } else if constexpr (G == 64) {  // W = 16: four 128-bit lanes, shifts 0, 2, 4, 6
+      const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)gp));
+      const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+      c = _mm512_and_si512(_mm512_srlv_epi32(v, sh), M3);
+    } else {  // two groups, W = 8 bytes each: qwords [A x4, B x4], shifts 0, 2, 4, 6
+      long long a, b;
+      std::memcpy(&a, gp, 8);
+      std::memcpy(&b, gp + GB, 8);
+      const __m512i v = _mm512_mask_blend_epi64((__mmask8)0xF0, _mm512_set1_epi64(a), _mm512_set1_epi64(b));
+      const __m512i sh = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
+      c = _mm512_and_si512(_mm512_srlv_epi64(v, sh), M3);
     }
-    return planes_to_codes<BITS>(m);
+    if constexpr (BITS == 3) {
+      const uint8_t* hp = gp + G / 4;
+      const uint64_t hm = G >= 64 ? load_u64(hp + 8 * t) : (load_u32(hp) | (load_u32(hp + GB) << 32));
+      c = _mm512_mask_add_epi8(c, (__mmask64)hm, c, _mm512_set1_epi8(4));
+    }
+    return c;
   }
 }
 
@@ -130,10 +138,13 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
         const __m512i v = _mm512_shuffle_i64x2(v0, v0, _MM_SHUFFLE(0, 0, 0, 0));
         const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
         c = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi8(0x0F));
-      } else {
-        uint64_t mk[BITS];
-        for (int k = 0; k < BITS; ++k) mk[k] = load_u32(gp + k * (G / 8));
-        c = planes_to_codes<BITS>(mk);
+      } else {  // 2-bit part: one 8-byte word shifted 0, 2, 4, 6; upper half unused
+        long long w;
+        std::memcpy(&w, gp, 8);
+        const __m512i sh = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
+        c = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64(w), sh), _mm512_set1_epi8(3));
+        if constexpr (BITS == 3)
+          c = _mm512_mask_add_epi8(c, (__mmask64)load_u32(gp + G / 4), c, _mm512_set1_epi8(4));
       }
       for (int i = 0; i < MR; ++i) {
         const int64_t m = m0 + i;

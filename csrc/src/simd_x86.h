@@ -14,6 +14,7 @@
 // Intrinsics that SIMDe 0.7 does not provide, written from Intel's definitions.
 typedef simde__mmask64 __mmask64;
 typedef simde__mmask16 __mmask16;
+typedef simde__mmask8 __mmask8;
 #ifndef _mm512_shuffle_i64x2
 #define _mm512_shuffle_i64x2(a, b, imm) simde_mm512_shuffle_i64x2(a, b, imm)
 #endif
