@@ -1,0 +1,19 @@
+"""lorakern: kernels for low-bit LLMs with many LoRA adapters.
+
+CPU kernels in C++ (generic / AVX2 / AVX-512, chosen at run time), GPU kernels in
+Triton, exposed as torch custom ops (``torch.ops.lorakern.*``) and drop-in
+modules. Importing lorakern touches no GPU and does not need the compiled
+extension until a CPU kernel is called.
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  registers torch.ops.lorakern.*
+from ._native import NativeLibraryError, active_isa, available_isas, detected_isa, set_isa
+from .formats import QuantizedWeight, load_quantized, save_quantized
+from .nn import QuantLinear
+from .quant import quantize_model, quantize_rtn
+
+__all__ = [
+    "NativeLibraryError", "QuantLinear", "QuantizedWeight", "active_isa", "available_isas", "detected_isa",
+    "load_quantized", "quantize_model", "quantize_rtn", "save_quantized", "set_isa",
+]

@@ -1,0 +1,40 @@
+"""CPU backend: the C++ kernels (lorakern._C), generic/AVX2/AVX-512 chosen at run time."""
+from __future__ import annotations
+
+import torch
+
+from .._native import native
+from .schemas import check_qweight, check_quant_matmul
+
+__all__ = ["quant_matmul_cpu", "dequantize_cpu"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    lib = native()
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
+    if M and N:
+        lib.quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
+                         zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
+                         y.data_ptr(), torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+def dequantize_cpu(qweight, scales, zeros, bits, group_size):
+    N, K = check_qweight(qweight, scales, zeros, bits, group_size)
+    out = torch.empty((N, K), dtype=torch.float32)
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    if N:
+        native().dequantize(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, K, bits, group_size,
+                            out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+torch.library.register_kernel("lorakern::quant_matmul", "cpu", quant_matmul_cpu)
+torch.library.register_kernel("lorakern::dequantize", "cpu", dequantize_cpu)

@@ -1,0 +1,24 @@
+"""CUDA backend: Triton kernels (imported lazily, at the first CUDA call)."""
+from __future__ import annotations
+
+import torch
+
+from .schemas import check_qweight, check_quant_matmul
+
+__all__ = ["quant_matmul_cuda", "dequantize_cuda"]
+
+
+def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
+    check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    from ..triton.quant_matmul import quant_matmul_triton
+    return quant_matmul_triton(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+def dequantize_cuda(qweight, scales, zeros, bits, group_size):
+    check_qweight(qweight, scales, zeros, bits, group_size)
+    from ..triton.quant_matmul import dequantize_triton
+    return dequantize_triton(qweight, scales, zeros, bits, group_size)
+
+
+torch.library.register_kernel("lorakern::quant_matmul", "cuda", quant_matmul_cuda)
+torch.library.register_kernel("lorakern::dequantize", "cuda", dequantize_cuda)

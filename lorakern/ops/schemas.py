@@ -1,0 +1,79 @@
+"""Schemas, argument checks and fake (shape-only) implementations of every op.
+
+One place for the contract of each op; the backends (``reference``, ``cpu``,
+``cuda``) register kernels beside it. The checks run before any kernel, in the
+fake implementation too, so torch.compile reports bad calls at trace time.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+__all__ = ["lib", "check_quant_matmul", "check_qweight", "ACT_DTYPES"]
+
+lib = torch.library.Library("lorakern", "DEF")
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+lib.define(
+    "quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+    "Tensor? bias=None) -> Tensor"
+)
+lib.define("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor")
+
+
+def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                  group_size: int) -> tuple[int, int]:
+    """Validate a packed weight's tensors; return its logical (N, K)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"lorakern: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"lorakern: group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError(f"lorakern: qweight must be a 2-D uint8 tensor, got {qweight.dtype} of shape {tuple(qweight.shape)}")
+    N, rb = qweight.shape
+    if (rb * 8) % bits:
+        raise ValueError(f"lorakern: qweight rows of {rb} bytes do not hold whole {bits}-bit codes")
+    K = rb * 8 // bits
+    if K == 0 or K % group_size:
+        raise ValueError(f"lorakern: K={K} must be a positive multiple of group_size={group_size}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dtype != torch.float16:
+            raise TypeError(f"lorakern: {name} must be float16, got {t.dtype}")
+        if tuple(t.shape) != (N, K // group_size):
+            raise ValueError(f"lorakern: {name} must have shape {(N, K // group_size)}, got {tuple(t.shape)}")
+        if t.device != qweight.device:
+            raise ValueError(f"lorakern: {name} is on {t.device} but qweight is on {qweight.device}")
+    return N, K
+
+
+def check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias) -> tuple[int, int]:
+    """Validate quant_matmul's arguments; return (N, K)."""
+    N, K = check_qweight(qweight, scales, zeros, bits, group_size)
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"lorakern: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"lorakern: x has shape {tuple(x.shape)}, expected last dimension K={K}")
+    if x.device != qweight.device:
+        raise ValueError(f"lorakern: x is on {x.device} but the weight is on {qweight.device}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"lorakern: bias must have shape ({N},), got {tuple(bias.shape)}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"lorakern: bias must be floating point, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"lorakern: bias is on {bias.device} but x is on {x.device}")
+    return N, K
+
+
+@torch.library.register_fake("lorakern::quant_matmul")
+def _quant_matmul_fake(x, qweight, scales, zeros, bits, group_size, bias=None):
+    N, _ = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("lorakern::dequantize")
+def _dequantize_fake(qweight, scales, zeros, bits, group_size):
+    N, K = check_qweight(qweight, scales, zeros, bits, group_size)
+    return qweight.new_empty((N, K), dtype=torch.float32)

@@ -1,0 +1,5 @@
+"""Quantization algorithms (round-to-nearest now; GPTQ and GWQ build on this)."""
+from .model import quantize_model
+from .rtn import quantize_rtn, rtn_params
+
+__all__ = ["quantize_model", "quantize_rtn", "rtn_params"]

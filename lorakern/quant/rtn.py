@@ -1,0 +1,55 @@
+"""Round-to-nearest group-wise asymmetric quantization."""
+from __future__ import annotations
+
+import torch
+
+from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, pack_codes
+from ..formats.quantized import QuantizedWeight
+
+__all__ = ["quantize_rtn", "rtn_params"]
+
+
+def rtn_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scales, zeros) of shape [N, K/G] for RTN over each group.
+
+    The range is widened to include 0 (as GPTQ does), so zeros lie in
+    [0, 2**bits - 1] and stay exact enough in fp16.
+    """
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    qmax = (1 << bits) - 1
+    wmin = g.amin(-1).clamp(max=0)
+    wmax = g.amax(-1).clamp(min=0)
+    scale = (wmax - wmin) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale16 = scale.half()
+    if not torch.isfinite(scale16).all():
+        raise ValueError("weights too large for fp16 scales")
+    # a scale that underflowed to 0 in fp16 is replaced by the smallest normal
+    scale16 = torch.where(scale16 > 0, scale16, torch.full_like(scale16, 6.1035e-05))
+    zero16 = (-wmin / scale16.float()).half()
+    return scale16, zero16
+
+
+def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedWeight:
+    """Quantize a dense weight ``[N, K]`` to a :class:`QuantizedWeight` by RTN.
+
+    Codes are rounded against the fp16-rounded scale and zero actually stored,
+    so ``dequantize()`` is the exact value the kernels use.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has NaN or Inf values")
+    scales, zeros = rtn_params(w, bits, group_size)
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    q = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1))
+    q = q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(N, K)
+    return QuantizedWeight(pack_codes(q, bits, group_size), scales.contiguous(), zeros.contiguous(), bits, group_size)

@@ -1,0 +1,1 @@
+"""Triton (GPU) kernels. Nothing here touches a GPU at import time."""

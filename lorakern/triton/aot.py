@@ -1,0 +1,135 @@
+"""Ahead-of-time compilation of every Triton kernel and config, without a GPU.
+
+``python -m lorakern.triton.aot [--arch 80 90] [--quick] [--json PATH]`` builds
+PTX and cubins for sm_80 and sm_90 with ``triton.compile`` and a ``GPUTarget``,
+then reads each cubin's resource use with the ptxas that Triton ships
+(registers, spill stores/loads, shared memory) and checks the PTX uses tensor
+cores (``mma``) where a ``tl.dot`` is meant. Exits non-zero if anything fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+__all__ = ["jobs", "compile_one", "main"]
+
+_DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def jobs(quick: bool = False):
+    """Every (kernel, parameters) pair to build."""
+    from .quant_matmul import CONFIGS
+    out = []
+    bits_list = (4, 3) if quick else (2, 3, 4, 8)
+    groups = (128, 32) if quick else (32, 64, 128)
+    for bits in bits_list:
+        for G in groups:
+            for cfg in CONFIGS:
+                dtypes = ("fp16", "bf16", "fp32") if (bits, G) == (4, 128) else ("fp16",)
+                for dt in dtypes:
+                    out.append(("quant_matmul", dict(bits=bits, G=G, config=cfg, dtype=dt)))
+            out.append(("dequantize", dict(bits=bits, G=G)))
+    return out
+
+
+def _ptxas_info(ptx: str, arch: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(arch).path  # the same ptxas Triton used for this arch
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    regs = re.findall(r"Used (\d+) registers", text)
+    st = re.findall(r"(\d+) bytes spill stores", text)
+    ld = re.findall(r"(\d+) bytes spill loads", text)
+    return {"registers": int(regs[-1]) if regs else -1, "spill_stores": int(st[-1]) if st else 0,
+            "spill_loads": int(ld[-1]) if ld else 0}
+
+
+def compile_one(args):
+    """Compile one kernel for one arch; returns a result row (never raises)."""
+    kernel, params, arch = args
+    row = {"kernel": kernel, "arch": f"sm_{arch}", **params}
+    t0 = time.time()
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from . import quant_matmul as qm
+        bits, G = params["bits"], params["G"]
+        if kernel == "quant_matmul":
+            cfg = dict(qm.CONFIGS[params["config"]])
+            dt = params["dtype"]
+            sig = {"x_ptr": _DT[dt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp32",
+                   "y_ptr": _DT[dt], "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32",
+                   "stride_xm": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "BITS": "constexpr",
+                   "G": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                   "DOT_FP32": "constexpr"}
+            const = {"HAS_BIAS": True, "BITS": bits, "G": G, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                     "BLOCK_K": qm.BLOCK_K, "DOT_FP32": dt == "fp32"}
+            fn, opts = qm.quant_matmul_kernel, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        else:
+            sig = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32", "N": "i32", "K": "i32",
+                   "row_bytes": "i32", "BITS": "constexpr", "G": "constexpr", "BLOCK_N": "constexpr"}
+            const = {"BITS": bits, "G": G, "BLOCK_N": qm.DEQUANT_BLOCK_N}
+            fn, opts = qm.dequantize_kernel, dict(num_warps=4)
+        src = ASTSource(fn, sig, constexprs=const)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        ptx = k.asm["ptx"]
+        row.update(_ptxas_info(ptx, arch))
+        row["shared_bytes"] = int(k.metadata.shared)
+        row["cubin_bytes"] = len(k.asm["cubin"])
+        row["mma"] = bool(re.search(r"\bmma\.sync|\bwgmma\.", ptx))
+        row["ok"] = True
+        if kernel == "quant_matmul" and not row["mma"]:
+            row["ok"] = False
+            row["error"] = "no tensor-core instruction (mma/wgmma) in the PTX"
+    except Exception as e:  # report, don't raise: the summary decides the exit code
+        row["ok"] = False
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lorakern.triton.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
+    ap.add_argument("--quick", action="store_true", help="a subset of bit widths and group sizes")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="write the per-kernel rows here")
+    a = ap.parse_args(argv)
+    work = [(k, p, arch) for arch in a.arch for k, p in jobs(a.quick)]
+    with ProcessPoolExecutor(max_workers=a.jobs) as ex:
+        rows = list(ex.map(compile_one, work))
+    hdr = f"{'kernel':13} {'arch':6} {'bits':>4} {'G':>4} {'config':7} {'dtype':5} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>4}  status"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['kernel']:13} {r['arch']:6} {r['bits']:>4} {r['G']:>4} {r.get('config', '-'):7} "
+              f"{r.get('dtype', 'fp32'):5} {r.get('registers', -1):>4} {r.get('spill_stores', -1):>5} "
+              f"{r.get('shared_bytes', -1):>6} {str(r.get('mma', '-')):>4}  {'ok' if r['ok'] else 'FAIL ' + r['error']}")
+    bad = [r for r in rows if not r["ok"]]
+    spills = [r for r in rows if r.get("spill_stores", 0) > 0]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} kernels compiled; {len(spills)} with register spills")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Triton kernels for quant_matmul and dequantize (CUDA tensors; CPU tensors
+under TRITON_INTERPRET=1 for testing).
+
+quant_matmul: grid over (M tiles, N tiles); each K step loads an activation
+tile and the packed codes of a weight tile, dequantizes them in registers
+(never to memory) and accumulates ``x @ w^T`` with ``tl.dot`` in fp32. A K tile
+never straddles a group (BLOCK_K divides every group size), so each step needs
+one scale and one zero per output column. Tile configs are data
+(:data:`CONFIGS`), picked by M; no autotuning on the hot path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import load_codes
+
+__all__ = ["CONFIGS", "pick_config", "quant_matmul_triton", "dequantize_triton",
+           "quant_matmul_kernel", "dequantize_kernel"]
+
+# name -> launch parameters (BLOCK_K = 32 divides every group size). Chosen so that no
+# config spills registers on sm_80/sm_90 (python -m lorakern.triton.aot).
+CONFIGS = {
+    "decode": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),    # M <= 16
+    "small": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),     # M <= 32
+    "medium": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),    # M <= 64
+    "large": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),    # M > 64
+}
+
+
+BLOCK_K = 32
+DEQUANT_BLOCK_N = 32
+
+
+def pick_config(M: int) -> str:
+    """Tile config name for M rows of activations."""
+    if M <= 16:
+        return "decode"
+    if M <= 32:
+        return "small"
+    if M <= 64:
+        return "medium"
+    return "large"
+
+
+@triton.jit
+def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, row_bytes,
+                        stride_xm, stride_ym,
+                        HAS_BIAS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    ng = K // G
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    qw_rows = qw_ptr + (pid_n * BLOCK_N).to(tl.int64) * row_bytes  # 64-bit offset once per tile
+    offs_nl = tl.arange(0, BLOCK_N)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+        q = load_codes(qw_rows, offs_nl, k0 + tl.arange(0, BLOCK_K), row_bytes, n_mask, BITS, G)
+        g = k0 // G
+        s = tl.load(s_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z[:, None]) * s[:, None]
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, row_bytes,
+                      BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = g * G + tl.arange(0, G)
+    q = load_codes(qw_ptr, offs_n.to(tl.int64), offs_k, row_bytes, n_mask, BITS, G)
+    ng = K // G
+    s = tl.load(s_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * K + g * G + tl.arange(0, G)[None, :]
+    tl.store(out, (q.to(tl.float32) - z[:, None]) * s[:, None], mask=n_mask[:, None])
+
+
+def quant_matmul_triton(x, qweight, scales, zeros, bits: int, group_size: int, bias=None,
+                        config: str | None = None):
+    """Launch the Triton quant_matmul. Arguments are assumed validated
+    (lorakern.ops.schemas.check_quant_matmul)."""
+    N = qweight.shape[0]
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*x.shape[:-1], N)
+    cfg = dict(CONFIGS[config or pick_config(M)])
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    b = bias.to(torch.float32).contiguous() if bias is not None else y  # dummy pointer when absent
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    quant_matmul_kernel[grid](
+        x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), b, y, M, N, K, qweight.shape[1],
+        x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, BITS=bits, G=group_size,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK_K, DOT_FP32=x.dtype == torch.float32, **cfg)
+    return y.view(*x.shape[:-1], N)
+
+
+def dequantize_triton(qweight, scales, zeros, bits: int, group_size: int):
+    """Launch the Triton dequantize: fp32 [N, K]."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * 8 // bits
+    out = torch.empty((N, K), dtype=torch.float32, device=qweight.device)
+    BN = DEQUANT_BLOCK_N
+    if N:
+        grid = (triton.cdiv(N, BN), K // group_size)
+        dequantize_kernel[grid](qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, N, K,
+                                qweight.shape[1], BITS=bits, G=group_size, BLOCK_N=BN)
+    return out
