@@ -38,7 +38,8 @@ def quant_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int,
     xg = xf.view(-1, K // G, G)
     amax = xg.abs().amax(-1, keepdim=True)
     xs = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # true division (torch evaluates `127.0 / t` as reciprocal(t) * 127, which rounds differently)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
     xq = torch.round(xg * inv).clamp(-127, 127).double()
     q = unpack_codes(qweight, bits, G, K).double().view(N, K // G, G)
     dots = torch.einsum("mgi,ngi->mng", xq, q)  # exact in fp64

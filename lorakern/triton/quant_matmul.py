@@ -24,7 +24,7 @@ __all__ = ["CONFIGS", "pick_config", "quant_matmul_triton", "dequantize_triton",
 CONFIGS = {
     "decode": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),    # M <= 16
     "small": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),     # M <= 32
-    "medium": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),    # M <= 64
+    "medium": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),    # M <= 64
     "large": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),    # M > 64
 }
 
@@ -68,8 +68,8 @@ def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, row_
         s = tl.load(s_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
         w = (q.to(tl.float32) - z[:, None]) * s[:, None]
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        if DOT_FP32:  # fp32 activations: 3xTF32 on tensor cores, about fp32 accuracy
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="tf32x3")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_BIAS:
