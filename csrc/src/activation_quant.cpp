@@ -9,36 +9,37 @@ namespace lk {
 
 void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
                           float* xsum) {
-  const int64_t ng = K / G;
+  const int B = act_block(G);
+  const int64_t nb = K / B, ng = K / G;
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < ng; ++g) {
-      const float* xp = x + m * K + g * G;
-      int8_t* qp = xq + m * K + g * G;
-      float amax = 0.f, sum = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {  // exact float sum of each group (zero-point term)
+      float sum = 0.f;
+      for (int i = 0; i < G; ++i) sum += x[m * K + g * G + i];
+      xsum[m * ng + g] = sum;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xp = x + m * K + b * B;
+      int8_t* qp = xq + m * K + b * B;
+      float amax = 0.f;
       bool finite = true;
-      for (int i = 0; i < G; ++i) {
-        const float v = xp[i];
-        finite &= std::isfinite(v);
-        amax = std::max(amax, std::fabs(v));
-        sum += v;
+      for (int i = 0; i < B; ++i) {
+        finite &= std::isfinite(xp[i]);
+        amax = std::max(amax, std::fabs(xp[i]));
       }
-      const int64_t o = m * ng + g;
+      const int64_t o = m * nb + b;
       if (!finite) {  // NaN/Inf propagate as NaN; never cast a NaN to int
-        std::memset(qp, 0, (size_t)G);
+        std::memset(qp, 0, (size_t)B);
         xs[o] = NAN;
-        xsum[o] = NAN;
         continue;
       }
-      xsum[o] = sum;
       if (amax == 0.f) {
-        std::memset(qp, 0, (size_t)G);
+        std::memset(qp, 0, (size_t)B);
         xs[o] = 0.f;
         continue;
       }
-      const float scale = amax / 127.f;
       const float inv = 127.f / amax;
-      xs[o] = scale;
-      for (int i = 0; i < G; ++i) {
+      xs[o] = amax / 127.f;
+      for (int i = 0; i < B; ++i) {
         float r = std::nearbyint(xp[i] * inv);
         r = std::min(127.f, std::max(-127.f, r));
         qp[i] = (int8_t)r;

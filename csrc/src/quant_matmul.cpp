@@ -70,7 +70,7 @@ lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_q
       x32 = xf.data();
     }
     std::vector<int8_t> xq((size_t)(M * K));
-    std::vector<float> xs((size_t)(M * ng)), xsum((size_t)(M * ng));
+    std::vector<float> xs((size_t)(M * (K / lk::act_block(G)))), xsum((size_t)(M * ng));
     lk::quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
 
     std::vector<float> ybuf;

@@ -1,7 +1,7 @@
 // AVX2 + FMA + F16C quant_matmul (compiled with those flags only; chosen at run
 // time). Per group: unpack the codes into bytes in registers, int8 dot products
 // with vpmaddubsw (u8 codes x s8 activations, i16 pairs) and vpmaddwd, one fp32
-// FMA with the combined scale. The zero point is applied once per row:
+// FMA with the combined scale per activation block. The zero point is applied once per row:
 // y = sum_g s_g*xs_g*dot_g - sum_g s_g*z_g*sum(x_g).
 #include <cstring>
 #include <vector>
@@ -72,21 +72,22 @@ inline void unpack_group(const uint8_t* gp, __m256i* c) {
   }
 }
 
-// sum over the group of code * xq, as 8 int32 partial sums.
+// sum over activation block t (act_block(G) codes) of code * xq, as 8 int32 partial sums.
 template <int BITS, int G>
-inline __m256i dot_group(const __m256i* c, const int8_t* xp) {
+inline __m256i dot_block(const __m256i* c, const int8_t* xp, int t) {
+  constexpr int CPB = (G < 64 ? G : 64) / 32;  // 32-code chunks per block
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS <= 4) {
-    // |code*x| <= 15*127, two per i16 lane, G/32 <= 4 chunks: < 2^15, no saturation.
-    __m256i s16 = _mm256_maddubs_epi16(c[0], _mm256_loadu_si256((const __m256i*)xp));
-    for (int j = 1; j < G / 32; ++j)
-      s16 = _mm256_add_epi16(
-          s16, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i*)(xp + 32 * j))));
+    // |code*x| <= 15*127, two per i16 lane, <= 2 chunks: < 2^15, no saturation.
+    __m256i s16 = _mm256_maddubs_epi16(c[t * CPB], _mm256_loadu_si256((const __m256i*)(xp + 32 * t * CPB)));
+    for (int j = 1; j < CPB; ++j)
+      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c[t * CPB + j],
+                                                       _mm256_loadu_si256((const __m256i*)(xp + 32 * (t * CPB + j)))));
     return _mm256_madd_epi16(s16, ones);
   } else {  // 8-bit codes would saturate vpmaddubsw: split into nibbles.
     const __m256i F = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi16(16);
     __m256i acc = _mm256_setzero_si256();
-    for (int j = 0; j < G / 32; ++j) {
+    for (int j = t * CPB; j < (t + 1) * CPB; ++j) {
       const __m256i x = _mm256_loadu_si256((const __m256i*)(xp + 32 * j));
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), F);
       const __m256i lo = _mm256_and_si256(c[j], F);
@@ -117,8 +118,8 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 template <int BITS, int G, int MR>
 inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf,
                      float* out) {
-  constexpr int GB = G * BITS / 8, NC = G / 32;
-  const int64_t ng = p.K / G;
+  constexpr int GB = G * BITS / 8, NC = G / 32, B = G < 64 ? G : 64, BPG = G / B;
+  const int64_t ng = p.K / G, nb = p.K / B;
   __m256 facc[MR];
   for (int i = 0; i < MR; ++i) facc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
@@ -126,9 +127,11 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
     unpack_group<BITS, G>(prow + g * GB, c);
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
-      const __m256i d = dot_group<BITS, G>(c, p.xq + m * p.K + g * G);
-      facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sf[g] * p.xs[m * ng + g]),
-                                facc[i]);
+      for (int t = 0; t < BPG; ++t) {
+        const __m256i d = dot_block<BITS, G>(c, p.xq + m * p.K + g * G, t);
+        facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sf[g] * p.xs[m * nb + g * BPG + t]),
+                                  facc[i]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i) out[i] = hsum(facc[i]);

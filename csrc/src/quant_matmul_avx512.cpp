@@ -94,7 +94,7 @@ template <int BITS, int G, int MR>
 inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf,
                      float* out) {
   constexpr int GB = G * BITS / 8;
-  const int64_t ng = p.K / G;
+  const int64_t ng = p.K / G, nb = p.K / (G < 64 ? G : 64);
   __m512 facc[MR];
   for (int i = 0; i < MR; ++i) facc[i] = _mm512_setzero_ps();
   if constexpr (G >= 64) {
@@ -105,12 +105,12 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
       for (int i = 0; i < MR; ++i) {
         const int64_t m = m0 + i;
         const int8_t* xp = p.xq + m * p.K + g * G;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0],
-                                        _mm512_loadu_si512((const void*)xp));
-        for (int t = 1; t < CPG; ++t)
-          d = _mm512_dpbusd_epi32(d, c[t], _mm512_loadu_si512((const void*)(xp + 64 * t)));
-        facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sf[g] * p.xs[m * ng + g]),
-                                  facc[i]);
+        for (int t = 0; t < CPG; ++t) {  // one 64-code chunk = one activation block
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[t],
+                                                _mm512_loadu_si512((const void*)(xp + 64 * t)));
+          facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sf[g] * p.xs[m * nb + g * CPG + t]),
+                                    facc[i]);
+        }
       }
     }
   } else {  // G == 32: pairs of groups per zmm, then an odd last group

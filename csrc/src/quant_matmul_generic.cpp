@@ -8,7 +8,8 @@ namespace lk {
 
 void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int G = p.G, bits = p.bits;
-  const int64_t ng = p.K / G;
+  const int B = act_block(G);
+  const int64_t ng = p.K / G, nb = p.K / B;
   const int64_t rb = row_bytes(p.K, bits);
   const int gb = group_bytes(G, bits);
   std::vector<uint8_t> codes((size_t)G);
@@ -26,9 +27,11 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
       for (int i = 0; i < G; ++i) codes[i] = (uint8_t)decode_code(gp, G, bits, i);
       for (int64_t m = 0; m < p.M; ++m) {
         const int8_t* xp = p.xq + m * p.K + g * G;
-        int32_t dot = 0;
-        for (int i = 0; i < G; ++i) dot += (int32_t)codes[i] * (int32_t)xp[i];
-        acc[m] += (float)dot * (sf[g] * p.xs[m * ng + g]);
+        for (int t = 0; t < G / B; ++t) {
+          int32_t dot = 0;
+          for (int i = t * B; i < (t + 1) * B; ++i) dot += (int32_t)codes[i] * (int32_t)xp[i];
+          acc[m] += (float)dot * (sf[g] * p.xs[m * nb + g * (G / B) + t]);
+        }
         zacc[m] += szf[g] * p.xsum[m * ng + g];
       }
     }

@@ -54,24 +54,38 @@ static Problem make_problem(std::mt19937& rng, int64_t M, int64_t N, int64_t K, 
   return p;
 }
 
-// Exact model: the same int8 activations, dot products in double.
+// Exact model: the same int8 activations, dot products in double. abs_terms
+// receives the sum of |terms| per output, which bounds the fp32 rounding.
 static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq,
-                                 const std::vector<float>& xs, const std::vector<float>& xsum) {
+                                 const std::vector<float>& xs, const std::vector<float>& xsum,
+                                 std::vector<double>& abs_terms) {
   const int64_t ng = p.K / p.G, rb = lk::row_bytes(p.K, p.bits);
-  const int gb = lk::group_bytes(p.G, p.bits);
+  const int gb = lk::group_bytes(p.G, p.bits), B = lk::act_block(p.G);
+  const int64_t nb = p.K / B;
   std::vector<double> y((size_t)(p.M * p.N));
+  abs_terms.assign((size_t)(p.M * p.N), 0.0);
   for (int64_t m = 0; m < p.M; ++m)
     for (int64_t n = 0; n < p.N; ++n) {
-      double acc = p.bias[n];
+      double acc = p.bias[n], at = std::fabs(p.bias[n]);
       for (int64_t g = 0; g < ng; ++g) {
         const double s = lk::half_to_float(p.scales[n * ng + g]);
         const double z = lk::half_to_float(p.zeros[n * ng + g]);
-        long dot = 0;
-        for (int i = 0; i < p.G; ++i)
-          dot += (long)lk::decode_code(&p.qw[n * rb + g * gb], p.G, p.bits, i) * xq[m * p.K + g * p.G + i];
-        acc += s * (double)xs[m * ng + g] * (double)dot - s * z * (double)xsum[m * ng + g];
+        for (int t = 0; t < p.G / B; ++t) {
+          long dot = 0, adot = 0;  // adot bounds the SIMD lanes' partial sums
+          for (int i = t * B; i < (t + 1) * B; ++i) {
+            const long prod = (long)lk::decode_code(&p.qw[n * rb + g * gb], p.G, p.bits, i) * xq[m * p.K + g * p.G + i];
+            dot += prod;
+            adot += std::labs(prod);
+          }
+          const double sx = s * (double)xs[m * nb + g * (p.G / B) + t];
+          acc += sx * (double)dot;
+          at += std::fabs(sx) * (double)adot;
+        }
+        acc -= s * z * (double)xsum[m * ng + g];
+        at += std::fabs(s * z * (double)xsum[m * ng + g]) * (1 + p.G * 1e-7);  // xsum is an fp32 sum
       }
       y[m * p.N + n] = acc;
+      abs_terms[m * p.N + n] = at;
     }
   return y;
 }
@@ -88,21 +102,24 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
         Problem p = make_problem(rng, M, N, K, bits, G);
         const int64_t ng = K / G;
         std::vector<int8_t> xq((size_t)(M * K));
-        std::vector<float> xs((size_t)(M * ng)), xsum((size_t)(M * ng));
+        std::vector<float> xs((size_t)(M * (K / lk::act_block(G)))), xsum((size_t)(M * ng));
         lk::quantize_activations(p.x.data(), M, K, G, xq.data(), xs.data(), xsum.data());
         std::vector<float> y((size_t)(M * N), NAN);
         lk::QmmProblem q{M, N, K, bits, G, p.qw.data(), p.scales.data(), p.zeros.data(),
                          xq.data(), xs.data(), xsum.data(), p.bias.data(), y.data()};
         fn(q, 0, N);
-        const std::vector<double> ref = model(p, xq, xs, xsum);
+        std::vector<double> at;
+        const std::vector<double> ref = model(p, xq, xs, xsum, at);
+        // fp32: each term carries ~3 roundings (scale product, convert, FMA), then
+        // K/B + K/G sequential additions and a 16-lane horizontal sum (4 levels).
+        const double nterms = (double)(K / lk::act_block(G) + K / G + 3 + 4 + 1);
         double worst = 0;
         for (size_t i = 0; i < y.size(); ++i) {
-          // fp32 accumulation over K terms of size ~|s*xs*dot|: bound by 1e-5 relative to scale.
-          const double err = std::fabs((double)y[i] - ref[i]) / (1.0 + std::fabs(ref[i]));
+          const double err = std::fabs((double)y[i] - ref[i]) / (nterms * 0x1p-24 * at[i] + 1e-30);
           worst = std::max(worst, std::isnan(y[i]) ? 1e30 : err);
         }
-        CHECK(worst < 2e-5, "%s bits=%d G=%d M=%ld N=%ld K=%ld: rel err %g", name, bits, G,
-              (long)M, (long)N, (long)K, worst);
+        CHECK(worst <= 1.0, "%s bits=%d G=%d M=%ld N=%ld K=%ld: error %g x its fp32 bound", name, bits,
+              G, (long)M, (long)N, (long)K, worst);
       }
   std::printf("%s: checked\n", name);
 }
@@ -138,7 +155,11 @@ static void check_c_abi(std::mt19937& rng) {
 }
 
 int main() {
-  std::mt19937 rng(1234);
+  // Fresh inputs every run; LORAKERN_TEST_SEED reproduces one.
+  const char* env_seed = std::getenv("LORAKERN_TEST_SEED");
+  const unsigned seed = env_seed ? (unsigned)std::strtoul(env_seed, nullptr, 10) : std::random_device{}();
+  std::printf("seed %u\n", seed);
+  std::mt19937 rng(seed);
   check_rows_fn("generic", lk::qmm_rows_generic, rng);
   if (lk_detected_isa() >= LK_ISA_AVX2) check_rows_fn("avx2", lk::qmm_rows_avx2, rng);
   else std::printf("avx2: skipped (CPU lacks AVX2)\n");

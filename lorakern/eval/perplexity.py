@@ -1,0 +1,36 @@
+"""Perplexity over fixed, non-overlapping windows of a text."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["token_windows", "perplexity"]
+
+
+def token_windows(tokenizer, text: str, window: int = 512, n_windows: int = 8) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of ``window`` tokens: [n, window]."""
+    # ~4 characters per token in English: tokenize only what is needed
+    chars = window * n_windows * 8
+    ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
+    need = window * n_windows
+    if ids.numel() < need:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < need:
+        raise ValueError(f"text has {ids.numel()} tokens, {need} needed")
+    return ids[:need].view(n_windows, window)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "ppl") -> float:
+    """exp(mean next-token NLL) over every predicted token of every window."""
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        ids = windows[i:i + batch_size]
+        logits = model(ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
