@@ -120,7 +120,7 @@ struct QmmProblem {
   const uint16_t* zeros;   // fp16 [N, K/G]
   const int8_t* xq;        // [M, K] int8 activations
   const float* xs;         // [M, K/B] activation scale per block, B = act_block(G)
-  const float* xsum;       // [M, K/G] exact float sum of x per group
+  const float* xsum;       // [M, K/G] sum over the group of xs_b * xq (the dequantized activations)
   const float* bias;       // [N] or null
   float* y;                // [M, N] fp32 result
 };
@@ -131,6 +131,8 @@ void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
 
 // Quantize activations: x (fp32) [M, K] -> xq, xs (per block), xsum (per group).
+// With xhat = xs_b * xq, the kernels compute y = xhat @ W^T (+ bias) exactly up
+// to fp32 rounding.
 void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
                           float* xsum);
 

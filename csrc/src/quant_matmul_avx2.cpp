@@ -2,7 +2,7 @@
 // time). Per group: unpack the codes into bytes in registers, int8 dot products
 // with vpmaddubsw (u8 codes x s8 activations, i16 pairs) and vpmaddwd, one fp32
 // FMA with the combined scale per activation block. The zero point is applied once per row:
-// y = sum_g s_g*xs_g*dot_g - sum_g s_g*z_g*sum(x_g).
+// y = sum_b s_g(b)*xs_b*dot_b - sum_g s_g*z_g*sum(xhat_g), xhat = xs_b * xq.
 #include <cstring>
 #include <vector>
 

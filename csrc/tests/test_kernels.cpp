@@ -82,7 +82,7 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
           at += std::fabs(sx) * (double)adot;
         }
         acc -= s * z * (double)xsum[m * ng + g];
-        at += std::fabs(s * z * (double)xsum[m * ng + g]) * (1 + p.G * 1e-7);  // xsum is an fp32 sum
+        at += std::fabs(s * z * (double)xsum[m * ng + g]) * (1 + p.G * 1e-7);  // xsum: fp32 sum of blocks
       }
       y[m * p.N + n] = acc;
       abs_terms[m * p.N + n] = at;

@@ -7,7 +7,7 @@ import torch
 from ..formats.packing import unpack_codes
 from .schemas import check_qweight, check_quant_matmul, lib
 
-__all__ = ["act_block", "dequantize", "quant_matmul", "quant_matmul_int8_act"]
+__all__ = ["act_block", "dequantize", "quant_matmul", "quant_matmul_int8_act", "quantize_activations_int8"]
 
 
 def dequantize(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
@@ -33,26 +33,27 @@ def act_block(group_size: int) -> int:
     return min(group_size, 64)
 
 
-def quant_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int, bias=None) -> torch.Tensor:
-    """Exact model of the CPU kernels' numerics (fp64): activations quantized to
-    int8 per block of ``act_block(group_size)`` values with scale max|x|/127
-    (round half to even), integer dot products with the codes, zero points
-    applied with the exact sum of x over each group."""
-    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
-    G, B = group_size, act_block(group_size)
-    xf = x.reshape(-1, K).float()
-    xb = xf.view(-1, K // B, B)
+def quantize_activations_int8(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The CPU kernels' activation quantization, dequantized: each block of
+    ``act_block(group_size)`` values along the last dim is rounded (half to even)
+    to int8 with scale max|x|/127. Returns fp32 ``xhat``."""
+    K = x.shape[-1]
+    B = act_block(group_size)
+    xb = x.reshape(-1, K // B, B).float()
     amax = xb.abs().amax(-1, keepdim=True)
-    xs = (amax / 127.0).double().view(-1, K // G, G // B)  # [M, ng, blocks per group]
     # true division (torch evaluates `127.0 / t` as reciprocal(t) * 127, which rounds differently)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
-    xq = torch.round(xb * inv).clamp(-127, 127).double().view(-1, K // G, G // B, B)
-    q = unpack_codes(qweight, bits, G, K).double().view(N, K // G, G // B, B)
-    dots = torch.einsum("mgtb,ngtb->mngt", xq, q)  # exact in fp64
-    s = scales.double().unsqueeze(0)
-    z = zeros.double().unsqueeze(0)
-    y = ((dots * xs.unsqueeze(1)).sum(-1) * s).sum(-1)
-    y = y - (s * z * xf.double().view(-1, K // G, G).sum(-1).unsqueeze(1)).sum(-1)
+    xq = torch.round(xb * inv).clamp(-127, 127)
+    return (xq * (amax / 127.0)).view(x.shape)
+
+
+def quant_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    """Exact model (fp64) of the CPU kernels: ``xhat @ W^T (+ bias)`` with
+    ``xhat = quantize_activations_int8(x)``. The kernels differ from it only by
+    fp32 rounding."""
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    xhat = quantize_activations_int8(x, group_size).reshape(-1, K).double()
+    y = xhat @ dequantize(qweight, scales, zeros, bits, group_size).double().t()
     if bias is not None:
         y = y + bias.double()
     return y.view(*x.shape[:-1], N)
