@@ -114,7 +114,9 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// One weight row against MR activation rows.
+// One weight row against MR activation rows. Per group and row m: the blocks'
+// int32 dots are scaled by their activation scales into a fresh vector t (no
+// loop-carried dependency), then one FMA applies the weight scale.
 template <int BITS, int G, int MR>
 inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf,
                      float* out) {
@@ -125,13 +127,15 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
   for (int64_t g = 0; g < ng; ++g) {
     __m256i c[NC];
     unpack_group<BITS, G>(prow + g * GB, c);
+    const __m256 sfv = _mm256_set1_ps(sf[g]);
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
-      for (int t = 0; t < BPG; ++t) {
-        const __m256i d = dot_block<BITS, G>(c, p.xq + m * p.K + g * G, t);
-        facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sf[g] * p.xs[m * nb + g * BPG + t]),
-                                  facc[i]);
-      }
+      const int8_t* xp = p.xq + m * p.K + g * G;
+      const float* xsp = p.xs + m * nb + g * BPG;
+      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_block<BITS, G>(c, xp, 0)), _mm256_broadcast_ss(xsp));
+      for (int b = 1; b < BPG; ++b)
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS, G>(c, xp, b)), _mm256_broadcast_ss(xsp + b), t);
+      facc[i] = _mm256_fmadd_ps(t, sfv, facc[i]);
     }
   }
   for (int i = 0; i < MR; ++i) out[i] = hsum(facc[i]);

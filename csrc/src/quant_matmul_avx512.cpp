@@ -102,15 +102,19 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
     for (int64_t g = 0; g < ng; ++g) {
       __m512i c[CPG];
       for (int t = 0; t < CPG; ++t) c[t] = unpack_chunk<BITS, G>(prow + g * GB, t);
+      const __m512 sfv = _mm512_set1_ps(sf[g]);
       for (int i = 0; i < MR; ++i) {
         const int64_t m = m0 + i;
         const int8_t* xp = p.xq + m * p.K + g * G;
-        for (int t = 0; t < CPG; ++t) {  // one 64-code chunk = one activation block
-          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[t],
-                                                _mm512_loadu_si512((const void*)(xp + 64 * t)));
-          facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sf[g] * p.xs[m * nb + g * CPG + t]),
-                                    facc[i]);
+        const float* xsp = p.xs + m * nb + g * CPG;
+        // one 64-code chunk = one activation block; blocks summed into a fresh t
+        __m512 t = _mm512_setzero_ps();
+        for (int k = 0; k < CPG; ++k) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[k],
+                                                _mm512_loadu_si512((const void*)(xp + 64 * k)));
+          t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xsp[k]), t);
         }
+        facc[i] = _mm512_fmadd_ps(t, sfv, facc[i]);
       }
     }
   } else {  // G == 32: pairs of groups per zmm, then an odd last group

@@ -27,11 +27,13 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
       for (int i = 0; i < G; ++i) codes[i] = (uint8_t)decode_code(gp, G, bits, i);
       for (int64_t m = 0; m < p.M; ++m) {
         const int8_t* xp = p.xq + m * p.K + g * G;
-        for (int t = 0; t < G / B; ++t) {
+        float t = 0.f;  // blocks scaled by their activation scales, then the weight scale
+        for (int b = 0; b < G / B; ++b) {
           int32_t dot = 0;
-          for (int i = t * B; i < (t + 1) * B; ++i) dot += (int32_t)codes[i] * (int32_t)xp[i];
-          acc[m] += (float)dot * (sf[g] * p.xs[m * nb + g * (G / B) + t]);
+          for (int i = b * B; i < (b + 1) * B; ++i) dot += (int32_t)codes[i] * (int32_t)xp[i];
+          t += (float)dot * p.xs[m * nb + g * (G / B) + b];
         }
+        acc[m] += t * sf[g];
         zacc[m] += szf[g] * p.xsum[m * ng + g];
       }
     }
