@@ -14,16 +14,21 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
     N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     lib = native()
-    x2 = x.reshape(-1, K).contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
+    if not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    b = None
+    if bias is not None:
+        b = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.to(torch.float32).contiguous()
     if M and N:
         lib.quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
                          zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
                          y.data_ptr(), torch.get_num_threads())
-    return y.view(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def dequantize_cpu(qweight, scales, zeros, bits, group_size):
