@@ -63,3 +63,19 @@ def test_isa_switch_rejects_unknown():
     import lorakern
     with pytest.raises(ValueError, match="unknown ISA"):
         lorakern.set_isa("sse9")
+
+
+def test_missing_extension_is_a_clear_error_at_first_use():
+    """Import works without lorakern._C; the first CPU kernel call says what is wrong."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['lorakern._C'] = None\n"
+            "import torch, lorakern\n"
+            "w = lorakern.quantize_rtn(torch.randn(8, 64), 4, 32)\n"
+            "try:\n"
+            "    torch.ops.lorakern.quant_matmul(torch.randn(1, 64), w.qweight, w.scales, w.zeros, 4, 32)\n"
+            "except lorakern.NativeLibraryError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "pip install -e ." in r.stdout

@@ -76,3 +76,17 @@ def test_quantize_model_replaces_linears_and_falls_back_on_group():
     with torch.no_grad():
         q_logits = model(ids).logits
     assert (q_logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+
+
+def test_sign_weights_are_scale_times_sign():
+    w = torch.randn(9, 256)
+    q = lorakern.quant.quantize_sign(w, 64)
+    assert q.bits == 1
+    s = w.abs().view(9, 4, 64).mean(-1).half().float()  # mean|w| per group, as stored (2s in fp16, exact /2)
+    expect = (torch.where(w >= 0, 1.0, -1.0).view(9, 4, 64) * s.unsqueeze(-1)).view(9, 256)
+    torch.testing.assert_close(q.dequantize(), expect, rtol=2e-3, atol=0)
+    x = torch.randn(3, 256)
+    y = torch.ops.lorakern.quant_matmul(x, q.qweight, q.scales, q.zeros, 1, 64)
+    torch.testing.assert_close(y, x @ q.dequantize().t(), rtol=0.02, atol=0.02 * float(y.abs().max()))
+    with pytest.raises(ValueError, match="quantize_sign"):
+        lorakern.quantize_rtn(w, 1, 64)

@@ -40,7 +40,7 @@ def check_against_references(x, w, bias, y):
     assert ((y2 - full).abs() <= tol2 + 1e-30).all()
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quant_matmul_cpu_matches_reference(isa, bits, G, dtype, rng):
@@ -64,7 +64,7 @@ def test_leading_dims_and_empty(isa):
     assert e.shape == (0, 11)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_every_output_element_written(isa, bits):
     """Poison the output buffer with NaN and call the kernel directly."""
     for G in (32, 64, 128):
@@ -104,7 +104,7 @@ def test_nan_activations_propagate(isa):
 
 
 def test_dequantize_cpu_matches_reference(isa):
-    for bits in (2, 3, 4, 8):
+    for bits in (1, 2, 3, 4, 8):
         for G in (32, 64, 128):
             w = random_qweight(19, 2 * G, bits, G)
             d = torch.ops.lorakern.dequantize(w.qweight, w.scales, w.zeros, bits, G)

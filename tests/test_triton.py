@@ -15,14 +15,14 @@ INTERPRETER_BF16_DOT = pytest.mark.xfail(
 DOT_EPS = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_triton_dequantize_exact(bits, G):
     w = random_qweight(45, 3 * G, bits, G)
     assert torch.equal(dequantize_triton(w.qweight, w.scales, w.zeros, bits, G), w.dequantize())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=INTERPRETER_BF16_DOT),
                                    torch.float32])

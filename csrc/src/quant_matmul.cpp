@@ -12,7 +12,8 @@
 namespace {
 
 bool valid_format(int bits, int G) {
-  return (bits == 2 || bits == 3 || bits == 4 || bits == 8) && (G == 32 || G == 64 || G == 128);
+  return (bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) &&
+         (G == 32 || G == 64 || G == 128);
 }
 
 lk_status check_weight(const lk_qweight* w) {

@@ -30,7 +30,10 @@ inline __m256i expand_bits32(uint32_t w) {
 // Codes of one group as G/32 vectors of 32 unsigned bytes, in code order.
 template <int BITS, int G>
 inline void unpack_group(const uint8_t* gp, __m256i* c) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == 1) {  // one bit plane
+    for (int j = 0; j < G / 32; ++j)
+      c[j] = _mm256_and_si256(expand_bits32(load_u32(gp + 4 * j)), _mm256_set1_epi8(1));
+  } else if constexpr (BITS == 8) {
     for (int j = 0; j < G / 32; ++j) c[j] = _mm256_loadu_si256((const __m256i*)(gp + 32 * j));
   } else if constexpr (BITS == 4) {
     const __m256i F = _mm256_set1_epi8(0x0F);
@@ -191,6 +194,7 @@ void rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
   switch (p.bits) {
+    case 1: rows_bits<1>(p, n0, n1); break;
     case 2: rows_bits<2>(p, n0, n1); break;
     case 3: rows_bits<3>(p, n0, n1); break;
     case 4: rows_bits<4>(p, n0, n1); break;

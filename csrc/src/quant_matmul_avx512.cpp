@@ -33,7 +33,10 @@ template <int BITS, int G>
 inline __m512i unpack_chunk(const uint8_t* gp, int t) {
   constexpr int GB = G * BITS / 8;
   const __m512i F = _mm512_set1_epi8(0x0F);
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == 1) {  // one bit plane, straight from a mask register
+    const uint64_t m = G >= 64 ? load_u64(gp + 8 * t) : (load_u32(gp) | (load_u32(gp + GB) << 32));
+    return _mm512_maskz_mov_epi8((__mmask64)m, _mm512_set1_epi8(1));
+  } else if constexpr (BITS == 8) {
     return _mm512_loadu_si512((const void*)(gp + 64 * t));
   } else if constexpr (BITS == 4) {
     if constexpr (G == 128) {
@@ -135,7 +138,9 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
       // Unpack as a pair with itself, keep the first half.
       const uint8_t* gp = prow + g * GB;
       __m512i c;
-      if constexpr (BITS == 8) {
+      if constexpr (BITS == 1) {
+        c = _mm512_maskz_mov_epi8((__mmask64)load_u32(gp), _mm512_set1_epi8(1));
+      } else if constexpr (BITS == 8) {
         c = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)gp));
       } else if constexpr (BITS == 4) {
         const __m512i v0 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)gp));
@@ -212,6 +217,7 @@ void rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1) {
   switch (p.bits) {
+    case 1: rows_bits<1>(p, n0, n1); break;
     case 2: rows_bits<2>(p, n0, n1); break;
     case 3: rows_bits<3>(p, n0, n1); break;
     case 4: rows_bits<4>(p, n0, n1); break;

@@ -93,7 +93,7 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
 
 static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
-  const int bits_list[] = {2, 3, 4, 8};
+  const int bits_list[] = {1, 2, 3, 4, 8};
   const int g_list[] = {32, 64, 128};
   for (int bits : bits_list)
     for (int G : g_list)
@@ -132,6 +132,8 @@ static void check_c_abi(std::mt19937& rng) {
   for (float v : y) CHECK(std::isfinite(v), "output written");
   lk_qweight bad = w;
   bad.bits = 5;
+  CHECK(lk_quant_matmul(p.x.data(), LK_F32, 3, &bad, nullptr, y.data(), 1) == LK_ERR_INVALID_ARG, "bits");
+  bad.bits = 0;
   CHECK(lk_quant_matmul(p.x.data(), LK_F32, 3, &bad, nullptr, y.data(), 1) == LK_ERR_INVALID_ARG, "bits");
   bad = w;
   bad.group_size = 48;

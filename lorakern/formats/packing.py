@@ -9,7 +9,8 @@ along K), each group into ``G * bits / 8`` bytes:
   one shift and one mask per vector and no shuffles.
 * ``bits == 3``: the low two bits as a 2-bit group (``G/4`` bytes), then bit 2
   as one bit plane (``G/8`` bytes, bit ``i % 8`` of byte ``i // 8`` is code ``i``).
-* ``bits == 1``: one bit plane (used for sign weights).
+* ``bits == 1``: one bit plane (sign weights: ``w = s * sign(w)`` is stored as
+  code ``q = (w >= 0)`` with scale ``2s`` and zero ``0.5``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 __all__ = ["SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES", "pack_codes", "unpack_codes", "packed_row_bytes"]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
@@ -27,8 +28,8 @@ def packed_row_bytes(K: int, bits: int) -> int:
 
 
 def _check(bits: int, group_size: int, K: int) -> None:
-    if bits not in SUPPORTED_BITS + (1,):
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS} (or 1 for sign weights), got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
     if K % group_size != 0:

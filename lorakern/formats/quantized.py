@@ -25,7 +25,7 @@ class QuantizedWeight:
         qweight: uint8 ``[N, K * bits / 8]`` packed codes (canonical layout).
         scales: fp16 ``[N, K / group_size]``.
         zeros: fp16 ``[N, K / group_size]`` (float zero points).
-        bits: 2, 3, 4 or 8.
+        bits: 1, 2, 3, 4 or 8 (1: sign weights, see :func:`lorakern.quant.quantize_sign`).
         group_size: 32, 64 or 128 (along K).
     """
 

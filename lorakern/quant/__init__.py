@@ -1,5 +1,5 @@
 """Quantization algorithms (round-to-nearest now; GPTQ and GWQ build on this)."""
 from .model import quantize_model
-from .rtn import quantize_rtn, rtn_params
+from .rtn import quantize_rtn, quantize_sign, rtn_params
 
-__all__ = ["quantize_model", "quantize_rtn", "rtn_params"]
+__all__ = ["quantize_model", "quantize_rtn", "quantize_sign", "rtn_params"]

@@ -24,7 +24,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
 
     Args:
         model: any module, e.g. a Hugging Face causal LM.
-        bits: 2, 3, 4 or 8.
+        bits: 2, 3, 4 or 8 (round to nearest).
         group_size: 32, 64 or 128. A layer whose in_features is not a multiple
             of it uses the largest supported group size that divides in_features
             (SmolLM2's 576 gets 64 when 128 is asked); a layer with none is kept.

@@ -6,7 +6,7 @@ import torch
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, pack_codes
 from ..formats.quantized import QuantizedWeight
 
-__all__ = ["quantize_rtn", "rtn_params"]
+__all__ = ["quantize_rtn", "quantize_sign", "rtn_params"]
 
 
 def rtn_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +39,8 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quant
     """
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in SUPPORTED_BITS or bits == 1:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS[1:]} (1 bit: quantize_sign), got {bits}")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
     N, K = w.shape
@@ -53,3 +53,26 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quant
     q = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1))
     q = q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(N, K)
     return QuantizedWeight(pack_codes(q, bits, group_size), scales.contiguous(), zeros.contiguous(), bits, group_size)
+
+
+def quantize_sign(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """1-bit sign quantization: ``w ~ s_g * sign(w)`` with ``s_g = mean|w|`` per group
+    (LoRAQuant's low part). Stored as a 1-bit :class:`QuantizedWeight` with code
+    ``q = (w >= 0)``, scale ``2 * s_g`` and zero ``0.5``, so that
+    ``scale * (q - zero) = +-s_g`` and every kernel runs it unchanged."""
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has NaN or Inf values")
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    scale = (2 * g.abs().mean(-1)).half()
+    if not torch.isfinite(scale).all():
+        raise ValueError("weights too large for fp16 scales")
+    q = (g >= 0).to(torch.uint8).reshape(N, K)
+    zeros = torch.full_like(scale, 0.5)
+    return QuantizedWeight(pack_codes(q, 1, group_size), scale.contiguous(), zeros, 1, group_size)

@@ -27,7 +27,7 @@ def jobs(quick: bool = False):
     """Every (kernel, parameters) pair to build."""
     from .quant_matmul import CONFIGS
     out = []
-    bits_list = (4, 3) if quick else (2, 3, 4, 8)
+    bits_list = (4, 3) if quick else (1, 2, 3, 4, 8)
     groups = (128, 32) if quick else (32, 64, 128)
     for bits in bits_list:
         for G in groups:

@@ -15,6 +15,9 @@ def load_codes(qw_ptr, offs_n, offs_k, row_bytes, n_mask, BITS: tl.constexpr, G:
     mask = n_mask[:, None]
     if BITS == 8:
         q = tl.load(base + i[None, :], mask=mask, other=0).to(tl.int32)
+    elif BITS == 1:  # one bit plane
+        b = tl.load(base + (i // 8)[None, :], mask=mask, other=0).to(tl.int32)
+        q = (b >> (i % 8)[None, :]) & 1
     elif BITS == 3:
         W2: tl.constexpr = G // 4
         lo = tl.load(base + (i % W2)[None, :], mask=mask, other=0).to(tl.int32)

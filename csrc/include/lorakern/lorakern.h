@@ -44,7 +44,7 @@ typedef struct {
   const uint16_t* zeros;   /* fp16 [N, K / group_size] */
   int64_t N;
   int64_t K;
-  int32_t bits;       /* 2, 3, 4 or 8 */
+  int32_t bits;       /* 1, 2, 3, 4 or 8 (1: sign weights, see docs/formats.md) */
   int32_t group_size; /* 32, 64 or 128 */
 } lk_qweight;
 
