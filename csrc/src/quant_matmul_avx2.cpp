@@ -129,6 +129,7 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
   for (int i = 0; i < MR; ++i) facc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m256i c[NC];
+    _mm_prefetch((const char*)(prow + g * GB + 1024), _MM_HINT_T0);  // ~1 KiB ahead in the row stream
     unpack_group<BITS, G>(prow + g * GB, c);
     const __m256 sfv = _mm256_set1_ps(sf[g]);
     for (int i = 0; i < MR; ++i) {
