@@ -62,6 +62,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"),
       py::arg("bias"), py::arg("y"), py::arg("num_threads") = 0);
   m.def(
+      "gwq_matmul",
+      [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int64_t N, int64_t K, int bits, int group_size, uintptr_t row_ptr, uintptr_t col_idx,
+         uintptr_t values, int64_t nnz, uintptr_t bias, uintptr_t y, int num_threads) {
+        const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
+        const lk_outliers o{reinterpret_cast<const int32_t*>(row_ptr),
+                            reinterpret_cast<const uint16_t*>(col_idx),
+                            reinterpret_cast<const uint16_t*>(values), nnz};
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_gwq_matmul(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, M, &w, &o,
+                            reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(y),
+                            num_threads);
+        }
+        check(s, "lk_gwq_matmul");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"),
+      py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"),
+      py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("nnz"), py::arg("bias"),
+      py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N, int64_t K, int bits,
          int group_size, uintptr_t out, int num_threads) {

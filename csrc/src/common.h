@@ -1,11 +1,17 @@
 // Internal definitions shared by the CPU kernels. No torch, no ISA flags here:
 // this header is included by sources compiled with different -m options.
 #pragma once
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace lk {
+
+// The inline helpers live in an anonymous namespace: this header is compiled into
+// translation units with different ISA flags, and one shared (ODR-merged) copy
+// could carry AVX-512 instructions into the generic path.
+namespace {
 
 // IEEE half <-> float in portable code (the SIMD paths use F16C instead).
 inline float half_to_float(uint16_t h) {
@@ -111,6 +117,8 @@ inline int decode_code(const uint8_t* gp, int G, int bits, int i) {
 // indistinguishable from fp32 activations there.
 inline int act_block(int G) { return G < 64 ? G : 64; }
 
+}  // namespace
+
 // One quant_matmul problem after the activations were quantized.
 struct QmmProblem {
   int64_t M, N, K;
@@ -123,6 +131,14 @@ struct QmmProblem {
   const float* xsum;       // [M, K/G] sum over the group of xs_b * xq (the dequantized activations)
   const float* bias;       // [N] or null
   float* y;                // [M, N] fp32 result
+  // Optional sparse outliers (gwq_matmul), CSR over the N rows; row_ptr null if none.
+  // Their products use the unquantized activations xt (fp32, [K, M]: column k of x).
+  const int32_t* row_ptr = nullptr;  // [N + 1]
+  const uint16_t* col = nullptr;     // [nnz], each < K
+  const uint16_t* val = nullptr;     // fp16 [nnz]
+  int64_t nnz = 0;
+  const float* xt = nullptr;         // [K, M]
+  std::atomic<int>* bad_csr = nullptr;  // set to 1 if a row pointer or column is out of range
 };
 
 // Each computes rows [n0, n1) of y for every m. Same math, different ISA.

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <new>
 #include <vector>
 
@@ -35,29 +36,20 @@ RowsFn rows_fn(lk_isa isa) {
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-const char* lk_version(void) { return "0.1.0"; }
-
-const char* lk_status_string(lk_status s) {
-  switch (s) {
-    case LK_OK: return "ok";
-    case LK_ERR_INVALID_ARG: return "invalid argument";
-    case LK_ERR_UNSUPPORTED: return "unsupported by this CPU";
-    case LK_ERR_ALLOC: return "out of memory";
-  }
-  return "unknown status";
-}
-
-lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
-                          const float* bias, void* y, int num_threads) {
+// quant_matmul, plus the sparse outliers when `o` is given (gwq_matmul).
+lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
+                     const lk_outliers* o, const float* bias, void* y, int num_threads) {
   if (lk_status s = check_weight(w)) return s;
   if (M < 0 || (M > 0 && (!x || !y))) return LK_ERR_INVALID_ARG;
   if (x_dtype != LK_F32 && x_dtype != LK_F16 && x_dtype != LK_BF16) return LK_ERR_INVALID_ARG;
   const int64_t N = w->N, K = w->K;
   const int G = w->group_size;
+  if (o) {  // O(1) checks here; every row pointer and column is checked where it is used
+    if (!o->row_ptr || o->nnz < 0 || (o->nnz > 0 && (!o->col_idx || !o->values)))
+      return LK_ERR_INVALID_ARG;
+    if (K > 65536) return LK_ERR_INVALID_ARG;  // uint16 column indices
+    if (o->row_ptr[0] != 0 || o->row_ptr[N] != o->nnz) return LK_ERR_INVALID_ARG;
+  }
   if (M == 0 || N == 0) return LK_OK;
   try {
     const int64_t ng = K / G;
@@ -82,6 +74,23 @@ lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_q
     }
     lk::QmmProblem p{M, N, K, w->bits, G, w->qweight, w->scales, w->zeros,
                      xq.data(), xs.data(), xsum.data(), bias, y32};
+    std::vector<float> xt;
+    std::atomic<int> bad_csr{0};
+    if (o) {  // the outliers multiply the unquantized activations, read by column
+      const float* xcols = x32;
+      if (M > 1) {
+        xt.resize((size_t)(M * K));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x32[m * K + k];
+        xcols = xt.data();
+      }
+      p.row_ptr = o->row_ptr;
+      p.col = o->col_idx;
+      p.val = o->values;
+      p.nnz = o->nnz;
+      p.xt = xcols;
+      p.bad_csr = &bad_csr;
+    }
     const RowsFn fn = rows_fn(lk_active_isa());
     const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
     // Contiguous row blocks per thread: each thread streams its own slab.
@@ -91,6 +100,7 @@ lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_q
       const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
       if (n1 > n0) fn(p, n0, n1);
     }
+    if (bad_csr.load()) return LK_ERR_INVALID_ARG;  // some row pointer or column was out of range
     if (x_dtype != LK_F32) {
       uint16_t* yh = static_cast<uint16_t*>(y);
       for (int64_t i = 0; i < M * N; ++i)
@@ -100,6 +110,33 @@ lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_q
     return LK_ERR_ALLOC;
   }
   return LK_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* lk_version(void) { return "0.1.0"; }
+
+const char* lk_status_string(lk_status s) {
+  switch (s) {
+    case LK_OK: return "ok";
+    case LK_ERR_INVALID_ARG: return "invalid argument";
+    case LK_ERR_UNSUPPORTED: return "unsupported by this CPU";
+    case LK_ERR_ALLOC: return "out of memory";
+  }
+  return "unknown status";
+}
+
+lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
+                          const float* bias, void* y, int num_threads) {
+  return run_matmul(x, x_dtype, M, w, nullptr, bias, y, num_threads);
+}
+
+lk_status lk_gwq_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
+                        const lk_outliers* outliers, const float* bias, void* y, int num_threads) {
+  if (!outliers) return LK_ERR_INVALID_ARG;
+  return run_matmul(x, x_dtype, M, w, outliers, bias, y, num_threads);
 }
 
 lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads) {

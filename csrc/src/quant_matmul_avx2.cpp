@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "outliers.h"
 #include "simd_x86.h"
 
 namespace lk {
@@ -148,8 +149,10 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
 template <int BITS, int G>
 void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
-  std::vector<float> sf((size_t)ng), szf((size_t)ng);
+  std::vector<float> sf((size_t)ng), szf((size_t)ng), sparse((size_t)(p.row_ptr ? p.M : 0));
+  const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
   for (int64_t n = n0; n < n1; ++n) {
+    if (p.row_ptr) row_outliers(p, n, h2f, sparse.data());
     const uint16_t* sp = p.scales + n * ng;
     const uint16_t* zp = p.zeros + n * ng;
     int64_t g = 0;
@@ -176,7 +179,8 @@ void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
       }
       for (int64_t i = 0; i < mr; ++i) {
         const int64_t m = m0 + i;
-        p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + b;
+        const float o = p.row_ptr ? sparse[m] : 0.f;  // the row's outliers, same accumulator
+        p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + o + b;
       }
     }
   }

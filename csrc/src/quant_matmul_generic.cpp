@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "common.h"
+#include "outliers.h"
 
 namespace lk {
 
@@ -14,8 +15,10 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int gb = group_bytes(G, bits);
   std::vector<uint8_t> codes((size_t)G);
   std::vector<float> sf((size_t)ng), szf((size_t)ng);
-  std::vector<float> acc((size_t)p.M), zacc((size_t)p.M);
+  std::vector<float> acc((size_t)p.M), zacc((size_t)p.M), sparse((size_t)(p.row_ptr ? p.M : 0));
+  const auto h2f = [](uint16_t h) { return half_to_float(h); };
   for (int64_t n = n0; n < n1; ++n) {
+    if (p.row_ptr) row_outliers(p, n, h2f, sparse.data());
     const uint8_t* prow = p.qw + n * rb;
     for (int64_t g = 0; g < ng; ++g) {
       sf[g] = half_to_float(p.scales[n * ng + g]);
@@ -38,7 +41,8 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
       }
     }
     const float b = p.bias ? p.bias[n] : 0.f;
-    for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = acc[m] - zacc[m] + b;
+    for (int64_t m = 0; m < p.M; ++m)
+      p.y[m * p.N + n] = acc[m] - zacc[m] + (p.row_ptr ? sparse[m] : 0.f) + b;
   }
 }
 

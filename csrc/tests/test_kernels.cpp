@@ -2,6 +2,7 @@
 // model of the kernel's math, on random problems at odd sizes, through the C ABI
 // and the internal row kernels. Output buffers are poisoned with NaN first.
 // Also checks argument validation of the C ABI. Run under ASan/UBSan in CI.
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,10 +35,40 @@ struct Problem {
   std::vector<uint8_t> qw;
   std::vector<uint16_t> scales, zeros;
   std::vector<float> x, bias;
+  // CSR outliers (empty row_ptr: none)
+  std::vector<int32_t> row_ptr;
+  std::vector<uint16_t> col, val;
 };
 
+// Outlier patterns: 0 none, 1 one per row, 2 ~1%, 3 ~5%, 4 a row of only
+// outliers with empty rows around it.
+static void add_outliers(Problem& p, std::mt19937& rng, int pattern) {
+  if (pattern == 0) return;
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  p.row_ptr.assign(1, 0);
+  for (int64_t n = 0; n < p.N; ++n) {
+    std::vector<uint16_t> cols;
+    for (int64_t k = 0; k < p.K; ++k) {
+      bool take;
+      switch (pattern) {
+        case 1: take = false; break;
+        case 2: take = rng() % 100 == 0; break;
+        case 3: take = rng() % 20 == 0; break;
+        default: take = n == p.N / 2; break;
+      }
+      if (take) cols.push_back((uint16_t)k);
+    }
+    if (pattern == 1) cols.push_back((uint16_t)(rng() % p.K));
+    for (uint16_t c : cols) {
+      p.col.push_back(c);
+      p.val.push_back(lk::float_to_half(4.f * u(rng)));
+    }
+    p.row_ptr.push_back((int32_t)p.col.size());
+  }
+}
+
 static Problem make_problem(std::mt19937& rng, int64_t M, int64_t N, int64_t K, int bits, int G) {
-  Problem p{M, N, K, bits, G, {}, {}, {}, {}, {}};
+  Problem p{M, N, K, bits, G, {}, {}, {}, {}, {}, {}, {}, {}};
   std::uniform_int_distribution<int> byte(0, 255);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   p.qw.resize((size_t)(N * lk::row_bytes(K, bits)));
@@ -84,6 +115,14 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
         acc -= s * z * (double)xsum[m * ng + g];
         at += std::fabs(s * z * (double)xsum[m * ng + g]) * (1 + p.G * 1e-7);  // xsum: fp32 sum of blocks
       }
+      if (!p.row_ptr.empty()) {  // outliers against the unquantized activations
+        const int64_t len = p.row_ptr[n + 1] - p.row_ptr[n];
+        for (int32_t j = p.row_ptr[n]; j < p.row_ptr[n + 1]; ++j) {
+          const double t = (double)lk::half_to_float(p.val[j]) * p.x[m * p.K + p.col[j]];
+          acc += t;
+          at += std::fabs(t) * (1.0 + (double)len / (double)(p.K / lk::act_block(p.G) + p.K / p.G + 8));
+        }
+      }
       y[m * p.N + n] = acc;
       abs_terms[m * p.N + n] = at;
     }
@@ -97,9 +136,11 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
   const int g_list[] = {32, 64, 128};
   for (int bits : bits_list)
     for (int G : g_list)
-      for (int trial = 0; trial < 3; ++trial) {
+      for (int trial = 0; trial < 6; ++trial) {
         const int64_t M = 1 + rng() % 9, N = 1 + rng() % 37, K = (int64_t)G * (1 + rng() % 5);
         Problem p = make_problem(rng, M, N, K, bits, G);
+        const int pattern = trial == 5 ? 0 : trial;  // every outlier pattern, and none twice
+        add_outliers(p, rng, pattern);
         const int64_t ng = K / G;
         std::vector<int8_t> xq((size_t)(M * K));
         std::vector<float> xs((size_t)(M * (K / lk::act_block(G)))), xsum((size_t)(M * ng));
@@ -107,7 +148,20 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
         std::vector<float> y((size_t)(M * N), NAN);
         lk::QmmProblem q{M, N, K, bits, G, p.qw.data(), p.scales.data(), p.zeros.data(),
                          xq.data(), xs.data(), xsum.data(), p.bias.data(), y.data()};
+        std::vector<float> xt((size_t)(M * K));
+        std::atomic<int> bad{0};
+        if (pattern) {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < K; ++k) xt[k * M + m] = p.x[m * K + k];
+          q.row_ptr = p.row_ptr.data();
+          q.col = p.col.data();
+          q.val = p.val.data();
+          q.nnz = (int64_t)p.col.size();
+          q.xt = xt.data();
+          q.bad_csr = &bad;
+        }
         fn(q, 0, N);
+        CHECK(bad.load() == 0, "%s: valid CSR reported bad", name);
         std::vector<double> at;
         const std::vector<double> ref = model(p, xq, xs, xsum, at);
         // fp32: each term carries ~3 roundings (scale product, convert, FMA), then
@@ -118,8 +172,8 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
           const double err = std::fabs((double)y[i] - ref[i]) / (nterms * 0x1p-24 * at[i] + 1e-30);
           worst = std::max(worst, std::isnan(y[i]) ? 1e30 : err);
         }
-        CHECK(worst <= 1.0, "%s bits=%d G=%d M=%ld N=%ld K=%ld: error %g x its fp32 bound", name, bits,
-              G, (long)M, (long)N, (long)K, worst);
+        CHECK(worst <= 1.0, "%s bits=%d G=%d M=%ld N=%ld K=%ld outliers=%d: error %g x its fp32 bound",
+              name, bits, G, (long)M, (long)N, (long)K, pattern, worst);
       }
   std::printf("%s: checked\n", name);
 }
@@ -150,6 +204,35 @@ static void check_c_abi(std::mt19937& rng) {
   p.x[0] = NAN;
   CHECK(lk_quant_matmul(p.x.data(), LK_F32, 3, &w, nullptr, y.data(), 1) == LK_OK, "nan call");
   CHECK(std::isnan(y[0]), "nan propagates");
+  // gwq_matmul: a valid CSR matches quant_matmul plus the outliers; bad ones are refused.
+  p.x[0] = 0.5f;
+  std::vector<int32_t> rp = {0, 1, 1, 3, 3, 4};
+  std::vector<uint16_t> col = {0, 5, 63, 7}, val(4, lk::float_to_half(2.f));
+  lk_outliers o{rp.data(), col.data(), val.data(), 4};
+  std::vector<float> y0(15, NAN), y1(15, NAN);
+  CHECK(lk_quant_matmul(p.x.data(), LK_F32, 3, &w, nullptr, y0.data(), 1) == LK_OK, "dense");
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 2) == LK_OK, "gwq ok");
+  for (int m = 0; m < 3; ++m) {
+    const float* xm = &p.x[m * 64];
+    const float want[5] = {2.f * xm[0], 0.f, 2.f * (xm[5] + xm[63]), 0.f, 2.f * xm[7]};
+    for (int n = 0; n < 5; ++n)
+      CHECK(std::fabs(y1[m * 5 + n] - y0[m * 5 + n] - want[n]) <= 1e-5f * (1.f + std::fabs(y0[m * 5 + n])),
+            "gwq m=%d n=%d", m, n);
+  }
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, nullptr, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "null csr");
+  col[2] = 64;  // column out of range
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "col");
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 1, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "col M=1");
+  col[2] = 63;
+  rp[2] = 5;  // row pointers decrease, run past nnz
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "row_ptr");
+  rp[2] = 1;
+  rp[5] = 3;  // last pointer != nnz
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "nnz");
+  rp[5] = 4;
+  rp[0] = -1;
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "rp0");
+  rp[0] = 0;
   // half round trip on a few values
   const float vals[] = {0.f, 1.f, -2.5f, 65504.f, 6.103515625e-05f, 5.9604644775390625e-08f, -0.33325195f};
   for (float v : vals) CHECK(lk::half_to_float(lk::float_to_half(v)) == v, "half %g", v);

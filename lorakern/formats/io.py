@@ -4,6 +4,8 @@ A file holds one or more quantized weights under a prefix each
 (``{prefix}.qweight``, ``{prefix}.scales``, ``{prefix}.zeros``) and string
 metadata: ``format = "lorakern.quant"``, ``format_version``, and per prefix
 ``{prefix}.bits``, ``{prefix}.group_size``, ``{prefix}.shape`` ("N,K").
+A GWQ weight adds its CSR outliers (``{prefix}.row_ptr``, ``{prefix}.col_idx``,
+``{prefix}.values``) and ``{prefix}.outliers = "csr"``, ``{prefix}.nnz``.
 Loading never unpickles: safetensors only. A truncated or corrupted file, or
 metadata that disagrees with the tensors, raises :class:`FormatError`.
 """
@@ -16,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .outliers import GWQWeight, SparseOutliers
 from .quantized import FORMAT_VERSION, QuantizedWeight
 
 __all__ = ["FormatError", "save_quantized", "load_quantized", "read_safetensors"]
@@ -27,15 +30,24 @@ class FormatError(ValueError):
     """A file is not a valid lorakern file (truncated, corrupted, inconsistent)."""
 
 
-def save_quantized(path: str | os.PathLike, weights: dict[str, QuantizedWeight],
+def save_quantized(path: str | os.PathLike, weights: dict[str, QuantizedWeight | GWQWeight],
                    extra_tensors: dict[str, torch.Tensor] | None = None,
                    extra_metadata: dict[str, str] | None = None) -> None:
-    """Save quantized weights (and optional plain tensors such as biases) to ``path``."""
+    """Save quantized weights (:class:`QuantizedWeight` or :class:`GWQWeight`) and
+    optional plain tensors such as biases to ``path``."""
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
             "weights": json.dumps(sorted(weights))}
     for prefix, w in weights.items():
         w.validate()
+        if isinstance(w, GWQWeight):
+            o = w.outliers
+            tensors[f"{prefix}.row_ptr"] = o.row_ptr.detach().cpu().contiguous()
+            tensors[f"{prefix}.col_idx"] = o.col_idx.detach().cpu().contiguous()
+            tensors[f"{prefix}.values"] = o.values.detach().cpu().contiguous()
+            meta[f"{prefix}.outliers"] = "csr"
+            meta[f"{prefix}.nnz"] = str(o.nnz)
+            w = w.dense
         N, K = w.shape
         tensors[f"{prefix}.qweight"] = w.qweight.detach().cpu().contiguous()
         tensors[f"{prefix}.scales"] = w.scales.detach().cpu().contiguous()
@@ -76,7 +88,8 @@ def _int(meta: dict, key: str, path: str) -> int:
         raise FormatError(f"{path}: metadata field {key!r}={meta[key]!r} is not an integer") from None
 
 
-def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, str]]:
+def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedWeight | GWQWeight], dict[str, torch.Tensor],
+                                                    dict[str, str]]:
     """Load a file written by :func:`save_quantized`.
 
     Returns ``(weights, other_tensors, metadata)``. Every field is validated.
@@ -116,5 +129,21 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedWeight],
             raise FormatError(f"{path}: weight {prefix!r} metadata says shape {(N, K)}, tensors say {w.shape}")
         if not torch.isfinite(s).all() or not torch.isfinite(z).all():
             raise FormatError(f"{path}: weight {prefix!r} has non-finite scales or zeros")
+        kind = meta.get(f"{prefix}.outliers")
+        if kind is not None:
+            if kind != "csr":
+                raise FormatError(f"{path}: weight {prefix!r} has unknown outlier format {kind!r}")
+            nnz = _int(meta, f"{prefix}.nnz", path)
+            try:
+                rp, ci, v = (tensors.pop(f"{prefix}.{t}") for t in ("row_ptr", "col_idx", "values"))
+            except KeyError as e:
+                raise FormatError(f"{path}: tensor {e.args[0]!r} is missing") from None
+            try:
+                o = SparseOutliers(rp, ci, v, (N, K))
+            except (TypeError, ValueError) as e:
+                raise FormatError(f"{path}: weight {prefix!r} has invalid outliers: {e}") from None
+            if o.nnz != nnz:
+                raise FormatError(f"{path}: weight {prefix!r} metadata says {nnz} outliers, tensors hold {o.nnz}")
+            w = GWQWeight(w, o)
         weights[prefix] = w
     return weights, tensors, meta

@@ -48,6 +48,16 @@ typedef struct {
   int32_t group_size; /* 32, 64 or 128 */
 } lk_qweight;
 
+/* Sparse fp16 outliers of a W[N, K] in CSR (gwq_matmul), added to the dense
+ * weight: W_eff[n, col[j]] += value[j] for row_ptr[n] <= j < row_ptr[n + 1].
+ * row_ptr[0] = 0, non-decreasing, row_ptr[N] = nnz; columns < K <= 65536. */
+typedef struct {
+  const int32_t* row_ptr;  /* [N + 1] */
+  const uint16_t* col_idx; /* [nnz] */
+  const uint16_t* values;  /* fp16 [nnz] */
+  int64_t nnz;
+} lk_outliers;
+
 LK_API const char* lk_version(void);
 LK_API const char* lk_status_string(lk_status s);
 LK_API const char* lk_isa_name(lk_isa isa);
@@ -68,6 +78,15 @@ LK_API lk_status lk_set_isa(lk_isa isa);
 LK_API lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M,
                                  const lk_qweight* w, const float* bias,
                                  void* y, int num_threads);
+
+/* y[M, N] = x @ (W + outliers)^T (+ bias): lk_quant_matmul's dense pass and
+ * each row's outliers in the same accumulator, one pass over the weights. The
+ * outliers multiply the unquantized activations (fp32). A row pointer or column
+ * out of range gives LK_ERR_INVALID_ARG (never an out-of-bounds read); y is then
+ * unspecified. */
+LK_API lk_status lk_gwq_matmul(const void* x, lk_dtype x_dtype, int64_t M,
+                               const lk_qweight* w, const lk_outliers* outliers,
+                               const float* bias, void* y, int num_threads);
 
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
