@@ -26,3 +26,24 @@ def int8_act_bound(x, w: QuantizedWeight):
 def fp_bound(x, w: QuantizedWeight, eps: float):
     """|x| @ |W|^T * eps: the size of rounding of terms of the dot product."""
     return x.reshape(-1, w.in_features).float().abs() @ w.dequantize().abs().t() * eps
+
+
+OUTLIER_PATTERNS = ("none", "one_per_row", "1pct", "5pct", "full_row")
+
+
+def random_outliers(N, K, pattern, gen=None, device="cpu"):
+    """CSR outliers of a given pattern: none, one per row, ~1%, ~5%, or one row of
+    only outliers with empty rows elsewhere. Values ~ 4*U(-1, 1)."""
+    from lorakern.formats import SparseOutliers
+    if pattern == "none":
+        mask = torch.zeros(N, K, dtype=torch.bool)
+    elif pattern == "one_per_row":
+        mask = torch.zeros(N, K, dtype=torch.bool)
+        mask[torch.arange(N), torch.randint(0, K, (N,), generator=gen)] = True
+    elif pattern in ("1pct", "5pct"):
+        mask = torch.rand(N, K, generator=gen) < (0.01 if pattern == "1pct" else 0.05)
+    else:
+        mask = torch.zeros(N, K, dtype=torch.bool)
+        mask[N // 2] = True
+    vals = (torch.rand(N, K, generator=gen) * 2 - 1) * 4
+    return SparseOutliers.from_mask(mask, vals).to(device)

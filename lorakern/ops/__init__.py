@@ -3,6 +3,8 @@
 * ``torch.ops.lorakern.quant_matmul(x, qweight, scales, zeros, bits, group_size, bias=None)``
   -> ``x @ W^T (+ bias)``, shape ``[..., N]``, dtype of x.
 * ``torch.ops.lorakern.dequantize(qweight, scales, zeros, bits, group_size)`` -> fp32 ``[N, K]``.
+* ``torch.ops.lorakern.gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values,
+  bias=None)`` -> ``x @ (W + S)^T (+ bias)`` with S the CSR outliers (:class:`lorakern.formats.SparseOutliers`).
 
 CPU tensors run the C++ kernels, CUDA tensors the Triton kernels, any other
 device the plain-torch reference. All are traceable by torch.compile.
@@ -24,4 +26,10 @@ def dequantize(qweight, scales, zeros, bits: int, group_size: int):
     return torch.ops.lorakern.dequantize(qweight, scales, zeros, bits, group_size)
 
 
-__all__ = ["quant_matmul", "dequantize"]
+def gwq_matmul(x, qweight, scales, zeros, bits: int, group_size: int, row_ptr, col_idx, values, bias=None):
+    """``x[..., K] @ (W + S)^T (+ bias)``: a packed weight plus its CSR outliers, one fused pass."""
+    return torch.ops.lorakern.gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values,
+                                         bias)
+
+
+__all__ = ["quant_matmul", "dequantize", "gwq_matmul"]

@@ -4,30 +4,54 @@ from __future__ import annotations
 import torch
 
 from .._native import native
-from .schemas import check_qweight, check_quant_matmul
+from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul
 
-__all__ = ["quant_matmul_cpu", "dequantize_cpu"]
+__all__ = ["quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
-    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
-    lib = native()
+def _prepare(x, K, qweight, scales, zeros, bias):
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype)
     if not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
         qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     b = None
     if bias is not None:
         b = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.to(torch.float32).contiguous()
+    return x2, qweight, scales, zeros, b
+
+
+def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
-        lib.quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
-                         zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
-                         y.data_ptr(), torch.get_num_threads())
+        native().quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
+                              zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
+                              y.data_ptr(), torch.get_num_threads())
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
+    N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
+    row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M and N:
+        try:
+            native().gwq_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
+                                zeros.data_ptr(), N, K, bits, group_size, row_ptr.data_ptr(), col_idx.data_ptr(),
+                                values.data_ptr(), values.shape[0], b.data_ptr() if b is not None else 0,
+                                y.data_ptr(), torch.get_num_threads())
+        except RuntimeError as e:
+            if "invalid argument" in str(e):
+                raise ValueError("lorakern: gwq_matmul: the outlier CSR is inconsistent (row_ptr must start at 0, "
+                                 "not decrease and end at nnz; every column must be < K)") from None
+            raise
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -43,3 +67,4 @@ def dequantize_cpu(qweight, scales, zeros, bits, group_size):
 
 torch.library.register_kernel("lorakern::quant_matmul", "cpu", quant_matmul_cpu)
 torch.library.register_kernel("lorakern::dequantize", "cpu", dequantize_cpu)
+torch.library.register_kernel("lorakern::gwq_matmul", "cpu", gwq_matmul_cpu)

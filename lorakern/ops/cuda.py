@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import torch
 
-from .schemas import check_qweight, check_quant_matmul
+from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul
 
-__all__ = ["quant_matmul_cuda", "dequantize_cuda"]
+__all__ = ["quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda"]
 
 
 def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
     check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     from ..triton.quant_matmul import quant_matmul_triton
     return quant_matmul_triton(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+def gwq_matmul_cuda(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
+    check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    from ..triton.gwq_matmul import gwq_matmul_triton
+    return gwq_matmul_triton(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
 
 
 def dequantize_cuda(qweight, scales, zeros, bits, group_size):
@@ -22,3 +28,4 @@ def dequantize_cuda(qweight, scales, zeros, bits, group_size):
 
 torch.library.register_kernel("lorakern::quant_matmul", "cuda", quant_matmul_cuda)
 torch.library.register_kernel("lorakern::dequantize", "cuda", dequantize_cuda)
+torch.library.register_kernel("lorakern::gwq_matmul", "cuda", gwq_matmul_cuda)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..formats.packing import unpack_codes
-from .schemas import check_qweight, check_quant_matmul, lib
+from ..formats.outliers import SparseOutliers
+from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul, lib
 
-__all__ = ["act_block", "dequantize", "quant_matmul", "quant_matmul_int8_act", "quantize_activations_int8"]
+__all__ = ["act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "outliers_dense", "quant_matmul",
+           "quant_matmul_int8_act", "quantize_activations_int8"]
 
 
 def dequantize(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
@@ -59,6 +61,33 @@ def quant_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int,
     return y.view(*x.shape[:-1], N)
 
 
+def outliers_dense(row_ptr, col_idx, values, N: int, K: int) -> torch.Tensor:
+    """The CSR outliers as a dense fp32 ``[N, K]`` (contents fully validated)."""
+    return SparseOutliers(row_ptr, col_idx, values, (N, K)).to_dense(torch.float32)
+
+
+def gwq_matmul(x, qweight, scales, zeros, bits: int, group_size: int, row_ptr, col_idx, values,
+               bias=None) -> torch.Tensor:
+    """``x @ (dequantize(W) + S)^T (+ bias)`` in fp32, cast to x.dtype."""
+    N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    w = dequantize(qweight, scales, zeros, bits, group_size) + outliers_dense(row_ptr, col_idx, values, N, K)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def gwq_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int, row_ptr, col_idx, values,
+                        bias=None) -> torch.Tensor:
+    """Exact model (fp64) of the CPU gwq kernels: the dense part on the int8
+    activations (:func:`quant_matmul_int8_act`), the outliers on the unquantized ones."""
+    N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    y = quant_matmul_int8_act(x, qweight, scales, zeros, bits, group_size, bias)
+    s = outliers_dense(row_ptr, col_idx, values, N, K).double()
+    return y + (x.reshape(-1, K).double() @ s.t()).view(*x.shape[:-1], N)
+
+
 # Any device without a dedicated kernel runs the reference.
 lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
 lib.impl("dequantize", dequantize, "CompositeExplicitAutograd")
+lib.impl("gwq_matmul", gwq_matmul, "CompositeExplicitAutograd")

@@ -10,7 +10,7 @@ import torch
 
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-__all__ = ["lib", "check_quant_matmul", "check_qweight", "ACT_DTYPES"]
+__all__ = ["lib", "check_gwq_matmul", "check_outliers", "check_quant_matmul", "check_qweight", "ACT_DTYPES"]
 
 lib = torch.library.Library("lorakern", "DEF")
 
@@ -21,6 +21,10 @@ lib.define(
     "Tensor? bias=None) -> Tensor"
 )
 lib.define("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor")
+lib.define(
+    "gwq_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+    "Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None) -> Tensor"
+)
 
 
 def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -65,6 +69,39 @@ def check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias) -> tup
         if bias.device != x.device:
             raise ValueError(f"lorakern: bias is on {bias.device} but x is on {x.device}")
     return N, K
+
+
+def check_outliers(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, N: int, K: int,
+                   device: torch.device) -> None:
+    """Validate the CSR tensors' dtypes, shapes and devices (O(1); the kernels
+    guard every row pointer and column they read, SparseOutliers.validate checks
+    the contents)."""
+    if K > 65536:
+        raise ValueError(f"lorakern: outliers need K <= 65536 (uint16 columns), got K={K}")
+    if row_ptr.dtype != torch.int32 or row_ptr.dim() != 1 or row_ptr.shape[0] != N + 1:
+        raise TypeError(f"lorakern: row_ptr must be int32 of shape ({N + 1},), got {row_ptr.dtype} {tuple(row_ptr.shape)}")
+    if col_idx.dtype != torch.uint16 or col_idx.dim() != 1:
+        raise TypeError(f"lorakern: col_idx must be a 1-D uint16 tensor, got {col_idx.dtype} {tuple(col_idx.shape)}")
+    if values.dtype != torch.float16 or values.dim() != 1:
+        raise TypeError(f"lorakern: values must be a 1-D float16 tensor, got {values.dtype} {tuple(values.shape)}")
+    if col_idx.shape[0] != values.shape[0]:
+        raise ValueError(f"lorakern: {col_idx.shape[0]} column indices but {values.shape[0]} values")
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
+        if t.device != device:
+            raise ValueError(f"lorakern: {name} is on {t.device} but the weight is on {device}")
+
+
+def check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias):
+    """Validate gwq_matmul's arguments; return (N, K)."""
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
+    return N, K
+
+
+@torch.library.register_fake("lorakern::gwq_matmul")
+def _gwq_matmul_fake(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
+    N, _ = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    return x.new_empty((*x.shape[:-1], N))
 
 
 @torch.library.register_fake("lorakern::quant_matmul")

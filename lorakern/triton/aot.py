@@ -36,6 +36,11 @@ def jobs(quick: bool = False):
                 for dt in dtypes:
                     out.append(("quant_matmul", dict(bits=bits, G=G, config=cfg, dtype=dt)))
             out.append(("dequantize", dict(bits=bits, G=G)))
+    # gwq_matmul: the same kernel with the outlier epilogue
+    for bits in ((4, 3) if quick else (2, 3, 4)):
+        for cfg in CONFIGS:
+            for dt in (("fp16", "bf16", "fp32") if bits == 4 else ("fp16",)):
+                out.append(("gwq_matmul", dict(bits=bits, G=128, config=cfg, dtype=dt)))
     return out
 
 
@@ -71,16 +76,18 @@ def compile_one(args):
 
         from . import quant_matmul as qm
         bits, G = params["bits"], params["G"]
-        if kernel == "quant_matmul":
+        if kernel in ("quant_matmul", "gwq_matmul"):
             cfg = dict(qm.CONFIGS[params["config"]])
             dt = params["dtype"]
             sig = {"x_ptr": _DT[dt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp32",
-                   "y_ptr": _DT[dt], "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32",
-                   "stride_xm": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "BITS": "constexpr",
-                   "G": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                   "DOT_FP32": "constexpr"}
-            const = {"HAS_BIAS": True, "BITS": bits, "G": G, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                     "BLOCK_K": qm.BLOCK_K, "DOT_FP32": dt == "fp32"}
+                   "y_ptr": _DT[dt], "rp_ptr": "*i32", "col_ptr": "*u16", "val_ptr": "*fp16", "nnz": "i32",
+                   "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32",
+                   "stride_xm": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "HAS_OUTLIERS": "constexpr",
+                   "BITS": "constexpr", "G": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                   "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+            const = {"HAS_BIAS": True, "HAS_OUTLIERS": kernel == "gwq_matmul", "BITS": bits, "G": G,
+                     "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": qm.BLOCK_K,
+                     "DOT_FP32": dt == "fp32"}
             fn, opts = qm.quant_matmul_kernel, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         else:
             sig = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32", "N": "i32", "K": "i32",
@@ -95,7 +102,7 @@ def compile_one(args):
         row["cubin_bytes"] = len(k.asm["cubin"])
         row["mma"] = bool(re.search(r"\bmma\.sync|\bwgmma\.", ptx))
         row["ok"] = True
-        if kernel == "quant_matmul" and not row["mma"]:
+        if kernel != "dequantize" and not row["mma"]:
             row["ok"] = False
             row["error"] = "no tensor-core instruction (mma/wgmma) in the PTX"
     except Exception as e:  # report, don't raise: the summary decides the exit code

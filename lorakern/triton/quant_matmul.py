@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .kernels import load_codes
 
-__all__ = ["CONFIGS", "pick_config", "quant_matmul_triton", "dequantize_triton",
+__all__ = ["CONFIGS", "pick_config", "launch_matmul", "quant_matmul_triton", "dequantize_triton",
            "quant_matmul_kernel", "dequantize_kernel"]
 
 # name -> launch parameters (BLOCK_K = 32 divides every group size). Chosen so that no
@@ -45,9 +45,9 @@ def pick_config(M: int) -> str:
 
 
 @triton.jit
-def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, row_bytes,
-                        stride_xm, stride_ym,
-                        HAS_BIAS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, col_ptr, val_ptr, nnz,
+                        M, N, K, row_bytes, stride_xm, stride_ym,
+                        HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -72,6 +72,22 @@ def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, row_
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="tf32x3")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_OUTLIERS:
+        # gwq_matmul: each column's CSR outliers into the same accumulator, one
+        # outlier per column per step, against the unquantized activations. Every
+        # index is masked, so a damaged CSR never reads out of bounds.
+        r0 = tl.load(rp_ptr + offs_n, mask=n_mask, other=0)
+        r1 = tl.load(rp_ptr + offs_n + 1, mask=n_mask, other=0)
+        cnt = tl.where(n_mask & (r1 > r0), r1 - r0, 0)
+        for j in range(0, tl.max(cnt, 0)):
+            idx = r0 + j
+            live = (j < cnt) & (idx >= 0) & (idx < nnz)
+            c = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int32)
+            v = tl.load(val_ptr + idx, mask=live, other=0.0).to(tl.float32)
+            live = live & (c < K)
+            xg = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + c[None, :],
+                         mask=m_mask[:, None] & live[None, :], other=0.0)
+            acc += xg.to(tl.float32) * v[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -94,10 +110,10 @@ def dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, row_bytes,
     tl.store(out, (q.to(tl.float32) - z[:, None]) * s[:, None], mask=n_mask[:, None])
 
 
-def quant_matmul_triton(x, qweight, scales, zeros, bits: int, group_size: int, bias=None,
-                        config: str | None = None):
-    """Launch the Triton quant_matmul. Arguments are assumed validated
-    (lorakern.ops.schemas.check_quant_matmul)."""
+def launch_matmul(x, qweight, scales, zeros, bits: int, group_size: int, bias=None, outliers=None,
+                  config: str | None = None):
+    """Launch quant_matmul_kernel; ``outliers = (row_ptr, col_idx, values)`` adds
+    the CSR outliers (gwq_matmul). Arguments are assumed validated."""
     N = qweight.shape[0]
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()
@@ -108,12 +124,24 @@ def quant_matmul_triton(x, qweight, scales, zeros, bits: int, group_size: int, b
     cfg = dict(CONFIGS[config or pick_config(M)])
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     b = bias.to(torch.float32).contiguous() if bias is not None else y  # dummy pointer when absent
+    if outliers is not None:
+        rp, ci, v = (t.contiguous() for t in outliers)
+        nnz = v.shape[0]
+    else:
+        rp, ci, v, nnz = y, y, y, 0  # dummies, never read
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     quant_matmul_kernel[grid](
-        x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), b, y, M, N, K, qweight.shape[1],
-        x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, BITS=bits, G=group_size,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK_K, DOT_FP32=x.dtype == torch.float32, **cfg)
+        x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), b, y, rp, ci, v, nnz, M, N, K,
+        qweight.shape[1], x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, HAS_OUTLIERS=outliers is not None,
+        BITS=bits, G=group_size, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK_K, DOT_FP32=x.dtype == torch.float32, **cfg)
     return y.view(*x.shape[:-1], N)
+
+
+def quant_matmul_triton(x, qweight, scales, zeros, bits: int, group_size: int, bias=None,
+                        config: str | None = None):
+    """Launch the Triton quant_matmul. Arguments are assumed validated
+    (lorakern.ops.schemas.check_quant_matmul)."""
+    return launch_matmul(x, qweight, scales, zeros, bits, group_size, bias, None, config)
 
 
 def dequantize_triton(qweight, scales, zeros, bits: int, group_size: int):
