@@ -1,4 +1,5 @@
 """Drop-in nn.Module replacements."""
+from .gwq_linear import GWQLinear
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["GWQLinear", "QuantLinear"]

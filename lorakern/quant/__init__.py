@@ -1,5 +1,14 @@
-"""Quantization algorithms (round-to-nearest now; GPTQ and GWQ build on this)."""
-from .model import quantize_model
-from .rtn import quantize_rtn, quantize_sign, rtn_params
+"""Quantization algorithms: RTN, GPTQ, outlier scores and selection, GWQ, and
+whole-model quantization."""
+from .calibration import LayerStats, calibration_windows, collect_statistics
+from .gptq import gptq_quantize, inverse_hessian_diag
+from .gwq import quantize_dense, quantize_with_outliers
+from .model import METHODS, quantize_model
+from .outliers import SCORES, outlier_budget, outlier_scores, select_outliers
+from .rtn import quantize_rtn, quantize_sign, round_codes, rtn_params
 
-__all__ = ["quantize_model", "quantize_rtn", "quantize_sign", "rtn_params"]
+__all__ = [
+    "LayerStats", "METHODS", "SCORES", "calibration_windows", "collect_statistics", "gptq_quantize",
+    "inverse_hessian_diag", "outlier_budget", "outlier_scores", "quantize_dense", "quantize_model", "quantize_rtn",
+    "quantize_sign", "quantize_with_outliers", "round_codes", "rtn_params", "select_outliers",
+]

@@ -6,20 +6,27 @@ import torch
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, pack_codes
 from ..formats.quantized import QuantizedWeight
 
-__all__ = ["quantize_rtn", "quantize_sign", "rtn_params"]
+__all__ = ["quantize_rtn", "quantize_sign", "round_codes", "rtn_params"]
 
 
-def rtn_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_params(w: torch.Tensor, bits: int, group_size: int,
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scales, zeros) of shape [N, K/G] for RTN over each group.
 
     The range is widened to include 0 (as GPTQ does), so zeros lie in
-    [0, 2**bits - 1] and stay exact enough in fp16.
+    [0, 2**bits - 1] and stay exact enough in fp16. ``exclude`` (bool, like w)
+    leaves entries out of the group statistics (GWQ's outliers).
     """
     N, K = w.shape
     g = w.detach().float().reshape(N, K // group_size, group_size)
     qmax = (1 << bits) - 1
-    wmin = g.amin(-1).clamp(max=0)
-    wmax = g.amax(-1).clamp(min=0)
+    if exclude is not None:
+        ex = exclude.reshape(N, K // group_size, group_size)
+        wmin = g.masked_fill(ex, float("inf")).amin(-1).clamp(max=0)
+        wmax = g.masked_fill(ex, float("-inf")).amax(-1).clamp(min=0)
+    else:
+        wmin = g.amin(-1).clamp(max=0)
+        wmax = g.amax(-1).clamp(min=0)
     scale = (wmax - wmin) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale16 = scale.half()
@@ -49,10 +56,17 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quant
     if not torch.isfinite(w).all():
         raise ValueError("weight has NaN or Inf values")
     scales, zeros = rtn_params(w, bits, group_size)
-    g = w.detach().float().reshape(N, K // group_size, group_size)
-    q = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1))
-    q = q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(N, K)
+    q = round_codes(w, scales, zeros, bits)
     return QuantizedWeight(pack_codes(q, bits, group_size), scales.contiguous(), zeros.contiguous(), bits, group_size)
+
+
+def round_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(w / s + z), 0, 2^bits - 1)`` for group-wise fp16 (scales, zeros)."""
+    N, K = w.shape
+    G = K // scales.shape[1]
+    g = w.detach().float().reshape(N, K // G, G)
+    q = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1))
+    return q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(N, K)
 
 
 def quantize_sign(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:

@@ -1,0 +1,69 @@
+"""GWQ: a low-bit dense weight plus the most sensitive weights as sparse fp16 outliers.
+
+:func:`quantize_with_outliers` takes an outlier mask (from any score in
+:mod:`lorakern.quant.outliers`), quantizes the dense part with RTN or GPTQ with
+the outliers left out of the group statistics, and stores at each outlier the
+residual ``w - dequant(q)``, so ``dequant(q) + S`` reproduces it to fp16
+precision and the dense kernel pass needs no mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats.outliers import MAX_OUTLIER_K, GWQWeight, SparseOutliers
+from ..formats.packing import SUPPORTED_GROUP_SIZES, pack_codes
+from ..formats.quantized import QuantizedWeight
+from .gptq import gptq_quantize
+from .rtn import round_codes, rtn_params
+
+__all__ = ["DENSE_QUANTIZERS", "quantize_dense", "quantize_with_outliers"]
+
+DENSE_QUANTIZERS = ("rtn", "gptq")
+
+
+def _check(w, bits, group_size):
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got {tuple(w.shape)}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if group_size not in SUPPORTED_GROUP_SIZES or w.shape[1] % group_size:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} and divide K={w.shape[1]}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has NaN or Inf values")
+
+
+def quantize_dense(w: torch.Tensor, bits: int, group_size: int, dense: str = "rtn", hessian=None,
+                   exclude: torch.Tensor | None = None, act_order: bool = False, percdamp: float = 0.01):
+    """Dense group-wise quantization by RTN or GPTQ, with ``exclude`` left out of
+    the statistics. Returns ``(QuantizedWeight, w_final)``; ``w_final`` is w for
+    RTN and the error-updated weights for GPTQ (see :func:`gptq_quantize`)."""
+    _check(w, bits, group_size)
+    w = w.detach().float().cpu()
+    if dense == "rtn":
+        s, z = rtn_params(w, bits, group_size, exclude)
+        q, wf = round_codes(w, s, z, bits), w
+    elif dense == "gptq":
+        if hessian is None:
+            raise ValueError("dense='gptq' needs the layer's input Hessian")
+        q, s, z, wf = gptq_quantize(w, hessian, bits, group_size, exclude=exclude, act_order=act_order,
+                                    percdamp=percdamp)
+    else:
+        raise ValueError(f"unknown dense quantizer {dense!r} (one of {DENSE_QUANTIZERS})")
+    return QuantizedWeight(pack_codes(q, bits, group_size), s.contiguous(), z.contiguous(), bits, group_size), wf
+
+
+def quantize_with_outliers(w: torch.Tensor, mask: torch.Tensor, bits: int = 4, group_size: int = 128,
+                           dense: str = "rtn", hessian=None, act_order: bool = False,
+                           percdamp: float = 0.01) -> GWQWeight:
+    """A :class:`GWQWeight`: ``mask`` (bool ``[N, K]``) kept as fp16 outliers, the
+    rest quantized by ``dense`` ("rtn" or "gptq")."""
+    _check(w, bits, group_size)
+    N, K = w.shape
+    if K > MAX_OUTLIER_K:
+        raise ValueError(f"K={K} exceeds {MAX_OUTLIER_K}: outlier columns are uint16")
+    if mask.shape != (N, K) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool {(N, K)}, got {mask.dtype} {tuple(mask.shape)}")
+    mask = mask.cpu()
+    qw, wf = quantize_dense(w, bits, group_size, dense, hessian, mask, act_order, percdamp)
+    residual = wf - qw.dequantize(torch.float32)
+    return GWQWeight(qw, SparseOutliers.from_mask(mask, residual))
