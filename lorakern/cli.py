@@ -1,6 +1,8 @@
 """The ``lorakern`` command line.
 
     lorakern demo   quantize SmolLM2-135M to 4 and 3 bits; WikiText-2 perplexity and decode tokens/s vs fp32
+    lorakern quantize --method gwq --bits 4 --outliers 0.01 MODEL OUT_DIR
+                    quantize a model (smollm2 or a local HF directory), write a quantized model directory
     lorakern info   versions, CPU kernel paths, build
 """
 from __future__ import annotations
@@ -67,6 +69,41 @@ def _demo(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    import torch
+
+    import lorakern
+    from lorakern.eval import perplexity, read_wikitext, token_windows
+    from lorakern.models import load_model, load_quantized_model, save_quantized_model
+    from lorakern.quant import calibration_windows
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    cal = None
+    if args.method != "rtn":
+        cal = calibration_windows(tok, args.calib, args.calib_len)
+    qm = lorakern.quantize_model(model, bits=args.bits, group_size=args.group_size, method=args.method,
+                                 calibration=cal, outliers=args.outliers, score=args.score, dense=args.dense,
+                                 per_row=args.per_row, act_order=args.act_order, seed=args.seed,
+                                 skip=tuple(args.skip))
+    rec = qm.lorakern_quantization
+    out = save_quantized_model(qm, args.out_dir, tokenizer=tok)
+    print(f"{args.method} {args.bits}-bit: {len(rec['layers'])} layers quantized, {len(rec['kept'])} kept, "
+          f"{rec['avg_bits']:.3f} bits/weight, {rec['seconds']:.0f} s -> {out}")
+    if args.check:
+        back = load_quantized_model(out)
+        ids = token_windows(tok, read_wikitext("test"), 128, 1)
+        with torch.no_grad():
+            same = torch.equal(qm(ids).logits, back(ids).logits)
+        print(f"reloaded {out}: logits {'identical' if same else 'DIFFER'}")
+        if not same:
+            return 1
+    if args.eval_windows:
+        ppl = perplexity(qm, token_windows(tok, read_wikitext("test"), 512, args.eval_windows))
+        print(f"WikiText-2 test perplexity ({args.eval_windows} x 512 tokens): {ppl:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lorakern", description="lorakern: kernels for low-bit LLMs with many LoRA adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -78,6 +115,26 @@ def main(argv=None) -> int:
     d.add_argument("--decode-tokens", type=int, default=32)
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=_demo)
+    from lorakern.quant.model import METHODS
+    from lorakern.quant.outliers import SCORES
+    q = sub.add_parser("quantize", help="quantize a model and write a quantized model directory")
+    q.add_argument("model", help="'smollm2' (built in) or a local Hugging Face model directory")
+    q.add_argument("out_dir")
+    q.add_argument("--method", choices=sorted(METHODS), default="gwq")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    q.add_argument("--outliers", type=float, default=0.01, help="fraction kept in fp16 (outlier methods)")
+    q.add_argument("--score", choices=SCORES, default=None, help="override the method's outlier score")
+    q.add_argument("--dense", choices=["rtn", "gptq"], default=None, help="dense quantizer (default: the method's)")
+    q.add_argument("--per-row", action="store_true", help="outlier budget per output row")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    q.add_argument("--calib", type=int, default=8, help="calibration windows of valid.txt (default 8)")
+    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--skip", nargs="*", default=["lm_head"], help="layers kept in full precision")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--check", action="store_true", help="reload the directory and compare logits")
+    q.add_argument("--eval-windows", type=int, default=0, help="also report test perplexity on this many windows")
+    q.set_defaults(fn=_quantize)
     i = sub.add_parser("info", help="versions and CPU kernel paths")
     i.set_defaults(fn=_info)
     args = ap.parse_args(argv)

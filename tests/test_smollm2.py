@@ -40,3 +40,40 @@ def test_4bit_model_close_to_reference_path(model_and_windows, tmp_path):
     assert ppl_kernel < 1.6 * fp
     layer.save(tmp_path / "l.safetensors")
     assert torch.equal(QuantLinear.load(tmp_path / "l.safetensors")(x), layer(x))
+
+
+def test_gptq_lowers_layer_output_error_on_real_layers():
+    """GPTQ vs RTN (3-bit) on real SmolLM2 layers, Hessian from the default 8
+    valid.txt windows: much lower output error on the calibration inputs (what
+    GPTQ minimizes) on every layer, and lower in total on held-out test.txt
+    inputs. (Per layer, held out, down_proj with K=1536 can lose to RTN at
+    percdamp 0.01: 4096 calibration tokens are few for a 1536x1536 Hessian.)"""
+    from lorakern.eval import read_wikitext, token_windows
+    from lorakern.models import load_smollm2
+    from lorakern.quant import calibration_windows, collect_statistics, quantize_dense
+    model, tok = load_smollm2()
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj", "model.layers.20.mlp.up_proj"]
+    cal = collect_statistics(model, calibration_windows(tok), names, gradients=False, progress=False)
+    held = collect_statistics(model, token_windows(tok, read_wikitext("test"), 512, 4), names, gradients=False,
+                              progress=False)
+    tot_g = tot_r = 0.0
+    for n in names:
+        W = model.get_submodule(n).weight.detach().float()
+        G = 64 if W.shape[1] == 576 else 128
+
+        def err(q, H):
+            D = W - q.dequantize()
+            return float(torch.einsum("nk,kl,nl->", D, H, D))
+        rtn, _ = quantize_dense(W, 3, G, "rtn")
+        gptq, _ = quantize_dense(W, 3, G, "gptq", cal[n].hessian)
+        assert err(gptq, cal[n].hessian) < 0.5 * err(rtn, cal[n].hessian), n
+        tot_g += err(gptq, held[n].hessian)
+        tot_r += err(rtn, held[n].hessian)
+    assert tot_g < 0.8 * tot_r, (tot_g, tot_r)
+
+
+def test_cli_quantize_gwq_directory_roundtrip(tmp_path):
+    from lorakern.cli import main
+    assert main(["quantize", "smollm2", str(tmp_path / "q"), "--method", "gwq", "--bits", "4", "--calib", "1",
+                 "--check"]) == 0
+    assert (tmp_path / "q" / "quantized.safetensors").is_file()

