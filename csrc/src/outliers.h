@@ -6,6 +6,11 @@
 
 #include "common.h"
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(LORAKERN_SIMDE)
+#include <immintrin.h>
+#define LK_OUTLIERS_AVX2 1
+#endif
+
 namespace lk {
 namespace {
 
@@ -26,6 +31,35 @@ inline void row_outliers(const QmmProblem& p, int64_t n, H2F h2f, float* acc) {
   if (M == 1) {  // decode: two independent chains over the row's outliers
     float a0 = 0.f, a1 = 0.f;
     int64_t j = j0;
+#ifdef LK_OUTLIERS_AVX2
+    // 8 outliers a step, the row's last partial step masked (lanes past the row read
+    // the next row's entries, which stay inside the arrays, and contribute 0): widen
+    // the columns, gather x, convert the fp16 values, FMA. Live columns are range-
+    // checked as a vector and dead lanes get column 0, so the gather stays inside x.
+    const __m256i kmax = _mm256_set1_epi32((int)(p.K - 1));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i bad = _mm256_setzero_si256();
+    __m256 va = _mm256_setzero_ps();
+    for (; j < j1 && j + 8 <= p.nnz; j += 8) {
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(j1 - j)), lane);
+      const __m256i c = _mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(col + j))), live);
+      bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(c, kmax));
+      const __m256 v = _mm256_and_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(val + j))),
+                                     _mm256_castsi256_ps(live));
+      va = _mm256_fmadd_ps(v, _mm256_i32gather_ps(p.xt, _mm256_min_epu32(c, kmax), 4), va);
+    }
+    if (!_mm256_testz_si256(bad, bad)) {
+      p.bad_csr->store(1, std::memory_order_relaxed);
+      return;
+    }
+    if (j > j1) j = j1;  // the masked step covered the row's end
+    {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_movehdup_ps(s));
+      a0 = _mm_cvtss_f32(s);
+    }
+#endif
     for (; j + 2 <= j1; j += 2) {
       const int64_t c0 = col[j], c1 = col[j + 1];
       if (c0 >= p.K || c1 >= p.K) {
@@ -53,8 +87,9 @@ inline void row_outliers(const QmmProblem& p, int64_t n, H2F h2f, float* acc) {
       return;
     }
     const float v = h2f(val[j]);
-    const float* xc = p.xt + c * M;
-    for (int64_t m = 0; m < M; ++m) acc[m] += v * xc[m];
+    const float* __restrict xc = p.xt + c * M;
+    float* __restrict a = acc;
+    for (int64_t m = 0; m < M; ++m) a[m] += v * xc[m];
   }
 }
 
