@@ -7,6 +7,7 @@ Methods (group 128; layers with in_features 576 use group 64; lm_head kept):
   gptq_g64, gptq_g32        GPTQ at groups 64 and 32: dense baselines bracketing the bits of 1% outliers
   gwq                       gradient outliers |g| (1%), GPTQ dense part
   gwq_rtn                   gradient outliers |g|, RTN dense part
+  gwq_per_row               gradient outliers |g| with the budget per output row, GPTQ dense part
   gwq_grad_w, gwq_grad_w2   the |g*w| and mean (g_i*w)^2 scores, GPTQ dense part
   spqr                      Hessian outliers w^2/[H^-1]_kk, GPTQ dense part
   magnitude, random         |w| and random outliers, GPTQ dense part
@@ -38,6 +39,7 @@ METHODS = {
     "gptq_g32": dict(method="gptq", group_size=32),
     "gwq": dict(method="gwq"),
     "gwq_rtn": dict(method="gwq", dense="rtn"),
+    "gwq_per_row": dict(method="gwq", per_row=True),
     "gwq_grad_w": dict(method="gwq", score="grad_w"),
     "gwq_grad_w2": dict(method="gwq", score="grad_w2"),
     "spqr": dict(method="spqr"),

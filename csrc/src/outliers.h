@@ -3,6 +3,7 @@
 // compiled with its flags (anonymous namespace: one copy per translation unit).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -14,13 +15,13 @@
 namespace lk {
 namespace {
 
-// acc[m] = sum over row n's outliers j of val_j * x[m, col_j], for m < M, with
-// x read column-wise from p.xt ([K, M]). A row whose pointers or columns are out
-// of range contributes nothing and sets *p.bad_csr (the caller reports it).
+// acc[i] = sum over row n's outliers j of val_j * x[m0 + i, col_j], for i < mb,
+// with x read column-wise from p.xt ([K, M]). A row whose pointers or columns are
+// out of range contributes nothing and sets *p.bad_csr (the caller reports it).
 template <class H2F>
-inline void row_outliers(const QmmProblem& p, int64_t n, H2F h2f, float* acc) {
+inline void row_outliers(const QmmProblem& p, int64_t n, int64_t m0, int64_t mb, H2F h2f, float* acc) {
   const int64_t M = p.M;
-  for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int64_t i = 0; i < mb; ++i) acc[i] = 0.f;
   const int64_t j0 = p.row_ptr[n], j1 = p.row_ptr[n + 1];
   if (j0 < 0 || j1 < j0 || j1 > p.nnz) {
     p.bad_csr->store(1, std::memory_order_relaxed);
@@ -28,7 +29,7 @@ inline void row_outliers(const QmmProblem& p, int64_t n, H2F h2f, float* acc) {
   }
   const uint16_t* col = p.col;
   const uint16_t* val = p.val;
-  if (M == 1) {  // decode: two independent chains over the row's outliers
+  if (M == 1) {  // decode (m0 = 0, mb = 1): two independent chains over the row's outliers
     float a0 = 0.f, a1 = 0.f;
     int64_t j = j0;
 #ifdef LK_OUTLIERS_AVX2
@@ -80,16 +81,64 @@ inline void row_outliers(const QmmProblem& p, int64_t n, H2F h2f, float* acc) {
     acc[0] = a0 + a1;
     return;
   }
-  for (int64_t j = j0; j < j1; ++j) {  // one contiguous column of x per outlier
+#ifdef LK_OUTLIERS_AVX2
+  // 8 activation rows at a time in registers (two chains), masked at the end of
+  // the block; the row's columns are checked once, before any load.
+  for (int64_t j = j0; j < j1; ++j)
+    if (col[j] >= p.K) {
+      p.bad_csr->store(1, std::memory_order_relaxed);
+      return;
+    }
+  for (int64_t i0 = 0; i0 < mb; i0 += 8) {
+    const int64_t mr = mb - i0 < 8 ? mb - i0 : 8;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)mr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const float* xb = p.xt + m0 + i0;
+    __m256 a0v = _mm256_setzero_ps(), a1v = _mm256_setzero_ps();
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+      a0v = _mm256_fmadd_ps(_mm256_set1_ps(h2f(val[j])), _mm256_maskload_ps(xb + col[j] * M, mask), a0v);
+      a1v = _mm256_fmadd_ps(_mm256_set1_ps(h2f(val[j + 1])), _mm256_maskload_ps(xb + col[j + 1] * M, mask), a1v);
+    }
+    if (j < j1) a0v = _mm256_fmadd_ps(_mm256_set1_ps(h2f(val[j])), _mm256_maskload_ps(xb + col[j] * M, mask), a0v);
+    _mm256_maskstore_ps(acc + i0, mask, _mm256_add_ps(a0v, a1v));
+  }
+#else
+  for (int64_t j = j0; j < j1; ++j) {  // one contiguous piece of a column of x per outlier
     const int64_t c = col[j];
     if (c >= p.K) {
       p.bad_csr->store(1, std::memory_order_relaxed);
       return;
     }
     const float v = h2f(val[j]);
-    const float* __restrict xc = p.xt + c * M;
+    const float* __restrict xc = p.xt + c * M + m0;
     float* __restrict a = acc;
-    for (int64_t m = 0; m < M; ++m) a[m] += v * xc[m];
+    for (int64_t i = 0; i < mb; ++i) a[i] += v * xc[i];
+  }
+#endif
+}
+
+// Activation rows per outlier block. Up to this M, each weight row adds its
+// outliers right after its dense pass (one accumulator). Above it, x^T no longer
+// fits in L2 (4096 x 128 fp32 = 2 MiB) and random outlier columns would each miss
+// to L3, so the thread's slab adds its outliers after its dense pass, 16
+// activation rows at a time (a 256 KiB slice of x^T for K = 4096).
+constexpr int64_t kOutlierRowBlock = 16;
+
+// y[m, n] += the outliers' products for rows [n0, n1) and every m, in blocks of
+// kOutlierRowBlock activation rows; each block's sums are buffered per weight row,
+// then added to y along its rows (contiguous in n).
+template <class H2F>
+inline void slab_outliers(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f) {
+  constexpr int64_t B = kOutlierRowBlock;
+  std::vector<float> buf((size_t)((n1 - n0) * B));
+  for (int64_t m0 = 0; m0 < p.M; m0 += B) {
+    const int64_t mb = p.M - m0 < B ? p.M - m0 : B;
+    for (int64_t n = n0; n < n1; ++n) row_outliers(p, n, m0, mb, h2f, &buf[(size_t)((n - n0) * B)]);
+    for (int64_t i = 0; i < mb; ++i) {
+      float* __restrict yr = p.y + (m0 + i) * p.N;
+      const float* __restrict br = buf.data() + i;
+      for (int64_t n = n0; n < n1; ++n) yr[n] += br[(n - n0) * B];
+    }
   }
 }
 

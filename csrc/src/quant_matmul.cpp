@@ -78,10 +78,15 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
     std::atomic<int> bad_csr{0};
     if (o) {  // the outliers multiply the unquantized activations, read by column
       const float* xcols = x32;
-      if (M > 1) {
+      if (M > 1 && o->nnz > 0) {  // blocked transpose: both sides stay in cache lines
         xt.resize((size_t)(M * K));
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x32[m * K + k];
+        constexpr int64_t TB = 32;
+        const int64_t nkb = (K + TB - 1) / TB;
+#pragma omp parallel for num_threads(threads_for(num_threads)) schedule(static)
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          for (int64_t m0 = 0, k0 = kb * TB; m0 < M; m0 += TB)
+            for (int64_t k = k0; k < std::min(k0 + TB, K); ++k)
+              for (int64_t m = m0; m < std::min(m0 + TB, M); ++m) xt[k * M + m] = x32[m * K + k];
         xcols = xt.data();
       }
       p.row_ptr = o->row_ptr;

@@ -150,9 +150,10 @@ template <int BITS, int G>
 void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
   std::vector<float> sf((size_t)ng), szf((size_t)ng), sparse((size_t)(p.row_ptr ? p.M : 0));
+  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
   const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
   for (int64_t n = n0; n < n1; ++n) {
-    if (p.row_ptr) row_outliers(p, n, h2f, sparse.data());
+    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
     const uint16_t* sp = p.scales + n * ng;
     const uint16_t* zp = p.zeros + n * ng;
     int64_t g = 0;
@@ -179,11 +180,12 @@ void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
       }
       for (int64_t i = 0; i < mr; ++i) {
         const int64_t m = m0 + i;
-        const float o = p.row_ptr ? sparse[m] : 0.f;  // the row's outliers, same accumulator
+        const float o = fused ? sparse[m] : 0.f;  // the row's outliers, same accumulator
         p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + o + b;
       }
     }
   }
+  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
 }
 
 template <int BITS>

@@ -16,9 +16,10 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   std::vector<uint8_t> codes((size_t)G);
   std::vector<float> sf((size_t)ng), szf((size_t)ng);
   std::vector<float> acc((size_t)p.M), zacc((size_t)p.M), sparse((size_t)(p.row_ptr ? p.M : 0));
+  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
   const auto h2f = [](uint16_t h) { return half_to_float(h); };
   for (int64_t n = n0; n < n1; ++n) {
-    if (p.row_ptr) row_outliers(p, n, h2f, sparse.data());
+    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
     const uint8_t* prow = p.qw + n * rb;
     for (int64_t g = 0; g < ng; ++g) {
       sf[g] = half_to_float(p.scales[n * ng + g]);
@@ -42,8 +43,9 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
     }
     const float b = p.bias ? p.bias[n] : 0.f;
     for (int64_t m = 0; m < p.M; ++m)
-      p.y[m * p.N + n] = acc[m] - zacc[m] + (p.row_ptr ? sparse[m] : 0.f) + b;
+      p.y[m * p.N + n] = acc[m] - zacc[m] + (fused ? sparse[m] : 0.f) + b;
   }
+  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
 }
 
 }  // namespace lk
