@@ -1,6 +1,7 @@
 """The ``lorakern`` command line.
 
-    lorakern demo   quantize SmolLM2-135M to 4 and 3 bits; WikiText-2 perplexity and decode tokens/s vs fp32
+    lorakern demo   quantize SmolLM2-135M to 4 and 3 bits (RTN and GWQ); WikiText-2 perplexity and decode
+                    tokens/s vs fp32
     lorakern quantize --method gwq --bits 4 --outliers 0.01 MODEL OUT_DIR
                     quantize a model (smollm2 or a local HF directory), write a quantized model directory
     lorakern info   versions, CPU kernel paths, build
@@ -52,16 +53,24 @@ def _demo(args) -> int:
         print(f"  {name:10} bits/weight {avg_bits:6.2f}   ppl {ppl:8.3f}   decode {tps:6.1f} tok/s", flush=True)
 
     evaluate("fp32", model, 32, 32.0)
+    stats = None
+    if any(m != "rtn" for m in args.methods):
+        from lorakern.quant import calibration_windows, collect_statistics
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        stats = collect_statistics(model, calibration_windows(tok, args.calib, args.window), names,
+                                   gradients=True, hessians=True)
     for bits in args.bits:
-        qm = lorakern.quantize_model(copy.deepcopy(model), bits=bits, group_size=args.group_size)
-        layers = [m for m in qm.modules() if isinstance(m, lorakern.QuantLinear)]
-        avg = sum(8 * m.quantized_weight.nbytes() for m in layers) / sum(m.in_features * m.out_features for m in layers)
-        groups = sorted(set(qm.lorakern_quantization["layers"].values()))
-        evaluate(f"rtn-{bits}bit", qm, bits, avg)
-        rows[-1]["group_sizes"] = groups
-        del qm
-    print(f"(quantized: every linear layer but lm_head, round to nearest, group {args.group_size}; "
-          f"layers with in_features=576 use group 64. {time.time() - t0:.0f} s in all)")
+        for method in args.methods:
+            qm = lorakern.quantize_model(copy.deepcopy(model), bits=bits, group_size=args.group_size, method=method,
+                                         statistics=stats)
+            rec = qm.lorakern_quantization
+            evaluate(f"{method}-{bits}bit", qm, bits, rec["avg_bits"])
+            rows[-1].update(method=method, group_sizes=sorted(set(rec["layers"].values())),
+                            quantize_seconds=rec["seconds"])
+            del qm
+    print(f"(quantized: every linear layer but lm_head, group {args.group_size}; layers with in_features=576 use "
+          f"group 64; gwq keeps 1% gradient outliers in fp16, GPTQ for the rest, calibrated on {args.calib} "
+          f"windows of valid.txt. {time.time() - t0:.0f} s in all)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": "SmolLM2-135M-Instruct", "windows": args.windows, "window": args.window,
@@ -109,6 +118,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="quantize SmolLM2-135M; WikiText-2 perplexity and decode speed vs fp32")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths (default 4 3)")
+    d.add_argument("--methods", nargs="+", default=["rtn", "gwq"], help="quantize_model methods (default rtn gwq)")
+    d.add_argument("--calib", type=int, default=8, help="calibration windows of valid.txt (default 8)")
     d.add_argument("--group-size", type=int, default=128)
     d.add_argument("--windows", type=int, default=8, help="512-token windows of test.txt (default 8)")
     d.add_argument("--window", type=int, default=512)
