@@ -1,0 +1,162 @@
+"""LoRAQuant (arXiv 2510.26690): mixed-precision compression of a LoRA adapter.
+
+For an adapter ``delta = B @ A`` (B: ``[d, r]``, A: ``[r, k]``):
+
+1. :func:`svd_reparameterize` -- ``B A = U S V^T`` without forming the ``d x k``
+   product (QR of B and of A^T, SVD of the ``r x r`` core); ``B' = U S^1/2``,
+   ``A' = S^1/2 V^T``, components ordered by singular value.
+2. :func:`choose_h` -- the smallest h with ``sum_{i<h} s_i^2 / sum s_i^2 >= rho``
+   (at least 1; the public code's 0-based index is one short of this definition).
+3. :func:`compress_lora` -- the first h components ("high") round-to-nearest at
+   ``bits_high`` bits, the rest ("low") 1-bit ``sign(w) * mean|w|``, both in groups
+   of 128 (or the largest of 64/32 that divides the dimension): groups of B' run
+   down its columns (stored transposed, ``[h, d]``, so groups lie along d), groups
+   of A' along its rows.
+
+The result, :class:`CompressedLoRA`, holds four :class:`QuantizedWeight` s that
+the existing kernels can run: ``x @ A'^T`` is a quant_matmul with weight A'
+(``[h, k]``), and ``t @ B'^T`` one with weight ``B'^T`` read as ``[d, h]`` -- the
+fused mixed-precision kernel (lorakern::lora_mixed) is later work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.packing import SUPPORTED_GROUP_SIZES
+from ..formats.quantized import QuantizedWeight
+from .rtn import quantize_rtn, quantize_sign
+
+__all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "svd_reparameterize"]
+
+
+def svd_reparameterize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B', A', s)`` with ``B' A' = B A``, ``B' = U S^1/2``, ``A' = S^1/2 V^T`` and
+    s the singular values (descending), computed in float64 from QR factors and an
+    ``r x r`` SVD. B' and A' are returned in float32."""
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"expected B [d, r] and A [r, k], got {tuple(B.shape)} and {tuple(A.shape)}")
+    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        raise ValueError("adapter weights contain NaN or Inf")
+    Bd, Ad = B.detach().double().cpu(), A.detach().double().cpu()
+    Qb, Rb = torch.linalg.qr(Bd)          # B = Qb Rb,   Qb [d, r'], Rb [r', r]
+    Qa, Ra = torch.linalg.qr(Ad.t())      # A^T = Qa Ra, Qa [k, r'], Ra [r', r]
+    U0, s, Vh0 = torch.linalg.svd(Rb @ Ra.t())  # the r' x r' core: B A = Qb (Rb Ra^T) Qa^T
+    U, V = Qb @ U0, Qa @ Vh0.t()
+    root = s.clamp_min(0).sqrt()
+    r, n = B.shape[1], s.numel()  # n < r when d or k < r: the missing components are zero
+    Bp = torch.zeros(B.shape[0], r, dtype=torch.float64)
+    Ap = torch.zeros(r, A.shape[1], dtype=torch.float64)
+    Bp[:, :n] = U[:, :n] * root
+    Ap[:n] = root.unsqueeze(1) * V[:, :n].t()
+    sp = torch.zeros(r, dtype=torch.float64)
+    sp[:n] = s
+    return Bp.float(), Ap.float(), sp.float()
+
+
+def choose_h(s: torch.Tensor, rho: float) -> int:
+    """Smallest h >= 1 with ``sum(s[:h]^2) / sum(s^2) >= rho`` (all of them if the
+    adapter is zero)."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    e = s.double().square()
+    total = float(e.sum())
+    if total == 0.0 or s.numel() == 0:
+        return min(1, s.numel())
+    cum = torch.cumsum(e, 0) / total
+    # tolerance for rho = 1 against rounding in the cumulative sum
+    h = int(torch.searchsorted(cum, torch.tensor([rho - 1e-12], dtype=cum.dtype)).item()) + 1
+    return max(1, min(h, s.numel()))
+
+
+def lora_group_size(n: int, want: int = 128) -> int:
+    """Largest supported group size <= want dividing n (128, 64 or 32)."""
+    g = next((g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True) if g <= want and n % g == 0), None)
+    if g is None:
+        raise ValueError(f"dimension {n} is not a multiple of any group size in {SUPPORTED_GROUP_SIZES}")
+    return g
+
+
+@dataclass(frozen=True)
+class CompressedLoRA:
+    """A LoRAQuant-compressed adapter, ``delta ~ scale * B' A'``.
+
+    Attributes:
+        a_hi, a_lo: A' rows ``[:h]`` and ``[h:]`` as quantized ``[h, k]`` / ``[r-h, k]``
+            weights (groups along k); None when empty.
+        b_hi, b_lo: B' columns ``[:h]`` and ``[h:]``, stored transposed ``[h, d]`` /
+            ``[r-h, d]`` (groups along d, i.e. down B's columns); None when empty.
+        shape: ``(d, k)`` of the delta (out_features, in_features).
+        rank, h: r and the number of high-precision components.
+        scale: the adapter's scaling (PEFT's lora_alpha / r), applied to the product.
+    """
+
+    a_hi: QuantizedWeight | None
+    b_hi: QuantizedWeight | None
+    a_lo: QuantizedWeight | None
+    b_lo: QuantizedWeight | None
+    shape: tuple[int, int]
+    rank: int
+    h: int
+    scale: float = 1.0
+
+    def __post_init__(self):
+        d, k = self.shape
+        if not 0 <= self.h <= self.rank:
+            raise ValueError(f"h={self.h} must lie in [0, rank={self.rank}]")
+        for name, w, rows, cols in (("a_hi", self.a_hi, self.h, k), ("b_hi", self.b_hi, self.h, d),
+                                    ("a_lo", self.a_lo, self.rank - self.h, k),
+                                    ("b_lo", self.b_lo, self.rank - self.h, d)):
+            if rows == 0:
+                if w is not None:
+                    raise ValueError(f"{name} must be None when it has no components")
+            elif w is None or w.shape != (rows, cols):
+                raise ValueError(f"{name} must have shape {(rows, cols)}, got {None if w is None else w.shape}")
+        for name, w in (("a_lo", self.a_lo), ("b_lo", self.b_lo)):
+            if w is not None and w.bits != 1:
+                raise ValueError(f"{name} must be 1-bit sign weights, got {w.bits} bits")
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized ``(B' [d, r], A' [r, k])`` in fp32 (the reference)."""
+        d, k = self.shape
+        parts_b = [w.dequantize() for w in (self.b_hi, self.b_lo) if w is not None]
+        parts_a = [w.dequantize() for w in (self.a_hi, self.a_lo) if w is not None]
+        Bt = torch.cat(parts_b, 0) if parts_b else torch.zeros(0, d)
+        A = torch.cat(parts_a, 0) if parts_a else torch.zeros(0, k)
+        return Bt.t().contiguous(), A
+
+    def delta(self) -> torch.Tensor:
+        """The dense ``[d, k]`` update ``scale * B' A'`` (fp32)."""
+        B, A = self.factors()
+        return self.scale * (B @ A)
+
+    def bits_per_param(self) -> float:
+        """Stored bits (codes, scales, zeros of all four parts) per adapter parameter r(d + k)."""
+        d, k = self.shape
+        nbytes = sum(w.nbytes() for w in (self.a_hi, self.b_hi, self.a_lo, self.b_lo) if w is not None)
+        return 8.0 * nbytes / (self.rank * (d + k))
+
+
+def compress_lora(B: torch.Tensor, A: torch.Tensor, rho: float = 0.9, bits_high: int = 2, group_size: int = 128,
+                  scale: float = 1.0, h: int | None = None) -> CompressedLoRA:
+    """Compress one adapter matrix pair (B ``[d, r]``, A ``[r, k]``) LoRAQuant-style.
+
+    ``h`` overrides the energy rule (0 = all 1-bit, r = all high precision).
+    Group size: ``group_size`` or the largest supported one dividing d (for B') / k (for A').
+    """
+    if bits_high not in (2, 3, 4, 8):
+        raise ValueError(f"bits_high must be 2, 3, 4 or 8, got {bits_high}")
+    Bp, Ap, s = svd_reparameterize(B, A)
+    d, r = B.shape
+    k = A.shape[1]
+    h = choose_h(s, rho) if h is None else int(h)
+    if not 0 <= h <= r:
+        raise ValueError(f"h={h} must lie in [0, r={r}]")
+    gd, gk = lora_group_size(d, group_size), lora_group_size(k, group_size)
+    Bt = Bp.t().contiguous()  # [r, d]: groups along d = down the columns of B'
+    a_hi = quantize_rtn(Ap[:h], bits_high, gk) if h else None
+    b_hi = quantize_rtn(Bt[:h], bits_high, gd) if h else None
+    a_lo = quantize_sign(Ap[h:], gk) if h < r else None
+    b_lo = quantize_sign(Bt[h:], gd) if h < r else None
+    return CompressedLoRA(a_hi, b_hi, a_lo, b_lo, (d, k), r, h, float(scale))

@@ -1,0 +1,92 @@
+"""LoRAQuant compression: SVD reparameterization, the choice of h, mixed-precision parts."""
+import pytest
+import torch
+
+from lorakern.quant import choose_h, compress_lora, svd_reparameterize
+
+
+def random_adapter(d, r, k, gen, decay=0.7):
+    """A LoRA pair with a decaying spectrum, like trained adapters."""
+    B = torch.randn(d, r, generator=gen) * (decay ** torch.arange(r)).unsqueeze(0)
+    A = torch.randn(r, k, generator=gen) / k ** 0.5
+    return B, A
+
+
+@pytest.mark.parametrize("d,r,k", [(192, 16, 576), (576, 7, 64), (64, 96, 128), (32, 1, 32)])
+def test_reparameterization_preserves_the_product(d, r, k, rng):
+    B, A = random_adapter(d, r, k, rng)
+    Bp, Ap, s = svd_reparameterize(B, A)
+    assert Bp.shape == (d, r) and Ap.shape == (r, k) and s.shape == (r,)
+    ref = B.double() @ A.double()
+    # fp32 rounding of the factors: |B'| |A'| * 2^-23 per term, summed over r terms
+    tol = (Bp.abs().double() @ Ap.abs().double()) * r * 2.0**-22 + 1e-12
+    assert ((Bp.double() @ Ap.double() - ref).abs() <= tol).all()
+    assert (s[:-1] >= s[1:]).all()
+    torch.testing.assert_close(s[: min(d, r, k)].double(),
+                               torch.linalg.svdvals(ref)[: min(d, r, k)], rtol=1e-5, atol=1e-6)
+    # S^1/2 on each side: B'^T B' = diag(s) = A' A'^T
+    n = min(d, r, k)
+    torch.testing.assert_close((Bp.t() @ Bp)[:n, :n].double(), torch.diag(s[:n]).double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((Ap @ Ap.t())[:n, :n].double(), torch.diag(s[:n]).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_choose_h_matches_its_definition(rng):
+    for _ in range(50):
+        s = torch.sort(torch.rand(int(torch.randint(1, 40, (1,), generator=rng)), generator=rng), descending=True).values
+        for rho in (0.5, 0.8, 0.9, 0.99, 1.0):
+            h = choose_h(s, rho)
+            e = s.double() ** 2
+            frac = [float(e[:i].sum() / e.sum()) for i in range(len(s) + 1)]
+            want = next(i for i in range(1, len(s) + 1) if frac[i] >= rho - 1e-12)
+            assert h == want
+    assert choose_h(torch.zeros(5), 0.9) == 1
+    with pytest.raises(ValueError):
+        choose_h(torch.ones(3), 0.0)
+
+
+@pytest.mark.parametrize("bits_high", [2, 3, 4])
+def test_compressed_parts_and_bits(bits_high, rng):
+    d, r, k = 576, 16, 192
+    B, A = random_adapter(d, r, k, rng)
+    c = compress_lora(B, A, rho=0.9, bits_high=bits_high, scale=2.0)
+    Bp, Ap, s = svd_reparameterize(B, A)
+    assert c.h == choose_h(s, 0.9)
+    assert c.a_hi.bits == c.b_hi.bits == bits_high and c.a_lo.bits == c.b_lo.bits == 1
+    assert c.a_hi.group_size == 64 and c.b_hi.group_size == 64  # 192 and 576 are not multiples of 128
+    # the low part is sign(w) * mean|w| per group
+    G = c.a_lo.group_size
+    lo = Ap[c.h:].reshape(r - c.h, k // G, G)
+    want = torch.where(lo >= 0, 1.0, -1.0) * lo.abs().mean(-1, keepdim=True).half().float()
+    torch.testing.assert_close(c.a_lo.dequantize().reshape_as(lo), want, rtol=0, atol=1e-7)
+    # bits: the paper's formula plus the scales and zeros
+    codes = (c.h * (d + k) * bits_high + (r - c.h) * (d + k)) / (r * (d + k))
+    assert codes < c.bits_per_param() < codes + 32 / 64 + 1e-9
+
+
+def test_more_bits_and_more_high_components_mean_less_error(rng):
+    B, A = random_adapter(256, 16, 384, rng)
+    ref = B @ A
+
+    def err(**kw):
+        return float((compress_lora(B, A, **kw).delta() - ref).norm() / ref.norm())
+    e = {b: err(rho=0.9, bits_high=b) for b in (2, 3, 4)}
+    assert e[4] < e[3] < e[2]
+    assert err(rho=0.9, bits_high=2) < err(h=0)  # the mixed split beats sign-only
+    assert err(rho=0.99, bits_high=3) < err(rho=0.5, bits_high=3)
+
+
+def test_h_extremes_and_errors(rng):
+    B, A = random_adapter(128, 8, 64, rng)
+    all_hi = compress_lora(B, A, bits_high=8, h=8)
+    assert all_hi.a_lo is None and all_hi.b_lo is None
+    torch.testing.assert_close(all_hi.delta(), B @ A, rtol=0.05, atol=0.05 * float((B @ A).abs().max()))
+    all_lo = compress_lora(B, A, h=0)
+    assert all_lo.a_hi is None and all_lo.a_lo.shape == (8, 64)
+    with pytest.raises(ValueError):
+        compress_lora(B, A, h=9)
+    with pytest.raises(ValueError, match="NaN"):
+        compress_lora(B * float("nan"), A)
+    with pytest.raises(ValueError, match="expected B"):
+        compress_lora(B, A.t())
+    with pytest.raises(ValueError, match="multiple"):
+        compress_lora(torch.randn(100, 4), torch.randn(4, 64))
