@@ -4,6 +4,8 @@
                     tokens/s vs fp32
     lorakern quantize --method gwq --bits 4 --outliers 0.01 MODEL OUT_DIR
                     quantize a model (smollm2 or a local HF directory), write a quantized model directory
+    lorakern compress-adapter IN_DIR OUT --rho 0.9 --bits-high 2
+                    LoRAQuant-compress a PEFT LoRA adapter into one safetensors file
     lorakern info   versions, CPU kernel paths, build
 """
 from __future__ import annotations
@@ -113,6 +115,22 @@ def _quantize(args) -> int:
     return 0
 
 
+def _compress_adapter(args) -> int:
+    from lorakern.adapters import compress_adapter, load_peft_adapter, save_compressed_adapter
+
+    adapter = load_peft_adapter(args.in_dir)
+    layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size)
+    save_compressed_adapter(args.out, layers, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
+    params = sum(c.rank * sum(c.shape) for c in layers.values())
+    bits = sum(c.bits_per_param() * c.rank * sum(c.shape) for c in layers.values()) / params
+    hs = [c.h for c in layers.values()]
+    err = max(float((c.delta() - adapter.layers[m].delta()).norm() / adapter.layers[m].delta().norm().clamp_min(1e-30))
+              for m, c in layers.items())
+    print(f"{len(layers)} layers, {params} parameters: {bits:.3f} bits per parameter (codes, scales, zeros); "
+          f"h from {min(hs)} to {max(hs)} of r; worst relative error of a layer's update {err:.3f} -> {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lorakern", description="lorakern: kernels for low-bit LLMs with many LoRA adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,6 +164,13 @@ def main(argv=None) -> int:
     q.add_argument("--check", action="store_true", help="reload the directory and compare logits")
     q.add_argument("--eval-windows", type=int, default=0, help="also report test perplexity on this many windows")
     q.set_defaults(fn=_quantize)
+    c = sub.add_parser("compress-adapter", help="LoRAQuant-compress a PEFT LoRA adapter")
+    c.add_argument("in_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    c.add_argument("out", help="output .safetensors file")
+    c.add_argument("--rho", type=float, default=0.9, help="energy ratio that picks h (default 0.9)")
+    c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])
+    c.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    c.set_defaults(fn=_compress_adapter)
     i = sub.add_parser("info", help="versions and CPU kernel paths")
     i.set_defaults(fn=_info)
     args = ap.parse_args(argv)
