@@ -90,3 +90,18 @@ def test_h_extremes_and_errors(rng):
         compress_lora(B, A.t())
     with pytest.raises(ValueError, match="multiple"):
         compress_lora(torch.randn(100, 4), torch.randn(4, 64))
+
+
+def test_refinement_lowers_the_high_part_error(rng):
+    B, A = random_adapter(256, 8, 384, rng, decay=0.9)
+    ref = B @ A
+
+    def hi_err(c):
+        Bp, Ap, _ = svd_reparameterize(B, A)
+        target = Bp[:, :c.h] @ Ap[:c.h]
+        got = c.b_hi.dequantize().t() @ c.a_hi.dequantize()
+        return float((got - target).norm())
+    plain = compress_lora(B, A, bits_high=2, h=4)
+    refined = compress_lora(B, A, bits_high=2, h=4, refine_steps=300)
+    assert hi_err(refined) < hi_err(plain)
+    assert float((refined.delta() - ref).norm()) < float((plain.delta() - ref).norm())

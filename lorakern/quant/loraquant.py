@@ -28,7 +28,7 @@ from ..formats.packing import SUPPORTED_GROUP_SIZES
 from ..formats.quantized import QuantizedWeight
 from .rtn import quantize_rtn, quantize_sign
 
-__all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "svd_reparameterize"]
+__all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "refine_high", "svd_reparameterize"]
 
 
 def svd_reparameterize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,6 +68,45 @@ def choose_h(s: torch.Tensor, rho: float) -> int:
     # tolerance for rho = 1 against rounding in the cumulative sum
     h = int(torch.searchsorted(cum, torch.tensor([rho - 1e-12], dtype=cum.dtype)).item()) + 1
     return max(1, min(h, s.numel()))
+
+
+def _fake_quant(w: torch.Tensor, bits: int, G: int) -> torch.Tensor:
+    """Group-wise RTN of the rows of w with a straight-through gradient."""
+    from .rtn import round_codes, rtn_params
+    s, z = rtn_params(w.detach(), bits, G)
+    q = round_codes(w.detach(), s, z, bits).float()
+    deq = (s.float().repeat_interleave(G, 1) * (q - z.float().repeat_interleave(G, 1)))
+    return w + (deq - w).detach()
+
+
+def refine_high(Bt: torch.Tensor, A: torch.Tensor, bits: int, gd: int, gk: int, steps: int = 300,
+                lr: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free refinement of the high part (LoRAQuant's optional step): for every
+    rank-1 component i, minimize ``||b_i a_i^T - Q(b'_i) Q(a'_i)^T||_F^2`` over
+    ``b'_i, a'_i`` by SGD (straight-through rounding), starting from ``b_i, a_i``.
+    ``Bt`` is ``[h, d]`` (B' transposed), ``A`` is ``[h, k]``. The loss uses
+    ``||u v^T - x y^T||^2 = |u|^2|v|^2 - 2 (u.x)(v.y) + |x|^2|y|^2``, never a d x k
+    matrix. Returns the refined ``(Bt', A')`` to be quantized by RTN; a component
+    whose loss did not improve keeps its start."""
+    b0, a0 = Bt.detach().float(), A.detach().float()
+    b, a = b0.clone().requires_grad_(True), a0.clone().requires_grad_(True)
+    nb, na = (b0 * b0).sum(1), (a0 * a0).sum(1)
+
+    def losses(bb, aa):
+        qb, qa = _fake_quant(bb, bits, gd), _fake_quant(aa, bits, gk)
+        return nb * na - 2 * (b0 * qb).sum(1) * (a0 * qa).sum(1) + (qb * qb).sum(1) * (qa * qa).sum(1)
+    with torch.no_grad():
+        start = losses(b0, a0)
+    opt = torch.optim.SGD([b, a], lr=lr)
+    scale = (nb * na).clamp_min(1e-30)  # per-component normalization: lr means the same at any magnitude
+    for _ in range(steps):
+        opt.zero_grad()
+        (losses(b, a) / scale).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        end = losses(b, a)
+        keep = (end < start).unsqueeze(1)
+        return torch.where(keep, b, b0).detach(), torch.where(keep, a, a0).detach()
 
 
 def lora_group_size(n: int, want: int = 128) -> int:
@@ -139,10 +178,11 @@ class CompressedLoRA:
 
 
 def compress_lora(B: torch.Tensor, A: torch.Tensor, rho: float = 0.9, bits_high: int = 2, group_size: int = 128,
-                  scale: float = 1.0, h: int | None = None) -> CompressedLoRA:
+                  scale: float = 1.0, h: int | None = None, refine_steps: int = 0) -> CompressedLoRA:
     """Compress one adapter matrix pair (B ``[d, r]``, A ``[r, k]``) LoRAQuant-style.
 
     ``h`` overrides the energy rule (0 = all 1-bit, r = all high precision).
+    ``refine_steps > 0`` runs :func:`refine_high` on the high part first (the paper: 300).
     Group size: ``group_size`` or the largest supported one dividing d (for B') / k (for A').
     """
     if bits_high not in (2, 3, 4, 8):
@@ -155,8 +195,11 @@ def compress_lora(B: torch.Tensor, A: torch.Tensor, rho: float = 0.9, bits_high:
         raise ValueError(f"h={h} must lie in [0, r={r}]")
     gd, gk = lora_group_size(d, group_size), lora_group_size(k, group_size)
     Bt = Bp.t().contiguous()  # [r, d]: groups along d = down the columns of B'
-    a_hi = quantize_rtn(Ap[:h], bits_high, gk) if h else None
-    b_hi = quantize_rtn(Bt[:h], bits_high, gd) if h else None
+    bt_hi, a_hi_f = Bt[:h], Ap[:h]
+    if h and refine_steps > 0:
+        bt_hi, a_hi_f = refine_high(bt_hi, a_hi_f, bits_high, gd, gk, steps=refine_steps)
+    a_hi = quantize_rtn(a_hi_f.contiguous(), bits_high, gk) if h else None
+    b_hi = quantize_rtn(bt_hi.contiguous(), bits_high, gd) if h else None
     a_lo = quantize_sign(Ap[h:], gk) if h < r else None
     b_lo = quantize_sign(Bt[h:], gd) if h < r else None
     return CompressedLoRA(a_hi, b_hi, a_lo, b_lo, (d, k), r, h, float(scale))
