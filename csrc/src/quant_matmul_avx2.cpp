@@ -4,11 +4,10 @@
 // FMA with the combined scale per activation block. The zero point is applied once per row:
 // y = sum_b s_g(b)*xs_b*dot_b - sum_g s_g*z_g*sum(xhat_g), xhat = xs_b * xq.
 #include <cstring>
-#include <vector>
 
 #include "common.h"
-#include "outliers.h"
 #include "simd_x86.h"
+#include "qmm_rows_simd.h"
 
 namespace lk {
 namespace {
@@ -146,67 +145,30 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
   for (int i = 0; i < MR; ++i) out[i] = hsum(facc[i]);
 }
 
-template <int BITS, int G>
-void rows(const QmmProblem& p, int64_t n0, int64_t n1) {
-  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
-  std::vector<float> sf((size_t)ng), szf((size_t)ng), sparse((size_t)(p.row_ptr ? p.M : 0));
-  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
-  const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
-  for (int64_t n = n0; n < n1; ++n) {
-    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
-    const uint16_t* sp = p.scales + n * ng;
-    const uint16_t* zp = p.zeros + n * ng;
+// The hooks of the shared row loop (qmm_rows_simd.h).
+struct Avx2 {
+  template <int BITS, int G, int MR>
+  static void tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf, float* out) {
+    row_tile<BITS, G, MR>(p, prow, m0, sf, out);
+  }
+  static float dot(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
+  static void scales(const uint16_t* sp, const uint16_t* zp, int64_t ng, float* sf, float* szf) {
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g)));
       const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zp + g)));
-      _mm256_storeu_ps(&sf[g], s);
-      _mm256_storeu_ps(&szf[g], _mm256_mul_ps(s, z));
+      _mm256_storeu_ps(sf + g, s);
+      _mm256_storeu_ps(szf + g, _mm256_mul_ps(s, z));
     }
     for (; g < ng; ++g) {
       sf[g] = half_to_float(sp[g]);
       szf[g] = sf[g] * half_to_float(zp[g]);
     }
-    const uint8_t* prow = p.qw + n * rb;
-    const float b = p.bias ? p.bias[n] : 0.f;
-    float out[4];
-    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-      const int64_t mr = p.M - m0 < 4 ? p.M - m0 : 4;
-      switch (mr) {
-        case 4: row_tile<BITS, G, 4>(p, prow, m0, sf.data(), out); break;
-        case 3: row_tile<BITS, G, 3>(p, prow, m0, sf.data(), out); break;
-        case 2: row_tile<BITS, G, 2>(p, prow, m0, sf.data(), out); break;
-        default: row_tile<BITS, G, 1>(p, prow, m0, sf.data(), out); break;
-      }
-      for (int64_t i = 0; i < mr; ++i) {
-        const int64_t m = m0 + i;
-        const float o = fused ? sparse[m] : 0.f;  // the row's outliers, same accumulator
-        p.y[m * p.N + n] = out[i] - dot_f32(szf.data(), p.xsum + m * ng, ng) + o + b;
-      }
-    }
   }
-  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
-}
-
-template <int BITS>
-void rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
-  switch (p.G) {
-    case 32: rows<BITS, 32>(p, n0, n1); break;
-    case 64: rows<BITS, 64>(p, n0, n1); break;
-    default: rows<BITS, 128>(p, n0, n1); break;
-  }
-}
+};
 
 }  // namespace
 
-void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
-  switch (p.bits) {
-    case 1: rows_bits<1>(p, n0, n1); break;
-    case 2: rows_bits<2>(p, n0, n1); break;
-    case 3: rows_bits<3>(p, n0, n1); break;
-    case 4: rows_bits<4>(p, n0, n1); break;
-    default: rows_bits<8>(p, n0, n1); break;
-  }
-}
+void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) { simd_rows_dispatch<Avx2>(p, n0, n1); }
 
 }  // namespace lk

@@ -1,0 +1,71 @@
+// The row loop shared by the SIMD quant_matmul kernels (AVX2, AVX-512). Per weight
+// row: the row's outliers (gwq_matmul, M <= kOutlierRowBlock), the group scales and
+// scale*zero in fp32, the row against tiles of up to 4 activation rows, then the
+// zero-point term, outliers and bias; larger M adds the outliers per slab after the
+// rows. Each ISA file supplies `Isa` with its tile kernel, dot product and scale
+// conversion; this header is compiled with that file's flags (anonymous namespace).
+#pragma once
+#include <vector>
+
+#include "common.h"
+#include "outliers.h"
+#include "simd_x86.h"
+
+namespace lk {
+namespace {
+
+// Isa::tile<BITS, G, MR>(p, prow, m0, sf, out): out[i] = sum_g sf[g] * (codes . xhat) for rows m0 + i.
+// Isa::dot(a, b, n): fp32 dot product. Isa::scales(sp, zp, ng, sf, szf): sf = s, szf = s * z.
+template <int BITS, int G, class Isa>
+void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
+  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
+  std::vector<float> sf((size_t)ng), szf((size_t)ng), sparse((size_t)(p.row_ptr ? p.M : 0));
+  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
+  const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
+  for (int64_t n = n0; n < n1; ++n) {
+    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
+    Isa::scales(p.scales + n * ng, p.zeros + n * ng, ng, sf.data(), szf.data());
+    const uint8_t* prow = p.qw + n * rb;
+    const float b = p.bias ? p.bias[n] : 0.f;
+    float out[4];
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      const int64_t mr = p.M - m0 < 4 ? p.M - m0 : 4;
+      switch (mr) {
+        case 4: Isa::template tile<BITS, G, 4>(p, prow, m0, sf.data(), out); break;
+        case 3: Isa::template tile<BITS, G, 3>(p, prow, m0, sf.data(), out); break;
+        case 2: Isa::template tile<BITS, G, 2>(p, prow, m0, sf.data(), out); break;
+        default: Isa::template tile<BITS, G, 1>(p, prow, m0, sf.data(), out); break;
+      }
+      for (int64_t i = 0; i < mr; ++i) {
+        const int64_t m = m0 + i;
+        const float o = fused ? sparse[m] : 0.f;  // the row's outliers, same accumulator
+        p.y[m * p.N + n] = out[i] - Isa::dot(szf.data(), p.xsum + m * ng, ng) + o + b;
+      }
+    }
+  }
+  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
+}
+
+template <int BITS, class Isa>
+void simd_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.G) {
+    case 32: simd_rows<BITS, 32, Isa>(p, n0, n1); break;
+    case 64: simd_rows<BITS, 64, Isa>(p, n0, n1); break;
+    default: simd_rows<BITS, 128, Isa>(p, n0, n1); break;
+  }
+}
+
+// Rows [n0, n1) of y for every m, dispatched on bits and group size.
+template <class Isa>
+void simd_rows_dispatch(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.bits) {
+    case 1: simd_rows_bits<1, Isa>(p, n0, n1); break;
+    case 2: simd_rows_bits<2, Isa>(p, n0, n1); break;
+    case 3: simd_rows_bits<3, Isa>(p, n0, n1); break;
+    case 4: simd_rows_bits<4, Isa>(p, n0, n1); break;
+    default: simd_rows_bits<8, Isa>(p, n0, n1); break;
+  }
+}
+
+}  // namespace
+}  // namespace lk
