@@ -50,7 +50,7 @@ QUICK_METHODS = ("rtn", "gptq", "gwq", "spqr")
 
 
 def write_markdown(path, res):
-    lines = [f"# Quantized SmolLM2-135M-Instruct: WikiText-2 perplexity\n",
+    lines = ["# Quantized SmolLM2-135M-Instruct: WikiText-2 perplexity\n",
              f"Test: first {res['windows']} windows of {res['window']} tokens of test.txt. "
              f"Calibration: first {res['calib']} windows of valid.txt. Outliers: {res['outliers']:.0%} per matrix. "
              f"Group 128 (64 where in_features = 576); lm_head kept in fp32.\n",

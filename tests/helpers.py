@@ -2,7 +2,6 @@
 import torch
 
 from lorakern.formats import QuantizedWeight, pack_codes
-from lorakern.formats.packing import unpack_codes
 
 
 def random_qweight(N, K, bits, G, gen=None, device="cpu") -> QuantizedWeight:

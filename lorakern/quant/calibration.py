@@ -15,7 +15,7 @@ get gradients (``requires_grad`` is switched off for them during the pass).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,13 +42,14 @@ class LayerStats:
         grad_sq: mean over samples of (dL/dW)^2 elementwise, or None.
         hessian: 2/n * sum over all tokens of x x^T (fp32, [K, K]), or None.
         nsamples: samples seen.
+        tokens: input rows (tokens) seen by the Hessian hook.
     """
 
     grad: torch.Tensor | None = None
     grad_sq: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     nsamples: int = 0
-    tokens: int = field(default=0)
+    tokens: int = 0
 
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str], *, gradients: bool = True,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..formats.outliers import MAX_OUTLIER_K, GWQWeight, SparseOutliers
-from ..formats.packing import SUPPORTED_GROUP_SIZES, pack_codes
+from ..formats.packing import pack_codes
 from ..formats.quantized import QuantizedWeight
 from .gptq import gptq_quantize
-from .rtn import round_codes, rtn_params
+from .rtn import check_dense_weight, round_codes, rtn_params
 
 __all__ = ["DENSE_QUANTIZERS", "quantize_dense", "quantize_with_outliers"]
 
@@ -22,14 +22,9 @@ DENSE_QUANTIZERS = ("rtn", "gptq")
 
 
 def _check(w, bits, group_size):
-    if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got {tuple(w.shape)}")
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
-    if group_size not in SUPPORTED_GROUP_SIZES or w.shape[1] % group_size:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} and divide K={w.shape[1]}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight has NaN or Inf values")
+    check_dense_weight(w, group_size)
 
 
 def quantize_dense(w: torch.Tensor, bits: int, group_size: int, dense: str = "rtn", hessian=None,

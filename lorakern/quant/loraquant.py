@@ -26,7 +26,7 @@ import torch
 
 from ..formats.packing import SUPPORTED_GROUP_SIZES
 from ..formats.quantized import QuantizedWeight
-from .rtn import quantize_rtn, quantize_sign
+from .rtn import quantize_rtn, quantize_sign, round_codes, rtn_params
 
 __all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "refine_high", "svd_reparameterize"]
 
@@ -72,7 +72,6 @@ def choose_h(s: torch.Tensor, rho: float) -> int:
 
 def _fake_quant(w: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     """Group-wise RTN of the rows of w with a straight-through gradient."""
-    from .rtn import round_codes, rtn_params
     s, z = rtn_params(w.detach(), bits, G)
     q = round_codes(w.detach(), s, z, bits).float()
     deq = (s.float().repeat_interleave(G, 1) * (q - z.float().repeat_interleave(G, 1)))

@@ -6,7 +6,19 @@ import torch
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, pack_codes
 from ..formats.quantized import QuantizedWeight
 
-__all__ = ["quantize_rtn", "quantize_sign", "round_codes", "rtn_params"]
+__all__ = ["check_dense_weight", "quantize_rtn", "quantize_sign", "round_codes", "rtn_params"]
+
+
+def check_dense_weight(w: torch.Tensor, group_size: int) -> None:
+    """ValueError unless w is a finite 2-D weight whose K is a multiple of a supported group size."""
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"in_features={w.shape[1]} is not a multiple of group_size={group_size}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has NaN or Inf values")
 
 
 def rtn_params(w: torch.Tensor, bits: int, group_size: int,
@@ -44,17 +56,9 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quant
     Codes are rounded against the fp16-rounded scale and zero actually stored,
     so ``dequantize()`` is the exact value the kernels use.
     """
-    if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
     if bits not in SUPPORTED_BITS or bits == 1:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS[1:]} (1 bit: quantize_sign), got {bits}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
-    N, K = w.shape
-    if K % group_size:
-        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight has NaN or Inf values")
+    check_dense_weight(w, group_size)
     scales, zeros = rtn_params(w, bits, group_size)
     q = round_codes(w, scales, zeros, bits)
     return QuantizedWeight(pack_codes(q, bits, group_size), scales.contiguous(), zeros.contiguous(), bits, group_size)
@@ -74,15 +78,8 @@ def quantize_sign(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     (LoRAQuant's low part). Stored as a 1-bit :class:`QuantizedWeight` with code
     ``q = (w >= 0)``, scale ``2 * s_g`` and zero ``0.5``, so that
     ``scale * (q - zero) = +-s_g`` and every kernel runs it unchanged."""
-    if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    check_dense_weight(w, group_size)
     N, K = w.shape
-    if K % group_size:
-        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight has NaN or Inf values")
     g = w.detach().float().reshape(N, K // group_size, group_size)
     scale = (2 * g.abs().mean(-1)).half()
     if not torch.isfinite(scale).all():
