@@ -196,3 +196,44 @@ def test_gwq_weight_roundtrip(tmp_path):
                  (w.outliers.col_idx.int(), b.outliers.col_idx.int()), (w.outliers.values, b.outliers.values)):
         assert torch.equal(a, c)
     assert torch.equal(w.dequantize(), b.dequantize())
+
+
+def test_damaged_gwq_files_are_rejected(tmp_path):
+    """A GWQ safetensors file whose CSR or outlier metadata is wrong gives FormatError on load."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lorakern.formats import FormatError
+    w = GWQWeight(random_qweight(9, 256, 4, 128), random_outliers(9, 256, "5pct"))
+    good = tmp_path / "g.safetensors"
+    lorakern.save_quantized(good, {"layer": w})
+    with safe_open(str(good), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+
+    def write(name, t=None, m=None):
+        p = tmp_path / name
+        save_file({**tensors, **(t or {})}, str(p), metadata={**meta, **(m or {})})
+        return p
+    rp = tensors["layer.row_ptr"].clone()
+    rp[4] = rp[5] + 1  # decreasing row pointers
+    ci = tensors["layer.col_idx"].to(torch.int32)
+    ci[0] = 300  # column past K
+    cases = {
+        "row_ptr": (write("rp.safetensors", {"layer.row_ptr": rp}), "invalid outliers"),
+        "col": (write("col.safetensors", {"layer.col_idx": ci.to(torch.uint16)}), "invalid outliers"),
+        "nnz": (write("nnz.safetensors", m={"layer.nnz": str(w.outliers.nnz + 1)}), "outliers, tensors hold"),
+        "kind": (write("kind.safetensors", m={"layer.outliers": "coo"}), "unknown outlier format"),
+    }
+    for name, (path, msg) in cases.items():
+        with pytest.raises(FormatError, match=msg):
+            lorakern.load_quantized(path)
+    missing = dict(tensors)
+    del missing["layer.values"]
+    p = tmp_path / "missing.safetensors"
+    save_file(missing, str(p), metadata=meta)
+    with pytest.raises(FormatError, match="missing"):
+        lorakern.load_quantized(p)
+    assert json.loads(meta["weights"]) == ["layer"]
