@@ -71,7 +71,10 @@ def test_more_bits_and_more_high_components_mean_less_error(rng):
         return float((compress_lora(B, A, **kw).delta() - ref).norm() / ref.norm())
     e = {b: err(rho=0.9, bits_high=b) for b in (2, 3, 4)}
     assert e[4] < e[3] < e[2]
-    assert err(rho=0.9, bits_high=2) < err(h=0)  # the mixed split beats sign-only
+    # The mixed split at 3 bits beats sign-only by a wide margin (measured over 100 seeds: 0.43-0.50x the
+    # sign-only error). At 2 bits min-max RTN is barely better than sign on Gaussian factors (0.92-1.06x),
+    # so no ordering is asserted there.
+    assert err(rho=0.9, bits_high=3) < 0.7 * err(h=0)
     assert err(rho=0.99, bits_high=3) < err(rho=0.5, bits_high=3)
 
 
