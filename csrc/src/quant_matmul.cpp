@@ -8,14 +8,17 @@
 #include <vector>
 
 #include "common.h"
+#include "driver.h"
 #include "lorakern/lorakern.h"
 
-namespace {
+namespace lk {
 
+namespace {
 bool valid_format(int bits, int G) {
   return (bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) &&
          (G == 32 || G == 64 || G == 128);
 }
+}  // namespace
 
 lk_status check_weight(const lk_qweight* w) {
   if (!w || !w->qweight || !w->scales || !w->zeros) return LK_ERR_INVALID_ARG;
@@ -26,15 +29,43 @@ lk_status check_weight(const lk_qweight* w) {
 
 int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
-using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
-
 RowsFn rows_fn(lk_isa isa) {
   switch (isa) {
-    case LK_ISA_AVX512: return lk::qmm_rows_avx512;
-    case LK_ISA_AVX2: return lk::qmm_rows_avx2;
-    default: return lk::qmm_rows_generic;
+    case LK_ISA_AVX512: return qmm_rows_avx512;
+    case LK_ISA_AVX2: return qmm_rows_avx2;
+    default: return qmm_rows_generic;
   }
 }
+
+void Activations::load(const void* x, lk_dtype x_dtype, int64_t M_, int64_t K_) {
+  M = M_;
+  K = K_;
+  x32 = static_cast<const float*>(x);
+  if (x_dtype != LK_F32) {
+    xf.resize((size_t)(M * K));
+    const uint16_t* xh = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < M * K; ++i)
+      xf[i] = x_dtype == LK_F16 ? half_to_float(xh[i]) : bf16_to_float(xh[i]);
+    x32 = xf.data();
+  }
+}
+
+void Activations::quantize(int G_) {
+  G = G_;
+  xq.resize((size_t)(M * K));
+  xs.resize((size_t)(M * (K / act_block(G))));
+  xsum.resize((size_t)(M * (K / G)));
+  quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
+}
+
+}  // namespace lk
+
+namespace {
+
+using lk::check_weight;
+using lk::rows_fn;
+using lk::RowsFn;
+using lk::threads_for;
 
 // quant_matmul, plus the sparse outliers when `o` is given (gwq_matmul).
 lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
@@ -52,20 +83,10 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
   }
   if (M == 0 || N == 0) return LK_OK;
   try {
-    const int64_t ng = K / G;
-    std::vector<float> xf;
-    const float* x32 = static_cast<const float*>(x);
-    if (x_dtype != LK_F32) {
-      xf.resize((size_t)(M * K));
-      const uint16_t* xh = static_cast<const uint16_t*>(x);
-      for (int64_t i = 0; i < M * K; ++i)
-        xf[i] = x_dtype == LK_F16 ? lk::half_to_float(xh[i]) : lk::bf16_to_float(xh[i]);
-      x32 = xf.data();
-    }
-    std::vector<int8_t> xq((size_t)(M * K));
-    std::vector<float> xs((size_t)(M * (K / lk::act_block(G)))), xsum((size_t)(M * ng));
-    lk::quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
-
+    lk::Activations act;
+    act.load(x, x_dtype, M, K);
+    act.quantize(G);
+    const float* x32 = act.x32;
     std::vector<float> ybuf;
     float* y32 = static_cast<float*>(y);
     if (x_dtype != LK_F32) {
@@ -73,7 +94,7 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
       y32 = ybuf.data();
     }
     lk::QmmProblem p{M, N, K, w->bits, G, w->qweight, w->scales, w->zeros,
-                     xq.data(), xs.data(), xsum.data(), bias, y32};
+                     act.xq.data(), act.xs.data(), act.xsum.data(), bias, y32};
     std::vector<float> xt;
     std::atomic<int> bad_csr{0};
     if (o) {  // the outliers multiply the unquantized activations, read by column

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
+#include "lora_expand_simd.h"
 
 namespace lk {
 namespace {
@@ -167,7 +168,48 @@ struct Avx2 {
   }
 };
 
+// One group of codes as fp32 weights s * (q - z) (exact: q - z is exact in fp32).
+template <int BITS, int G>
+inline void dequant_group_t(const uint8_t* gp, float s, float z, float* out) {
+  __m256i c[G / 32];
+  unpack_group<BITS, G>(gp, c);
+  const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+  for (int j = 0; j < G / 32; ++j) {
+    const __m128i half[2] = {_mm256_castsi256_si128(c[j]), _mm256_extracti128_si256(c[j], 1)};
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 2; ++k) {
+        const __m128i piece = k ? _mm_srli_si128(half[h], 8) : half[h];
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(piece));
+        _mm256_storeu_ps(out + 32 * j + 16 * h + 8 * k, _mm256_mul_ps(sv, _mm256_sub_ps(q, zv)));
+      }
+  }
+}
+
+template <int BITS>
+inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float* out) {
+  switch (G) {
+    case 32: dequant_group_t<BITS, 32>(gp, s, z, out); break;
+    case 64: dequant_group_t<BITS, 64>(gp, s, z, out); break;
+    default: dequant_group_t<BITS, 128>(gp, s, z, out); break;
+  }
+}
+
+struct Avx2Expand {
+  static void dequant_group(const uint8_t* gp, int bits, int G, uint16_t sh, uint16_t zh, float* out) {
+    const float s = _cvtsh_ss(sh), z = _cvtsh_ss(zh);
+    switch (bits) {
+      case 1: dequant_group_bits<1>(gp, G, s, z, out); break;
+      case 2: dequant_group_bits<2>(gp, G, s, z, out); break;
+      case 3: dequant_group_bits<3>(gp, G, s, z, out); break;
+      case 4: dequant_group_bits<4>(gp, G, s, z, out); break;
+      default: dequant_group_bits<8>(gp, G, s, z, out); break;
+    }
+  }
+};
+
 }  // namespace
+
+void lora_expand_avx2(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<Avx2Expand>(e, g0, g1); }
 
 void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) { simd_rows_dispatch<Avx2>(p, n0, n1); }
 

@@ -8,9 +8,11 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
+#include "lora_expand_simd.h"
 
 #ifdef LORAKERN_SIMDE
 #define qmm_rows_avx512 qmm_rows_avx512_simde  // emulated build for the C++ tests
+#define lora_expand_avx512 lora_expand_avx512_simde
 #endif
 
 namespace lk {
@@ -189,7 +191,47 @@ struct Avx512 {
   }
 };
 
+// One group of codes as fp32 weights s * (q - z); G >= 64 (64 codes per zmm chunk).
+template <int BITS, int G>
+inline void dequant_group_t(const uint8_t* gp, float s, float z, float* out) {
+  const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+  for (int t = 0; t < G / 64; ++t) {
+    const __m512i c = unpack_chunk<BITS, G>(gp, t);
+    for (int k = 0; k < 4; ++k) {
+      const __m128i piece = _mm512_extracti32x4_epi32(c, k);
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(piece));
+      _mm512_storeu_ps(out + 64 * t + 16 * k, _mm512_mul_ps(sv, _mm512_sub_ps(q, zv)));
+    }
+  }
+}
+
+template <int BITS>
+inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float* out) {
+  if (G == 64) {
+    dequant_group_t<BITS, 64>(gp, s, z, out);
+  } else if (G == 128) {
+    dequant_group_t<BITS, 128>(gp, s, z, out);
+  } else {  // G == 32: unpack_chunk would read the next group too; decode in scalar code
+    for (int i = 0; i < G; ++i) out[i] = s * ((float)decode_code(gp, G, BITS, i) - z);
+  }
+}
+
+struct Avx512Expand {
+  static void dequant_group(const uint8_t* gp, int bits, int G, uint16_t sh, uint16_t zh, float* out) {
+    const float s = _cvtsh_ss(sh), z = _cvtsh_ss(zh);
+    switch (bits) {
+      case 1: dequant_group_bits<1>(gp, G, s, z, out); break;
+      case 2: dequant_group_bits<2>(gp, G, s, z, out); break;
+      case 3: dequant_group_bits<3>(gp, G, s, z, out); break;
+      case 4: dequant_group_bits<4>(gp, G, s, z, out); break;
+      default: dequant_group_bits<8>(gp, G, s, z, out); break;
+    }
+  }
+};
+
 }  // namespace
+
+void lora_expand_avx512(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<Avx512Expand>(e, g0, g1); }
 
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1) { simd_rows_dispatch<Avx512>(p, n0, n1); }
 

@@ -3,6 +3,8 @@
 #include <vector>
 
 #include "common.h"
+#include "lora.h"
+#include "lora_expand_simd.h"
 #include "outliers.h"
 
 namespace lk {
@@ -47,5 +49,16 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   }
   if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
 }
+
+namespace {
+struct GenericExpand {
+  static void dequant_group(const uint8_t* gp, int bits, int G, uint16_t sh, uint16_t zh, float* out) {
+    const float s = half_to_float(sh), z = half_to_float(zh);
+    for (int i = 0; i < G; ++i) out[i] = s * ((float)decode_code(gp, G, bits, i) - z);
+  }
+};
+}  // namespace
+
+void lora_expand_generic(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<GenericExpand>(e, g0, g1); }
 
 }  // namespace lk

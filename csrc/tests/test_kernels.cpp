@@ -10,11 +10,13 @@
 #include <vector>
 
 #include "common.h"
+#include "lora.h"
 #include "lorakern/lorakern.h"
 
 namespace lk {
 #ifdef LORAKERN_HAVE_SIMDE
 void qmm_rows_avx512_simde(const QmmProblem& p, int64_t n0, int64_t n1);
+void lora_expand_avx512_simde(const LoraExpand& e, int64_t g0, int64_t g1);
 #endif
 }
 
@@ -241,6 +243,104 @@ static void check_c_abi(std::mt19937& rng) {
   std::printf("c abi: checked\n");
 }
 
+// The expand of the LoRA kernels: y += scale * sum_i t[m, i] * Bt[i, :] over a high part
+// (2/3/4/8 bits) and a 1-bit low part, against a double-precision model.
+using ExpandFn = void (*)(const lk::LoraExpand&, int64_t, int64_t);
+
+static void check_expand_fn(const char* name, ExpandFn fn, std::mt19937& rng) {
+  const int bits_list[] = {2, 3, 4, 8};
+  const int g_list[] = {32, 64, 128};
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (int bits : bits_list)
+    for (int G : g_list)
+      for (int trial = 0; trial < 3; ++trial) {
+        const int64_t M = trial == 2 ? 20 + rng() % 30 : 1 + rng() % 5, N = (int64_t)G * (1 + rng() % 4);
+        const int64_t h = trial == 1 ? 0 : 1 + rng() % 6, rl = trial == 0 ? 0 : 1 + rng() % 12;
+        Problem hi = make_problem(rng, 1, h, N, bits, G), lo = make_problem(rng, 1, rl, N, 1, G);
+        std::vector<float> t_hi((size_t)(M * h)), t_lo((size_t)(M * rl)), y((size_t)(M * N));
+        for (auto& v : t_hi) v = 4.f * u(rng);
+        for (auto& v : t_lo) v = 4.f * u(rng);
+        for (auto& v : y) v = u(rng);
+        const std::vector<float> y0 = y;
+        const float scale = 0.75f + u(rng);
+        const lk::LoraExpand e{M, N, G,
+                               {{hi.qw.data(), hi.scales.data(), hi.zeros.data(), h, bits, t_hi.data(), h},
+                                {lo.qw.data(), lo.scales.data(), lo.zeros.data(), rl, 1, t_lo.data(), rl}},
+                               scale, y.data()};
+        const int64_t ng = N / G;
+        fn(e, 0, ng / 2);  // two calls over disjoint column ranges, as two threads would
+        fn(e, ng / 2, ng);
+        double worst = 0;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double acc = y0[m * N + n], at = std::fabs(acc);
+            const int64_t g = n / G;
+            for (const Problem* p : {&hi, &lo}) {
+              const int64_t rows = p == &hi ? h : rl;
+              const float* t = p == &hi ? t_hi.data() : t_lo.data();
+              for (int64_t i = 0; i < rows; ++i) {
+                const double sc = lk::half_to_float(p->scales[i * ng + g]);
+                const double z = lk::half_to_float(p->zeros[i * ng + g]);
+                const int q = lk::decode_code(&p->qw[i * lk::row_bytes(N, p->bits) + g * lk::group_bytes(G, p->bits)],
+                                              G, p->bits, (int)(n % G));
+                const double term = (double)scale * t[m * rows + i] * sc * (q - z);
+                acc += term;
+                at += std::fabs(term);
+              }
+            }
+            // fp32: the weight, the coefficient and the product-add round once each, then r additions
+            const double bound = (double)(h + rl + 4) * 0x1p-24 * at + 1e-30;
+            const double err = std::fabs((double)y[m * N + n] - acc) / bound;
+            worst = std::max(worst, std::isnan(y[m * N + n]) ? 1e30 : err);
+          }
+        CHECK(worst <= 1.0, "%s expand bits=%d G=%d M=%ld N=%ld h=%ld r-h=%ld: error %g x its fp32 bound", name,
+              bits, G, (long)M, (long)N, (long)h, (long)rl, worst);
+      }
+  std::printf("%s expand: checked\n", name);
+}
+
+// lk_quant_matmul_lora = lk_quant_matmul then lk_lora_mixed in place (the same kernels, one call);
+// lk_lora_mixed with a null base is the adapter alone; bad adapters are refused.
+static void check_lora_abi(std::mt19937& rng) {
+  const int64_t M = 3, N = 96, K = 128, h = 3, rl = 5;
+  Problem w = make_problem(rng, M, N, K, 4, 64);
+  Problem ah = make_problem(rng, 1, h, K, 2, 64), al = make_problem(rng, 1, rl, K, 1, 64);
+  Problem bh = make_problem(rng, 1, h, N, 2, 32), bl = make_problem(rng, 1, rl, N, 1, 32);
+  const lk_qweight wq{w.qw.data(), w.scales.data(), w.zeros.data(), N, K, 4, 64};
+  lk_lora l{{ah.qw.data(), ah.scales.data(), ah.zeros.data(), h, K, 2, 64},
+            {bh.qw.data(), bh.scales.data(), bh.zeros.data(), h, N, 2, 32},
+            {al.qw.data(), al.scales.data(), al.zeros.data(), rl, K, 1, 64},
+            {bl.qw.data(), bl.scales.data(), bl.zeros.data(), rl, N, 1, 32}, 1.5f};
+  std::vector<float> fused((size_t)(M * N), NAN), two((size_t)(M * N), NAN), alone((size_t)(M * N), NAN);
+  CHECK(lk_quant_matmul_lora(w.x.data(), LK_F32, M, &wq, w.bias.data(), &l, fused.data(), 2) == LK_OK, "fused");
+  CHECK(lk_quant_matmul(w.x.data(), LK_F32, M, &wq, w.bias.data(), two.data(), 2) == LK_OK, "base");
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &l, two.data(), two.data(), 2) == LK_OK, "in place");
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &l, nullptr, alone.data(), 1) == LK_OK, "alone");
+  double worst = 0;
+  for (int64_t i = 0; i < M * N; ++i) worst = std::max(worst, (double)std::fabs(fused[i] - two[i]));
+  CHECK(worst == 0.0, "fused differs from quant_matmul + lora_mixed by %g", worst);
+  for (float v : alone) CHECK(std::isfinite(v), "adapter alone written");
+  lk_lora bad = l;
+  bad.a_lo.bits = 2;
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &bad, nullptr, alone.data(), 1) == LK_ERR_INVALID_ARG, "lo bits");
+  bad = l;
+  bad.b_hi.N = 2;
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &bad, nullptr, alone.data(), 1) == LK_ERR_INVALID_ARG, "ranks");
+  bad = l;
+  bad.b_lo.group_size = 64;
+  CHECK(lk_quant_matmul_lora(w.x.data(), LK_F32, M, &wq, nullptr, &bad, fused.data(), 1) == LK_ERR_INVALID_ARG,
+        "groups");
+  bad = l;
+  bad.a_hi.K = 64;
+  CHECK(lk_quant_matmul_lora(w.x.data(), LK_F32, M, &wq, nullptr, &bad, fused.data(), 1) == LK_ERR_INVALID_ARG,
+        "K");
+  bad = l;
+  bad.scale = NAN;
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &bad, nullptr, alone.data(), 1) == LK_ERR_INVALID_ARG, "scale");
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, nullptr, nullptr, alone.data(), 1) == LK_ERR_INVALID_ARG, "null");
+  std::printf("lora c abi: checked\n");
+}
+
 int main() {
   // Fresh inputs every run; LORAKERN_TEST_SEED reproduces one.
   const char* env_seed = std::getenv("LORAKERN_TEST_SEED");
@@ -255,7 +355,15 @@ int main() {
 #ifdef LORAKERN_HAVE_SIMDE
   check_rows_fn("avx512 (SIMDe emulation)", lk::qmm_rows_avx512_simde, rng);
 #endif
+  check_expand_fn("generic", lk::lora_expand_generic, rng);
+  if (lk_detected_isa() >= LK_ISA_AVX2) check_expand_fn("avx2", lk::lora_expand_avx2, rng);
+  if (lk_detected_isa() >= LK_ISA_AVX512) check_expand_fn("avx512", lk::lora_expand_avx512, rng);
+#ifdef LORAKERN_HAVE_SIMDE
+  check_expand_fn("avx512 (SIMDe emulation)", lk::lora_expand_avx512_simde, rng);
+#endif
   check_c_abi(rng);
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
+    if (lk_set_isa(isa) == LK_OK) check_lora_abi(rng);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
     return 1;

@@ -6,10 +6,12 @@ import torch
 
 from ..formats.packing import unpack_codes
 from ..formats.outliers import SparseOutliers
-from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul, lib
+from .schemas import (check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight,
+                      lib)
 
-__all__ = ["act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "outliers_dense", "quant_matmul",
-           "quant_matmul_int8_act", "quantize_activations_int8"]
+__all__ = ["act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "lora_delta", "lora_mixed",
+           "lora_mixed_int8_act", "outliers_dense", "quant_matmul", "quant_matmul_int8_act", "quant_matmul_lora",
+           "quant_matmul_lora_int8_act", "quantize_activations_int8"]
 
 
 def dequantize(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
@@ -87,7 +89,59 @@ def gwq_matmul_int8_act(x, qweight, scales, zeros, bits: int, group_size: int, r
     return y + (x.reshape(-1, K).double() @ s.t()).view(*x.shape[:-1], N)
 
 
+def _lora_factors(adapter, bits_hi: int, group_a: int, group_b: int):
+    """Dequantized ``A [r, K]`` (hi rows, then lo rows) and ``B'^T [r, N]`` of the 12 adapter tensors."""
+    parts = [dequantize(*adapter[3 * i: 3 * i + 3], bits, G) for i, (bits, G) in
+             enumerate(((bits_hi, group_a), (bits_hi, group_b), (1, group_a), (1, group_b)))]
+    return torch.cat([parts[0], parts[2]], 0), torch.cat([parts[1], parts[3]], 0)
+
+
+def lora_delta(x, adapter, bits_hi: int, group_a: int, group_b: int, scale: float, xhat=None) -> torch.Tensor:
+    """``scale * (x A^T) B'^T`` in fp64 (x: ``[..., K]``), the adapter's contribution. ``xhat`` replaces x
+    in the shrink (the int8 model)."""
+    A, Bt = _lora_factors(adapter, bits_hi, group_a, group_b)
+    K = A.shape[1]
+    xs = (x if xhat is None else xhat).reshape(-1, K).double()
+    t = xs @ A.double().t()
+    return (scale * (t @ Bt.double())).view(*x.shape[:-1], Bt.shape[1])
+
+
+def lora_mixed(x, base, adapter, bits_hi: int, group_a: int, group_b: int, scale: float) -> torch.Tensor:
+    """``base + scale * ((x A_hi^T) B_hi'^T + (x A_lo^T) B_lo'^T)`` in fp32, cast to base's dtype."""
+    check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
+    return (base.float() + lora_delta(x.float(), adapter, bits_hi, group_a, group_b, scale).float()).to(base.dtype)
+
+
+def lora_mixed_int8_act(x, base, adapter, bits_hi: int, group_a: int, group_b: int, scale: float) -> torch.Tensor:
+    """Exact model (fp64) of the CPU lora_mixed: the shrink on the int8 activations of
+    :func:`quantize_activations_int8` (group ``group_a``), everything else exact."""
+    check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
+    xhat = quantize_activations_int8(x, group_a)
+    return base.double() + lora_delta(x, adapter, bits_hi, group_a, group_b, scale, xhat=xhat)
+
+
+def quant_matmul_lora(x, qweight, scales, zeros, bits: int, group_size: int, bias, adapter, bits_hi: int,
+                      group_a: int, group_b: int, scale: float) -> torch.Tensor:
+    """``x @ W^T (+ bias) + scale * (x A^T) B'^T``: a quantized layer and its compressed adapter, in fp32."""
+    check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
+                            scale)
+    y = quant_matmul(x.float(), qweight, scales, zeros, bits, group_size, bias)
+    return (y + lora_delta(x.float(), adapter, bits_hi, group_a, group_b, scale).float()).to(x.dtype)
+
+
+def quant_matmul_lora_int8_act(x, qweight, scales, zeros, bits: int, group_size: int, bias, adapter, bits_hi: int,
+                               group_a: int, group_b: int, scale: float) -> torch.Tensor:
+    """Exact model (fp64) of the CPU quant_matmul_lora."""
+    check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
+                            scale)
+    y = quant_matmul_int8_act(x, qweight, scales, zeros, bits, group_size, bias)
+    xhat = quantize_activations_int8(x, group_a)
+    return y + lora_delta(x, adapter, bits_hi, group_a, group_b, scale, xhat=xhat)
+
+
 # Any device without a dedicated kernel runs the reference.
 lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
 lib.impl("dequantize", dequantize, "CompositeExplicitAutograd")
 lib.impl("gwq_matmul", gwq_matmul, "CompositeExplicitAutograd")
+lib.impl("lora_mixed", lora_mixed, "CompositeExplicitAutograd")
+lib.impl("quant_matmul_lora", quant_matmul_lora, "CompositeExplicitAutograd")

@@ -10,7 +10,8 @@ import torch
 
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-__all__ = ["lib", "check_gwq_matmul", "check_outliers", "check_quant_matmul", "check_qweight", "ACT_DTYPES"]
+__all__ = ["lib", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
+           "check_quant_matmul_lora", "check_qweight", "ACT_DTYPES", "LORA_PARTS"]
 
 lib = torch.library.Library("lorakern", "DEF")
 
@@ -24,6 +25,18 @@ lib.define("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int bits, in
 lib.define(
     "gwq_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
     "Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None) -> Tensor"
+)
+
+# A compressed (LoRAQuant) adapter travels as 12 tensors, three per part (packed codes, fp16 scales, fp16
+# zeros): A_hi [h, K], B'^T_hi [h, N], A_lo [r-h, K], B'^T_lo [r-h, N]. Empty parts have 0 rows.
+LORA_PARTS = ("a_hi", "b_hi", "a_lo", "b_lo")
+lib.define(
+    "lora_mixed(Tensor x, Tensor base, Tensor[] adapter, int bits_hi, int group_a, int group_b, float scale) "
+    "-> Tensor"
+)
+lib.define(
+    "quant_matmul_lora(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+    "Tensor? bias, Tensor[] adapter, int bits_hi, int group_a, int group_b, float scale) -> Tensor"
 )
 
 
@@ -96,6 +109,77 @@ def check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_i
     N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
     return N, K
+
+
+def check_lora(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int, device) -> tuple[int, int]:
+    """Validate a compressed adapter's 12 tensors against an ``[N, K]`` layer; return ``(h, r)``."""
+    if len(adapter) != 12:
+        raise ValueError(f"lorakern: a compressed adapter is 12 tensors (3 per part {LORA_PARTS}), got {len(adapter)}")
+    if bits_hi not in (2, 3, 4, 8):
+        raise ValueError(f"lorakern: bits_hi must be 2, 3, 4 or 8, got {bits_hi}")
+    rows = {}
+    for i, part in enumerate(LORA_PARTS):
+        q, sc, z = adapter[3 * i: 3 * i + 3]
+        bits = bits_hi if part.endswith("hi") else 1
+        G = group_a if part.startswith("a") else group_b
+        try:
+            n, k = check_qweight(q, sc, z, bits, G)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"lorakern: adapter part {part}: {str(e).removeprefix('lorakern: ')}") from None
+        want = K if part.startswith("a") else N
+        if k != want:
+            raise ValueError(f"lorakern: adapter part {part} has {k} columns, expected {want} "
+                             f"({'in' if part.startswith('a') else 'out'}_features)")
+        if q.device != device:
+            raise ValueError(f"lorakern: adapter part {part} is on {q.device}, expected {device}")
+        rows[part] = n
+    if rows["a_hi"] != rows["b_hi"] or rows["a_lo"] != rows["b_lo"]:
+        raise ValueError(f"lorakern: adapter parts disagree on their ranks: {rows}")
+    return rows["a_hi"], rows["a_hi"] + rows["a_lo"]
+
+
+def _check_scale(scale: float) -> None:
+    if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+        raise ValueError(f"lorakern: scale must be a finite number, got {scale!r}")
+
+
+def check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale) -> tuple[int, int]:
+    """Validate lora_mixed's arguments; return (N, K)."""
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"lorakern: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if base.dtype != x.dtype:
+        raise TypeError(f"lorakern: base must have x's dtype {x.dtype}, got {base.dtype}")
+    if x.dim() < 1 or base.dim() != x.dim() or base.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"lorakern: base {tuple(base.shape)} must be x {tuple(x.shape)} with a new last dimension")
+    if base.device != x.device:
+        raise ValueError(f"lorakern: base is on {base.device} but x is on {x.device}")
+    N, K = base.shape[-1], x.shape[-1]
+    check_lora(adapter, bits_hi, group_a, group_b, N, K, x.device)
+    _check_scale(scale)
+    return N, K
+
+
+def check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
+                            group_b, scale) -> tuple[int, int]:
+    """Validate quant_matmul_lora's arguments; return (N, K)."""
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    check_lora(adapter, bits_hi, group_a, group_b, N, K, x.device)
+    _check_scale(scale)
+    return N, K
+
+
+@torch.library.register_fake("lorakern::lora_mixed")
+def _lora_mixed_fake(x, base, adapter, bits_hi, group_a, group_b, scale):
+    check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
+    return torch.empty_like(base)
+
+
+@torch.library.register_fake("lorakern::quant_matmul_lora")
+def _quant_matmul_lora_fake(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
+                            group_b, scale):
+    N, _ = check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi,
+                                   group_a, group_b, scale)
+    return x.new_empty((*x.shape[:-1], N))
 
 
 @torch.library.register_fake("lorakern::gwq_matmul")

@@ -169,6 +169,34 @@ class CompressedLoRA:
         B, A = self.factors()
         return self.scale * (B @ A)
 
+    @property
+    def bits_high(self) -> int:
+        """Bits of the high part (2 when it is empty)."""
+        return self.a_hi.bits if self.a_hi is not None else 2
+
+    @property
+    def group_sizes(self) -> tuple[int, int]:
+        """``(group of A along k, group of B'^T along d)``."""
+        a = self.a_hi if self.a_hi is not None else self.a_lo
+        b = self.b_hi if self.b_hi is not None else self.b_lo
+        return (a.group_size, b.group_size) if a is not None else (lora_group_size(self.shape[1]),
+                                                                   lora_group_size(self.shape[0]))
+
+    def op_tensors(self, device=None) -> list[torch.Tensor]:
+        """The 12 tensors the ops take (``torch.ops.lorakern.lora_mixed``): packed codes, scales and zeros of
+        a_hi, b_hi, a_lo, b_lo; an empty part becomes 0-row tensors of the right widths."""
+        d, k = self.shape
+        ga, gb = self.group_sizes
+        out = []
+        for w, bits, cols, G in ((self.a_hi, self.bits_high, k, ga), (self.b_hi, self.bits_high, d, gb),
+                                 (self.a_lo, 1, k, ga), (self.b_lo, 1, d, gb)):
+            if w is None:
+                out += [torch.empty(0, cols * bits // 8, dtype=torch.uint8),
+                        torch.empty(0, cols // G, dtype=torch.float16), torch.empty(0, cols // G, dtype=torch.float16)]
+            else:
+                out += [w.qweight, w.scales, w.zeros]
+        return [t.to(device) for t in out] if device is not None else out
+
     def bits_per_param(self) -> float:
         """Stored bits (codes, scales, zeros of all four parts) per adapter parameter r(d + k)."""
         d, k = self.shape

@@ -58,6 +58,16 @@ typedef struct {
   int64_t nnz;
 } lk_outliers;
 
+/* A LoRAQuant-compressed LoRA adapter of a layer W[N, K] (docs/formats.md):
+ * delta = scale * (A_hi^T B_hi + A_lo^T B_lo), i.e. y += scale * ((x A_hi^T) B_hi + (x A_lo^T) B_lo),
+ * with A_hi [h, K] (2/3/4/8 bits), A_lo [r-h, K] (1 bit), groups along K; B_hi [h, N]
+ * and B_lo [r-h, N] are B' transposed, groups along N. A part with 0 rows may have
+ * null pointers. A_hi and A_lo share a group size, as do B_hi and B_lo. */
+typedef struct {
+  lk_qweight a_hi, b_hi, a_lo, b_lo;
+  float scale;
+} lk_lora;
+
 LK_API const char* lk_version(void);
 LK_API const char* lk_status_string(lk_status s);
 LK_API const char* lk_isa_name(lk_isa isa);
@@ -87,6 +97,21 @@ LK_API lk_status lk_quant_matmul(const void* x, lk_dtype x_dtype, int64_t M,
 LK_API lk_status lk_gwq_matmul(const void* x, lk_dtype x_dtype, int64_t M,
                                const lk_qweight* w, const lk_outliers* outliers,
                                const float* bias, void* y, int num_threads);
+
+/* y[M, N] = base[M, N] + the adapter's contribution (lk_lora): the shrink over
+ * A_hi and A_lo in one pass on int8 activations (quantized as in lk_quant_matmul,
+ * group size of A), an fp32 intermediate t[M, r], then the expand over B_hi and
+ * B_lo dequantized in fp32 tiles. x, base and y have dtype x_dtype; base may be
+ * y itself, or null for zero. */
+LK_API lk_status lk_lora_mixed(const void* x, lk_dtype x_dtype, int64_t M, const lk_lora* lora,
+                               const void* base, void* y, int num_threads);
+
+/* y[M, N] = x @ W^T (+ bias) + the adapter's contribution: lk_quant_matmul and
+ * lk_lora_mixed in one call (one parallel region; each thread adds the expand
+ * into the output columns it has just computed). */
+LK_API lk_status lk_quant_matmul_lora(const void* x, lk_dtype x_dtype, int64_t M,
+                                      const lk_qweight* w, const float* bias,
+                                      const lk_lora* lora, void* y, int num_threads);
 
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);

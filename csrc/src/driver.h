@@ -1,0 +1,31 @@
+// Internal: what the C ABI entry points share (argument checks, thread counts, ISA
+// dispatch, activation conversion and quantization). Defined in quant_matmul.cpp.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "lorakern/lorakern.h"
+
+namespace lk {
+
+lk_status check_weight(const lk_qweight* w);  // pointers, bits, group size, N >= 0, K % G == 0
+int threads_for(int requested);                // 0 -> the OpenMP default
+
+using RowsFn = void (*)(const QmmProblem&, int64_t, int64_t);
+RowsFn rows_fn(lk_isa isa);
+
+// x [M, K] as fp32 (converted from fp16/bf16 if needed) and its int8 quantization
+// for group size G (quantize_activations).
+struct Activations {
+  int64_t M = 0, K = 0;
+  int G = 0;
+  const float* x32 = nullptr;
+  std::vector<float> xf;
+  std::vector<int8_t> xq;
+  std::vector<float> xs, xsum;
+  void load(const void* x, lk_dtype x_dtype, int64_t M, int64_t K);
+  void quantize(int G);
+};
+
+}  // namespace lk

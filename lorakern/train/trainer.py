@@ -1,0 +1,221 @@
+"""A small LoRA trainer for the adapter suite (CPU, minutes per adapter).
+
+LoRA on every attention and MLP projection (q/k/v/o/gate/up/down) of a LLaMA-style
+Hugging Face model, PEFT's initialisation (A Kaiming-uniform, B zero), AdamW,
+fixed seeds, a progress bar. The result is a :class:`~lorakern.adapters.LoraAdapter`
+with a PEFT config, saved with :func:`~lorakern.adapters.save_peft_adapter` in the
+format PEFT itself loads.
+"""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.peft_io import LoraAdapter, LoraLayer
+from .tasks import Task
+
+__all__ = ["DEFAULT_TARGETS", "TrainConfig", "exact_match", "peft_config", "train_lm_adapter", "train_task_adapter"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_task_adapter` / :func:`train_lm_adapter`.
+
+    ``scale = alpha / rank`` as in PEFT. ``targets`` are module-name suffixes.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 10
+    seed: int = 0
+    seq_len: int = 256  # language-modelling windows
+
+    def __post_init__(self):
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.alpha <= 0 or self.lr <= 0:
+            raise ValueError(f"invalid training config {self}")
+
+
+class _TrainableLoRA(nn.Module):
+    """``base(x) + scale * (x A^T) B^T`` with trainable A ``[r, in]`` and B ``[out, r]``."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, gen: torch.Generator):
+        super().__init__()
+        self.base, self.scale = base, scale
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5)), as PEFT and nn.Linear
+        self.A = nn.Parameter((torch.rand(rank, base.in_features, generator=gen) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+
+def _target_names(model: nn.Module, targets) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not names:
+        raise ValueError(f"no nn.Linear named {targets} in the model")
+    return names
+
+
+@contextmanager
+def _lora_injected(model: nn.Module, cfg: TrainConfig):
+    """Swap the target Linears for trainable LoRA wrappers; restore them on exit."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    swapped = {}
+    for name in _target_names(model, cfg.targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        setattr(parent, child, _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
+        swapped[name] = (parent, child, base)
+    try:
+        yield {n: getattr(p, c) for n, (p, c, _) in swapped.items()}
+    finally:
+        for parent, child, base in swapped.values():
+            setattr(parent, child, base)
+
+
+def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **extra) -> dict:
+    """The ``adapter_config.json`` PEFT writes for this LoRA."""
+    out = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+           "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
+           "target_modules": sorted(cfg.targets), "fan_in_fan_out": False, "inference_mode": True,
+           "use_rslora": False, "init_lora_weights": True, "modules_to_save": None}
+    out.update(extra)
+    return out
+
+
+def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_config: dict) -> LoraAdapter:
+    was_training = model.training
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    try:
+        with _lora_injected(model, cfg) as mods:
+            params = [p for m in mods.values() for p in (m.A, m.B)]
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
+                * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+            model.train()
+            bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
+            ema = None
+            for step in bar:
+                loss = loss_fn(step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                v = float(loss.detach())
+                ema = v if ema is None else 0.9 * ema + 0.1 * v
+                bar.set_postfix(loss=f"{ema:.3f}")
+            adapter = LoraAdapter(peft_config(cfg, **extra_config))
+            for name, m in mods.items():
+                adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
+    finally:
+        model.train(was_training)
+        for n, p in model.named_parameters():
+            p.requires_grad_(req[n])
+    return adapter
+
+
+def _encode_pairs(tok, task: Task, pairs):
+    """Token ids of prompt + answer (+ newline) and the answer positions' labels, right-padded."""
+    seqs, labels = [], []
+    for x, y in pairs:
+        p = tok(task.prompt(x), add_special_tokens=False).input_ids
+        a = tok(f" {y}\n", add_special_tokens=False).input_ids
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    L = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs])
+    lab = torch.tensor([s + [-100] * (L - len(s)) for s in labels])
+    mask = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    return ids, lab, mask
+
+
+def _answer_loss(model, ids, labels, mask):
+    """Next-token cross entropy on the answer tokens only (the LM head runs on those positions alone)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    tgt = labels[:, 1:]
+    sel = tgt != -100
+    logits = model.lm_head(hidden[:, :-1][sel])
+    return nn.functional.cross_entropy(logits.float(), tgt[sel])
+
+
+def train_task_adapter(model, tokenizer, task: Task, cfg: TrainConfig | None = None, progress: bool = True,
+                       data_seed: int = 1_000_003) -> LoraAdapter:
+    """Train a LoRA adapter on freshly generated examples of ``task`` (a new batch every step).
+
+    Training examples come from seeds ``data_seed + step`` (evaluation uses other seeds,
+    see :func:`exact_match`). Returns the adapter; the model is left unchanged.
+    """
+    cfg = cfg or TrainConfig()
+
+    def loss_fn(step):
+        pairs = task.examples(cfg.batch_size, data_seed + 7919 * cfg.seed + step)
+        return _answer_loss(model, *_encode_pairs(tokenizer, task, pairs))
+    return _train(model, cfg, loss_fn, f"train {task.name}", progress,
+                  {"lorakern_task": task.name, "lorakern_description": task.description})
+
+
+def train_lm_adapter(model, tokenizer, text: str, cfg: TrainConfig | None = None, progress: bool = True,
+                     name: str = "wikitext") -> LoraAdapter:
+    """Train a language-modelling LoRA adapter on random ``cfg.seq_len``-token windows of ``text``."""
+    cfg = cfg or TrainConfig(batch_size=4)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() - cfg.seq_len - 1
+    if n <= 0:
+        raise ValueError(f"text has {ids.numel()} tokens; need more than seq_len={cfg.seq_len}")
+    rng = random.Random(cfg.seed)
+
+    def loss_fn(step):
+        starts = [rng.randrange(n) for _ in range(cfg.batch_size)]
+        batch = torch.stack([ids[s:s + cfg.seq_len + 1] for s in starts])
+        logits = model(input_ids=batch[:, :-1]).logits
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+    return _train(model, cfg, loss_fn, f"train {name}", progress,
+                  {"lorakern_task": name, "lorakern_description": "language modelling on WikiText-2 valid.txt"})
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, batch_size: int = 50,
+                progress: bool = False) -> float:
+    """Fraction of ``n`` held-out examples (seeds disjoint from training) whose greedy answer is exact."""
+    pairs = task.examples(n, seed)
+    max_new = max(len(tokenizer(f" {y}\n", add_special_tokens=False).input_ids) for _, y in pairs) + 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    nl = tokenizer("\n", add_special_tokens=False).input_ids[-1]
+    correct = 0
+    was_training = model.training
+    model.eval()
+    for i in tqdm(range(0, n, batch_size), desc=f"eval {task.name}", disable=not progress, leave=False):
+        chunk = pairs[i:i + batch_size]
+        prompts = [tokenizer(task.prompt(x), add_special_tokens=False).input_ids for x, _ in chunk]
+        L = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad, eos_token_id=nl)
+        for (x, y), gen in zip(chunk, out[:, L:].tolist()):
+            text = tokenizer.decode(gen, skip_special_tokens=True).split("\n")[0].strip()
+            correct += text == y
+    model.train(was_training)
+    return correct / n
