@@ -1,6 +1,7 @@
 // Thin pybind11 bindings over the C ABI. No torch: tensors arrive as raw
 // addresses plus sizes; lorakern/ops/cpu.py validates them before calling.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
@@ -20,6 +21,17 @@ lk_qweight make_qweight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, in
   return lk_qweight{reinterpret_cast<const uint8_t*>(qweight),
                     reinterpret_cast<const uint16_t*>(scales),
                     reinterpret_cast<const uint16_t*>(zeros), N, K, bits, group_size};
+}
+
+// An adapter as 4 parts x (qweight, scales, zeros, rows, cols, bits, group_size), flattened.
+lk_lora make_lora(const std::vector<int64_t>& v, float scale) {
+  if (v.size() != 28) throw std::invalid_argument("an adapter is 4 parts x 7 fields");
+  lk_qweight q[4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t* f = v.data() + 7 * i;
+    q[i] = make_qweight((uintptr_t)f[0], (uintptr_t)f[1], (uintptr_t)f[2], f[3], f[4], (int)f[5], (int)f[6]);
+  }
+  return lk_lora{q[0], q[1], q[2], q[3], scale};
 }
 
 lk_isa isa_from_name(const std::string& name) {
@@ -97,4 +109,38 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("N"), py::arg("K"),
       py::arg("bits"), py::arg("group_size"), py::arg("out"), py::arg("num_threads") = 0);
+  m.def(
+      "lora_mixed",
+      [](uintptr_t x, int x_dtype, int64_t M, const std::vector<int64_t>& parts, float scale, uintptr_t base,
+         uintptr_t y, int num_threads) {
+        const lk_lora l = make_lora(parts, scale);
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_lora_mixed(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, M, &l,
+                            reinterpret_cast<const void*>(base), reinterpret_cast<void*>(y), num_threads);
+        }
+        check(s, "lk_lora_mixed");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("parts"), py::arg("scale"), py::arg("base"),
+      py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
+      "quant_matmul_lora",
+      [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N,
+         int64_t K, int bits, int group_size, uintptr_t bias, const std::vector<int64_t>& parts, float scale,
+         uintptr_t y, int num_threads) {
+        const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
+        const lk_lora l = make_lora(parts, scale);
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_quant_matmul_lora(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, M, &w,
+                                   reinterpret_cast<const float*>(bias), &l, reinterpret_cast<void*>(y),
+                                   num_threads);
+        }
+        check(s, "lk_quant_matmul_lora");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("parts"),
+      py::arg("scale"), py::arg("y"), py::arg("num_threads") = 0);
 }

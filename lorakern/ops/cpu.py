@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._native import native
-from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul
+from .schemas import check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu"]
+__all__ = ["quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu", "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -65,6 +65,48 @@ def dequantize_cpu(qweight, scales, zeros, bits, group_size):
     return out
 
 
+def _lora_parts(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int):
+    """The 28 fields (4 parts x qweight, scales, zeros, rows, cols, bits, group) the C++ binding takes, and the
+    contiguous tensors they point into (kept alive by the caller)."""
+    fields, keep = [], []
+    for i, (bits, G, cols) in enumerate(((bits_hi, group_a, K), (bits_hi, group_b, N), (1, group_a, K),
+                                         (1, group_b, N))):
+        q, s, z = (t.contiguous() for t in adapter[3 * i: 3 * i + 3])
+        keep += [q, s, z]
+        fields += [q.data_ptr(), s.data_ptr(), z.data_ptr(), q.shape[0], cols, bits, G]
+    return fields, keep
+
+
+def lora_mixed_cpu(x, base, adapter, bits_hi, group_a, group_b, scale):
+    N, K = check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
+    x2 = x.reshape(-1, K).contiguous()
+    b2 = base.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M and N:
+        fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+        native().lora_mixed(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, fields, float(scale), b2.data_ptr(),
+                            y.data_ptr(), torch.get_num_threads())
+    return y.view(base.shape)
+
+
+def quant_matmul_lora_cpu(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
+                          scale):
+    N, K = check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
+                                   group_b, scale)
+    x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M and N:
+        fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+        native().quant_matmul_lora(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
+                                   zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
+                                   fields, float(scale), y.data_ptr(), torch.get_num_threads())
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+torch.library.register_kernel("lorakern::lora_mixed", "cpu", lora_mixed_cpu)
+torch.library.register_kernel("lorakern::quant_matmul_lora", "cpu", quant_matmul_lora_cpu)
 torch.library.register_kernel("lorakern::quant_matmul", "cpu", quant_matmul_cpu)
 torch.library.register_kernel("lorakern::dequantize", "cpu", dequantize_cpu)
 torch.library.register_kernel("lorakern::gwq_matmul", "cpu", gwq_matmul_cpu)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .schemas import check_gwq_matmul, check_qweight, check_quant_matmul
+from .schemas import check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda"]
+__all__ = ["quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
 
 
 def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
@@ -26,6 +26,23 @@ def dequantize_cuda(qweight, scales, zeros, bits, group_size):
     return dequantize_triton(qweight, scales, zeros, bits, group_size)
 
 
+def lora_mixed_cuda(x, base, adapter, bits_hi, group_a, group_b, scale):
+    check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
+    from ..triton.lora_mixed import lora_mixed_triton
+    return lora_mixed_triton(x, base, adapter, bits_hi, group_a, group_b, scale)
+
+
+def quant_matmul_lora_cuda(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
+                           scale):
+    check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
+                            scale)
+    from ..triton.lora_mixed import quant_matmul_lora_triton
+    return quant_matmul_lora_triton(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
+                                    group_b, scale)
+
+
+torch.library.register_kernel("lorakern::lora_mixed", "cuda", lora_mixed_cuda)
+torch.library.register_kernel("lorakern::quant_matmul_lora", "cuda", quant_matmul_lora_cuda)
 torch.library.register_kernel("lorakern::quant_matmul", "cuda", quant_matmul_cuda)
 torch.library.register_kernel("lorakern::dequantize", "cuda", dequantize_cuda)
 torch.library.register_kernel("lorakern::gwq_matmul", "cuda", gwq_matmul_cuda)

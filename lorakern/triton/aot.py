@@ -41,6 +41,16 @@ def jobs(quick: bool = False):
         for cfg in CONFIGS:
             for dt in (("fp16", "bf16", "fp32") if bits == 4 else ("fp16",)):
                 out.append(("gwq_matmul", dict(bits=bits, G=128, config=cfg, dtype=dt)))
+    # compressed LoRA: shrink per part (high bits, and the 1-bit low part), expand over both parts
+    ranks = (16,) if quick else (16, 64)
+    for bits in ((2, 1) if quick else (1, 2, 3, 4, 8)):
+        for G in ((128,) if quick else (32, 64, 128)):
+            for M in (1, 64):
+                for R in (ranks if G == 128 else (16,)):
+                    for dt in (("fp16", "bf16", "fp32") if (bits, G, M, R) == (2, 128, 1, 16) else ("fp16",)):
+                        out.append(("lora_shrink", dict(bits=bits, G=G, M=M, R=R, dtype=dt)))
+                    if bits != 1:
+                        out.append(("lora_expand", dict(bits=bits, G=G, M=M, R=R, dtype="fp16")))
     return out
 
 
@@ -89,6 +99,30 @@ def compile_one(args):
                      "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": qm.BLOCK_K,
                      "DOT_FP32": dt == "fp32"}
             fn, opts = qm.quant_matmul_kernel, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        elif kernel == "lora_shrink":
+            from . import lora_mixed as lm
+            dt = params["dtype"]
+            sig = {"x_ptr": _DT[dt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "t_ptr": "*fp32",
+                   "M": "i32", "R": "i32", "K": "i32", "row_bytes": "i32", "stride_xm": "i32", "stride_tm": "i32",
+                   "t_col0": "i32", "BITS": "constexpr", "G": "constexpr", "BLOCK_M": "constexpr",
+                   "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+            const = {"BITS": bits, "G": G, "BLOCK_M": lm.block_m(params["M"]), "BLOCK_R": lm.block_r(params["R"]),
+                     "BLOCK_K": lm.shrink_block_k(G), "DOT_FP32": dt == "fp32"}
+            fn, opts = lm.lora_shrink_kernel, dict(num_warps=4)
+        elif kernel == "lora_expand":
+            from . import lora_mixed as lm
+            dt = params["dtype"]
+            sig = {"t_ptr": "*fp32", "base_ptr": _DT[dt], "y_ptr": _DT[dt], "qh_ptr": "*u8", "sh_ptr": "*fp16",
+                   "zh_ptr": "*fp16", "ql_ptr": "*u8", "sl_ptr": "*fp16", "zl_ptr": "*fp16", "M": "i32", "N": "i32",
+                   "H": "i32", "RL": "i32", "rb_hi": "i32", "rb_lo": "i32", "stride_tm": "i32", "stride_bm": "i32",
+                   "stride_ym": "i32", "scale": "fp32", "BITS_HI": "constexpr", "G": "constexpr",
+                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_RH": "constexpr", "BLOCK_RL": "constexpr",
+                   "HAS_HI": "constexpr", "HAS_LO": "constexpr", "HAS_BASE": "constexpr"}
+            R = params["R"]
+            const = {"BITS_HI": bits, "G": G, "BLOCK_M": lm.block_m(params["M"]), "BLOCK_N": lm.expand_block_n(G),
+                     "BLOCK_RH": lm.block_r(R // 4), "BLOCK_RL": lm.block_r(R - R // 4), "HAS_HI": True,
+                     "HAS_LO": True, "HAS_BASE": True}
+            fn, opts = lm.lora_expand_kernel, dict(num_warps=4)
         else:
             sig = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32", "N": "i32", "K": "i32",
                    "row_bytes": "i32", "BITS": "constexpr", "G": "constexpr", "BLOCK_N": "constexpr"}
@@ -126,7 +160,8 @@ def main(argv=None) -> int:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['kernel']:13} {r['arch']:6} {r['bits']:>4} {r['G']:>4} {r.get('config', '-'):7} "
+        cfg = r.get("config") or (f"M{r['M']}R{r['R']}" if "R" in r else "-")
+        print(f"{r['kernel']:13} {r['arch']:6} {r['bits']:>4} {r['G']:>4} {cfg:7} "
               f"{r.get('dtype', 'fp32'):5} {r.get('registers', -1):>4} {r.get('spill_stores', -1):>5} "
               f"{r.get('shared_bytes', -1):>6} {str(r.get('mma', '-')):>4}  {'ok' if r['ok'] else 'FAIL ' + r['error']}")
     bad = [r for r in rows if not r["ok"]]
