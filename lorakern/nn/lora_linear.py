@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.cpu import lora_mixed_cpu, quant_matmul_lora_cpu
 from ..quant.loraquant import CompressedLoRA
 from .quant_linear import QuantLinear
 
@@ -68,6 +69,11 @@ class LoRALinear(nn.Module):
             return self.base(x) + (t @ self.lora_B.to(x.dtype).t()) * self.scale
         args = (self.adapter_tensors(), self.bits_high, self.group_a, self.group_b, self.scale)
         b = self.base
+        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager CPU: the kernels without the dispatcher round trip (as QuantLinear does)
+            if type(b) is QuantLinear:
+                return quant_matmul_lora_cpu(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size, b.bias, *args)
+            return lora_mixed_cpu(x, b(x), *args)
         if type(b) is QuantLinear:
             return torch.ops.lorakern.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size,
                                                         b.bias, *args)

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.packing import SUPPORTED_GROUP_SIZES
+from ..formats.packing import SUPPORTED_GROUP_SIZES, pack_codes
 from ..formats.quantized import QuantizedWeight
 from .rtn import quantize_rtn, quantize_sign, round_codes, rtn_params
 
-__all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "refine_high", "svd_reparameterize"]
+__all__ = ["CompressedLoRA", "choose_h", "compress_lora", "lora_group_size", "refine_high", "rtn_lora",
+           "svd_reparameterize"]
 
 
 def svd_reparameterize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,3 +231,24 @@ def compress_lora(B: torch.Tensor, A: torch.Tensor, rho: float = 0.9, bits_high:
     a_lo = quantize_sign(Ap[h:], gk) if h < r else None
     b_lo = quantize_sign(Bt[h:], gd) if h < r else None
     return CompressedLoRA(a_hi, b_hi, a_lo, b_lo, (d, k), r, h, float(scale))
+
+
+def rtn_lora(B: torch.Tensor, A: torch.Tensor, bits: int, group_size: int = 128, scale: float = 1.0) -> CompressedLoRA:
+    """Baseline: plain round-to-nearest of the adapter's own factors (no SVD), A along its rows and
+    B down its columns, asymmetric min/max per group (range widened to include 0). ``bits`` 2/3/4/8
+    fill the high part (h = r); ``bits = 1`` fills the low part with two-level min/max codes
+    (``w = s (q - z)``, not LoRAQuant's sign * mean|w|)."""
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"expected B [d, r] and A [r, k], got {tuple(B.shape)} and {tuple(A.shape)}")
+    d, r = B.shape
+    k = A.shape[1]
+    gd, gk = lora_group_size(d, group_size), lora_group_size(k, group_size)
+    Bt = B.detach().float().t().contiguous()
+    Af = A.detach().float().contiguous()
+    if bits == 1:
+        def q1(w, G):
+            s, z = rtn_params(w, 1, G)
+            return QuantizedWeight(pack_codes(round_codes(w, s, z, 1), 1, G), s.contiguous(), z.contiguous(), 1, G)
+        return CompressedLoRA(None, None, q1(Af, gk), q1(Bt, gd), (d, k), r, 0, float(scale))
+    return CompressedLoRA(quantize_rtn(Af, bits, gk), quantize_rtn(Bt, bits, gd), None, None, (d, k), r, r,
+                          float(scale))
