@@ -207,3 +207,19 @@ def test_lora_bad_calls_are_refused(rng):
         op(x, base, ad, 2, 128, 128, float("nan"))
     with pytest.raises(ValueError, match="group_size"):
         op(x, base, ad, 2, 96, 128, 1.0)
+
+
+def test_lora_linear_revalidates_replaced_buffers(rng):
+    """The eager fast path validates the adapter once; replaced buffers are validated again."""
+    N, K = 128, 256
+    c = random_compressed(N, K, 8, 3, 2, 128, 128, rng)
+    layer = LoRALinear(QuantLinear(random_qweight(N, K, 4, 128, rng)), c)
+    x = torch.randn(2, K, generator=rng)
+    y = layer(x)
+    layer.lora_6 = layer.lora_6[:, :8].clone()  # a_lo codes cut short
+    with pytest.raises(ValueError, match="a_lo"):
+        layer(x)
+    layer.lora_6 = c.op_tensors()[6].clone()
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="last dimension"):
+        layer(torch.randn(2, K + 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.cpu import lora_mixed_cpu, quant_matmul_lora_cpu
+from ..ops.cpu import PreparedLoRA
 from ..quant.loraquant import CompressedLoRA
 from .quant_linear import QuantLinear
 
@@ -33,6 +33,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, adapter, dtype: torch.dtype = torch.float16):
         super().__init__()
         self.base = base
+        self._prepared = None
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(adapter, CompressedLoRA):
             if adapter.shape != (self.out_features, self.in_features):
@@ -70,10 +71,15 @@ class LoRALinear(nn.Module):
         args = (self.adapter_tensors(), self.bits_high, self.group_a, self.group_b, self.scale)
         b = self.base
         if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # eager CPU: the kernels without the dispatcher round trip (as QuantLinear does)
+            # eager CPU: the kernels without the dispatcher round trip, the adapter validated once (and again
+            # whenever its buffers are replaced, e.g. by .to())
+            if self._prepared is None or not self._prepared.matches(args[0]):
+                self._prepared = PreparedLoRA(args[0], self.bits_high, self.group_a, self.group_b,
+                                              self.out_features, self.in_features, self.scale)
             if type(b) is QuantLinear:
-                return quant_matmul_lora_cpu(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size, b.bias, *args)
-            return lora_mixed_cpu(x, b(x), *args)
+                return self._prepared.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size,
+                                                        b.bias)
+            return self._prepared.lora_mixed(x, b(x))
         if type(b) is QuantLinear:
             return torch.ops.lorakern.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size,
                                                         b.bias, *args)

@@ -6,7 +6,8 @@ import torch
 from .._native import native
 from .schemas import check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu", "quant_matmul_lora_cpu"]
+__all__ = ["PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
+           "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -79,12 +80,18 @@ def _lora_parts(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: in
 
 def lora_mixed_cpu(x, base, adapter, bits_hi, group_a, group_b, scale):
     N, K = check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
-    x2 = x.reshape(-1, K).contiguous()
-    b2 = base.reshape(-1, N).contiguous()
+    fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+    return _lora_mixed_run(x, base, N, K, fields, scale)
+
+
+def _lora_mixed_run(x, base, N, K, fields, scale):
+    x2 = x.reshape(-1, K)
+    b2 = base.reshape(-1, N)
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    b2 = b2 if b2.is_contiguous() else b2.contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
-        fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
         native().lora_mixed(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, fields, float(scale), b2.data_ptr(),
                             y.data_ptr(), torch.get_num_threads())
     return y.view(base.shape)
@@ -94,15 +101,61 @@ def quant_matmul_lora_cpu(x, qweight, scales, zeros, bits, group_size, bias, ada
                           scale):
     N, K = check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
                                    group_b, scale)
+    fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+    return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, fields, scale)
+
+
+def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, fields, scale):
     x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
-        fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
         native().quant_matmul_lora(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
                                    zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
                                    fields, float(scale), y.data_ptr(), torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+class PreparedLoRA:
+    """A compressed adapter validated once, for repeated eager CPU calls (LoRALinear's fast path).
+
+    Holds the 12 tensors (contiguous) and the field list the C++ binding takes. Each call
+    then checks only the activations (and the base weight, which QuantLinear checks anyway).
+    ``matches(tensors)`` says whether it was built from these very tensor objects.
+    """
+
+    def __init__(self, adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int, scale: float):
+        from .schemas import _check_scale, check_lora
+        check_lora(adapter, bits_hi, group_a, group_b, N, K, torch.device("cpu"))
+        _check_scale(scale)
+        self.source = list(adapter)
+        self.N, self.K, self.scale = N, K, float(scale)
+        self.fields, self._keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+
+    def matches(self, adapter) -> bool:
+        return len(adapter) == len(self.source) and all(a is b for a, b in zip(adapter, self.source))
+
+    def _check_x(self, x):
+        if x.dtype not in _DTYPE_CODE:
+            raise TypeError(f"lorakern: x must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.K:
+            raise ValueError(f"lorakern: x has shape {tuple(x.shape)}, expected last dimension K={self.K}")
+
+    def lora_mixed(self, x, base):
+        """``base + adapter(x)`` (base: ``[..., N]`` in x's dtype)."""
+        self._check_x(x)
+        if base.dtype != x.dtype or base.shape[:-1] != x.shape[:-1] or base.shape[-1] != self.N:
+            raise ValueError(f"lorakern: base {tuple(base.shape)} {base.dtype} does not match x {tuple(x.shape)} "
+                             f"{x.dtype} and N={self.N}")
+        return _lora_mixed_run(x, base, self.N, self.K, self.fields, self.scale)
+
+    def quant_matmul_lora(self, x, qweight, scales, zeros, bits, group_size, bias):
+        """``x W^T (+ bias) + adapter(x)`` in one call."""
+        N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+        if (N, K) != (self.N, self.K):
+            raise ValueError(f"lorakern: the adapter is for a {(self.N, self.K)} layer, the weight is {(N, K)}")
+        return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, self.fields,
+                                      self.scale)
 
 
 torch.library.register_kernel("lorakern::lora_mixed", "cpu", lora_mixed_cpu)
