@@ -108,3 +108,22 @@ def test_refinement_lowers_the_high_part_error(rng):
     refined = compress_lora(B, A, bits_high=2, h=4, refine_steps=300)
     assert hi_err(refined) < hi_err(plain)
     assert float((refined.delta() - ref).norm()) < float((plain.delta() - ref).norm())
+
+
+def test_rtn_baseline(rng):
+    from lorakern.quant import rtn_lora
+    B, A = random_adapter(256, 16, 384, rng)
+    ref = B @ A
+    errs = {}
+    for bits in (1, 2, 3, 4):
+        c = rtn_lora(B, A, bits, scale=1.0)
+        assert (c.h, c.rank) == ((0 if bits == 1 else 16), 16)
+        errs[bits] = float((c.delta() - ref).norm() / ref.norm())
+        if bits > 1:  # the factors themselves, group-wise RTN: each element within half a step
+            Bt, Af = c.b_hi.dequantize(), c.a_hi.dequantize()
+            step = c.a_hi.scales.float().repeat_interleave(128, 1)
+            assert ((Af - A).abs() <= step / 2 * 1.001 + 1e-6).all()
+            assert Bt.shape == (16, 256)
+    assert errs[4] < errs[3] < errs[2] < errs[1]
+    with pytest.raises(ValueError, match="expected B"):
+        rtn_lora(B, A.t(), 2)
