@@ -28,4 +28,7 @@ struct Activations {
   void quantize(int G);
 };
 
+// y (fp16 / bf16 bit patterns, n values) = y32 rounded to nearest even; no-op for LK_F32.
+void store_output(const float* y32, lk_dtype dtype, int64_t n, void* y);
+
 }  // namespace lk

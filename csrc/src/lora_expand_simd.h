@@ -1,6 +1,6 @@
 // The expand loop shared by every ISA path (compiled in each ISA's file, with its
 // flags). Per group of G output columns: the rows of B'^T (both parts) are
-// dequantized into an fp32 tile W[r, G] (Isa::dequant_group, in L1), then for
+// dequantized into an fp32 tile W[r, G] (dequant_group, in L1), then for
 // each token m, 32 columns at a time held in registers: y += sum_i (scale t[m, i]) W[i].
 // The 32-wide inner loops are plain C++ that the compiler vectorizes with the
 // file's ISA flags.
@@ -11,6 +11,18 @@
 
 namespace lk {
 namespace {
+
+// Isa::template dequant_bits<BITS>(gp, G, s, z, out): one group of BITS-bit codes as fp32 s * (q - z).
+template <class Isa>
+inline void dequant_group(const uint8_t* gp, int bits, int G, float s, float z, float* out) {
+  switch (bits) {
+    case 1: Isa::template dequant_bits<1>(gp, G, s, z, out); break;
+    case 2: Isa::template dequant_bits<2>(gp, G, s, z, out); break;
+    case 3: Isa::template dequant_bits<3>(gp, G, s, z, out); break;
+    case 4: Isa::template dequant_bits<4>(gp, G, s, z, out); break;
+    default: Isa::template dequant_bits<8>(gp, G, s, z, out); break;
+  }
+}
 
 template <class Isa>
 void expand_groups(const LoraExpand& e, int64_t g0, int64_t g1) {
@@ -25,8 +37,8 @@ void expand_groups(const LoraExpand& e, int64_t g0, int64_t g1) {
       const int64_t rb = row_bytes(e.N, p.bits);
       const int gb = group_bytes(G, p.bits);
       for (int64_t i = 0; i < p.rows; ++i, ++j)
-        Isa::dequant_group(p.qw + i * rb + g * gb, p.bits, G, p.scales[i * ng + g], p.zeros[i * ng + g],
-                           W.data() + j * G);
+        dequant_group<Isa>(p.qw + i * rb + g * gb, p.bits, G, Isa::h2f(p.scales[i * ng + g]),
+                           Isa::h2f(p.zeros[i * ng + g]), W.data() + j * G);
     }
     for (int64_t m = 0; m < e.M; ++m) {
       j = 0;

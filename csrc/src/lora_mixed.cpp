@@ -122,11 +122,7 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
 #pragma omp barrier
       ex(e, c0, c1);
     }
-    if (x_dtype != LK_F32) {
-      uint16_t* yh = static_cast<uint16_t*>(y);
-      for (int64_t i = 0; i < M * N; ++i)
-        yh[i] = x_dtype == LK_F16 ? lk::float_to_half(y32[i]) : lk::float_to_bf16(y32[i]);
-    }
+    lk::store_output(y32, x_dtype, M * N, y);
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;
   }

@@ -37,6 +37,12 @@ RowsFn rows_fn(lk_isa isa) {
   }
 }
 
+void store_output(const float* y32, lk_dtype dtype, int64_t n, void* y) {
+  if (dtype == LK_F32) return;
+  uint16_t* yh = static_cast<uint16_t*>(y);
+  for (int64_t i = 0; i < n; ++i) yh[i] = dtype == LK_F16 ? float_to_half(y32[i]) : float_to_bf16(y32[i]);
+}
+
 void Activations::load(const void* x, lk_dtype x_dtype, int64_t M_, int64_t K_) {
   M = M_;
   K = K_;
@@ -127,11 +133,7 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
       if (n1 > n0) fn(p, n0, n1);
     }
     if (bad_csr.load()) return LK_ERR_INVALID_ARG;  // some row pointer or column was out of range
-    if (x_dtype != LK_F32) {
-      uint16_t* yh = static_cast<uint16_t*>(y);
-      for (int64_t i = 0; i < M * N; ++i)
-        yh[i] = x_dtype == LK_F16 ? lk::float_to_half(y32[i]) : lk::float_to_bf16(y32[i]);
-    }
+    lk::store_output(y32, x_dtype, M * N, y);
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;
   }

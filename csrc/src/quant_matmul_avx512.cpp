@@ -217,15 +217,10 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 }
 
 struct Avx512Expand {
-  static void dequant_group(const uint8_t* gp, int bits, int G, uint16_t sh, uint16_t zh, float* out) {
-    const float s = _cvtsh_ss(sh), z = _cvtsh_ss(zh);
-    switch (bits) {
-      case 1: dequant_group_bits<1>(gp, G, s, z, out); break;
-      case 2: dequant_group_bits<2>(gp, G, s, z, out); break;
-      case 3: dequant_group_bits<3>(gp, G, s, z, out); break;
-      case 4: dequant_group_bits<4>(gp, G, s, z, out); break;
-      default: dequant_group_bits<8>(gp, G, s, z, out); break;
-    }
+  static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  template <int BITS>
+  static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
+    dequant_group_bits<BITS>(gp, G, s, z, out);
   }
 };
 

@@ -52,9 +52,10 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 namespace {
 struct GenericExpand {
-  static void dequant_group(const uint8_t* gp, int bits, int G, uint16_t sh, uint16_t zh, float* out) {
-    const float s = half_to_float(sh), z = half_to_float(zh);
-    for (int i = 0; i < G; ++i) out[i] = s * ((float)decode_code(gp, G, bits, i) - z);
+  static float h2f(uint16_t h) { return half_to_float(h); }
+  template <int BITS>
+  static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
+    for (int i = 0; i < G; ++i) out[i] = s * ((float)decode_code(gp, G, BITS, i) - z);
   }
 };
 }  // namespace
