@@ -223,3 +223,15 @@ def test_lora_linear_revalidates_replaced_buffers(rng):
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="last dimension"):
         layer(torch.randn(2, K + 1))
+
+
+def test_rank_zero_adapter_adds_nothing(isa, rng):
+    N, K = 96, 64
+    c = CompressedLoRA(None, None, None, None, (N, K), 0, 0, 1.0)
+    x, base = torch.randn(3, K, generator=rng), torch.randn(3, N, generator=rng)
+    w = random_qweight(N, K, 4, 64, rng)
+    ad = c.op_tensors()
+    assert torch.equal(torch.ops.lorakern.lora_mixed(x, base, ad, 2, 64, 32, 1.0), base)
+    y = torch.ops.lorakern.quant_matmul_lora(x, w.qweight, w.scales, w.zeros, 4, 64, None, ad, 2, 64, 32, 1.0)
+    torch.testing.assert_close(y, torch.ops.lorakern.quant_matmul(x, w.qweight, w.scales, w.zeros, 4, 64), rtol=0,
+                               atol=0)

@@ -63,7 +63,8 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
   try {
     const int64_t h = l->a_hi.N, rl = l->a_lo.N;
     const int ga = h ? l->a_hi.group_size : (rl ? l->a_lo.group_size : 32);
-    const int gb = h ? l->b_hi.group_size : (rl ? l->b_lo.group_size : 32);
+    // groups of output columns: B'^T's group size (N is a multiple of it); 1 for a rank-0 adapter
+    const int gb = h ? l->b_hi.group_size : (rl ? l->b_lo.group_size : 1);
     lk::Activations act;
     act.load(x, x_dtype, M, K);
     if (h + rl) act.quantize(ga);

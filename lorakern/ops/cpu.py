@@ -90,6 +90,8 @@ def _lora_mixed_run(x, base, N, K, fields, scale):
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     b2 = b2 if b2.is_contiguous() else b2.contiguous()
     M = x2.shape[0]
+    if not any(fields[3::7]):  # rank 0: nothing to add (the C ABI cannot even tell N)
+        return b2.clone().view(base.shape)
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
         native().lora_mixed(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, fields, float(scale), b2.data_ptr(),
