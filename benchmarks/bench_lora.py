@@ -8,7 +8,9 @@ r in {16, 64} (--quick: M = 1, r = 16). Impls, timed interleaved:
 
 * ``base_only``: QuantLinear alone; ``base_plus_mixed``: LoRALinear(QuantLinear,
   compressed adapter), one call (quant_matmul_lora).
-* the adapter alone, added to a given base output: ``lorakern_mixed`` (lora_mixed) against
+* the adapter alone, added to a given base output: ``lorakern_mixed`` (lora_mixed through
+  ``PreparedLoRA``, the adapter validated once as LoRALinear does; ``lorakern_mixed_checked``
+  is the torch.library op's CPU kernel with every argument checked on each call) against
   ``torch_lora``, the same adapter unquantized, ``base + (x A^T) B^T * s`` in whichever of
   fp32 / bf16 / fp16 torch runs fastest here (all three are timed; the row says which).
 * extra rows: ``base_plus_mixed_unfused`` (QuantLinear, then lora_mixed: two calls),
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
 
 from lorakern.nn import LoRALinear, QuantLinear  # noqa: E402
-from lorakern.ops.cpu import lora_mixed_cpu  # noqa: E402
+from lorakern.ops.cpu import PreparedLoRA, lora_mixed_cpu  # noqa: E402
 from lorakern.quant import compress_lora  # noqa: E402
 from lorakern.formats import QuantizedWeight  # noqa: E402
 
@@ -87,6 +89,7 @@ def main(argv=None):
         fps = {dt: [(A.to(dt).clone(), B.to(dt).clone()) for _ in range(na)]
                for dt in (torch.float32, torch.bfloat16, torch.float16)}
         ads = [[t.clone() for t in ad] for _ in range(na)]
+        preps = [PreparedLoRA(a_, 2, ga, gb, N, K, SCALE) for a_ in ads]  # validated once, as LoRALinear does
         for M in Ms:
             x = torch.randn(M, K, generator=gen)
             base0 = torch.randn(M, N, generator=gen)
@@ -104,8 +107,9 @@ def main(argv=None):
                     "base_plus_torch_lora",
                     lambda i: qls[i](x) + (x @ fps[torch.float32][i][0].t()) @ fps[torch.float32][i][1].t() * SCALE,
                     nb),
-                "lorakern_mixed": Case("lorakern_mixed", lambda i: lora_mixed_cpu(x, base0, ads[i], 2, ga, gb, SCALE),
-                                       na, adapter_bytes),
+                "lorakern_mixed": Case("lorakern_mixed", lambda i: preps[i].lora_mixed(x, base0), na, adapter_bytes),
+                "lorakern_mixed_checked": Case("lorakern_mixed_checked",
+                                               lambda i: lora_mixed_cpu(x, base0, ads[i], 2, ga, gb, SCALE), na),
                 "torch_lora_fp32": Case("torch_lora_fp32", torch_lora(torch.float32), na),
                 "torch_lora_bf16": Case("torch_lora_bf16", torch_lora(torch.bfloat16), na),
                 "torch_lora_fp16": Case("torch_lora_fp16", torch_lora(torch.float16), na),
@@ -116,8 +120,8 @@ def main(argv=None):
             for impl in ("base_only", "base_plus_mixed", "lorakern_mixed"):
                 rows.append({"impl": impl, "M": M, "r": r, **st[impl]})
             rows.append({"impl": "torch_lora", "M": M, "r": r, "dtype": best, **st[f"torch_lora_{best}"]})
-            for impl in ("base_plus_mixed_unfused", "base_plus_torch_lora", "torch_lora_fp32", "torch_lora_bf16",
-                         "torch_lora_fp16"):
+            for impl in ("base_plus_mixed_unfused", "base_plus_torch_lora", "lorakern_mixed_checked",
+                         "torch_lora_fp32", "torch_lora_bf16", "torch_lora_fp16"):
                 extra.append({"impl": impl, "M": M, "r": r, **st[impl]})
             for k, v in st.items():
                 print(f"r={r:3d} M={M:3d} {k:24s} {v['median_ms']:8.4f} ms  [{v['p25_ms']:.4f}, {v['p75_ms']:.4f}]",

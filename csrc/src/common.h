@@ -151,5 +151,8 @@ void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
 // to fp32 rounding.
 void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
                           float* xsum);
+// The same with AVX2 (bitwise the same results; the AVX2 and AVX-512 paths use it).
+void quantize_activations_avx2(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
+                               float* xsum);
 
 }  // namespace lk

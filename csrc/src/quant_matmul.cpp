@@ -61,7 +61,10 @@ void Activations::quantize(int G_) {
   xq.resize((size_t)(M * K));
   xs.resize((size_t)(M * (K / act_block(G))));
   xsum.resize((size_t)(M * (K / G)));
-  quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
+  if (lk_active_isa() >= LK_ISA_AVX2)
+    quantize_activations_avx2(x32, M, K, G, xq.data(), xs.data(), xsum.data());
+  else
+    quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
 }
 
 }  // namespace lk

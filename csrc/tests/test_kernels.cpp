@@ -2,10 +2,12 @@
 // model of the kernel's math, on random problems at odd sizes, through the C ABI
 // and the internal row kernels. Output buffers are poisoned with NaN first.
 // Also checks argument validation of the C ABI. Run under ASan/UBSan in CI.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -299,6 +301,33 @@ static void check_expand_fn(const char* name, ExpandFn fn, std::mt19937& rng) {
   std::printf("%s expand: checked\n", name);
 }
 
+// The AVX2 activation quantization is bitwise the portable one (finite values, zeros, NaN and Inf blocks).
+static void check_act_quant(std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (int G : {32, 64, 128})
+    for (int trial = 0; trial < 20; ++trial) {
+      const int64_t M = 1 + rng() % 5, K = (int64_t)G * (1 + rng() % 6);
+      std::vector<float> x((size_t)(M * K));
+      const float mag = std::ldexp(1.f, (int)(rng() % 40) - 20);
+      for (auto& v : x) v = u(rng) * mag;
+      if (trial % 4 == 1) x[rng() % x.size()] = NAN;
+      if (trial % 4 == 2) x[rng() % x.size()] = -INFINITY;
+      if (trial % 4 == 3) std::fill(x.begin(), x.begin() + G, 0.f);  // an all-zero block
+      if (trial == 5) for (size_t i = 0; i < x.size(); ++i) x[i] = (float)((int)(i % 255) - 127) * 0.5f;  // ties
+      const int64_t nb = K / lk::act_block(G), ng = K / G;
+      std::vector<int8_t> q0((size_t)(M * K)), q1((size_t)(M * K));
+      std::vector<float> s0((size_t)(M * nb)), s1((size_t)(M * nb)), z0((size_t)(M * ng)), z1((size_t)(M * ng));
+      lk::quantize_activations(x.data(), M, K, G, q0.data(), s0.data(), z0.data());
+      lk::quantize_activations_avx2(x.data(), M, K, G, q1.data(), s1.data(), z1.data());
+      CHECK(q0 == q1, "avx2 activation codes differ (G=%d trial %d)", G, trial);
+      for (size_t i = 0; i < s0.size(); ++i)
+        CHECK(std::memcmp(&s0[i], &s1[i], 4) == 0, "avx2 activation scale differs (G=%d)", G);
+      for (size_t i = 0; i < z0.size(); ++i)
+        CHECK(std::memcmp(&z0[i], &z1[i], 4) == 0, "avx2 activation sums differ (G=%d)", G);
+    }
+  std::printf("avx2 activation quantization: checked\n");
+}
+
 // lk_quant_matmul_lora = lk_quant_matmul then lk_lora_mixed in place (the same kernels, one call);
 // lk_lora_mixed with a null base is the adapter alone; bad adapters are refused.
 static void check_lora_abi(std::mt19937& rng) {
@@ -361,6 +390,7 @@ int main() {
 #ifdef LORAKERN_HAVE_SIMDE
   check_expand_fn("avx512 (SIMDe emulation)", lk::lora_expand_avx512_simde, rng);
 #endif
+  if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
   check_c_abi(rng);
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
     if (lk_set_isa(isa) == LK_OK) check_lora_abi(rng);

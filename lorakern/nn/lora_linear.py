@@ -33,7 +33,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, adapter, dtype: torch.dtype = torch.float16):
         super().__init__()
         self.base = base
-        self._prepared = None
+        self._prepared = None  # PreparedLoRA: the adapter validated once for eager CPU calls
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(adapter, CompressedLoRA):
             if adapter.shape != (self.out_features, self.in_features):
@@ -60,6 +60,15 @@ class LoRALinear(nn.Module):
             self.register_buffer("lora_A", A.detach().to(dev, dtype).contiguous())
             self.register_buffer("lora_B", B.detach().to(dev, dtype).contiguous())
 
+    def __setattr__(self, name, value):
+        if name.startswith("lora_"):  # a replaced adapter buffer is validated again at the next call
+            self.__dict__["_prepared"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...: new buffers
+        self.__dict__["_prepared"] = None
+        return super()._apply(fn, *args, **kwargs)
+
     def adapter_tensors(self) -> list[torch.Tensor]:
         """The compressed adapter's 12 op tensors."""
         return [getattr(self, f"lora_{i}") for i in range(12)]
@@ -68,18 +77,18 @@ class LoRALinear(nn.Module):
         if not self.compressed:
             t = x @ self.lora_A.to(x.dtype).t()
             return self.base(x) + (t @ self.lora_B.to(x.dtype).t()) * self.scale
-        args = (self.adapter_tensors(), self.bits_high, self.group_a, self.group_b, self.scale)
         b = self.base
         if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # eager CPU: the kernels without the dispatcher round trip, the adapter validated once (and again
-            # whenever its buffers are replaced, e.g. by .to())
-            if self._prepared is None or not self._prepared.matches(args[0]):
-                self._prepared = PreparedLoRA(args[0], self.bits_high, self.group_a, self.group_b,
-                                              self.out_features, self.in_features, self.scale)
+            # eager CPU: the kernels without the dispatcher round trip; the adapter is validated once, and
+            # again after its buffers are replaced (__setattr__, _apply)
+            p = self._prepared
+            if p is None:
+                p = self._prepared = PreparedLoRA(self.adapter_tensors(), self.bits_high, self.group_a,
+                                                  self.group_b, self.out_features, self.in_features, self.scale)
             if type(b) is QuantLinear:
-                return self._prepared.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size,
-                                                        b.bias)
-            return self._prepared.lora_mixed(x, b(x))
+                return p.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size, b.bias)
+            return p.lora_mixed(x, b(x))
+        args = (self.adapter_tensors(), self.bits_high, self.group_a, self.group_b, self.scale)
         if type(b) is QuantLinear:
             return torch.ops.lorakern.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size,
                                                         b.bias, *args)

@@ -133,6 +133,7 @@ class PreparedLoRA:
         self.source = list(adapter)
         self.N, self.K, self.scale = N, K, float(scale)
         self.fields, self._keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+        self.rank = sum(self.fields[3::7]) // 2
 
     def matches(self, adapter) -> bool:
         return len(adapter) == len(self.source) and all(a is b for a, b in zip(adapter, self.source))
@@ -145,6 +146,15 @@ class PreparedLoRA:
 
     def lora_mixed(self, x, base):
         """``base + adapter(x)`` (base: ``[..., N]`` in x's dtype)."""
+        code = _DTYPE_CODE.get(x.dtype)
+        if (code is not None and x.dim() == 2 and base.dim() == 2 and base.dtype == x.dtype
+                and x.shape[1] == self.K and base.shape[1] == self.N and base.shape[0] == x.shape[0]
+                and x.is_contiguous() and base.is_contiguous() and self.rank):  # the decode case, lean
+            y = torch.empty_like(base)
+            if x.shape[0]:
+                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.fields, self.scale, base.data_ptr(),
+                                    y.data_ptr(), torch.get_num_threads())
+            return y
         self._check_x(x)
         if base.dtype != x.dtype or base.shape[:-1] != x.shape[:-1] or base.shape[-1] != self.N:
             raise ValueError(f"lorakern: base {tuple(base.shape)} {base.dtype} does not match x {tuple(x.shape)} "
