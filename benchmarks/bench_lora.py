@@ -10,7 +10,8 @@ r in {16, 64} (--quick: M = 1, r = 16). Impls, timed interleaved:
   compressed adapter), one call (quant_matmul_lora).
 * the adapter alone, added to a given base output: ``lorakern_mixed`` (lora_mixed through
   ``PreparedLoRA``, the adapter validated once as LoRALinear does; ``lorakern_mixed_checked``
-  is the torch.library op's CPU kernel with every argument checked on each call) against
+  is the torch.library op's CPU kernel with every argument checked on each call;
+  ``lorakern_mixed_c_abi`` calls the C++ kernel directly, as a stack embedding the C ABI would) against
   ``torch_lora``, the same adapter unquantized, ``base + (x A^T) B^T * s`` in whichever of
   fp32 / bf16 / fp16 torch runs fastest here (all three are timed; the row says which).
 * extra rows: ``base_plus_mixed_unfused`` (QuantLinear, then lora_mixed: two calls),
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
 
 from lorakern.nn import LoRALinear, QuantLinear  # noqa: E402
+from lorakern._native import native  # noqa: E402
 from lorakern.ops.cpu import PreparedLoRA, lora_mixed_cpu  # noqa: E402
 from lorakern.quant import compress_lora  # noqa: E402
 from lorakern.formats import QuantizedWeight  # noqa: E402
@@ -65,6 +67,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     torch.set_grad_enabled(False)
+    nat = native()
     base_bytes = N * K // 2 + 2 * 2 * N * (K // G)
     nb = copies_for(base_bytes)
     qls = [QuantLinear(random_base(gen)) for _ in range(nb)]
@@ -93,6 +96,7 @@ def main(argv=None):
         for M in Ms:
             x = torch.randn(M, K, generator=gen)
             base0 = torch.randn(M, N, generator=gen)
+            yout = torch.empty(M, N)
 
             def torch_lora(dt):
                 xs, ws = x.to(dt), fps[dt]
@@ -108,6 +112,10 @@ def main(argv=None):
                     lambda i: qls[i](x) + (x @ fps[torch.float32][i][0].t()) @ fps[torch.float32][i][1].t() * SCALE,
                     nb),
                 "lorakern_mixed": Case("lorakern_mixed", lambda i: preps[i].lora_mixed(x, base0), na, adapter_bytes),
+                "lorakern_mixed_c_abi": Case(
+                    "lorakern_mixed_c_abi",
+                    lambda i: nat.lora_mixed(x.data_ptr(), 0, M, preps[i].fields, SCALE, base0.data_ptr(),
+                                             yout.data_ptr(), torch.get_num_threads()), na),
                 "lorakern_mixed_checked": Case("lorakern_mixed_checked",
                                                lambda i: lora_mixed_cpu(x, base0, ads[i], 2, ga, gb, SCALE), na),
                 "torch_lora_fp32": Case("torch_lora_fp32", torch_lora(torch.float32), na),
@@ -121,6 +129,7 @@ def main(argv=None):
                 rows.append({"impl": impl, "M": M, "r": r, **st[impl]})
             rows.append({"impl": "torch_lora", "M": M, "r": r, "dtype": best, **st[f"torch_lora_{best}"]})
             for impl in ("base_plus_mixed_unfused", "base_plus_torch_lora", "lorakern_mixed_checked",
+                         "lorakern_mixed_c_abi",
                          "torch_lora_fp32", "torch_lora_bf16", "torch_lora_fp16"):
                 extra.append({"impl": impl, "M": M, "r": r, **st[impl]})
             for k, v in st.items():
@@ -130,7 +139,8 @@ def main(argv=None):
     ratios = {f"M={M},r={r}": {
         "base_plus_mixed_over_base_only": med[("base_plus_mixed", M, r)] / med[("base_only", M, r)],
         "unfused_over_base_only": med[("base_plus_mixed_unfused", M, r)] / med[("base_only", M, r)],
-        "torch_lora_over_lorakern_mixed": med[("torch_lora", M, r)] / med[("lorakern_mixed", M, r)]}
+        "torch_lora_over_lorakern_mixed": med[("torch_lora", M, r)] / med[("lorakern_mixed", M, r)],
+        "torch_lora_over_lorakern_mixed_c_abi": med[("torch_lora", M, r)] / med[("lorakern_mixed_c_abi", M, r)]}
         for r in ranks for M in Ms}
     for k, v in ratios.items():
         print(k, {n: round(x, 3) for n, x in v.items()})
