@@ -106,7 +106,8 @@ def compile_one(args):
                    "M": "i32", "R": "i32", "K": "i32", "row_bytes": "i32", "stride_xm": "i32", "stride_tm": "i32",
                    "t_col0": "i32", "BITS": "constexpr", "G": "constexpr", "BLOCK_M": "constexpr",
                    "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
-            const = {"BITS": bits, "G": G, "BLOCK_M": lm.block_m(params["M"]), "BLOCK_R": lm.block_r(params["R"]),
+            const = {"BITS": bits, "G": G, "BLOCK_M": lm.block_m(params["M"], params["R"]),
+                     "BLOCK_R": lm.block_r(params["R"]),
                      "BLOCK_K": lm.shrink_block_k(G), "DOT_FP32": dt == "fp32"}
             fn, opts = lm.lora_shrink_kernel, dict(num_warps=4)
         elif kernel == "lora_expand":
@@ -119,7 +120,8 @@ def compile_one(args):
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_RH": "constexpr", "BLOCK_RL": "constexpr",
                    "HAS_HI": "constexpr", "HAS_LO": "constexpr", "HAS_BASE": "constexpr"}
             R = params["R"]
-            const = {"BITS_HI": bits, "G": G, "BLOCK_M": lm.block_m(params["M"]), "BLOCK_N": lm.expand_block_n(G),
+            const = {"BITS_HI": bits, "G": G, "BLOCK_M": lm.block_m(params["M"], R),
+                     "BLOCK_N": lm.expand_block_n(G, R),
                      "BLOCK_RH": lm.block_r(R // 4), "BLOCK_RL": lm.block_r(R - R // 4), "HAS_HI": True,
                      "HAS_LO": True, "HAS_BASE": True}
             fn, opts = lm.lora_expand_kernel, dict(num_warps=4)

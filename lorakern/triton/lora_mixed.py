@@ -105,9 +105,9 @@ def block_r(rows: int) -> int:
     return max(16, triton.next_power_of_2(max(1, rows)))
 
 
-def block_m(M: int) -> int:
-    """Token tile: 16 for decode, up to 64."""
-    return 16 if M <= 16 else (32 if M <= 32 else 64)
+def block_m(M: int, R: int = 16) -> int:
+    """Token tile: 16 for decode, up to 64 (32 for ranks above 32: no register spills on sm_80)."""
+    return 16 if M <= 16 else (32 if M <= 32 or R > 32 else 64)
 
 
 def shrink_block_k(group_a: int) -> int:
@@ -115,15 +115,15 @@ def shrink_block_k(group_a: int) -> int:
     return 32
 
 
-def expand_block_n(group_b: int) -> int:
-    """N tile of the expand: divides the group of B'^T, hence N."""
-    return min(64, group_b)
+def expand_block_n(group_b: int, R: int = 16) -> int:
+    """N tile of the expand: divides the group of B'^T, hence N (32 for ranks above 32: no spills on sm_80)."""
+    return min(64 if R <= 32 else 32, group_b)
 
 
 def _shrink(x2, t, col0, q, s, z, bits, G):
     M, K = x2.shape
     R = q.shape[0]
-    BM = block_m(M)
+    BM = block_m(M, R)
     lora_shrink_kernel[(triton.cdiv(M, BM),)](
         x2, q.contiguous(), s.contiguous(), z.contiguous(), t, M, R, K, q.shape[1], x2.stride(0), t.stride(0), col0,
         BITS=bits, G=G, BLOCK_M=BM, BLOCK_R=block_r(R), BLOCK_K=shrink_block_k(G), DOT_FP32=x2.dtype == torch.float32,
@@ -141,7 +141,7 @@ def _lora_into(x2, base2, adapter, bits_hi, group_a, group_b, scale, y):
         _shrink(x2, t, 0, aq_h, as_h, az_h, bits_hi, group_a)
     if RL:
         _shrink(x2, t, H, aq_l, as_l, az_l, 1, group_a)
-    BM, BN = block_m(M), expand_block_n(group_b)
+    BM, BN = block_m(M, H + RL), expand_block_n(group_b, H + RL)
     base_arg = base2 if base2 is not None else y
     lora_expand_kernel[(triton.cdiv(M, BM), N // BN)](
         t, base_arg, y, bq_h.contiguous(), bs_h.contiguous(), bz_h.contiguous(), bq_l.contiguous(), bs_l.contiguous(),
