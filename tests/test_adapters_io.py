@@ -100,3 +100,29 @@ def test_compressed_adapter_file_and_cli(peft_dir, tmp_path, capsys):
     assert main(["compress-adapter", str(src), str(tmp_path / "cli.safetensors"), "--rho", "0.8"]) == 0
     assert "bits per parameter" in capsys.readouterr().out
     assert set(load_compressed_adapter(tmp_path / "cli.safetensors")) == set(layers)
+
+
+def test_attach_adapter_checks_everything_first(peft_dir):
+    """A misfitting adapter is refused before any module is swapped; apply_adapter restores the model."""
+    from lorakern.adapters import LoraLayer, apply_adapter, attach_adapter
+    from lorakern.nn import LoRALinear
+    src, ids, logits = peft_dir
+    ad = load_peft_adapter(src)
+    model = tiny_llama()
+    with torch.no_grad():
+        plain = model(ids).logits
+    with apply_adapter(model, ad), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
+    bad = dict(ad.layers)
+    bad["model.layers.9.self_attn.q_proj"] = next(iter(ad.layers.values()))
+    with pytest.raises(ValueError, match="no module"):
+        attach_adapter(model, bad)
+    first = next(iter(ad.layers))
+    wrong = dict(ad.layers)
+    wrong[first] = LoraLayer(torch.randn(8, 7), torch.randn(128, 8), 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        attach_adapter(model, wrong)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
