@@ -18,13 +18,14 @@ struct ExpandPart {
   int64_t ld;
 };
 
-// y[m, n] += scale * sum over parts and rows i of t[m, i] * Bt[i, n].
+// y[m, n] = yin[m, n] + scale * sum over parts and rows i of t[m, i] * Bt[i, n].
 struct LoraExpand {
   int64_t M, N;
   int G;
   ExpandPart part[2];
   float scale;
-  float* y;  // [M, N] fp32
+  float* y;                  // [M, N] fp32
+  const float* yin = nullptr;  // [M, N] fp32: the base (may be y itself); null: y already holds it
 };
 
 // Each adds the expand into the columns of groups [g0, g1) (groups of G columns).

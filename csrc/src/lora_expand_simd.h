@@ -2,8 +2,7 @@
 // flags). Per group of G output columns: the rows of B'^T (both parts) are
 // dequantized into an fp32 tile W[r, G] (dequant_group, in L1), then for
 // each token m, 32 columns at a time held in registers: y += sum_i (scale t[m, i]) W[i].
-// The 32-wide inner loops are plain C++ that the compiler vectorizes with the
-// file's ISA flags.
+// Isa::accumulate keeps the output block in registers across the r components.
 #pragma once
 #include <vector>
 
@@ -13,6 +12,8 @@ namespace lk {
 namespace {
 
 // Isa::template dequant_bits<BITS>(gp, G, s, z, out): one group of BITS-bit codes as fp32 s * (q - z).
+// Isa::accumulate(y, yin, coef, W, r, G): y[0:G] = yin[0:G] + sum_i coef[i] * W[i * G : i * G + G]
+// (yin may be y).
 template <class Isa>
 inline void dequant_group(const uint8_t* gp, int bits, int G, float s, float z, float* out) {
   switch (bits) {
@@ -44,17 +45,8 @@ void expand_groups(const LoraExpand& e, int64_t g0, int64_t g1) {
       j = 0;
       for (const ExpandPart& p : e.part)
         for (int64_t i = 0; i < p.rows; ++i) coef[j++] = e.scale * p.t[m * p.ld + i];
-      float* yr = e.y + m * e.N + g * G;
-      for (int c0 = 0; c0 < G; c0 += 32) {
-        float acc[32];
-        for (int c = 0; c < 32; ++c) acc[c] = yr[c0 + c];
-        for (int64_t i = 0; i < r; ++i) {
-          const float ci = coef[i];
-          const float* w = W.data() + i * G + c0;
-          for (int c = 0; c < 32; ++c) acc[c] += ci * w[c];
-        }
-        for (int c = 0; c < 32; ++c) yr[c0 + c] = acc[c];
-      }
+      const int64_t o = m * e.N + g * G;
+      Isa::accumulate(e.y + o, (e.yin ? e.yin : e.y) + o, coef.data(), W.data(), r, G);
     }
   }
 }

@@ -75,6 +75,7 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
       ybuf.resize((size_t)(M * N));
       y32 = ybuf.data();
     }
+    const float* base32 = nullptr;
     lk::QmmProblem pw{};
     lk::Activations actw;
     if (w) {
@@ -91,7 +92,7 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
     } else if (!base) {
       std::fill(y32, y32 + M * N, 0.f);
     } else if (x_dtype == LK_F32) {
-      if (base != y) std::memcpy(y32, base, sizeof(float) * (size_t)(M * N));
+      base32 = static_cast<const float*>(base);  // read by the expand, never copied
     } else {
       const uint16_t* bh = static_cast<const uint16_t*>(base);
       for (int64_t i = 0; i < M * N; ++i)
@@ -106,7 +107,7 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
     const lk::LoraExpand e{M, N, gb,
                            {{l->b_hi.qweight, l->b_hi.scales, l->b_hi.zeros, h, l->b_hi.bits, t_hi.data(), h},
                             {l->b_lo.qweight, l->b_lo.scales, l->b_lo.zeros, rl, 1, t_lo.data(), rl}},
-                           l->scale, y32};
+                           l->scale, y32, base32};
     const lk_isa isa = lk_active_isa();
     const lk::RowsFn fn = lk::rows_fn(isa);
     const ExpandFn ex = expand_fn(isa);

@@ -196,6 +196,24 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 struct Avx2Expand {
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
+    for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in four registers
+      __m256 a0 = _mm256_loadu_ps(yin + c0), a1 = _mm256_loadu_ps(yin + c0 + 8);
+      __m256 a2 = _mm256_loadu_ps(yin + c0 + 16), a3 = _mm256_loadu_ps(yin + c0 + 24);
+      for (int64_t i = 0; i < r; ++i) {
+        const __m256 ci = _mm256_broadcast_ss(coef + i);
+        const float* w = W + i * G + c0;
+        a0 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w), a0);
+        a1 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 8), a1);
+        a2 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 16), a2);
+        a3 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 24), a3);
+      }
+      _mm256_storeu_ps(y + c0, a0);
+      _mm256_storeu_ps(y + c0 + 8, a1);
+      _mm256_storeu_ps(y + c0 + 16, a2);
+      _mm256_storeu_ps(y + c0 + 24, a3);
+    }
+  }
   template <int BITS>
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     dequant_group_bits<BITS>(gp, G, s, z, out);

@@ -218,6 +218,19 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 struct Avx512Expand {
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
+    for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in two registers
+      __m512 a0 = _mm512_loadu_ps(yin + c0), a1 = _mm512_loadu_ps(yin + c0 + 16);
+      for (int64_t i = 0; i < r; ++i) {
+        const __m512 ci = _mm512_set1_ps(coef[i]);
+        const float* w = W + i * G + c0;
+        a0 = _mm512_fmadd_ps(ci, _mm512_loadu_ps(w), a0);
+        a1 = _mm512_fmadd_ps(ci, _mm512_loadu_ps(w + 16), a1);
+      }
+      _mm512_storeu_ps(y + c0, a0);
+      _mm512_storeu_ps(y + c0 + 16, a1);
+    }
+  }
   template <int BITS>
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     dequant_group_bits<BITS>(gp, G, s, z, out);

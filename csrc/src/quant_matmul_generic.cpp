@@ -53,6 +53,11 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
 namespace {
 struct GenericExpand {
   static float h2f(uint16_t h) { return half_to_float(h); }
+  static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
+    for (int c = 0; c < G; ++c) y[c] = yin[c];
+    for (int64_t i = 0; i < r; ++i)
+      for (int c = 0; c < G; ++c) y[c] += coef[i] * W[i * G + c];
+  }
   template <int BITS>
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     for (int i = 0; i < G; ++i) out[i] = s * ((float)decode_code(gp, G, BITS, i) - z);

@@ -343,7 +343,10 @@ static void check_lora_abi(std::mt19937& rng) {
   std::vector<float> fused((size_t)(M * N), NAN), two((size_t)(M * N), NAN), alone((size_t)(M * N), NAN);
   CHECK(lk_quant_matmul_lora(w.x.data(), LK_F32, M, &wq, w.bias.data(), &l, fused.data(), 2) == LK_OK, "fused");
   CHECK(lk_quant_matmul(w.x.data(), LK_F32, M, &wq, w.bias.data(), two.data(), 2) == LK_OK, "base");
+  std::vector<float> base_copy = two, out_of_place((size_t)(M * N), NAN);
   CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &l, two.data(), two.data(), 2) == LK_OK, "in place");
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &l, base_copy.data(), out_of_place.data(), 2) == LK_OK, "out of place");
+  CHECK(out_of_place == two, "out-of-place lora_mixed differs from in-place");
   CHECK(lk_lora_mixed(w.x.data(), LK_F32, M, &l, nullptr, alone.data(), 1) == LK_OK, "alone");
   double worst = 0;
   for (int64_t i = 0; i < M * N; ++i) worst = std::max(worst, (double)std::fabs(fused[i] - two[i]));
