@@ -122,7 +122,7 @@ def main(argv=None):
                 "torch_lora_bf16": Case("torch_lora_bf16", torch_lora(torch.bfloat16), na),
                 "torch_lora_fp16": Case("torch_lora_fp16", torch_lora(torch.float16), na),
             }
-            run_interleaved(list(cases.values()), rounds=a.rounds or (3 if a.quick else 5))
+            run_interleaved(list(cases.values()), rounds=a.rounds or (10 if a.quick else 20))
             st = {k: summary(cs) for k, cs in cases.items()}
             best = min(("fp32", "bf16", "fp16"), key=lambda d: st[f"torch_lora_{d}"]["median_ms"])
             for impl in ("base_only", "base_plus_mixed", "lorakern_mixed"):
