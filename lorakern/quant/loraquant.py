@@ -83,11 +83,13 @@ def refine_high(Bt: torch.Tensor, A: torch.Tensor, bits: int, gd: int, gk: int, 
                 lr: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free refinement of the high part (LoRAQuant's optional step): for every
     rank-1 component i, minimize ``||b_i a_i^T - Q(b'_i) Q(a'_i)^T||_F^2`` over
-    ``b'_i, a'_i`` by SGD (straight-through rounding), starting from ``b_i, a_i``.
+    ``b'_i, a'_i`` (straight-through rounding), starting from ``b_i, a_i``.
     ``Bt`` is ``[h, d]`` (B' transposed), ``A`` is ``[h, k]``. The loss uses
     ``||u v^T - x y^T||^2 = |u|^2|v|^2 - 2 (u.x)(v.y) + |x|^2|y|^2``, never a d x k
-    matrix. Returns the refined ``(Bt', A')`` to be quantized by RTN; a component
-    whose loss did not improve keeps its start."""
+    matrix. Adam with a step of ``lr`` times the factors' mean magnitude (so ``lr`` means
+    the same for any adapter's scale; plain SGD moved real adapters' weights too little
+    to change a single code); each component keeps its best iterate, or its start if
+    nothing improved. Returns the refined ``(Bt', A')`` to be quantized by RTN."""
     b0, a0 = Bt.detach().float(), A.detach().float()
     b, a = b0.clone().requires_grad_(True), a0.clone().requires_grad_(True)
     nb, na = (b0 * b0).sum(1), (a0 * a0).sum(1)
@@ -96,17 +98,22 @@ def refine_high(Bt: torch.Tensor, A: torch.Tensor, bits: int, gd: int, gk: int, 
         qb, qa = _fake_quant(bb, bits, gd), _fake_quant(aa, bits, gk)
         return nb * na - 2 * (b0 * qb).sum(1) * (a0 * qa).sum(1) + (qb * qb).sum(1) * (qa * qa).sum(1)
     with torch.no_grad():
-        start = losses(b0, a0)
-    opt = torch.optim.SGD([b, a], lr=lr)
-    scale = (nb * na).clamp_min(1e-30)  # per-component normalization: lr means the same at any magnitude
+        best = losses(b0, a0)
+    best_b, best_a = b0.clone(), a0.clone()
+    step = lr * float(torch.cat([b0.flatten(), a0.flatten()]).abs().mean().clamp_min(1e-30))
+    opt = torch.optim.Adam([b, a], lr=step)
+    scale = (nb * na).clamp_min(1e-30)  # per-component normalization
     for _ in range(steps):
         opt.zero_grad()
         (losses(b, a) / scale).sum().backward()
         opt.step()
-    with torch.no_grad():
-        end = losses(b, a)
-        keep = (end < start).unsqueeze(1)
-        return torch.where(keep, b, b0).detach(), torch.where(keep, a, a0).detach()
+        with torch.no_grad():
+            cur = losses(b, a)
+            better = cur < best
+            best = torch.where(better, cur, best)
+            best_b[better] = b[better]
+            best_a[better] = a[better]
+    return best_b, best_a
 
 
 def lora_group_size(n: int, want: int = 128) -> int:
