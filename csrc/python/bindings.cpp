@@ -34,6 +34,87 @@ lk_lora make_lora(const std::vector<int64_t>& v, float scale) {
   return lk_lora{q[0], q[1], q[2], q[3], scale};
 }
 
+// A layer's adapter bank as the Python side holds it (lorakern/multilora/bank.py): a slot table
+// int64 [num_slots, 7] (kind, rank, row, h, bits_hi, a_off, b_off), fp32 scales [num_slots] and
+// the slabs. Fields, in order: table, scales, num_slots, dense dtype, group_a, group_b,
+// dense A, dense rows, dense B^T, compressed A codes, their bytes, A scales, A zeros,
+// scale rows, compressed B^T codes, their bytes, B scales, B zeros.
+struct BankView {
+  const int64_t* table;
+  const float* scales;
+  int64_t num_slots;
+  lk_dtype dtype;
+  int ga, gb;
+  const char *da, *db;
+  int64_t drows;
+  const uint8_t* qa;
+  int64_t qa_bytes;
+  const uint16_t *qas, *qaz;
+  int64_t qrows;
+  const uint8_t* qb;
+  int64_t qb_bytes;
+  const uint16_t *qbs, *qbz;
+};
+
+BankView make_bank(const std::vector<int64_t>& f) {
+  if (f.size() != 18) throw std::invalid_argument("a bank is 18 fields");
+  auto p = [&](int i) { return reinterpret_cast<const char*>((uintptr_t)f[i]); };
+  return BankView{reinterpret_cast<const int64_t*>(p(0)), reinterpret_cast<const float*>(p(1)), f[2],
+                  (lk_dtype)f[3], (int)f[4], (int)f[5], p(6), p(8), f[7],
+                  reinterpret_cast<const uint8_t*>(p(9)), f[10], reinterpret_cast<const uint16_t*>(p(11)),
+                  reinterpret_cast<const uint16_t*>(p(12)), f[13], reinterpret_cast<const uint8_t*>(p(14)), f[15],
+                  reinterpret_cast<const uint16_t*>(p(16)), reinterpret_cast<const uint16_t*>(p(17))};
+}
+
+// The slots the segments use, resolved to pointers after checking every offset against the
+// slabs; the segments are renumbered to index the returned vector.
+std::vector<lk_lora_slot> resolve_slots(const BankView& b, int64_t N, int64_t K, const int64_t* seg, int64_t nseg,
+                                        std::vector<int64_t>& seg_out) {
+  std::vector<lk_lora_slot> out((size_t)nseg);
+  seg_out.assign(seg, seg + 3 * nseg);
+  const size_t esz = b.dtype == LK_F32 ? 4 : 2;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const int64_t id = seg[3 * s];
+    if (id < 0 || id >= b.num_slots)
+      throw std::out_of_range("lorakern: adapter slot " + std::to_string(id) + " is out of range [0, " +
+                              std::to_string(b.num_slots) + ")");
+    const int64_t* r = b.table + 7 * id;
+    const int64_t kind = r[0], rank = r[1], row = r[2], h = r[3], bits = r[4], aoff = r[5], boff = r[6];
+    lk_lora_slot& sl = out[(size_t)s];
+    sl = lk_lora_slot{};
+    sl.scale = b.scales[id];
+    seg_out[3 * s] = s;
+    if (kind == LK_SLOT_EMPTY)
+      throw std::invalid_argument("lorakern: adapter slot " + std::to_string(id) + " is empty (the adapter was removed)");
+    if (rank < 0 || row < 0) throw std::invalid_argument("lorakern: bank table: negative rank or row");
+    if (kind == LK_SLOT_DENSE) {
+      if (rank > b.drows - row) throw std::invalid_argument("lorakern: bank table: dense rows out of the slab");
+      sl.kind = LK_SLOT_DENSE;
+      sl.dtype = b.dtype;
+      sl.rank = rank;
+      sl.a = b.da + (size_t)(row * K) * esz;
+      sl.bt = b.db + (size_t)(row * N) * esz;
+      continue;
+    }
+    if (kind != LK_SLOT_COMPRESSED) throw std::invalid_argument("lorakern: bank table: unknown slot kind");
+    if (h < 0 || h > rank || rank > b.qrows - row || aoff < 0 || boff < 0 || b.ga <= 0 || b.gb <= 0 ||
+        !(bits == 2 || bits == 3 || bits == 4 || bits == 8) || K % b.ga || N % b.gb)
+      throw std::invalid_argument("lorakern: bank table: bad compressed slot");
+    const int64_t rl = rank - h;
+    if (h * (K * bits / 8) + rl * (K / 8) > b.qa_bytes - aoff || h * (N * bits / 8) + rl * (N / 8) > b.qb_bytes - boff)
+      throw std::invalid_argument("lorakern: bank table: compressed codes out of the slab");
+    const int64_t nga = K / b.ga, ngb = N / b.gb;
+    sl.kind = LK_SLOT_COMPRESSED;
+    sl.q.a_hi = lk_qweight{b.qa + aoff, b.qas + row * nga, b.qaz + row * nga, h, K, (int32_t)bits, b.ga};
+    sl.q.a_lo = lk_qweight{b.qa + aoff + h * (K * bits / 8), b.qas + (row + h) * nga, b.qaz + (row + h) * nga, rl,
+                           K, 1, b.ga};
+    sl.q.b_hi = lk_qweight{b.qb + boff, b.qbs + row * ngb, b.qbz + row * ngb, h, N, (int32_t)bits, b.gb};
+    sl.q.b_lo = lk_qweight{b.qb + boff + h * (N * bits / 8), b.qbs + (row + h) * ngb, b.qbz + (row + h) * ngb, rl,
+                           N, 1, b.gb};
+  }
+  return out;
+}
+
 lk_isa isa_from_name(const std::string& name) {
   if (name == "generic") return LK_ISA_GENERIC;
   if (name == "avx2") return LK_ISA_AVX2;
@@ -143,4 +224,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("parts"),
       py::arg("scale"), py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
+      "multi_lora",
+      [](int mode, uintptr_t x, int x_dtype, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank,
+         uintptr_t segments, int64_t num_segments, uintptr_t tokens, uintptr_t weights, int64_t num_entries,
+         uintptr_t t, int64_t ldt, uintptr_t base, uintptr_t y, int num_threads) {
+        // mode 0: shrink (x -> t), 1: expand (t, base -> y), 2: both (x, base -> y)
+        const BankView b = make_bank(bank);
+        std::vector<int64_t> seg;
+        const std::vector<lk_lora_slot> slots =
+            resolve_slots(b, N, K, reinterpret_cast<const int64_t*>(segments), num_segments, seg);
+        const lk_lora_batch batch{seg.data(), num_segments, reinterpret_cast<const int64_t*>(tokens),
+                                  reinterpret_cast<const float*>(weights), num_entries};
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          const auto* xp = reinterpret_cast<const void*>(x);
+          if (mode == 0)
+            s = lk_lora_shrink(xp, (lk_dtype)x_dtype, T, K, slots.data(), num_segments, &batch,
+                               reinterpret_cast<float*>(t), ldt, num_threads);
+          else if (mode == 1)
+            s = lk_lora_expand(reinterpret_cast<const float*>(t), ldt, slots.data(), num_segments, &batch,
+                               (lk_dtype)x_dtype, T, N, reinterpret_cast<const void*>(base),
+                               reinterpret_cast<void*>(y), num_threads);
+          else
+            s = lk_multi_lora(xp, (lk_dtype)x_dtype, T, K, N, slots.data(), num_segments, &batch,
+                              reinterpret_cast<const void*>(base), reinterpret_cast<void*>(y), num_threads);
+        }
+        check(s, "lk_multi_lora");
+      },
+      py::arg("mode"), py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"),
+      py::arg("segments"), py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"),
+      py::arg("t"), py::arg("ldt"), py::arg("base"), py::arg("y"), py::arg("num_threads") = 0);
 }

@@ -10,7 +10,9 @@
 namespace lk {
 
 lk_status check_weight(const lk_qweight* w);  // pointers, bits, group size, N >= 0, K % G == 0
-int threads_for(int requested);                // 0 -> the OpenMP default
+int threads_for(int requested);
+// A compressed adapter's parts against a layer [N, K] (lora_mixed.cpp; the scale is not checked).
+lk_status check_lora_parts(const lk_lora* l, int64_t N, int64_t K);                // 0 -> the OpenMP default
 
 using RowsFn = void (*)(const QmmProblem&, int64_t, int64_t);
 RowsFn rows_fn(lk_isa isa);

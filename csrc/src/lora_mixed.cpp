@@ -19,6 +19,32 @@
 #include "lora.h"
 #include "lorakern/lorakern.h"
 
+namespace lk {
+
+namespace {
+// A part with no rows is valid whatever its pointers; otherwise a full weight of
+// `cols` columns, 1-bit for the low parts and 2/3/4/8-bit for the high ones.
+bool part_ok(const lk_qweight& w, int64_t cols, bool low) {
+  if (w.N < 0) return false;
+  if (w.N == 0) return true;
+  if (check_weight(&w) != LK_OK || w.K != cols) return false;
+  return low ? w.bits == 1 : w.bits != 1;
+}
+}  // namespace
+
+lk_status check_lora_parts(const lk_lora* l, int64_t N, int64_t K) {
+  if (!l) return LK_ERR_INVALID_ARG;
+  if (!part_ok(l->a_hi, K, false) || !part_ok(l->b_hi, N, false) || !part_ok(l->a_lo, K, true) ||
+      !part_ok(l->b_lo, N, true))
+    return LK_ERR_INVALID_ARG;
+  if (l->a_hi.N != l->b_hi.N || l->a_lo.N != l->b_lo.N) return LK_ERR_INVALID_ARG;
+  if (l->a_hi.N && l->a_lo.N && l->a_hi.group_size != l->a_lo.group_size) return LK_ERR_INVALID_ARG;
+  if (l->b_hi.N && l->b_lo.N && l->b_hi.group_size != l->b_lo.group_size) return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
+
+}  // namespace lk
+
 namespace {
 
 using ExpandFn = void (*)(const lk::LoraExpand&, int64_t, int64_t);
@@ -31,34 +57,14 @@ ExpandFn expand_fn(lk_isa isa) {
   }
 }
 
-// A part with no rows is valid whatever its pointers; otherwise a full weight of
-// `cols` columns, 1-bit for the low parts and 2/3/4/8-bit for the high ones.
-bool part_ok(const lk_qweight& w, int64_t cols, bool low) {
-  if (w.N < 0) return false;
-  if (w.N == 0) return true;
-  if (lk::check_weight(&w) != LK_OK || w.K != cols) return false;
-  return low ? w.bits == 1 : w.bits != 1;
-}
-
-lk_status check_lora(const lk_lora* l, int64_t N, int64_t K) {
-  if (!l) return LK_ERR_INVALID_ARG;
-  if (!part_ok(l->a_hi, K, false) || !part_ok(l->b_hi, N, false) || !part_ok(l->a_lo, K, true) ||
-      !part_ok(l->b_lo, N, true))
-    return LK_ERR_INVALID_ARG;
-  if (l->a_hi.N != l->b_hi.N || l->a_lo.N != l->b_lo.N) return LK_ERR_INVALID_ARG;
-  if (l->a_hi.N && l->a_lo.N && l->a_hi.group_size != l->a_lo.group_size) return LK_ERR_INVALID_ARG;
-  if (l->b_hi.N && l->b_lo.N && l->b_hi.group_size != l->b_lo.group_size) return LK_ERR_INVALID_ARG;
-  if (!std::isfinite(l->scale)) return LK_ERR_INVALID_ARG;
-  return LK_OK;
-}
-
 // The base output already in y32 (lora_mixed), or computed here from w (quant_matmul_lora).
 lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_t K, const lk_qweight* w,
                    const float* bias, const lk_lora* l, const void* base, void* y, int num_threads) {
   if (M < 0 || (M > 0 && (!x || !y))) return LK_ERR_INVALID_ARG;
   if (x_dtype != LK_F32 && x_dtype != LK_F16 && x_dtype != LK_BF16) return LK_ERR_INVALID_ARG;
   if (N < 0 || K <= 0) return LK_ERR_INVALID_ARG;
-  if (lk_status s = check_lora(l, N, K)) return s;
+  if (!l || !std::isfinite(l->scale)) return LK_ERR_INVALID_ARG;
+  if (lk_status s = lk::check_lora_parts(l, N, K)) return s;
   if (M == 0 || N == 0) return LK_OK;
   try {
     const int64_t h = l->a_hi.N, rl = l->a_lo.N;

@@ -8,7 +8,7 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
-#include "lora_expand_simd.h"
+#include "multi_lora_simd.h"
 
 namespace lk {
 namespace {
@@ -196,6 +196,40 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 struct Avx2Expand {
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
+    if (dt == LK_F32) {
+      std::memcpy(out, src, (size_t)n * sizeof(float));
+      return;
+    }
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+    int64_t i = 0;
+    if (dt == LK_F16) {
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+      for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+    } else {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(h + i))), 16)));
+      for (; i < n; ++i) out[i] = bf16_to_float(h[i]);
+    }
+  }
+  static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      s0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + k), s0);
+      s1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + lda + k), s1);
+      s2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + 2 * lda + k), s2);
+      s3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + 3 * lda + k), s3);
+    }
+    out[0] = hsum(s0);
+    out[1] = hsum(s1);
+    out[2] = hsum(s2);
+    out[3] = hsum(s3);
+    for (; k < K; ++k)
+      for (int j = 0; j < 4; ++j) out[j] += x[k] * a[j * lda + k];
+  }
   static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
     for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in four registers
       __m256 a0 = _mm256_loadu_ps(yin + c0), a1 = _mm256_loadu_ps(yin + c0 + 8);
@@ -223,6 +257,8 @@ struct Avx2Expand {
 }  // namespace
 
 void lora_expand_avx2(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<Avx2Expand>(e, g0, g1); }
+void dense_shrink_avx2(const DenseShrink& p, int64_t i0, int64_t i1) { dense_shrink_rows<Avx2Expand>(p, i0, i1); }
+void multi_expand_avx2(const MultiExpand& e, int64_t c0, int64_t c1) { multi_expand_cols<Avx2Expand>(e, c0, c1); }
 
 void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1) { simd_rows_dispatch<Avx2>(p, n0, n1); }
 

@@ -8,11 +8,13 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
-#include "lora_expand_simd.h"
+#include "multi_lora_simd.h"
 
 #ifdef LORAKERN_SIMDE
 #define qmm_rows_avx512 qmm_rows_avx512_simde  // emulated build for the C++ tests
 #define lora_expand_avx512 lora_expand_avx512_simde
+#define dense_shrink_avx512 dense_shrink_avx512_simde
+#define multi_expand_avx512 multi_expand_avx512_simde
 #endif
 
 namespace lk {
@@ -218,6 +220,41 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 struct Avx512Expand {
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
+    if (dt == LK_F32) {
+      std::memcpy(out, src, (size_t)n * sizeof(float));
+      return;
+    }
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+    int64_t i = 0;
+    if (dt == LK_F16) {
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+      for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+    } else {
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(h + i))), 16)));
+      for (; i < n; ++i) out[i] = bf16_to_float(h[i]);
+    }
+  }
+  static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      s0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + k), s0);
+      s1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + lda + k), s1);
+      s2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + 2 * lda + k), s2);
+      s3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + 3 * lda + k), s3);
+    }
+    out[0] = _mm512_reduce_add_ps(s0);
+    out[1] = _mm512_reduce_add_ps(s1);
+    out[2] = _mm512_reduce_add_ps(s2);
+    out[3] = _mm512_reduce_add_ps(s3);
+    for (; k < K; ++k)
+      for (int j = 0; j < 4; ++j) out[j] += x[k] * a[j * lda + k];
+  }
   static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
     for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in two registers
       __m512 a0 = _mm512_loadu_ps(yin + c0), a1 = _mm512_loadu_ps(yin + c0 + 16);
@@ -240,6 +277,8 @@ struct Avx512Expand {
 }  // namespace
 
 void lora_expand_avx512(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<Avx512Expand>(e, g0, g1); }
+void dense_shrink_avx512(const DenseShrink& p, int64_t i0, int64_t i1) { dense_shrink_rows<Avx512Expand>(p, i0, i1); }
+void multi_expand_avx512(const MultiExpand& e, int64_t c0, int64_t c1) { multi_expand_cols<Avx512Expand>(e, c0, c1); }
 
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1) { simd_rows_dispatch<Avx512>(p, n0, n1); }
 

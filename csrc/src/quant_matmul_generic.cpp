@@ -1,10 +1,11 @@
 // Portable scalar quant_matmul: the always-available path and the model for
 // the SIMD versions (same integer dot per group, same fp32 scaling).
+#include <cstring>
 #include <vector>
 
 #include "common.h"
 #include "lora.h"
-#include "lora_expand_simd.h"
+#include "multi_lora_simd.h"
 #include "outliers.h"
 
 namespace lk {
@@ -53,6 +54,21 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
 namespace {
 struct GenericExpand {
   static float h2f(uint16_t h) { return half_to_float(h); }
+  static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
+    if (dt == LK_F32) {
+      std::memcpy(out, src, (size_t)n * sizeof(float));
+      return;
+    }
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) out[i] = dt == LK_F16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
+  }
+  static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
+    for (int j = 0; j < 4; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[k] * a[j * lda + k];
+      out[j] = s;
+    }
+  }
   static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
     for (int c = 0; c < G; ++c) y[c] = yin[c];
     for (int64_t i = 0; i < r; ++i)
@@ -66,5 +82,7 @@ struct GenericExpand {
 }  // namespace
 
 void lora_expand_generic(const LoraExpand& e, int64_t g0, int64_t g1) { expand_groups<GenericExpand>(e, g0, g1); }
+void dense_shrink_generic(const DenseShrink& p, int64_t i0, int64_t i1) { dense_shrink_rows<GenericExpand>(p, i0, i1); }
+void multi_expand_generic(const MultiExpand& e, int64_t c0, int64_t c1) { multi_expand_cols<GenericExpand>(e, c0, c1); }
 
 }  // namespace lk

@@ -55,9 +55,16 @@ inline simde__m512i lk_emu_cvtepu8_epi32(simde__m128i a) {
   for (int i = 0; i < 16; ++i) r.i32[i] = a_.u8[i];
   return simde__m512i_from_private(r);
 }
+inline simde__m512i lk_emu_cvtepu16_epi32(simde__m256i a) {
+  simde__m256i_private a_ = simde__m256i_to_private(a);
+  simde__m512i_private r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = a_.u16[i];
+  return simde__m512i_from_private(r);
+}
 inline float lk_emu_cvtsh_ss(unsigned short h) { return lk::half_to_float(h); }
 #define _cvtsh_ss lk_emu_cvtsh_ss
 #define _mm512_cvtepu8_epi32 lk_emu_cvtepu8_epi32
+#define _mm512_cvtepu16_epi32 lk_emu_cvtepu16_epi32
 #define _mm512_cvtepi32_ps lk_emu_cvtepi32_ps
 #define _mm512_reduce_add_ps lk_emu_reduce_add_ps
 #define _mm512_cvtph_ps lk_emu_cvtph_ps

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._native import native
-from .schemas import check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from .schemas import check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
+__all__ = ["lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
            "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -118,6 +118,64 @@ def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N,
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
+def _bank_fields(bank, table, scales, group_a, group_b) -> list[int]:
+    """The 18 fields of a layer bank the C++ binding takes (BankView in csrc/python/bindings.cpp)."""
+    a, bt, qa, qas, qaz, qb, qbs, qbz = bank
+    return [table.data_ptr(), scales.data_ptr(), table.shape[0], _DTYPE_CODE[a.dtype], group_a, group_b,
+            a.data_ptr(), a.shape[0], bt.data_ptr(), qa.data_ptr(), qa.numel(), qas.data_ptr(), qaz.data_ptr(),
+            qas.shape[0], qb.data_ptr(), qb.numel(), qbs.data_ptr(), qbz.data_ptr()]
+
+
+def _run_multi(mode, x, x_dtype, T, K, N, bank, table, scales, group_a, group_b, segments, tokens, weights, t, ldt,
+               base, y):
+    bank = [b if b.is_contiguous() else b.contiguous() for b in bank]
+    table, scales = table.contiguous(), scales.contiguous()
+    segments, tokens = segments.contiguous(), tokens.contiguous()
+    weights = weights.contiguous() if weights is not None else None
+    ptr = lambda v: v.data_ptr() if v is not None else 0  # noqa: E731
+    try:
+        native().multi_lora(mode, ptr(x), _DTYPE_CODE[x_dtype], T, K, N,
+                            _bank_fields(bank, table, scales, group_a, group_b), segments.data_ptr(),
+                            segments.shape[0], tokens.data_ptr(), ptr(weights), tokens.shape[0], ptr(t), ldt,
+                            ptr(base), ptr(y), torch.get_num_threads())
+    except RuntimeError as e:
+        if "invalid argument" in str(e):
+            raise ValueError("lorakern: the batch does not fit the bank (segments must partition the entries in "
+                             "order, tokens lie in [0, T), max_rank covers every adapter used, and compressed "
+                             "adapters of one call share their group sizes)") from None
+        raise
+
+
+def lora_shrink_cpu(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    N, K = check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    x = x.contiguous()
+    t = torch.zeros((tokens.shape[0], max_rank), dtype=torch.float32)
+    if x.shape[0] == 0 and tokens.shape[0] == 0:
+        return t
+    _run_multi(0, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
+               t, max_rank, None, None)
+    return t
+
+
+def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, tokens):
+    N, K = check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
+    t, base = t.contiguous(), base.contiguous()
+    y = torch.empty_like(base)
+    ones = torch.ones(tokens.shape[0], dtype=torch.float32)
+    _run_multi(1, None, base.dtype, base.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens,
+               ones, t, t.shape[1], base, y)
+    return y
+
+
+def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    N, K = check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    x, base = x.contiguous(), base.contiguous()
+    y = torch.empty_like(base)
+    _run_multi(2, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
+               None, 0, base, y)
+    return y
+
+
 class PreparedLoRA:
     """A compressed adapter validated once, for repeated eager CPU calls (LoRALinear's fast path).
 
@@ -175,3 +233,6 @@ torch.library.register_kernel("lorakern::quant_matmul_lora", "cpu", quant_matmul
 torch.library.register_kernel("lorakern::quant_matmul", "cpu", quant_matmul_cpu)
 torch.library.register_kernel("lorakern::dequantize", "cpu", dequantize_cpu)
 torch.library.register_kernel("lorakern::gwq_matmul", "cpu", gwq_matmul_cpu)
+torch.library.register_kernel("lorakern::lora_shrink", "cpu", lora_shrink_cpu)
+torch.library.register_kernel("lorakern::lora_expand", "cpu", lora_expand_cpu)
+torch.library.register_kernel("lorakern::multi_lora", "cpu", multi_lora_cpu)

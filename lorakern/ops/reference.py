@@ -6,10 +6,11 @@ import torch
 
 from ..formats.packing import unpack_codes
 from ..formats.outliers import SparseOutliers
-from .schemas import (check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight,
+from .schemas import (check_gwq_matmul, check_lora_expand, check_lora_mixed, check_lora_shrink, check_multi_lora, check_quant_matmul, check_quant_matmul_lora, check_qweight,
                       lib)
 
-__all__ = ["act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "lora_delta", "lora_mixed",
+__all__ = ["bank_factors", "lora_expand", "lora_shrink", "lora_shrink_int8_act", "multi_lora", "multi_lora_int8_act",
+           "act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "lora_delta", "lora_mixed",
            "lora_mixed_int8_act", "outliers_dense", "quant_matmul", "quant_matmul_int8_act", "quant_matmul_lora",
            "quant_matmul_lora_int8_act", "quantize_activations_int8"]
 
@@ -139,9 +140,120 @@ def quant_matmul_lora_int8_act(x, qweight, scales, zeros, bits: int, group_size:
     return y + lora_delta(x, adapter, bits_hi, group_a, group_b, scale, xhat=xhat)
 
 
+def bank_factors(bank, table, slot: int, group_a: int, group_b: int):
+    """``(kind, A [r, K], B^T [r, N], h)`` of one slot of a layer bank, fp32 (compressed: dequantized, high
+    rows then 1-bit rows). Raises for an empty (removed) slot or offsets outside the slabs."""
+    from ..multilora.bank import KIND_COMPRESSED, KIND_DENSE
+    N, K = bank[1].shape[1], bank[0].shape[1]
+    if not 0 <= slot < table.shape[0]:
+        raise IndexError(f"lorakern: adapter slot {slot} is out of range [0, {table.shape[0]})")
+    kind, r, row, h, bits, aoff, boff = (int(v) for v in table[slot].tolist())
+    if kind == KIND_DENSE:
+        if row < 0 or r < 0 or row + r > bank[0].shape[0]:
+            raise ValueError("lorakern: bank table: dense rows out of the slab")
+        return kind, bank[0][row: row + r].float(), bank[1][row: row + r].float(), 0
+    if kind != KIND_COMPRESSED:
+        raise ValueError(f"lorakern: adapter slot {slot} is empty (the adapter was removed)")
+    rl = r - h
+    if row < 0 or h < 0 or rl < 0 or row + r > bank[3].shape[0]:
+        raise ValueError("lorakern: bank table: bad compressed slot")
+
+    def part(codes, off, scales, zeros, rows, cols, nbits, G):
+        rb = cols * nbits // 8
+        if off < 0 or off + rows * rb > codes.numel():
+            raise ValueError("lorakern: bank table: compressed codes out of the slab")
+        return dequantize(codes[off: off + rows * rb].view(rows, rb), scales[:rows].contiguous(),
+                          zeros[:rows].contiguous(), nbits, G)
+    qa, qas, qaz, qb, qbs, qbz = bank[2:]
+    A = torch.cat([part(qa, aoff, qas[row:], qaz[row:], h, K, bits, group_a),
+                   part(qa, aoff + h * (K * bits // 8), qas[row + h:], qaz[row + h:], rl, K, 1, group_a)])
+    Bt = torch.cat([part(qb, boff, qbs[row:], qbz[row:], h, N, bits, group_b),
+                    part(qb, boff + h * (N * bits // 8), qbs[row + h:], qbz[row + h:], rl, N, 1, group_b)])
+    return kind, A, Bt, h
+
+
+def _segments(segments, tokens, T: int):
+    E = tokens.shape[0]
+    pos = 0
+    for sid, start, count in segments.tolist():
+        if start != pos or count < 0 or start + count > E:
+            raise ValueError("lorakern: segments must partition the entries in order")
+        pos += count
+        yield sid, start, count
+    if pos != E:
+        raise ValueError("lorakern: segments must cover every entry")
+    if E and (int(tokens.min()) < 0 or int(tokens.max()) >= T):
+        raise IndexError(f"lorakern: a token index is outside [0, {T})")
+
+
+def _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, int8: bool):
+    from ..multilora.bank import KIND_COMPRESSED
+    T = x.shape[0]
+    t = torch.zeros(tokens.shape[0], max_rank, dtype=torch.float64, device=x.device)
+    for sid, s0, n in _segments(segments, tokens, T):
+        kind, A, _, _ = bank_factors(bank, table, sid, group_a, group_b)
+        r = A.shape[0]
+        if r > max_rank:
+            raise ValueError(f"lorakern: adapter {sid} has rank {r} > max_rank={max_rank}")
+        xs = x[tokens[s0: s0 + n]].float()
+        if int8 and kind == KIND_COMPRESSED and r:
+            xs = quantize_activations_int8(xs, group_a)
+        coef = weights[s0: s0 + n].double() * float(scales[sid])
+        t[s0: s0 + n, :r] = coef[:, None] * (xs.double() @ A.double().t())
+    return t
+
+
+def lora_shrink(x, bank, table, scales, group_a: int, group_b: int, segments, tokens, weights,
+                max_rank: int) -> torch.Tensor:
+    """``t[e, :r] = w_e * scale * x[token_e] A^T`` for every entry (fp32 ``[E, max_rank]``, zero past each rank)."""
+    check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    return _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, False).float()
+
+
+def lora_shrink_int8_act(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Exact model (fp64) of the CPU shrink: compressed adapters see int8 activations (group ``group_a``)."""
+    check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    return _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, True)
+
+
+def _expand(t, base, bank, table, group_a, group_b, segments, tokens):
+    y = base.double().clone()
+    for sid, s0, n in _segments(segments, tokens, base.shape[0]):
+        _, _, Bt, _ = bank_factors(bank, table, sid, group_a, group_b)
+        r = Bt.shape[0]
+        if r > t.shape[1]:
+            raise ValueError(f"lorakern: adapter {sid} has rank {r} > t's width {t.shape[1]}")
+        y.index_add_(0, tokens[s0: s0 + n], t[s0: s0 + n, :r].double() @ Bt.double())
+    return y
+
+
+def lora_expand(t, base, bank, table, scales, group_a: int, group_b: int, segments, tokens) -> torch.Tensor:
+    """``y = base``, then ``y[token_e] += t[e, :r] B^T`` for every entry; in base's dtype."""
+    check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
+    return _expand(t, base, bank, table, group_a, group_b, segments, tokens).to(base.dtype)
+
+
+def multi_lora(x, base, bank, table, scales, group_a: int, group_b: int, segments, tokens, weights,
+               max_rank: int) -> torch.Tensor:
+    """``base + sum over x's entries of w * scale * (x A^T) B^T``: lora_shrink then lora_expand."""
+    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, False)
+    return _expand(t, base, bank, table, group_a, group_b, segments, tokens).to(base.dtype)
+
+
+def multi_lora_int8_act(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Exact model (fp64) of the CPU multi_lora."""
+    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, True)
+    return _expand(t, base, bank, table, group_a, group_b, segments, tokens)
+
+
 # Any device without a dedicated kernel runs the reference.
 lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
 lib.impl("dequantize", dequantize, "CompositeExplicitAutograd")
 lib.impl("gwq_matmul", gwq_matmul, "CompositeExplicitAutograd")
 lib.impl("lora_mixed", lora_mixed, "CompositeExplicitAutograd")
 lib.impl("quant_matmul_lora", quant_matmul_lora, "CompositeExplicitAutograd")
+lib.impl("lora_shrink", lora_shrink, "CompositeExplicitAutograd")
+lib.impl("lora_expand", lora_expand, "CompositeExplicitAutograd")
+lib.impl("multi_lora", multi_lora, "CompositeExplicitAutograd")

@@ -10,7 +10,7 @@ import torch
 
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-__all__ = ["lib", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
+__all__ = ["lib", "check_bank", "check_lora_expand", "check_lora_shrink", "check_multi_lora", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
            "check_quant_matmul_lora", "check_qweight", "ACT_DTYPES", "LORA_PARTS"]
 
 lib = torch.library.Library("lorakern", "DEF")
@@ -38,6 +38,16 @@ lib.define(
     "quant_matmul_lora(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
     "Tensor? bias, Tensor[] adapter, int bits_hi, int group_a, int group_b, float scale) -> Tensor"
 )
+
+# Multi-adapter ops over a layer's adapter bank (lorakern.multilora.LayerBank): `bank` is its 8 slabs
+# [A, B^T, A codes, A scales, A zeros, B^T codes, B^T scales, B^T zeros], `table` int64 [S, 7]
+# (kind, rank, row, h, bits_hi, a_off, b_off) and `scales` fp32 [S]; the batch (LoRABatch) is
+# segments int64 [nseg, 3] (id, first entry, count), tokens int64 [E], weights fp32 [E].
+_BANK = "Tensor[] bank, Tensor table, Tensor scales, int group_a, int group_b"
+lib.define(f"lora_shrink(Tensor x, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, int max_rank) -> Tensor")
+lib.define(f"lora_expand(Tensor t, Tensor base, {_BANK}, Tensor segments, Tensor tokens) -> Tensor")
+lib.define(f"multi_lora(Tensor x, Tensor base, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, "
+           "int max_rank) -> Tensor")
 
 
 def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -166,6 +176,109 @@ def check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, a
     check_lora(adapter, bits_hi, group_a, group_b, N, K, x.device)
     _check_scale(scale)
     return N, K
+
+
+def check_bank(bank, table, scales, group_a: int, group_b: int, device) -> tuple[int, int]:
+    """Validate a layer bank's tensors (dtypes, shapes, devices; the kernels check every offset the
+    table holds against the slabs); return the layer's ``(N, K)``."""
+    if len(bank) != 8:
+        raise ValueError(f"lorakern: a bank is 8 slabs (A, B^T, and codes/scales/zeros of each), got {len(bank)}")
+    a, bt, qa, qas, qaz, qb, qbs, qbz = bank
+    if a.dtype not in ACT_DTYPES or bt.dtype != a.dtype or a.dim() != 2 or bt.dim() != 2 or a.shape[0] != bt.shape[0]:
+        raise TypeError(f"lorakern: bank A {a.dtype} {tuple(a.shape)} / B^T {bt.dtype} {tuple(bt.shape)} must be "
+                        "2-D slabs of one floating dtype with the same rows")
+    N, K = bt.shape[1], a.shape[1]
+    for name, t in (("A codes", qa), ("B^T codes", qb)):
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise TypeError(f"lorakern: bank {name} must be a 1-D uint8 slab, got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("A scales", qas), ("A zeros", qaz), ("B^T scales", qbs), ("B^T zeros", qbz)):
+        if t.dtype != torch.float16 or t.dim() != 2:
+            raise TypeError(f"lorakern: bank {name} must be a 2-D float16 slab, got {t.dtype} {tuple(t.shape)}")
+    if qas.shape != qaz.shape or qbs.shape != qbz.shape or qas.shape[0] != qbs.shape[0]:
+        raise ValueError("lorakern: bank scale/zero slabs disagree on their shapes")
+    if group_a or group_b:
+        if group_a not in SUPPORTED_GROUP_SIZES or group_b not in SUPPORTED_GROUP_SIZES or K % group_a or N % group_b:
+            raise ValueError(f"lorakern: bank groups ({group_a}, {group_b}) do not divide the layer {(N, K)}")
+        if qas.shape[1] != K // group_a or qbs.shape[1] != N // group_b:
+            raise ValueError("lorakern: bank scale slabs do not match the group sizes")
+    if table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 7:
+        raise TypeError(f"lorakern: bank table must be int64 [S, 7], got {table.dtype} {tuple(table.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (table.shape[0],):
+        raise TypeError(f"lorakern: bank scales must be float32 [{table.shape[0]}], got {scales.dtype} "
+                        f"{tuple(scales.shape)}")
+    for t in (*bank, table, scales):
+        if t.device != device:
+            raise ValueError(f"lorakern: a bank tensor is on {t.device}, expected {device}")
+    return N, K
+
+
+def _check_batch(segments, tokens, weights, device) -> None:
+    if segments.dtype != torch.int64 or segments.dim() != 2 or segments.shape[1] != 3:
+        raise TypeError(f"lorakern: segments must be int64 [S, 3], got {segments.dtype} {tuple(segments.shape)}")
+    if tokens.dtype != torch.int64 or tokens.dim() != 1:
+        raise TypeError(f"lorakern: tokens must be 1-D int64, got {tokens.dtype} {tuple(tokens.shape)}")
+    if weights is not None and (weights.dtype != torch.float32 or tuple(weights.shape) != tuple(tokens.shape)):
+        raise TypeError(f"lorakern: weights must be float32 {tuple(tokens.shape)}, got {weights.dtype} "
+                        f"{tuple(weights.shape)}")
+    for t in (segments, tokens) + (() if weights is None else (weights,)):
+        if t.device != device:
+            raise ValueError(f"lorakern: a batch tensor is on {t.device}, expected {device}")
+
+
+def check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Validate lora_shrink's arguments; return (N, K)."""
+    if x.dtype not in ACT_DTYPES or x.dim() != 2:
+        raise TypeError(f"lorakern: x must be a 2-D float32/float16/bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
+    N, K = check_bank(bank, table, scales, group_a, group_b, x.device)
+    if x.shape[1] != K:
+        raise ValueError(f"lorakern: x has {x.shape[1]} features, the bank's layer takes K={K}")
+    _check_batch(segments, tokens, weights, x.device)
+    if max_rank < 0:
+        raise ValueError(f"lorakern: max_rank must be >= 0, got {max_rank}")
+    return N, K
+
+
+def check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens):
+    """Validate lora_expand's arguments; return (N, K)."""
+    if base.dtype not in ACT_DTYPES or base.dim() != 2:
+        raise TypeError(f"lorakern: base must be a 2-D float32/float16/bfloat16 tensor, got {base.dtype}")
+    N, K = check_bank(bank, table, scales, group_a, group_b, base.device)
+    if base.shape[1] != N:
+        raise ValueError(f"lorakern: base has {base.shape[1]} features, the bank's layer gives N={N}")
+    if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != tokens.shape[0]:
+        raise TypeError(f"lorakern: t must be float32 [E={tokens.shape[0]}, r], got {t.dtype} {tuple(t.shape)}")
+    if t.device != base.device:
+        raise ValueError(f"lorakern: t is on {t.device}, base on {base.device}")
+    _check_batch(segments, tokens, None, base.device)
+    return N, K
+
+
+def check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Validate multi_lora's arguments; return (N, K)."""
+    N, K = check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    if base.dtype != x.dtype or tuple(base.shape) != (x.shape[0], N):
+        raise ValueError(f"lorakern: base must be {x.dtype} {(x.shape[0], N)}, got {base.dtype} {tuple(base.shape)}")
+    if base.device != x.device:
+        raise ValueError(f"lorakern: base is on {base.device}, x on {x.device}")
+    return N, K
+
+
+@torch.library.register_fake("lorakern::lora_shrink")
+def _lora_shrink_fake(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    return x.new_empty((tokens.shape[0], max_rank), dtype=torch.float32)
+
+
+@torch.library.register_fake("lorakern::lora_expand")
+def _lora_expand_fake(t, base, bank, table, scales, group_a, group_b, segments, tokens):
+    check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
+    return torch.empty_like(base)
+
+
+@torch.library.register_fake("lorakern::multi_lora")
+def _multi_lora_fake(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    return torch.empty_like(base)
 
 
 @torch.library.register_fake("lorakern::lora_mixed")

@@ -68,6 +68,31 @@ typedef struct {
   float scale;
 } lk_lora;
 
+/* One adapter of a multi-adapter bank for a layer W[N, K] (lk_lora_shrink / lk_lora_expand /
+ * lk_multi_lora). Dense: A [rank, K] and B^T [rank, N], row-major, dtype fp32/fp16/bf16.
+ * Compressed: the lk_lora parts (its scale field is not used; `scale` is). */
+typedef enum { LK_SLOT_EMPTY = 0, LK_SLOT_DENSE = 1, LK_SLOT_COMPRESSED = 2 } lk_slot_kind;
+typedef struct {
+  int32_t kind;     /* lk_slot_kind */
+  lk_dtype dtype;   /* dense: dtype of a and bt */
+  int64_t rank;     /* dense: r (compressed: taken from q) */
+  const void* a;    /* dense: A [rank, K] */
+  const void* bt;   /* dense: B^T [rank, N] */
+  lk_lora q;        /* compressed parts */
+  float scale;      /* the adapter's scaling (alpha / r) */
+} lk_lora_slot;
+
+/* A batch's mapping onto the bank, computed once per forward pass: entries (token,
+ * weight) grouped by adapter into segments that partition [0, num_entries) in order.
+ * A token with a k-way mixture has k entries; a token without adapter has none. */
+typedef struct {
+  const int64_t* segments; /* [num_segments, 3]: slot, first entry, number of entries */
+  int64_t num_segments;
+  const int64_t* tokens;   /* [num_entries]: row of x / y of each entry */
+  const float* weights;    /* [num_entries]: the entry's mixing weight */
+  int64_t num_entries;
+} lk_lora_batch;
+
 LK_API const char* lk_version(void);
 LK_API const char* lk_status_string(lk_status s);
 LK_API const char* lk_isa_name(lk_isa isa);
@@ -112,6 +137,26 @@ LK_API lk_status lk_lora_mixed(const void* x, lk_dtype x_dtype, int64_t M, const
 LK_API lk_status lk_quant_matmul_lora(const void* x, lk_dtype x_dtype, int64_t M,
                                       const lk_qweight* w, const float* bias,
                                       const lk_lora* lora, void* y, int num_threads);
+
+/* Multi-adapter shrink: t[e, 0:r] = weight_e * scale_s * x[token_e] A_s^T for every entry e of every
+ * segment (slot s, rank r; compressed: the high components, then the 1-bit ones, on int8 activations
+ * as in lk_lora_mixed). t is fp32 [num_entries, ldt], ldt >= every used slot's rank; columns past a
+ * segment's rank are left as they are. Every slot, segment and token index is checked first. */
+LK_API lk_status lk_lora_shrink(const void* x, lk_dtype x_dtype, int64_t T, int64_t K,
+                                const lk_lora_slot* slots, int64_t num_slots, const lk_lora_batch* batch,
+                                float* t, int64_t ldt, int num_threads);
+
+/* Multi-adapter expand: y[T, N] = base + sum over entries e of t[e, 0:r] B_s^T added to row token_e
+ * (threads own column tiles, so k-way mixtures never race). base and y have dtype y_dtype; base may
+ * be y or null (zero). */
+LK_API lk_status lk_lora_expand(const float* t, int64_t ldt, const lk_lora_slot* slots, int64_t num_slots,
+                                const lk_lora_batch* batch, lk_dtype y_dtype, int64_t T, int64_t N,
+                                const void* base, void* y, int num_threads);
+
+/* lk_lora_shrink then lk_lora_expand in one parallel region (the intermediate never leaves the call). */
+LK_API lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N,
+                               const lk_lora_slot* slots, int64_t num_slots, const lk_lora_batch* batch,
+                               const void* base, void* y, int num_threads);
 
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);

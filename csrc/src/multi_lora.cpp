@@ -1,0 +1,279 @@
+// C ABI entry points of the multi-adapter kernels: lk_lora_shrink, lk_lora_expand and the
+// fused lk_multi_lora (one parallel region).
+//
+// Shrink: the batch's activation rows are gathered once in entry order (fp32; int8 as well
+// when a compressed adapter is used), so every segment is a contiguous block of rows.
+// Work items are (segment, row block of A) pairs, scheduled dynamically so that one busy
+// adapter and many single-token ones balance across threads. Dense adapters run an fp32
+// dot over rows of A converted four at a time; compressed ones run the quant_matmul row
+// kernel on their high and 1-bit parts.
+// Expand: threads own tiles of output columns; each adds every segment's t B^T into its
+// columns, so entries of a k-way mixture that hit the same token never race.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <vector>
+
+#include "common.h"
+#include "driver.h"
+#include "lorakern/lorakern.h"
+#include "multi_lora.h"
+
+namespace {
+
+using ShrinkFn = void (*)(const lk::DenseShrink&, int64_t, int64_t);
+using ExpandFn = void (*)(const lk::MultiExpand&, int64_t, int64_t);
+
+ShrinkFn shrink_fn(lk_isa isa) {
+  switch (isa) {
+    case LK_ISA_AVX512: return lk::dense_shrink_avx512;
+    case LK_ISA_AVX2: return lk::dense_shrink_avx2;
+    default: return lk::dense_shrink_generic;
+  }
+}
+
+ExpandFn expand_fn(lk_isa isa) {
+  switch (isa) {
+    case LK_ISA_AVX512: return lk::multi_expand_avx512;
+    case LK_ISA_AVX2: return lk::multi_expand_avx2;
+    default: return lk::multi_expand_generic;
+  }
+}
+
+int64_t slot_rank(const lk_lora_slot& s) { return s.kind == LK_SLOT_DENSE ? s.rank : s.q.a_hi.N + s.q.a_lo.N; }
+
+// A slot used by the batch: dense with its pointers, or compressed with parts that fit
+// [N, K] (-1: that side is not used by the call).
+bool slot_ok(const lk_lora_slot& s, int64_t N, int64_t K) {
+  if (!std::isfinite(s.scale)) return false;
+  if (s.kind == LK_SLOT_DENSE) {
+    if (s.rank < 0 || (s.dtype != LK_F32 && s.dtype != LK_F16 && s.dtype != LK_BF16)) return false;
+    return s.rank == 0 || ((K < 0 || s.a) && (N < 0 || s.bt));
+  }
+  if (s.kind != LK_SLOT_COMPRESSED) return false;
+  const lk_lora& q = s.q;
+  const int64_t KA = K < 0 ? (q.a_hi.N ? q.a_hi.K : q.a_lo.K) : K;
+  const int64_t NB = N < 0 ? (q.b_hi.N ? q.b_hi.K : q.b_lo.K) : N;
+  lk_lora l = q;
+  l.scale = 0.f;
+  return lk::check_lora_parts(&l, NB, KA) == LK_OK;
+}
+
+struct Checked {
+  int ga = 0;        // the compressed adapters' shared group size along K (0: none)
+  int64_t rmax = 0;  // the largest rank used
+  bool compressed = false;
+};
+
+lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lora_batch* b, int64_t T, int64_t N,
+                      int64_t K, Checked* c) {
+  if (!b || b->num_segments < 0 || b->num_entries < 0 || num_slots < 0 || (num_slots > 0 && !slots))
+    return LK_ERR_INVALID_ARG;
+  if ((b->num_segments > 0 && !b->segments) || (b->num_entries > 0 && (!b->tokens || !b->weights)))
+    return LK_ERR_INVALID_ARG;
+  int64_t pos = 0;
+  for (int64_t s = 0; s < b->num_segments; ++s) {
+    const int64_t slot = b->segments[3 * s], start = b->segments[3 * s + 1], count = b->segments[3 * s + 2];
+    if (slot < 0 || slot >= num_slots || start != pos || count < 0 || count > b->num_entries - pos)
+      return LK_ERR_INVALID_ARG;
+    pos += count;
+    const lk_lora_slot& sl = slots[slot];
+    if (!slot_ok(sl, N, K)) return LK_ERR_INVALID_ARG;
+    c->rmax = std::max(c->rmax, slot_rank(sl));
+    if (sl.kind == LK_SLOT_COMPRESSED && slot_rank(sl) && K >= 0) {
+      const int g = sl.q.a_hi.N ? sl.q.a_hi.group_size : sl.q.a_lo.group_size;
+      if (c->ga && c->ga != g) return LK_ERR_INVALID_ARG;  // one activation quantization per call
+      c->ga = g;
+      c->compressed = true;
+    }
+  }
+  if (pos != b->num_entries) return LK_ERR_INVALID_ARG;
+  for (int64_t e = 0; e < b->num_entries; ++e)
+    if (b->tokens[e] < 0 || b->tokens[e] >= T) return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
+
+struct Item {
+  int64_t seg;
+  int part;  // 0 dense, 1 compressed high, 2 compressed low
+  int64_t i0, i1;
+};
+
+float elem_f32(const void* p, lk_dtype d, int64_t i) {
+  if (d == LK_F32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return d == LK_F16 ? lk::half_to_float(h) : lk::bf16_to_float(h);
+}
+
+// Shrink (x != null) into t [E, ldt] and/or expand (y != null) from it.
+lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N, const lk_lora_slot* slots,
+                    int64_t num_slots, const lk_lora_batch* b, float* t_io, int64_t ldt, lk_dtype y_dtype,
+                    const void* base, void* y, int num_threads) {
+  const bool shrink = x != nullptr, expand = y != nullptr;
+  if (T < 0 || (shrink && K <= 0) || (expand && N < 0)) return LK_ERR_INVALID_ARG;
+  for (lk_dtype d : {x_dtype, y_dtype})
+    if (d != LK_F32 && d != LK_F16 && d != LK_BF16) return LK_ERR_INVALID_ARG;
+  Checked c;
+  if (lk_status s = check_batch(slots, num_slots, b, T, expand ? N : -1, shrink ? K : -1, &c)) return s;
+  if (t_io && ldt < c.rmax) return LK_ERR_INVALID_ARG;
+  if (b->num_entries > 0 && !t_io && !(shrink && expand)) return LK_ERR_INVALID_ARG;
+  if (T == 0 || (expand && N == 0)) return LK_OK;
+  try {
+    const int64_t E = b->num_entries;
+    std::vector<float> tbuf;
+    float* t = t_io;
+    if (!t) {
+      ldt = std::max<int64_t>(c.rmax, 1);
+      tbuf.assign((size_t)(E * ldt), 0.f);
+      t = tbuf.data();
+    }
+    std::vector<float> xg, coef, tq;
+    std::vector<Item> items;
+    lk::Activations act;
+    if (shrink && E) {
+      xg.resize((size_t)(E * K));
+      coef.resize((size_t)E);
+      for (int64_t s = 0; s < b->num_segments; ++s) {
+        const int64_t* sg = b->segments + 3 * s;
+        const lk_lora_slot& sl = slots[sg[0]];
+        for (int64_t e = sg[1]; e < sg[1] + sg[2]; ++e) coef[e] = b->weights[e] * sl.scale;
+        const int64_t h = sl.kind == LK_SLOT_DENSE ? 0 : sl.q.a_hi.N, r = slot_rank(sl);
+        if (!sg[2] || !r) continue;
+        const int64_t blk = 16;  // rows of A per work item
+        for (int64_t i = 0; i < r; i += blk) {
+          const int64_t i1 = std::min(r, i + blk);
+          if (sl.kind == LK_SLOT_DENSE) {
+            items.push_back({s, 0, i, i1});
+          } else {
+            if (i < h) items.push_back({s, 1, i, std::min(i1, h)});
+            if (i1 > h) items.push_back({s, 2, std::max(i, h) - h, i1 - h});
+          }
+        }
+      }
+      if (c.compressed) tq.resize((size_t)(E * ldt));
+    }
+    float* y32 = nullptr;
+    std::vector<float> ybuf;
+    if (expand) {
+      y32 = static_cast<float*>(y);
+      if (y_dtype != LK_F32) {
+        ybuf.resize((size_t)(T * N));
+        y32 = ybuf.data();
+      }
+    }
+    const lk_isa isa = lk_active_isa();
+    const ShrinkFn sfn = shrink_fn(isa);
+    const ExpandFn efn = expand_fn(isa);
+    const lk::RowsFn rfn = lk::rows_fn(isa);
+    const lk::MultiExpand me{slots, b, t, ldt, N, y32};
+    const int64_t ntiles = expand ? (N + lk::kExpandTile - 1) / lk::kExpandTile : 0;
+    const size_t xb = x_dtype == LK_F32 ? 4 : 2;
+    const int nt = lk::threads_for(num_threads);
+#pragma omp parallel num_threads(nt)
+    {
+      if (shrink && E) {
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < E; ++e) {
+          const char* row = static_cast<const char*>(x) + (size_t)(b->tokens[e] * K) * xb;
+          for (int64_t k = 0; k < K; ++k) xg[e * K + k] = elem_f32(row, x_dtype, k);
+        }
+        if (c.compressed) {
+#pragma omp single
+          {
+            act.M = E;
+            act.K = K;
+            act.x32 = xg.data();
+            act.quantize(c.ga);
+          }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (size_t n = 0; n < items.size(); ++n) {
+          const Item& it = items[n];
+          const int64_t* sg = b->segments + 3 * it.seg;
+          const lk_lora_slot& sl = slots[sg[0]];
+          const int64_t e0 = sg[1], cnt = sg[2];
+          if (it.part == 0) {
+            const lk::DenseShrink p{xg.data() + e0 * K, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
+            sfn(p, it.i0, it.i1);
+          } else {
+            const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;
+            const int64_t h = sl.q.a_hi.N;
+            float* out = tq.data() + e0 * ldt + (it.part == 1 ? 0 : cnt * h);  // [cnt, rows] blocks
+            const int G = c.ga, B = lk::act_block(G);
+            const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros,
+                                   act.xq.data() + e0 * K, act.xs.data() + e0 * (K / B),
+                                   act.xsum.data() + e0 * (K / G), nullptr, out};
+            rfn(p, it.i0, it.i1);
+          }
+        }
+        if (c.compressed) {
+#pragma omp for schedule(static)
+          for (int64_t s = 0; s < b->num_segments; ++s) {
+            const int64_t* sg = b->segments + 3 * s;
+            const lk_lora_slot& sl = slots[sg[0]];
+            if (sl.kind != LK_SLOT_COMPRESSED) continue;
+            const int64_t h = sl.q.a_hi.N, rl = sl.q.a_lo.N, e0 = sg[1], cnt = sg[2];
+            const float* hi = tq.data() + e0 * ldt;
+            const float* lo = hi + cnt * h;
+            for (int64_t m = 0; m < cnt; ++m) {
+              float* tr = t + (e0 + m) * ldt;
+              for (int64_t i = 0; i < h; ++i) tr[i] = coef[e0 + m] * hi[m * h + i];
+              for (int64_t i = 0; i < rl; ++i) tr[h + i] = coef[e0 + m] * lo[m * rl + i];
+            }
+          }
+        }
+      }
+      if (expand) {
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t c0 = tile * lk::kExpandTile, c1 = std::min(N, c0 + lk::kExpandTile);
+          if (base != y || y_dtype != LK_F32) {
+            for (int64_t m = 0; m < T; ++m)
+              for (int64_t col = c0; col < c1; ++col)
+                y32[m * N + col] = base ? elem_f32(base, y_dtype, m * N + col) : 0.f;
+          }
+          efn(me, c0, c1);
+        }
+      }
+    }
+    if (expand) lk::store_output(y32, y_dtype, T * N, y);
+  } catch (const std::bad_alloc&) {
+    return LK_ERR_ALLOC;
+  }
+  return LK_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+lk_status lk_lora_shrink(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const lk_lora_slot* slots,
+                         int64_t num_slots, const lk_lora_batch* batch, float* t, int64_t ldt, int num_threads) {
+  if (!batch || T < 0) return LK_ERR_INVALID_ARG;
+  if (T == 0) return batch->num_entries == 0 ? LK_OK : LK_ERR_INVALID_ARG;
+  if (!x) return LK_ERR_INVALID_ARG;
+  return run_multi(x, x_dtype, T, K, -1, slots, num_slots, batch, t, ldt, LK_F32, nullptr, nullptr,
+                   num_threads);
+}
+
+lk_status lk_lora_expand(const float* t, int64_t ldt, const lk_lora_slot* slots, int64_t num_slots,
+                         const lk_lora_batch* batch, lk_dtype y_dtype, int64_t T, int64_t N, const void* base,
+                         void* y, int num_threads) {
+  if (!batch || T < 0 || N < 0) return LK_ERR_INVALID_ARG;
+  if (T == 0 || N == 0) return batch->num_entries == 0 || T > 0 ? LK_OK : LK_ERR_INVALID_ARG;
+  if (!y) return LK_ERR_INVALID_ARG;
+  return run_multi(nullptr, LK_F32, T, -1, N, slots, num_slots, batch, const_cast<float*>(t), ldt, y_dtype,
+                   base, y, num_threads);
+}
+
+lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N, const lk_lora_slot* slots,
+                        int64_t num_slots, const lk_lora_batch* batch, const void* base, void* y, int num_threads) {
+  if (!batch || T < 0 || N < 0) return LK_ERR_INVALID_ARG;
+  if (T == 0 || N == 0) return batch->num_entries == 0 || T > 0 ? LK_OK : LK_ERR_INVALID_ARG;
+  if (!x || !y) return LK_ERR_INVALID_ARG;
+  return run_multi(x, x_dtype, T, K, N, slots, num_slots, batch, nullptr, 0, x_dtype, base, y, num_threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,40 @@
+// Internal: the per-ISA pieces of the multi-adapter kernels (multi_lora.cpp drives them).
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+#include "lorakern/lorakern.h"
+
+namespace lk {
+
+// Dense shrink of one segment's rows [i0, i1) of A: t[e * ldt + i] = coef[e] * (x[e] . A[i]),
+// x: the segment's gathered fp32 activation rows [count, K].
+struct DenseShrink {
+  const float* x;
+  int64_t count, K;
+  const void* a;  // [rank, K] of dtype
+  lk_dtype dtype;
+  const float* coef;  // [count]: weight * scale
+  float* t;
+  int64_t ldt;
+};
+
+// The expand of every segment into output columns [c0, c1) of y32 [T, N] (already holding the base).
+struct MultiExpand {
+  const lk_lora_slot* slots;
+  const lk_lora_batch* batch;
+  const float* t;
+  int64_t ldt, N;
+  float* y32;
+};
+
+constexpr int64_t kExpandTile = 128;  // output columns per expand tile (a multiple of every group size)
+
+void dense_shrink_generic(const DenseShrink& p, int64_t i0, int64_t i1);
+void dense_shrink_avx2(const DenseShrink& p, int64_t i0, int64_t i1);
+void dense_shrink_avx512(const DenseShrink& p, int64_t i0, int64_t i1);
+void multi_expand_generic(const MultiExpand& e, int64_t c0, int64_t c1);
+void multi_expand_avx2(const MultiExpand& e, int64_t c0, int64_t c1);
+void multi_expand_avx512(const MultiExpand& e, int64_t c0, int64_t c1);
+
+}  // namespace lk

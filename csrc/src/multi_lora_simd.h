@@ -1,0 +1,97 @@
+// The multi-adapter loops shared by every ISA path (compiled in each ISA's file with its
+// flags, like lora_expand_simd.h). Isa supplies, besides the expand hooks:
+//   Isa::to_f32(src, dtype, n, out)      n values of fp32/fp16/bf16 as fp32
+//   Isa::dot4(x, a, lda, K, out)         out[j] = x . a[j * lda : j * lda + K], j < 4
+#pragma once
+#include <algorithm>
+#include <vector>
+
+#include "lora_expand_simd.h"
+#include "multi_lora.h"
+
+namespace lk {
+namespace {
+
+inline size_t dtype_bytes(lk_dtype d) { return d == LK_F32 ? 4 : 2; }
+
+// Rows of A are converted to fp32 four at a time (in L1/L2), then every activation row of
+// the segment meets all four in one pass.
+template <class Isa>
+void dense_shrink_rows(const DenseShrink& p, int64_t i0, int64_t i1) {
+  const int64_t K = p.K;
+  std::vector<float> a4((size_t)(4 * K));
+  const char* abase = static_cast<const char*>(p.a);
+  const size_t rb = (size_t)K * dtype_bytes(p.dtype);
+  for (int64_t i = i0; i < i1; i += 4) {
+    const int nr = (int)std::min<int64_t>(4, i1 - i);
+    for (int j = 0; j < 4; ++j) {
+      if (j < nr)
+        Isa::to_f32(abase + (size_t)(i + j) * rb, p.dtype, K, a4.data() + j * K);
+      else
+        std::fill(a4.begin() + j * K, a4.begin() + (j + 1) * K, 0.f);
+    }
+    for (int64_t e = 0; e < p.count; ++e) {
+      float d[4];
+      Isa::dot4(p.x + e * K, a4.data(), K, K, d);
+      for (int j = 0; j < nr; ++j) p.t[e * p.ldt + i + j] = p.coef[e] * d[j];
+    }
+  }
+}
+
+// One slot's B^T columns [c0, c1) as an fp32 tile W[r, c1 - c0] (compressed: dequantized
+// group by group, high rows then low rows).
+template <class Isa>
+int64_t slot_tile(const lk_lora_slot& s, int64_t N, int64_t c0, int64_t c1, float* W) {
+  const int64_t w = c1 - c0;
+  if (s.kind == LK_SLOT_DENSE) {
+    const size_t eb = dtype_bytes(s.dtype);
+    for (int64_t i = 0; i < s.rank; ++i)
+      Isa::to_f32(static_cast<const char*>(s.bt) + ((size_t)(i * N + c0)) * eb, s.dtype, w, W + i * w);
+    return s.rank;
+  }
+  int64_t j = 0;
+  for (const lk_qweight* p : {&s.q.b_hi, &s.q.b_lo}) {
+    if (!p->N) continue;
+    const int G = p->group_size;
+    const int64_t rb = row_bytes(N, p->bits), ng = N / G;
+    const int gbytes = group_bytes(G, p->bits);
+    for (int64_t i = 0; i < p->N; ++i, ++j)
+      for (int64_t g = c0 / G; g < c1 / G; ++g)
+        dequant_group<Isa>(p->qweight + i * rb + g * gbytes, p->bits, G, Isa::h2f(p->scales[i * ng + g]),
+                           Isa::h2f(p->zeros[i * ng + g]), W + j * w + (g * G - c0));
+  }
+  return j;
+}
+
+template <class Isa>
+void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
+  const lk_lora_batch& b = *e.batch;
+  int64_t rmax = 0;
+  for (int64_t s = 0; s < b.num_segments; ++s) {
+    const lk_lora_slot& sl = e.slots[b.segments[3 * s]];
+    rmax = std::max(rmax, sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N);
+  }
+  std::vector<float> W((size_t)(rmax * kExpandTile));
+  for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
+    const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0, w32 = w & ~int64_t(31);
+    for (int64_t s = 0; s < b.num_segments; ++s) {
+      const int64_t* sg = b.segments + 3 * s;
+      if (!sg[2]) continue;
+      const int64_t r = slot_tile<Isa>(e.slots[sg[0]], e.N, t0, t1, W.data());
+      if (!r) continue;
+      for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
+        float* y = e.y32 + b.tokens[k] * e.N + t0;
+        const float* coef = e.t + k * e.ldt;
+        if (w32 == w) {
+          Isa::accumulate(y, y, coef, W.data(), r, (int)w);
+        } else {  // a ragged last tile (dense adapters, N not a multiple of 32)
+          for (int64_t i = 0; i < r; ++i)
+            for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * W[i * w + c];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lk
