@@ -170,6 +170,10 @@ def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, to
 def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
     N, K = check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     x, base = x.contiguous(), base.contiguous()
+    if segments.shape[0]:  # the fused call needs no intermediate, but max_rank means what it means in lora_shrink
+        ids = segments[:, 0]
+        if int(ids.min()) >= 0 and int(ids.max()) < table.shape[0] and int(table[ids, 1].max()) > max_rank:
+            raise ValueError(f"lorakern: max_rank={max_rank} is below the rank of an adapter in the batch")
     y = torch.empty_like(base)
     _run_multi(2, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
                None, 0, base, y)

@@ -1,0 +1,243 @@
+"""Multi-adapter LoRA (AdapterBank, LoRABatch, lora_shrink / lora_expand / multi_lora) on every
+CPU ISA path against the reference loops, at random mappings; bank bookkeeping; bad input."""
+import pytest
+import torch
+
+from lorakern.adapters.peft_io import LoraLayer
+from lorakern.multilora import AdapterBank, LoRABatch
+from lorakern.ops import reference as ref
+
+from test_lora_kernel import random_compressed
+from test_quant_matmul import EPS
+
+N, K = 192, 320  # multiples of the compressed groups (64), N not a multiple of the 128-column tile
+
+
+def make_bank(rng, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdcdd", dtype=torch.float16, N=N, K=K, ga=64, gb=64):
+    """A bank of adapters of mixed ranks, dense ('d') and compressed ('c', 2-4 high bits)."""
+    bank = AdapterBank({"l": (N, K)}, dtype=dtype)
+    for i, (r, kind) in enumerate(zip(ranks, kinds)):
+        if kind == "c":
+            layer = random_compressed(N, K, r, r // 2, (2, 3, 4)[i % 3], ga, gb, rng, scale=0.5 + i)
+        else:
+            layer = LoraLayer(torch.randn(r, K, generator=rng) * 0.2, torch.randn(N, r, generator=rng) * 0.2, 0.5 + i)
+        bank.add(f"a{i}", {"l": layer})
+    return bank
+
+
+def mapping(kind, T, n, rng):
+    """Per-token ids of a given pattern over n adapters."""
+    if kind == "one":
+        return torch.full((T,), n // 2, dtype=torch.int64)
+    if kind == "distinct":
+        return torch.randperm(T, generator=rng) % n
+    if kind == "none":
+        return torch.full((T,), -1, dtype=torch.int64)
+    return torch.randint(-1, n, (T,), generator=rng)  # unsorted, with -1 and unused adapters
+
+
+def tolerance(x, lb, b, model, dtype):
+    """fp32 rounding of every term the kernel adds (K-term dots, r-term expands; |xhat| <= |x| (1 + 2^-7)),
+    plus the output dtype's rounding."""
+    terms = torch.zeros_like(model)
+    for sid, s0, n in b.segments.tolist():
+        _, A, Bt, _ = ref.bank_factors(lb.slabs(), lb.table, sid, lb.group_a, lb.group_b)
+        tok = b.tokens[s0: s0 + n]
+        coef = (b.weights[s0: s0 + n].double() * float(lb.scales[sid])).abs()
+        xa = x[tok].double().abs() * 1.01 @ A.double().abs().t()
+        terms.index_add_(0, tok, coef[:, None] * xa @ Bt.double().abs())
+    return (K + 64 + 8) * EPS[torch.float32] * terms + EPS[dtype] * model.abs() * 2 + 1e-30
+
+
+def run(op, lb, b, x, base=None):
+    args = (*lb.op_args(), b.segments, b.tokens)
+    if op == "multi":
+        return torch.ops.lorakern.multi_lora(x, base, *args, b.weights, lb.max_rank())
+    t = torch.ops.lorakern.lora_shrink(x, *args, b.weights, lb.max_rank())
+    return torch.ops.lorakern.lora_expand(t, base, *args)
+
+
+@pytest.mark.parametrize("kind", ["one", "distinct", "none", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["multi", "shrink_expand"])
+def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, rng):
+    bank = make_bank(rng, dtype=dtype if dtype != torch.float32 else torch.float16)
+    lb = bank.layers["l"]
+    for T in (1, 7, 37):
+        b = bank.batch(mapping(kind, T, 6, rng))
+        x = (torch.randn(T, K, generator=rng) * 2).to(dtype)
+        base = torch.randn(T, N, generator=rng).to(dtype)
+        y = run(op, lb, b, x, base)
+        model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+        err = (y.double() - model).abs()
+        tol = tolerance(x, lb, b, model, dtype)
+        assert y.dtype == dtype and y.shape == (T, N)
+        assert (err <= tol).all(), f"T={T}: max err {err.max():.3g}, tol there {tol.flatten()[err.argmax()]:.3g}"
+        if kind == "none":
+            assert torch.equal(y, base)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_mixtures_match_reference(isa, k, rng):
+    bank = make_bank(rng, dtype=torch.bfloat16)
+    lb = bank.layers["l"]
+    T = 29
+    ids = torch.randint(-1, 6, (T, k), generator=rng)
+    ids[0] = 3  # one token with the same adapter twice
+    w = torch.randn(T, k, generator=rng)
+    b = bank.batch(ids, w)
+    x, base = torch.randn(T, K, generator=rng), torch.randn(T, N, generator=rng)
+    y = run("multi", lb, b, x, base)
+    model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+    assert ((y.double() - model).abs() <= tolerance(x, lb, b, model, torch.float32)).all()
+    # a mixture equals the weighted sum of single-adapter runs (exactly, up to rounding)
+    single = base.double().clone()
+    for j in range(k):
+        bj = bank.batch(ids[:, j])
+        yj = run("multi", lb, bj, x, torch.zeros_like(base)).double()
+        single += w[:, j:j + 1].double() * yj
+    assert torch.allclose(y.double(), single, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_fp32_bank_matches_fp64(isa, rng):
+    """Dense adapters never see int8 activations: the kernel is the exact product up to fp32 rounding."""
+    bank = make_bank(rng, kinds="dddddd", dtype=torch.float32)
+    lb = bank.layers["l"]
+    b = bank.batch(mapping("random", 41, 6, rng))
+    x, base = torch.randn(41, K, generator=rng), torch.randn(41, N, generator=rng)
+    y = run("multi", lb, b, x, base)
+    exact = base.double().clone()
+    for sid, s0, n in b.segments.tolist():
+        row, r = int(lb.table[sid, 2]), int(lb.table[sid, 1])
+        layer_A, layer_Bt = (t[row: row + r].double() for t in lb.dense.tensors)
+        tok = b.tokens[s0: s0 + n]
+        exact.index_add_(0, tok, float(lb.scales[sid]) * (x[tok].double() @ layer_A.t()) @ layer_Bt)
+    assert ((y.double() - exact).abs() <= tolerance(x, lb, b, exact, torch.float32)).all()
+
+
+def test_ragged_shapes(isa, rng):
+    """N and K that are not multiples of 8 or of the 128-column tile (dense adapters only)."""
+    for n_, k_ in ((1, 1), (13, 7), (130, 33), (257, 129)):
+        bank = AdapterBank({"l": (n_, k_)}, dtype=torch.float32)
+        for i, r in enumerate((3, 1, 9)):
+            bank.add(f"a{i}", {"l": LoraLayer(torch.randn(r, k_, generator=rng), torch.randn(n_, r, generator=rng),
+                                              0.7)})
+        lb = bank.layers["l"]
+        b = bank.batch(mapping("random", 11, 3, rng))
+        x, base = torch.randn(11, k_, generator=rng), torch.randn(11, n_, generator=rng)
+        y = run("multi", lb, b, x, base)
+        model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+        assert ((y.double() - model).abs() <= tolerance(x, lb, b, model, torch.float32)).all(), (n_, k_)
+
+
+def test_bank_add_remove_reuses_rows_and_keeps_others(rng):
+    bank = make_bank(rng)
+    lb = bank.layers["l"]
+    x, base = torch.randn(6, K, generator=rng), torch.randn(6, N, generator=rng)
+    keep = bank.batch(["a0", "a1", "a3", "a4", "a5", "__base__"])
+    before = run("multi", lb, keep, x, base)
+    used = (lb.dense.used, lb.qa.used, lb.qrows.used)
+    bank.remove("a2")  # dense rank 5
+    bank.add("new", {"l": LoraLayer(torch.randn(4, K, generator=rng), torch.randn(N, 4, generator=rng), 1.0)})
+    assert (lb.dense.used, lb.qa.used, lb.qrows.used) == used  # the freed rows were reused
+    assert bank.id("new") == 6  # ids are never reused
+    after = run("multi", lb, bank.batch(["a0", "a1", "a3", "a4", "a5", "__base__"]), x, base)
+    assert torch.equal(before, after)
+    bank.remove("a3")  # compressed
+    bank.add("c2", {"l": random_compressed(N, K, 8, 4, 2, 64, 64, rng)})
+    y = run("multi", lb, bank.batch(["c2", "new", "a0", "a5", "a1", "a4"]), x, base)
+    model = ref.multi_lora_int8_act(x, base, *lb.op_args(), *(lambda b: (b.segments, b.tokens, b.weights))(
+        bank.batch(["c2", "new", "a0", "a5", "a1", "a4"])), lb.max_rank())
+    assert torch.allclose(y.double(), model, atol=1e-4, rtol=1e-4)
+    assert bank.nbytes("new") == 4 * (N + K) * 2
+
+
+def test_bank_grows_past_its_capacity(rng):
+    bank = AdapterBank({"l": (64, 32)}, dtype=torch.float32)
+    layers = {}
+    for i in range(40):
+        r = 1 + i % 7
+        layers[i] = LoraLayer(torch.randn(r, 32, generator=rng), torch.randn(64, r, generator=rng), 1.0)
+        bank.add(f"a{i}", {"l": layers[i]})
+    lb = bank.layers["l"]
+    x = torch.randn(40, 32, generator=rng)
+    y = run("multi", lb, bank.batch([f"a{i}" for i in range(40)]), x, torch.zeros(40, 64))
+    for i in (0, 17, 39):
+        exact = layers[i].scale * (x[i:i + 1] @ layers[i].A.t()) @ layers[i].B.t()
+        assert torch.allclose(y[i:i + 1], exact, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_metadata(rng):
+    b = LoRABatch.from_ids(torch.tensor([2, -1, 0, 2, 0, 5]), num_slots=6)
+    assert b.segments.tolist() == [[0, 0, 2], [2, 2, 2], [5, 4, 1]]
+    assert b.tokens.tolist() == [2, 4, 0, 3, 5]  # stable: tokens in order within an adapter
+    assert b.max_count == 2 and b.ids == [0, 2, 5]
+    r = b.repeat_tokens(3)
+    assert r.num_tokens == 18 and r.segments.tolist() == [[0, 0, 6], [2, 6, 6], [5, 12, 3]]
+    assert r.tokens.tolist()[:6] == [6, 7, 8, 12, 13, 14]
+
+
+def test_bad_batches_are_refused(rng):
+    bank = make_bank(rng)
+    lb = bank.layers["l"]
+    with pytest.raises(IndexError, match="out of range"):
+        bank.batch(torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="invalid"):
+        bank.batch(torch.tensor([0, -2]))
+    with pytest.raises(TypeError, match="integers"):
+        bank.batch(torch.tensor([0.0, 1.0]))
+    with pytest.raises(KeyError, match="no adapter 'zz'"):
+        bank.batch(["a0", "zz"])
+    with pytest.raises(ValueError, match="must match"):
+        bank.batch(torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        bank.batch(torch.zeros(3, 2, dtype=torch.int64), torch.full((3, 2), float("nan")))
+    b = bank.batch(torch.tensor([0, 2, 2]))
+    bank.remove("a2")
+    with pytest.raises(ValueError, match="removed"):
+        bank.batch(torch.tensor([0, 2]))
+    x, base = torch.randn(3, K), torch.randn(3, N)
+    with pytest.raises(ValueError, match="removed"):  # a batch built before the removal
+        run("multi", lb, b, x, base)
+    b = bank.batch(torch.tensor([0, 1, 3]))
+    args = lb.op_args()
+    mr = lb.max_rank()
+    bad_tok = b.tokens.clone()
+    bad_tok[1] = 3
+    with pytest.raises(ValueError):
+        torch.ops.lorakern.multi_lora(x, base, *args, b.segments, bad_tok, b.weights, mr)
+    bad_seg = b.segments.clone()
+    bad_seg[0, 2] += 1
+    with pytest.raises(ValueError):
+        torch.ops.lorakern.multi_lora(x, base, *args, bad_seg, b.tokens, b.weights, mr)
+    with pytest.raises(ValueError):  # max_rank too small for adapter a3 (rank 64)
+        torch.ops.lorakern.multi_lora(x, base, *args, b.segments, b.tokens, b.weights, 8)
+    bad_table = args[1].clone()
+    bad_table[1, 5] = 1 << 40  # a hostile code offset
+    with pytest.raises(ValueError, match="out of the slab"):
+        torch.ops.lorakern.multi_lora(x, base, args[0], bad_table, *args[2:], b.segments, b.tokens, b.weights, mr)
+    with pytest.raises(TypeError):
+        torch.ops.lorakern.multi_lora(x, base, *args, b.segments.int(), b.tokens, b.weights, mr)
+    with pytest.raises(TypeError):
+        torch.ops.lorakern.multi_lora(x.long(), base, *args, b.segments, b.tokens, b.weights, mr)
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.lorakern.multi_lora(x[:, :-1], base, *args, b.segments, b.tokens, b.weights, mr)
+    with pytest.raises(ValueError, match="groups"):  # compressed with other group sizes
+        bank.add("g", {"l": random_compressed(N, K, 4, 2, 2, 32, 32, rng)})
+    with pytest.raises(ValueError, match="does not know"):
+        bank.add("g", {"other": LoraLayer(torch.zeros(1, K), torch.zeros(N, 1), 1.0)})
+    with pytest.raises(ValueError, match="NaN"):
+        bank.add("g", {"l": LoraLayer(torch.full((1, K), float("nan")), torch.zeros(N, 1), 1.0)})
+    assert "g" not in bank.names
+
+
+def test_opcheck_multi_lora(rng):
+    bank = make_bank(rng)
+    lb = bank.layers["l"]
+    b = bank.batch(mapping("random", 5, 6, rng))
+    x, base = torch.randn(5, K, generator=rng), torch.randn(5, N, generator=rng)
+    args = (*lb.op_args(), b.segments, b.tokens)
+    torch.library.opcheck(torch.ops.lorakern.multi_lora.default, (x, base, *args, b.weights, lb.max_rank()),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.lorakern.lora_shrink.default, (x, *args, b.weights, lb.max_rank()),
+                          test_utils=("test_schema", "test_faketensor"))
