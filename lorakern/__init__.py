@@ -10,10 +10,13 @@ __version__ = "0.1.0"
 from . import ops  # noqa: F401  registers torch.ops.lorakern.*
 from ._native import NativeLibraryError, active_isa, available_isas, detected_isa, set_isa
 from .formats import GWQWeight, QuantizedWeight, SparseOutliers, load_quantized, save_quantized
-from .nn import GWQLinear, LoRALinear, QuantLinear
+from .nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear
+from .multilora import AdapterBank, LoRABatch
+from .adapters import attach_adapters, detach_adapters
 from .quant import quantize_model, quantize_rtn
 
 __all__ = [
+    "AdapterBank", "LoRABatch", "MultiLoRALinear", "attach_adapters", "detach_adapters",
     "GWQLinear", "GWQWeight", "LoRALinear", "NativeLibraryError", "QuantLinear", "QuantizedWeight", "SparseOutliers", "active_isa", "available_isas", "detected_isa",
     "load_quantized", "quantize_model", "quantize_rtn", "save_quantized", "set_isa",
 ]

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from ..nn.lora_linear import LoRALinear
+from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
 from .peft_io import LoraAdapter
 
-__all__ = ["apply_adapter", "attach_adapter", "detach_adapter"]
+__all__ = ["apply_adapter", "attach_adapter", "attach_adapters", "detach_adapter", "detach_adapters"]
 
 
 def _layers(adapter) -> dict:
@@ -71,3 +72,70 @@ def apply_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32)
         detach_adapter(model, old)
 
 
+def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch.float16, device=None):
+    """Give ``model`` a bank of adapters, one per sample of a batch (PEFT's mixed-adapter batches).
+
+    ``adapters``: ``{name: PEFT directory | compressed adapter path | LoraAdapter | {module: layer}}``.
+    Every module any adapter touches becomes a :class:`~lorakern.nn.MultiLoRALinear`; an adapter that
+    does not touch a module adds nothing there. Afterwards ``model(..., adapter_names=[...])`` and
+    ``model.generate(..., adapter_names=[...])`` take one name per sample, ``"__base__"`` for none,
+    exactly as with PEFT. Returns the :class:`~lorakern.multilora.AdapterBank`; adapters can be
+    added to and removed from it later (for the same modules). Everything is loaded and checked
+    before the model changes. :func:`detach_adapters` undoes it.
+    """
+    from ..multilora.bank import AdapterBank, _adapter_layers, _check_fits
+    if getattr(model, "lorakern_bank", None) is not None:
+        raise ValueError("lorakern: the model already has an adapter bank; detach_adapters first")
+    if not isinstance(adapters, dict) or not adapters:
+        raise TypeError("lorakern: adapters must be a non-empty dict {name: adapter or path}")
+    loaded = {name: _adapter_layers(a) for name, a in adapters.items()}
+    shapes = {}
+    for name, layers in loaded.items():
+        for mname in layers:
+            try:
+                mod = model.get_submodule(mname)
+            except AttributeError:
+                raise ValueError(f"lorakern: adapter {name!r}: the model has no module {mname!r}") from None
+            if isinstance(mod, (LoRALinear, MultiLoRALinear)) or not hasattr(mod, "in_features"):
+                raise ValueError(f"lorakern: adapter {name!r}: {mname} is a {type(mod).__name__}, not a plain "
+                                 "linear layer")
+            shapes[mname] = (mod.out_features, mod.in_features)
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    bank = AdapterBank(dict(sorted(shapes.items())), dtype=dtype, device=device)
+    for name, layers in loaded.items():
+        for mname, layer in layers.items():
+            _check_fits(bank.layers[mname], layer, mname)
+    for name, layers in loaded.items():
+        bank.add(name, layers)
+    ctx = MultiLoRAContext(bank)
+    old = {}
+    for mname, lb in bank.layers.items():
+        parent_name, _, child = mname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old[mname] = getattr(parent, child)
+        setattr(parent, child, MultiLoRALinear(old[mname], lb, ctx))
+    fwd, gen = model.forward, getattr(model, "generate", None)
+
+    def forward(*args, adapter_names=None, **kwargs):
+        with ctx.use(adapter_names):
+            return fwd(*args, **kwargs)
+
+    def generate(*args, adapter_names=None, **kwargs):
+        with ctx.use(adapter_names):
+            return gen(*args, **kwargs)
+
+    model.forward = forward
+    if gen is not None:
+        model.generate = generate
+    model.lorakern_bank, model.lorakern_context = bank, ctx
+    model._lorakern_restore = (old, fwd, gen)
+    return bank
+
+
+def detach_adapters(model: nn.Module) -> None:
+    """Undo :func:`attach_adapters`: the original modules, forward and generate come back."""
+    old, fwd, gen = model.__dict__.pop("_lorakern_restore")
+    detach_adapter(model, old)
+    for attr in ("forward", "generate", "lorakern_bank", "lorakern_context"):
+        model.__dict__.pop(attr, None)

@@ -110,7 +110,7 @@ class LayerBank:
         self.scales = torch.zeros(0, dtype=torch.float32)
         self.version = 0
         self._dev_table = None
-        self._native = None
+        self._max_rank = None
 
     # ---- slots -------------------------------------------------------------------------------------
     def _ensure_slot(self, slot: int) -> None:
@@ -125,7 +125,7 @@ class LayerBank:
     def _changed(self):
         self.version += 1
         self._dev_table = None
-        self._native = None
+        self._max_rank = None
 
     @property
     def num_slots(self) -> int:
@@ -136,8 +136,10 @@ class LayerBank:
 
     def max_rank(self) -> int:
         """The largest rank among the live adapters (the intermediate's width)."""
-        live = self.table[:, 0] != KIND_EMPTY
-        return int(self.table[live, 1].max()) if bool(live.any()) else 0
+        if self._max_rank is None:
+            live = self.table[:, 0] != KIND_EMPTY
+            self._max_rank = int(self.table[live, 1].max()) if bool(live.any()) else 0
+        return self._max_rank
 
     def set(self, slot: int, adapter) -> None:
         """Store ``adapter`` in ``slot``: a dense adapter (an object with ``A [r, K]``, ``B [N, r]`` and
@@ -355,11 +357,17 @@ class AdapterBank:
 def _adapter_layers(adapter) -> dict:
     from ..adapters.peft_io import LoraAdapter, load_compressed_adapter, load_peft_adapter
     if isinstance(adapter, (str, os.PathLike)):
+        from ..formats.io import FormatError
         p = Path(adapter)
         if (p / "adapter_config.json").is_file():
             adapter = load_peft_adapter(p)
-        else:
+        elif p.is_file():
             adapter = load_compressed_adapter(p)
+        elif p.is_dir() and len(list(p.glob("*.safetensors"))) == 1:  # a directory holding one compressed file
+            adapter = load_compressed_adapter(next(p.glob("*.safetensors")))
+        else:
+            raise FormatError(f"{p}: neither a PEFT adapter directory (no adapter_config.json) nor a compressed "
+                              "adapter file")
     if isinstance(adapter, LoraAdapter):
         return dict(adapter.layers)
     if isinstance(adapter, dict):

@@ -1,6 +1,7 @@
 """Drop-in nn.Module replacements."""
 from .gwq_linear import GWQLinear
 from .lora_linear import LoRALinear
+from .multi_lora_linear import MultiLoRAContext, MultiLoRALinear
 from .quant_linear import QuantLinear
 
-__all__ = ["GWQLinear", "LoRALinear", "QuantLinear"]
+__all__ = ["GWQLinear", "LoRALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantLinear"]

@@ -1,0 +1,97 @@
+"""MultiLoRALinear: a linear layer plus a bank of adapters, each token of a batch with its own
+adapter (or a weighted mixture), applied by ``torch.ops.lorakern.multi_lora``."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..multilora.bank import AdapterBank, LayerBank
+from ..multilora.batch import LoRABatch
+
+__all__ = ["MultiLoRAContext", "MultiLoRALinear"]
+
+
+class MultiLoRAContext:
+    """The batch every :class:`MultiLoRALinear` of a model reads: set once per forward pass (per sample
+    or per token), expanded to a layer's token count once and cached for the other layers."""
+
+    def __init__(self, bank: AdapterBank):
+        self.bank = bank
+        self.batch: LoRABatch | None = None
+        self._cache: dict = {}
+
+    def set(self, adapters=None, weights=None) -> None:
+        """Per-sample (or per-token) adapters: names or ids, ``None``/``'__base__'``/-1 for none; or
+        ``[n, k]`` ids/names with ``weights [n, k]`` for mixtures. ``adapters=None`` clears."""
+        self._cache = {}
+        self.batch = None if adapters is None else self.bank.batch(adapters, weights)
+
+    @contextmanager
+    def use(self, adapters=None, weights=None):
+        """``with ctx.use(names): model(...)``; ``None`` keeps what is set (nested calls)."""
+        if adapters is None:
+            yield self
+            return
+        saved = (self.batch, self._cache)
+        self.set(adapters, weights)
+        try:
+            yield self
+        finally:
+            self.batch, self._cache = saved
+
+    def for_shape(self, lead: tuple) -> LoRABatch | None:
+        """The batch for activations of leading shape ``lead`` (``[B, S]``: per-sample batches repeat over S)."""
+        if self.batch is None or not self.batch.segments.shape[0]:
+            return None
+        b = self._cache.get(lead)
+        if b is None:
+            T = math.prod(lead)
+            n = self.batch.num_tokens
+            if n == T:
+                b = self.batch
+            elif len(lead) >= 2 and lead[0] == n:
+                b = self.batch.repeat_tokens(T // n)
+            else:
+                raise ValueError(f"lorakern: the adapter batch names {n} samples/tokens, the activations are "
+                                 f"{tuple(lead)} (one adapter name per sample, as PEFT's adapter_names)")
+            self._cache[lead] = b
+        return b
+
+
+class MultiLoRALinear(nn.Module):
+    """``y = base(x) + sum over the token's adapters of w * scale * (x A^T) B^T``.
+
+    Args:
+        base: the wrapped linear layer (``nn.Linear``, :class:`QuantLinear`, :class:`GWQLinear`, ...).
+        bank: this layer's :class:`~lorakern.multilora.LayerBank`.
+        context: the model's :class:`MultiLoRAContext` (which adapter each token uses).
+
+    With no batch set (or every token on ``'__base__'``) it is exactly ``base``.
+    """
+
+    def __init__(self, base: nn.Module, bank: LayerBank, context: MultiLoRAContext):
+        super().__init__()
+        if (bank.N, bank.K) != (base.out_features, base.in_features):
+            raise ValueError(f"lorakern: bank layer {(bank.N, bank.K)} does not match the module "
+                             f"{(base.out_features, base.in_features)}")
+        self.base, self.bank, self.context = base, bank, context
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.context.for_shape(tuple(x.shape[:-1]))
+        if b is None:
+            return y
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        if b.tokens.device != x.device:
+            b = b.to(x.device)
+        out = torch.ops.lorakern.multi_lora(x2, y2.to(x.dtype), *self.bank.op_args(), b.segments, b.tokens,
+                                            b.weights, self.bank.max_rank())
+        return out.view(y.shape).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        live = int((self.bank.table[:, 0] != 0).sum()) if self.bank.num_slots else 0
+        return f"in={self.in_features}, out={self.out_features}, adapters={live}"
