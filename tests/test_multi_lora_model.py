@@ -160,3 +160,20 @@ def test_smollm2_mixed_batch_matches_peft(tmp_path):
     mask = enc["attention_mask"].bool()
     err = (got - want).abs()[mask].max()
     assert err <= 1e-4 * want.abs()[mask].max(), err
+
+
+def test_compressed_and_dense_adapters_in_one_batch(tiny_model_and_adapters):
+    """A compressed adapter in the bank gives what LoRALinear gives with that adapter alone."""
+    from lorakern.adapters import apply_adapter, compress_adapter, load_peft_adapter
+    model, paths = tiny_model_and_adapters
+    comp = compress_adapter(load_peft_adapter(paths["attn8"]), rho=0.9, bits_high=3)
+    ids = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with apply_adapter(model, comp):
+            want0 = model(input_ids=ids[:1]).logits
+        lm = copy.deepcopy(model)
+        lorakern.attach_adapters(lm, {"attn8c": comp, "qv4": paths["qv4"]}, dtype=torch.float32)
+        got = lm(input_ids=ids, adapter_names=["attn8c", "qv4", "__base__"]).logits
+        base = model(input_ids=ids[2:]).logits
+    assert (got[:1] - want0).abs().max() <= 1e-4 * want0.abs().max()
+    assert (got[2:] - base).abs().max() <= 1e-6 * base.abs().max()
