@@ -241,3 +241,83 @@ def test_opcheck_multi_lora(rng):
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.lorakern.lora_shrink.default, (x, *args, b.weights, lb.max_rank()),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- Triton (interpreter) ----------------------------------------------------------------------------------
+
+from lorakern.triton.multi_lora import lora_expand_triton, lora_shrink_triton, multi_lora_triton  # noqa: E402
+
+from test_triton import DOT_EPS, INTERPRETER_BF16_DOT  # noqa: E402
+
+
+def triton_tolerance(x, lb, b, model, dtype):
+    """Every product's inputs rounded to the dot's precision (fp16 inputs for a 16-bit x, ~fp32 otherwise),
+    a few times over (shrink, then expand), plus the output cast."""
+    terms = tolerance(x, lb, b, model, torch.float32) / ((K + 72) * EPS[torch.float32])
+    return 4 * DOT_EPS[dtype] * terms + 2 * EPS[dtype] * model.abs() + 1e-30
+
+
+@pytest.mark.parametrize("kind", ["one", "distinct", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=INTERPRETER_BF16_DOT)])
+def test_multi_lora_triton_matches_reference(kind, dtype, rng):
+    bank = make_bank(rng, dtype=torch.float16)
+    lb = bank.layers["l"]
+    for T in (1, 37):
+        b = bank.batch(mapping(kind, T, 6, rng))
+        x = (torch.randn(T, K, generator=rng) * 2).to(dtype)
+        base = torch.randn(T, N, generator=rng).to(dtype)
+        args = (*lb.op_args(), b.segments, b.tokens)
+        y = multi_lora_triton(x, base, *args, b.weights, lb.max_rank(), b.max_count, b.mixture)
+        model = ref.multi_lora(x, base, *args, b.weights, lb.max_rank()).double()
+        err = (y.double() - model).abs()
+        assert y.dtype == dtype and (err <= triton_tolerance(x, lb, b, model, dtype)).all(), err.max()
+        # the separate ops agree with the fused one
+        t = lora_shrink_triton(x, *args, b.weights, lb.max_rank())
+        t_ref = ref.lora_shrink(x, *args, b.weights, lb.max_rank())
+        assert torch.allclose(t, t_ref, rtol=8 * DOT_EPS[dtype], atol=8 * DOT_EPS[dtype] * float(t_ref.abs().max()) if t_ref.numel() else 0.0)
+        y2 = lora_expand_triton(t_ref, base, *args)
+        want = ref.lora_expand(t_ref, base, *args).double()
+        assert ((y2.double() - want).abs() <= triton_tolerance(x, lb, b, want, dtype)).all()
+
+
+def test_multi_lora_triton_mixtures_and_split_k(rng):
+    bank = make_bank(rng, dtype=torch.bfloat16, N=128, K=2048)  # K >= 2048 and few tokens: split-K
+    lb = bank.layers["l"]
+    x, base = torch.randn(5, 2048, generator=rng), torch.randn(5, 128, generator=rng)
+    ids = torch.randint(-1, 6, (5, 3), generator=rng)
+    ids[0, :2] = 2
+    b = bank.batch(ids, torch.randn(5, 3, generator=rng))
+    args = (*lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+    y = multi_lora_triton(x, base, *args, b.max_count, b.mixture)
+    model = ref.multi_lora(x, base, *args).double()
+    assert ((y.double() - model).abs() <= triton_tolerance(x, lb, b, model, torch.float32)).all()
+
+
+def test_multi_lora_triton_ragged_dense(rng):
+    bank = AdapterBank({"l": (130, 33)}, dtype=torch.float32)
+    for i, r in enumerate((3, 17, 9)):
+        bank.add(f"a{i}", {"l": LoraLayer(torch.randn(r, 33, generator=rng), torch.randn(130, r, generator=rng), 0.3)})
+    lb = bank.layers["l"]
+    b = bank.batch(mapping("random", 19, 3, rng))
+    x, base = torch.randn(19, 33, generator=rng), torch.randn(19, 130, generator=rng)
+    args = (*lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+    y = multi_lora_triton(x, base, *args, b.max_count, b.mixture)
+    model = ref.multi_lora(x, base, *args).double()
+    assert ((y.double() - model).abs() <= triton_tolerance(x, lb, b, model, torch.float32)).all()
+
+
+def test_multi_lora_triton_is_memory_safe_on_bad_tables(rng):
+    """A removed slot or a hostile offset adds nothing on the GPU path (no out-of-bounds access)."""
+    bank = make_bank(rng, dtype=torch.float16)
+    lb = bank.layers["l"]
+    b = bank.batch(torch.tensor([1, 2, 3]))
+    bank.remove("a2")
+    table = lb.op_args()[1].clone()
+    table[1, 5] = 1 << 40
+    x, base = torch.randn(3, K, generator=rng), torch.randn(3, N, generator=rng)
+    a = lb.op_args()
+    y = multi_lora_triton(x, base, a[0], table, *a[2:], b.segments, b.tokens, b.weights, lb.max_rank(), b.max_count,
+                          b.mixture)
+    assert torch.equal(y[:2], base[:2])  # slot 1 (hostile offset) and slot 2 (removed) contribute nothing
+    assert not torch.equal(y[2], base[2])

@@ -22,6 +22,8 @@ class LoRABatch:
         segments: int64 ``[S, 3]``: adapter id, first entry, number of entries.
         max_count: the largest segment (the GPU kernels' grid), known on the host.
         ids: the distinct adapter ids used (host list).
+        mixture: whether a token may have several entries (k-way mixtures; the GPU expand then adds
+            atomically).
     """
 
     num_tokens: int
@@ -30,14 +32,19 @@ class LoRABatch:
     segments: torch.Tensor
     max_count: int
     ids: list
+    mixture: bool = False
 
     @property
     def num_entries(self) -> int:
         return self.tokens.shape[0]
 
+    def op_args(self) -> tuple:
+        """``(segments, tokens, weights)`` as the ops take them."""
+        return self.segments, self.tokens, self.weights
+
     def to(self, device) -> "LoRABatch":
         return LoRABatch(self.num_tokens, self.tokens.to(device), self.weights.to(device), self.segments.to(device),
-                         self.max_count, self.ids)
+                         self.max_count, self.ids, self.mixture)
 
     @staticmethod
     def from_ids(ids, weights=None, num_slots: int | None = None, live=None, device="cpu") -> "LoRABatch":
@@ -89,7 +96,8 @@ class LoRABatch:
         segments = torch.stack([uniq, starts, counts], 1).contiguous() if uniq.numel() else \
             torch.zeros(0, 3, dtype=torch.int64)
         return LoRABatch(T, tok[order].contiguous().to(device), wt[order].contiguous().to(device),
-                         segments.to(device), int(counts.max()) if counts.numel() else 0, uniq.tolist())
+                         segments.to(device), int(counts.max()) if counts.numel() else 0, uniq.tolist(),
+                         mixture=not single)
 
     @staticmethod
     def build(bank, adapters, weights=None, device="cpu") -> "LoRABatch":
@@ -117,4 +125,4 @@ class LoRABatch:
         seg[:, 2] *= n
         tok = (self.tokens.unsqueeze(1) * n + torch.arange(n, device=self.tokens.device)).reshape(-1)
         wt = self.weights.unsqueeze(1).expand(-1, n).reshape(-1).contiguous()
-        return LoRABatch(self.num_tokens * n, tok.contiguous(), wt, seg, self.max_count * n, self.ids)
+        return LoRABatch(self.num_tokens * n, tok.contiguous(), wt, seg, self.max_count * n, self.ids, self.mixture)

@@ -89,7 +89,7 @@ class MultiLoRALinear(nn.Module):
         if b.tokens.device != x.device:
             b = b.to(x.device)
         out = torch.ops.lorakern.multi_lora(x2, y2.to(x.dtype), *self.bank.op_args(), b.segments, b.tokens,
-                                            b.weights, self.bank.max_rank())
+                                            b.weights, self.bank.max_rank(), b.max_count, b.mixture)
         return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -146,7 +146,7 @@ def _run_multi(mode, x, x_dtype, T, K, N, bank, table, scales, group_a, group_b,
         raise
 
 
-def lora_shrink_cpu(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+def lora_shrink_cpu(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
     N, K = check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     x = x.contiguous()
     t = torch.zeros((tokens.shape[0], max_rank), dtype=torch.float32)
@@ -157,7 +157,7 @@ def lora_shrink_cpu(x, bank, table, scales, group_a, group_b, segments, tokens, 
     return t
 
 
-def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, tokens):
+def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
     N, K = check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
     t, base = t.contiguous(), base.contiguous()
     y = torch.empty_like(base)
@@ -167,7 +167,8 @@ def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, to
     return y
 
 
-def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                   max_count=-1, mixture=True):
     N, K = check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     x, base = x.contiguous(), base.contiguous()
     if segments.shape[0]:  # the fused call needs no intermediate, but max_rank means what it means in lora_shrink

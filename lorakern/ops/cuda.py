@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .schemas import check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from .schemas import check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
+__all__ = ["lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
 
 
 def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
@@ -41,6 +41,31 @@ def quant_matmul_lora_cuda(x, qweight, scales, zeros, bits, group_size, bias, ad
                                     group_b, scale)
 
 
+def lora_shrink_cuda(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
+    check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    from ..triton.multi_lora import lora_shrink_triton
+    return lora_shrink_triton(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                              None if max_count < 0 else max_count)
+
+
+def lora_expand_cuda(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
+    check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
+    from ..triton.multi_lora import lora_expand_triton
+    return lora_expand_triton(t, base, bank, table, scales, group_a, group_b, segments, tokens,
+                              None if max_count < 0 else max_count, mixture)
+
+
+def multi_lora_cuda(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                    max_count=-1, mixture=True):
+    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    from ..triton.multi_lora import multi_lora_triton
+    return multi_lora_triton(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                             None if max_count < 0 else max_count, mixture)
+
+
+torch.library.register_kernel("lorakern::lora_shrink", "cuda", lora_shrink_cuda)
+torch.library.register_kernel("lorakern::lora_expand", "cuda", lora_expand_cuda)
+torch.library.register_kernel("lorakern::multi_lora", "cuda", multi_lora_cuda)
 torch.library.register_kernel("lorakern::lora_mixed", "cuda", lora_mixed_cuda)
 torch.library.register_kernel("lorakern::quant_matmul_lora", "cuda", quant_matmul_lora_cuda)
 torch.library.register_kernel("lorakern::quant_matmul", "cuda", quant_matmul_cuda)

@@ -204,7 +204,7 @@ def _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights,
 
 
 def lora_shrink(x, bank, table, scales, group_a: int, group_b: int, segments, tokens, weights,
-                max_rank: int) -> torch.Tensor:
+                max_rank: int, max_count: int = -1) -> torch.Tensor:
     """``t[e, :r] = w_e * scale * x[token_e] A^T`` for every entry (fp32 ``[E, max_rank]``, zero past each rank)."""
     check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     return _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, False).float()
@@ -227,14 +227,15 @@ def _expand(t, base, bank, table, group_a, group_b, segments, tokens):
     return y
 
 
-def lora_expand(t, base, bank, table, scales, group_a: int, group_b: int, segments, tokens) -> torch.Tensor:
+def lora_expand(t, base, bank, table, scales, group_a: int, group_b: int, segments, tokens, max_count: int = -1,
+                mixture: bool = True) -> torch.Tensor:
     """``y = base``, then ``y[token_e] += t[e, :r] B^T`` for every entry; in base's dtype."""
     check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
     return _expand(t, base, bank, table, group_a, group_b, segments, tokens).to(base.dtype)
 
 
 def multi_lora(x, base, bank, table, scales, group_a: int, group_b: int, segments, tokens, weights,
-               max_rank: int) -> torch.Tensor:
+               max_rank: int, max_count: int = -1, mixture: bool = True) -> torch.Tensor:
     """``base + sum over x's entries of w * scale * (x A^T) B^T``: lora_shrink then lora_expand."""
     check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, False)

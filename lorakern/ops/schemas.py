@@ -44,10 +44,15 @@ lib.define(
 # (kind, rank, row, h, bits_hi, a_off, b_off) and `scales` fp32 [S]; the batch (LoRABatch) is
 # segments int64 [nseg, 3] (id, first entry, count), tokens int64 [E], weights fp32 [E].
 _BANK = "Tensor[] bank, Tensor table, Tensor scales, int group_a, int group_b"
-lib.define(f"lora_shrink(Tensor x, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, int max_rank) -> Tensor")
-lib.define(f"lora_expand(Tensor t, Tensor base, {_BANK}, Tensor segments, Tensor tokens) -> Tensor")
+# max_count (the largest segment, -1: unknown) and mixture (whether a token may sit in several segments) are
+# launch hints the GPU kernels take from the host-side LoRABatch, so that no layer synchronises; the CPU
+# kernels do not need them.
+lib.define(f"lora_shrink(Tensor x, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, int max_rank, "
+           "int max_count=-1) -> Tensor")
+lib.define(f"lora_expand(Tensor t, Tensor base, {_BANK}, Tensor segments, Tensor tokens, int max_count=-1, "
+           "bool mixture=True) -> Tensor")
 lib.define(f"multi_lora(Tensor x, Tensor base, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, "
-           "int max_rank) -> Tensor")
+           "int max_rank, int max_count=-1, bool mixture=True) -> Tensor")
 
 
 def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -264,19 +269,20 @@ def check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, t
 
 
 @torch.library.register_fake("lorakern::lora_shrink")
-def _lora_shrink_fake(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+def _lora_shrink_fake(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
     check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     return x.new_empty((tokens.shape[0], max_rank), dtype=torch.float32)
 
 
 @torch.library.register_fake("lorakern::lora_expand")
-def _lora_expand_fake(t, base, bank, table, scales, group_a, group_b, segments, tokens):
+def _lora_expand_fake(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
     check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
     return torch.empty_like(base)
 
 
 @torch.library.register_fake("lorakern::multi_lora")
-def _multi_lora_fake(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
+def _multi_lora_fake(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                     max_count=-1, mixture=True):
     check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     return torch.empty_like(base)
 
