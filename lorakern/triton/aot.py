@@ -51,6 +51,15 @@ def jobs(quick: bool = False):
                         out.append(("lora_shrink", dict(bits=bits, G=G, M=M, R=R, dtype=dt)))
                     if bits != 1:
                         out.append(("lora_expand", dict(bits=bits, G=G, M=M, R=R, dtype="fp16")))
+    # multi-adapter shrink/expand (bits are per row at run time: bits=0 here), M = the largest segment
+    for G in ((128,) if quick else (32, 64, 128)):
+        for M in (1, 64):
+            for R in (ranks if G == 128 else (16,)):
+                for dt in (("fp16", "bf16", "fp32") if (G, M, R) == (128, 1, 16) else ("fp16",)):
+                    for sk in ((1, 4) if M == 1 else (1,)):
+                        out.append(("multi_shrink", dict(bits=0, G=G, M=M, R=R, dtype=dt, split_k=sk)))
+                    for atomic in (False, True):
+                        out.append(("multi_expand", dict(bits=0, G=G, M=M, R=R, dtype=dt, atomic=atomic)))
     return out
 
 
@@ -125,6 +134,32 @@ def compile_one(args):
                      "BLOCK_RH": lm.block_r(R // 4), "BLOCK_RL": lm.block_r(R - R // 4), "HAS_HI": True,
                      "HAS_LO": True, "HAS_BASE": True}
             fn, opts = lm.lora_expand_kernel, dict(num_warps=4)
+        elif kernel == "multi_shrink":
+            from . import multi_lora as ml
+            dt, R = params["dtype"], params["R"]
+            sig = {"x_ptr": _DT[dt], "tok_ptr": "*i64", "w_ptr": "*fp32", "seg_ptr": "*i64", "table_ptr": "*i64",
+                   "scales_ptr": "*fp32", "da_ptr": _DT[dt], "qa_ptr": "*u8", "qas_ptr": "*fp16", "qaz_ptr": "*fp16",
+                   "t_ptr": "*fp32", "T": "i32", "K": "i32", "stride_xm": "i32", "ldt": "i32", "nga": "i32",
+                   "k_per_split": "i32", "num_slots": "i32", "E": "i32", "drows": "i32", "qrows": "i32",
+                   "qa_bytes": "i64", "GA": "constexpr", "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_K": "constexpr", "DOT_FP32": "constexpr", "SPLIT_K": "constexpr"}
+            BR = ml._block_r(R)
+            const = {"GA": G, "BLOCK_M": ml.shrink_block_m(params["M"], BR), "BLOCK_R": BR, "BLOCK_K": ml.shrink_block_k(BR),
+                     "DOT_FP32": dt == "fp32", "SPLIT_K": params["split_k"]}
+            fn, opts = ml.multi_shrink_kernel, dict(num_warps=4)
+        elif kernel == "multi_expand":
+            from . import multi_lora as ml
+            dt, R = params["dtype"], params["R"]
+            sig = {"t_ptr": "*fp32", "tok_ptr": "*i64", "seg_ptr": "*i64", "table_ptr": "*i64", "db_ptr": _DT[dt],
+                   "qb_ptr": "*u8", "qbs_ptr": "*fp16", "qbz_ptr": "*fp16",
+                   "y_ptr": "*fp32" if params["atomic"] else _DT[dt], "T": "i32", "N": "i32", "ldt": "i32",
+                   "stride_ym": "i32", "ngb": "i32", "num_slots": "i32", "E": "i32", "drows": "i32", "qrows": "i32",
+                   "qb_bytes": "i64", "GB": "constexpr", "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_N": "constexpr", "ATOMIC": "constexpr"}
+            BR = ml._block_r(R)
+            const = {"GB": G, "BLOCK_M": ml._block_m(params["M"], BR), "BLOCK_R": BR,
+                     "BLOCK_N": ml.expand_block_n(BR, G), "ATOMIC": params["atomic"]}
+            fn, opts = ml.multi_expand_kernel, dict(num_warps=4)
         else:
             sig = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32", "N": "i32", "K": "i32",
                    "row_bytes": "i32", "BITS": "constexpr", "G": "constexpr", "BLOCK_N": "constexpr"}

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["multi_expand_kernel", "multi_shrink_kernel", "lora_shrink_triton", "lora_expand_triton",
-           "multi_lora_triton", "split_k"]
+           "multi_lora_triton", "expand_block_n", "shrink_block_k", "split_k"]
 
 
 @triton.jit
@@ -185,6 +185,21 @@ def _block_m(count: int, R: int) -> int:
     return 16 if count <= 16 else (32 if count <= 32 or R > 32 else 64)
 
 
+def shrink_block_m(count: int, BR: int) -> int:
+    """Entry tile of the shrink: as _block_m, but 16 for rank tiles above 32 (no spills on sm_80)."""
+    return 16 if BR > 32 else _block_m(count, BR)
+
+
+def shrink_block_k(BR: int) -> int:
+    """K step of the shrink: 32, 16 for rank tiles above 32 (the per-row decode would spill on sm_80/90)."""
+    return 32 if BR <= 32 else 16
+
+
+def expand_block_n(BR: int, G: int) -> int:
+    """N tile of the expand (divides B^T's group): 64, 16 for rank tiles above 32 (no spills)."""
+    return min(64 if BR <= 32 else 16, G)
+
+
 def split_k(max_count: int, K: int) -> int:
     """K splits of the shrink: 4 when every segment has at most 16 entries and K >= 2048 (decode with many
     adapters: otherwise a few programs would each stream a whole [r, K] A)."""
@@ -210,9 +225,9 @@ def lora_shrink_triton(x, bank, table, scales, group_a, group_b, segments, token
     if max_count is None:
         max_count = int(segments[:, 2].max())
     BR = _block_r(max_rank)
-    BM = _block_m(max_count, BR)
+    BM = shrink_block_m(max_count, BR)
     SK = split_k(max_count, K)
-    BK = 32
+    BK = shrink_block_k(BR)
     k_per = triton.cdiv(triton.cdiv(K, SK), BK) * BK
     SK = triton.cdiv(K, k_per)
     ga = group_a or 32
@@ -241,7 +256,7 @@ def lora_expand_triton(t, base, bank, table, scales, group_a, group_b, segments,
     BR = _block_r(t.shape[1])
     BM = _block_m(max_count, BR)
     gb = group_b or 32
-    BN = min(64 if BR <= 32 else 32, gb)
+    BN = expand_block_n(BR, gb)
     multi_expand_kernel[(nseg, triton.cdiv(max_count, BM), triton.cdiv(N, BN))](
         t, tokens, segments, table, db, qb, qbs, qbz, y, T, N, t.stride(0), y.stride(0), qbs.shape[1],
         table.shape[0], tokens.shape[0], db.shape[0], qbs.shape[0], qb.numel(), GB=gb, BLOCK_M=BM, BLOCK_R=BR, BLOCK_N=BN, ATOMIC=mixture, num_warps=4)
