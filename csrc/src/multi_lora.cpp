@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -129,11 +131,15 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
       tbuf.assign((size_t)(E * ldt), 0.f);
       t = tbuf.data();
     }
-    std::vector<float> xg, coef, tq;
+    const lk_isa isa = lk_active_isa();
+    std::unique_ptr<float[]> xg, tq;  // uninitialized: every element used is written first
+    std::unique_ptr<int8_t[]> xq;
+    std::unique_ptr<float[]> xs, xsum;
+    std::vector<float> coef;
     std::vector<Item> items;
-    lk::Activations act;
+    const int G = c.ga, B = G ? lk::act_block(G) : 1;
     if (shrink && E) {
-      xg.resize((size_t)(E * K));
+      xg.reset(new float[(size_t)(E * K)]);
       coef.resize((size_t)E);
       for (int64_t s = 0; s < b->num_segments; ++s) {
         const int64_t* sg = b->segments + 3 * s;
@@ -152,7 +158,12 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           }
         }
       }
-      if (c.compressed) tq.resize((size_t)(E * ldt));
+      if (c.compressed) {
+        tq.reset(new float[(size_t)(E * ldt)]);
+        xq.reset(new int8_t[(size_t)(E * K)]);
+        xs.reset(new float[(size_t)(E * (K / B))]);
+        xsum.reset(new float[(size_t)(E * (K / G))]);
+      }
     }
     float* y32 = nullptr;
     std::vector<float> ybuf;
@@ -163,7 +174,6 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
         y32 = ybuf.data();
       }
     }
-    const lk_isa isa = lk_active_isa();
     const ShrinkFn sfn = shrink_fn(isa);
     const ExpandFn efn = expand_fn(isa);
     const lk::RowsFn rfn = lk::rows_fn(isa);
@@ -175,17 +185,23 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
     {
       if (shrink && E) {
 #pragma omp for schedule(static)
-        for (int64_t e = 0; e < E; ++e) {
+        for (int64_t e = 0; e < E; ++e) {  // gather (and quantize) the entries' rows of x
+          float* xr = xg.get() + e * K;
           const char* row = static_cast<const char*>(x) + (size_t)(b->tokens[e] * K) * xb;
-          for (int64_t k = 0; k < K; ++k) xg[e * K + k] = elem_f32(row, x_dtype, k);
-        }
-        if (c.compressed) {
-#pragma omp single
-          {
-            act.M = E;
-            act.K = K;
-            act.x32 = xg.data();
-            act.quantize(c.ga);
+          if (x_dtype == LK_F32) {
+            std::memcpy(xr, row, (size_t)K * sizeof(float));
+          } else {
+            const uint16_t* hx = reinterpret_cast<const uint16_t*>(row);
+            for (int64_t k = 0; k < K; ++k)
+              xr[k] = x_dtype == LK_F16 ? lk::half_to_float(hx[k]) : lk::bf16_to_float(hx[k]);
+          }
+          if (c.compressed) {
+            int8_t* q = xq.get() + e * K;
+            float *qs = xs.get() + e * (K / B), *qsum = xsum.get() + e * (K / G);
+            if (isa >= LK_ISA_AVX2)
+              lk::quantize_activations_avx2(xr, 1, K, G, q, qs, qsum);
+            else
+              lk::quantize_activations(xr, 1, K, G, q, qs, qsum);
           }
         }
 #pragma omp for schedule(dynamic, 1)
@@ -195,16 +211,14 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           const lk_lora_slot& sl = slots[sg[0]];
           const int64_t e0 = sg[1], cnt = sg[2];
           if (it.part == 0) {
-            const lk::DenseShrink p{xg.data() + e0 * K, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
+            const lk::DenseShrink p{xg.get() + e0 * K, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
             sfn(p, it.i0, it.i1);
           } else {
             const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;
             const int64_t h = sl.q.a_hi.N;
-            float* out = tq.data() + e0 * ldt + (it.part == 1 ? 0 : cnt * h);  // [cnt, rows] blocks
-            const int G = c.ga, B = lk::act_block(G);
-            const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros,
-                                   act.xq.data() + e0 * K, act.xs.data() + e0 * (K / B),
-                                   act.xsum.data() + e0 * (K / G), nullptr, out};
+            float* out = tq.get() + e0 * ldt + (it.part == 1 ? 0 : cnt * h);  // [cnt, rows] blocks
+            const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros, xq.get() + e0 * K,
+                                   xs.get() + e0 * (K / B), xsum.get() + e0 * (K / G), nullptr, out};
             rfn(p, it.i0, it.i1);
           }
         }
@@ -215,7 +229,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
             const lk_lora_slot& sl = slots[sg[0]];
             if (sl.kind != LK_SLOT_COMPRESSED) continue;
             const int64_t h = sl.q.a_hi.N, rl = sl.q.a_lo.N, e0 = sg[1], cnt = sg[2];
-            const float* hi = tq.data() + e0 * ldt;
+            const float* hi = tq.get() + e0 * ldt;
             const float* lo = hi + cnt * h;
             for (int64_t m = 0; m < cnt; ++m) {
               float* tr = t + (e0 + m) * ldt;
@@ -225,14 +239,21 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           }
         }
       }
-      if (expand) {
-#pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < ntiles; ++tile) {
-          const int64_t c0 = tile * lk::kExpandTile, c1 = std::min(N, c0 + lk::kExpandTile);
+      if (expand) {  // each thread: its own block of whole tiles, the base first, then every segment
+        const int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
+        const int64_t c0 = std::min(N, ntiles * tid / T_ * lk::kExpandTile);
+        const int64_t c1 = std::min(N, ntiles * (tid + 1) / T_ * lk::kExpandTile);
+        if (c1 > c0) {
           if (base != y || y_dtype != LK_F32) {
-            for (int64_t m = 0; m < T; ++m)
-              for (int64_t col = c0; col < c1; ++col)
-                y32[m * N + col] = base ? elem_f32(base, y_dtype, m * N + col) : 0.f;
+            for (int64_t m = 0; m < T; ++m) {
+              float* yr = y32 + m * N;
+              if (!base)
+                std::fill(yr + c0, yr + c1, 0.f);
+              else if (y_dtype == LK_F32)
+                std::memcpy(yr + c0, static_cast<const float*>(base) + m * N + c0, (size_t)(c1 - c0) * 4);
+              else
+                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * N + col);
+            }
           }
           efn(me, c0, c1);
         }

@@ -2,6 +2,8 @@
 // flags, like lora_expand_simd.h). Isa supplies, besides the expand hooks:
 //   Isa::to_f32(src, dtype, n, out)      n values of fp32/fp16/bf16 as fp32
 //   Isa::dot4(x, a, lda, K, out)         out[j] = x . a[j * lda : j * lda + K], j < 4
+//   Isa::axpy_rows(y, coef, src, ld, dtype, r, w)
+//                                        y[0:w] += sum_i coef[i] * src[i * ld : i * ld + w] (w % 32 == 0)
 #pragma once
 #include <algorithm>
 #include <vector>
@@ -63,6 +65,10 @@ int64_t slot_tile(const lk_lora_slot& s, int64_t N, int64_t c0, int64_t c1, floa
   return j;
 }
 
+// Each segment in turn over the whole column range [c0, c1) (one thread's share): B^T's rows are
+// read as long contiguous runs. A dense adapter with one or two entries streams its rows straight
+// into the output (Isa::axpy_rows: conversion and FMA in registers); otherwise a tile of B^T is
+// made fp32 once (dequantized for compressed adapters) and applied to every entry.
 template <class Isa>
 void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
   const lk_lora_batch& b = *e.batch;
@@ -72,13 +78,30 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     rmax = std::max(rmax, sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N);
   }
   std::vector<float> W((size_t)(rmax * kExpandTile));
-  for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
-    const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0, w32 = w & ~int64_t(31);
-    for (int64_t s = 0; s < b.num_segments; ++s) {
-      const int64_t* sg = b.segments + 3 * s;
-      if (!sg[2]) continue;
-      const int64_t r = slot_tile<Isa>(e.slots[sg[0]], e.N, t0, t1, W.data());
-      if (!r) continue;
+  for (int64_t s = 0; s < b.num_segments; ++s) {
+    const int64_t* sg = b.segments + 3 * s;
+    const lk_lora_slot& sl = e.slots[sg[0]];
+    const int64_t r = sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N;
+    if (!sg[2] || !r) continue;
+    if (sl.kind == LK_SLOT_DENSE && sg[2] <= 2) {
+      const size_t eb = dtype_bytes(sl.dtype);
+      const int64_t w = c1 - c0, w32 = w & ~int64_t(31);
+      for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
+        float* y = e.y32 + b.tokens[k] * e.N + c0;
+        const float* coef = e.t + k * e.ldt;
+        const char* src = static_cast<const char*>(sl.bt) + (size_t)c0 * eb;
+        Isa::axpy_rows(y, coef, src, e.N, sl.dtype, r, w32);
+        for (int64_t i = 0; i < r && w32 < w; ++i) {  // ragged tail columns
+          float tail[32];
+          Isa::to_f32(src + ((size_t)(i * e.N + w32)) * eb, sl.dtype, w - w32, tail);
+          for (int64_t c = w32; c < w; ++c) y[c] += coef[i] * tail[c - w32];
+        }
+      }
+      continue;
+    }
+    for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
+      const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0, w32 = w & ~int64_t(31);
+      slot_tile<Isa>(sl, e.N, t0, t1, W.data());
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
         float* y = e.y32 + b.tokens[k] * e.N + t0;
         const float* coef = e.t + k * e.ldt;

@@ -194,7 +194,41 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
   }
 }
 
+template <int DT>  // 8 values of row p at element c as fp32 (DT: lk_dtype)
+inline __m256 load8(const void* p, int64_t c) {
+  if (DT == LK_F32) return _mm256_loadu_ps(static_cast<const float*>(p) + c);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + c));
+  if (DT == LK_F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <int DT>
+inline void axpy_rows_t(float* y, const float* coef, const void* src, int64_t ld, int64_t r, int64_t w) {
+  const size_t eb = DT == LK_F32 ? 4 : 2;
+  for (int64_t c0 = 0; c0 < w; c0 += 32) {  // 32 columns in four registers across the r rows
+    __m256 a0 = _mm256_loadu_ps(y + c0), a1 = _mm256_loadu_ps(y + c0 + 8);
+    __m256 a2 = _mm256_loadu_ps(y + c0 + 16), a3 = _mm256_loadu_ps(y + c0 + 24);
+    for (int64_t i = 0; i < r; ++i) {
+      const void* row = static_cast<const char*>(src) + (size_t)(i * ld) * eb;
+      const __m256 ci = _mm256_broadcast_ss(coef + i);
+      a0 = _mm256_fmadd_ps(ci, load8<DT>(row, c0), a0);
+      a1 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 8), a1);
+      a2 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 16), a2);
+      a3 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 24), a3);
+    }
+    _mm256_storeu_ps(y + c0, a0);
+    _mm256_storeu_ps(y + c0 + 8, a1);
+    _mm256_storeu_ps(y + c0 + 16, a2);
+    _mm256_storeu_ps(y + c0 + 24, a3);
+  }
+}
+
 struct Avx2Expand {
+  static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
+    if (dt == LK_F32) axpy_rows_t<LK_F32>(y, coef, src, ld, r, w);
+    else if (dt == LK_F16) axpy_rows_t<LK_F16>(y, coef, src, ld, r, w);
+    else axpy_rows_t<LK_BF16>(y, coef, src, ld, r, w);
+  }
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
   static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
     if (dt == LK_F32) {

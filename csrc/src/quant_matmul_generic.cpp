@@ -62,6 +62,14 @@ struct GenericExpand {
     const uint16_t* h = static_cast<const uint16_t*>(src);
     for (int64_t i = 0; i < n; ++i) out[i] = dt == LK_F16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
   }
+  static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
+    const size_t eb = dt == LK_F32 ? 4 : 2;
+    std::vector<float> row((size_t)w);
+    for (int64_t i = 0; i < r; ++i) {
+      to_f32(static_cast<const char*>(src) + (size_t)(i * ld) * eb, dt, w, row.data());
+      for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * row[c];
+    }
+  }
   static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
     for (int j = 0; j < 4; ++j) {
       float s = 0.f;
