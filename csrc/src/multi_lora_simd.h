@@ -2,6 +2,8 @@
 // flags, like lora_expand_simd.h). Isa supplies, besides the expand hooks:
 //   Isa::to_f32(src, dtype, n, out)      n values of fp32/fp16/bf16 as fp32
 //   Isa::dot4(x, a, lda, K, out)         out[j] = x . a[j * lda : j * lda + K], j < 4
+//   Isa::dot_rows(x, src, ld, dtype, nr, K, out)
+//                                        out[j] = x . src[j * ld : j * ld + K] (src of dtype), j < nr <= 4
 //   Isa::axpy_rows(y, coef, src, ld, dtype, r, w)
 //                                        y[0:w] += sum_i coef[i] * src[i * ld : i * ld + w] (w % 32 == 0)
 #pragma once
@@ -21,9 +23,20 @@ inline size_t dtype_bytes(lk_dtype d) { return d == LK_F32 ? 4 : 2; }
 template <class Isa>
 void dense_shrink_rows(const DenseShrink& p, int64_t i0, int64_t i1) {
   const int64_t K = p.K;
-  std::vector<float> a4((size_t)(4 * K));
   const char* abase = static_cast<const char*>(p.a);
   const size_t rb = (size_t)K * dtype_bytes(p.dtype);
+  if (p.count <= 2) {  // one or two activation rows: read A once, converting in registers
+    for (int64_t i = i0; i < i1; i += 4) {
+      const int nr = (int)std::min<int64_t>(4, i1 - i);
+      for (int64_t e = 0; e < p.count; ++e) {
+        float d[4];
+        Isa::dot_rows(p.x + e * K, abase + (size_t)i * rb, K, p.dtype, nr, K, d);
+        for (int j = 0; j < nr; ++j) p.t[e * p.ldt + i + j] = p.coef[e] * d[j];
+      }
+    }
+    return;
+  }
+  std::vector<float> a4((size_t)(4 * K));
   for (int64_t i = i0; i < i1; i += 4) {
     const int nr = (int)std::min<int64_t>(4, i1 - i);
     for (int j = 0; j < 4; ++j) {

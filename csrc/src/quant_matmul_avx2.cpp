@@ -223,7 +223,40 @@ inline void axpy_rows_t(float* y, const float* coef, const void* src, int64_t ld
   }
 }
 
+template <int DT>
+inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int64_t K, float* out) {
+  const size_t eb = DT == LK_F32 ? 4 : 2;
+  const char* r0 = static_cast<const char*>(src);
+  const char *r1 = r0 + (size_t)(ld * (nr > 1)) * eb, *r2 = r0 + (size_t)(2 * ld * (nr > 2)) * eb;
+  const char* r3 = r0 + (size_t)(3 * ld * (nr > 3)) * eb;  // rows past nr repeat row 0 (not stored)
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    s0 = _mm256_fmadd_ps(xv, load8<DT>(r0, k), s0);
+    s1 = _mm256_fmadd_ps(xv, load8<DT>(r1, k), s1);
+    s2 = _mm256_fmadd_ps(xv, load8<DT>(r2, k), s2);
+    s3 = _mm256_fmadd_ps(xv, load8<DT>(r3, k), s3);
+  }
+  float o[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+  const char* rows[4] = {r0, r1, r2, r3};
+  for (; k < K; ++k)
+    for (int j = 0; j < 4; ++j) {
+      const void* rp = rows[j] + (size_t)k * eb;
+      const float v = DT == LK_F32 ? *static_cast<const float*>(rp)
+                                   : (DT == LK_F16 ? half_to_float(*static_cast<const uint16_t*>(rp))
+                                                   : bf16_to_float(*static_cast<const uint16_t*>(rp)));
+      o[j] += x[k] * v;
+    }
+  for (int j = 0; j < nr; ++j) out[j] = o[j];
+}
+
 struct Avx2Expand {
+  static void dot_rows(const float* x, const void* src, int64_t ld, lk_dtype dt, int nr, int64_t K, float* out) {
+    if (dt == LK_F32) dot_rows_t<LK_F32>(x, src, ld, nr, K, out);
+    else if (dt == LK_F16) dot_rows_t<LK_F16>(x, src, ld, nr, K, out);
+    else dot_rows_t<LK_BF16>(x, src, ld, nr, K, out);
+  }
   static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
     if (dt == LK_F32) axpy_rows_t<LK_F32>(y, coef, src, ld, r, w);
     else if (dt == LK_F16) axpy_rows_t<LK_F16>(y, coef, src, ld, r, w);

@@ -62,6 +62,16 @@ struct GenericExpand {
     const uint16_t* h = static_cast<const uint16_t*>(src);
     for (int64_t i = 0; i < n; ++i) out[i] = dt == LK_F16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
   }
+  static void dot_rows(const float* x, const void* src, int64_t ld, lk_dtype dt, int nr, int64_t K, float* out) {
+    const size_t eb = dt == LK_F32 ? 4 : 2;
+    std::vector<float> row((size_t)K);
+    for (int j = 0; j < nr; ++j) {
+      to_f32(static_cast<const char*>(src) + (size_t)(j * ld) * eb, dt, K, row.data());
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[k] * row[k];
+      out[j] = s;
+    }
+  }
   static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
     const size_t eb = dt == LK_F32 ? 4 : 2;
     std::vector<float> row((size_t)w);
