@@ -7,7 +7,8 @@ token where n >= T). Every impl computes ``base + sum of the token's adapter`` f
 output (the adapter part alone: the base matmul is the same for all of them) and returns a new
 tensor:
 
-* ``lorakern_fp16``: ``torch.ops.lorakern.multi_lora`` over an AdapterBank of fp16 adapters.
+* ``lorakern_fp16``: multi_lora over an AdapterBank of fp16 adapters, called as MultiLoRALinear
+  calls it (``LayerBank.apply``: the C++ kernel with the bank's pointers prepared once).
 * ``lorakern_quant``: the same over LoRAQuant-compressed adapters (rho 0.9, 2-bit high part).
 * ``peft``: PEFT's LoRA Linear holding the n adapters, its mixed-batch forward
   (``adapter_names=[...]``), fp32 weights (torch's fast CPU dtype).
@@ -126,8 +127,7 @@ def cell(shape, N, K, ranks, T, n, gen, min_total, rounds, rows):
         lb = bank.layers["l"]
 
         def run(lb, b=b):
-            return torch.ops.lorakern.multi_lora(x, base, *lb.op_args(), *b.op_args(), lb.max_rank(), b.max_count,
-                                                 b.mixture)
+            return lb.apply(x, base, b)  # what MultiLoRALinear calls (the C++ kernel, bank pointers cached)
         if impl == "lorakern_fp16":
             err = rel_err(run(lb), want)
         else:  # against the compressed adapters' own dequantized factors

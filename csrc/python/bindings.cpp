@@ -234,6 +234,11 @@ PYBIND11_MODULE(_C, m) {
         std::vector<int64_t> seg;
         const std::vector<lk_lora_slot> slots =
             resolve_slots(b, N, K, reinterpret_cast<const int64_t*>(segments), num_segments, seg);
+        if (mode == 2)  // the fused call keeps its intermediate; ldt is the caller's max_rank, checked all the same
+          for (const lk_lora_slot& sl : slots)
+            if ((sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N) > ldt)
+              throw std::invalid_argument("lorakern: max_rank=" + std::to_string(ldt) +
+                                          " is below the rank of an adapter in the batch");
         const lk_lora_batch batch{seg.data(), num_segments, reinterpret_cast<const int64_t*>(tokens),
                                   reinterpret_cast<const float*>(weights), num_entries};
         lk_status s;

@@ -271,6 +271,10 @@ inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int6
 }
 
 struct Avx512Expand {
+  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1) { return qpart_layout_avx2(bits, G, c0, c1); }
+  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+    axpy_qpart_avx2(y, coef, p, c0, c1);
+  }
   static void dot_rows(const float* x, const void* src, int64_t ld, lk_dtype dt, int nr, int64_t K, float* out) {
     if (dt == LK_F32) dot_rows_t<LK_F32>(x, src, ld, nr, K, out);
     else if (dt == LK_F16) dot_rows_t<LK_F16>(x, src, ld, nr, K, out);

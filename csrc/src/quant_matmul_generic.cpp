@@ -53,6 +53,18 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 namespace {
 struct GenericExpand {
+  static bool qpart_layout(int, int, int64_t, int64_t) { return true; }
+  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+    const int G = p.group_size;
+    const int64_t rb = row_bytes(p.K, p.bits), ng = p.K / G;
+    const int gb = group_bytes(G, p.bits);
+    for (int64_t i = 0; i < p.N; ++i)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t g = c / G;
+        const float s = half_to_float(p.scales[i * ng + g]), z = half_to_float(p.zeros[i * ng + g]);
+        y[c - c0] += coef[i] * (s * ((float)decode_code(p.qweight + i * rb + g * gb, G, p.bits, (int)(c % G)) - z));
+      }
+  }
   static float h2f(uint16_t h) { return half_to_float(h); }
   static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
     if (dt == LK_F32) {

@@ -111,6 +111,7 @@ class LayerBank:
         self.version = 0
         self._dev_table = None
         self._max_rank = None
+        self._fields = None
 
     # ---- slots -------------------------------------------------------------------------------------
     def _ensure_slot(self, slot: int) -> None:
@@ -126,6 +127,7 @@ class LayerBank:
         self.version += 1
         self._dev_table = None
         self._max_rank = None
+        self._fields = None
 
     @property
     def num_slots(self) -> int:
@@ -232,6 +234,19 @@ class LayerBank:
             else:
                 self._dev_table = (self.table.to(self.device), self.scales.to(self.device))
         return (self.slabs(), *self._dev_table, self.group_a, self.group_b)
+
+    def apply(self, x: torch.Tensor, base: torch.Tensor, batch) -> torch.Tensor:
+        """``base + the batch's adapters applied to x`` (x ``[T, K]``, base ``[T, N]``): the C++ kernel
+        directly for eager CPU calls (the bank's pointers prepared once per change), otherwise
+        ``torch.ops.lorakern.multi_lora``."""
+        if x.device.type == "cpu" and self.device.type == "cpu" and type(x) is torch.Tensor \
+                and not torch.compiler.is_compiling():
+            from ..ops.cpu import bank_fields, multi_lora_prepared
+            if self._fields is None:
+                self._fields = bank_fields(*self.op_args())
+            return multi_lora_prepared(self._fields, self.N, self.K, x, base, batch)
+        return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(),
+                                             batch.max_count, batch.mixture)
 
     def nbytes(self, slot: int) -> int:
         """Bytes of adapter weights the slot holds (dense: A and B; compressed: codes, scales, zeros)."""

@@ -88,8 +88,7 @@ class MultiLoRALinear(nn.Module):
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         if b.tokens.device != x.device:
             b = b.to(x.device)
-        out = torch.ops.lorakern.multi_lora(x2, y2.to(x.dtype), *self.bank.op_args(), b.segments, b.tokens,
-                                            b.weights, self.bank.max_rank(), b.max_count, b.mixture)
+        out = self.bank.apply(x2, y2.to(x.dtype), b)
         return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ import torch
 from .._native import native
 from .schemas import check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
+__all__ = ["bank_fields", "multi_lora_prepared", "lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
            "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -118,7 +118,7 @@ def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N,
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
-def _bank_fields(bank, table, scales, group_a, group_b) -> list[int]:
+def bank_fields(bank, table, scales, group_a, group_b) -> list[int]:
     """The 18 fields of a layer bank the C++ binding takes (BankView in csrc/python/bindings.cpp)."""
     a, bt, qa, qas, qaz, qb, qbs, qbz = bank
     return [table.data_ptr(), scales.data_ptr(), table.shape[0], _DTYPE_CODE[a.dtype], group_a, group_b,
@@ -135,7 +135,7 @@ def _run_multi(mode, x, x_dtype, T, K, N, bank, table, scales, group_a, group_b,
     ptr = lambda v: v.data_ptr() if v is not None else 0  # noqa: E731
     try:
         native().multi_lora(mode, ptr(x), _DTYPE_CODE[x_dtype], T, K, N,
-                            _bank_fields(bank, table, scales, group_a, group_b), segments.data_ptr(),
+                            bank_fields(bank, table, scales, group_a, group_b), segments.data_ptr(),
                             segments.shape[0], tokens.data_ptr(), ptr(weights), tokens.shape[0], ptr(t), ldt,
                             ptr(base), ptr(y), torch.get_num_threads())
     except RuntimeError as e:
@@ -171,13 +171,33 @@ def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tok
                    max_count=-1, mixture=True):
     N, K = check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     x, base = x.contiguous(), base.contiguous()
-    if segments.shape[0]:  # the fused call needs no intermediate, but max_rank means what it means in lora_shrink
-        ids = segments[:, 0]
-        if int(ids.min()) >= 0 and int(ids.max()) < table.shape[0] and int(table[ids, 1].max()) > max_rank:
-            raise ValueError(f"lorakern: max_rank={max_rank} is below the rank of an adapter in the batch")
     y = torch.empty_like(base)
     _run_multi(2, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
-               None, 0, base, y)
+               None, max_rank, base, y)  # the fused call checks max_rank against the adapters it meets
+    return y
+
+
+def multi_lora_prepared(fields: list[int], N: int, K: int, x, base, batch):
+    """The eager CPU fast path of multi_lora (MultiLoRALinear, LayerBank.apply): ``fields`` are a bank's
+    cached :func:`bank_fields`; only the activations and the batch's sizes are checked here (O(1)), the
+    C++ side checks every slot, segment and token."""
+    code = _DTYPE_CODE.get(x.dtype)
+    if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
+            or base.shape[0] != x.shape[0] or base.shape[1] != N or batch.num_tokens != x.shape[0]):
+        raise ValueError(f"lorakern: multi_lora: x {tuple(x.shape)} {x.dtype} / base {tuple(base.shape)} {base.dtype} "
+                         f"do not fit the layer ({N}, {K}) and a batch of {batch.num_tokens} tokens")
+    x = x if x.is_contiguous() else x.contiguous()
+    base = base if base.is_contiguous() else base.contiguous()
+    y = torch.empty_like(base)
+    seg, tok, wt = batch.segments, batch.tokens, batch.weights
+    try:
+        native().multi_lora(2, x.data_ptr(), code, x.shape[0], K, N, fields, seg.data_ptr(), seg.shape[0],
+                            tok.data_ptr(), wt.data_ptr(), tok.shape[0], 0, 1 << 30, base.data_ptr(), y.data_ptr(),
+                            torch.get_num_threads())
+    except RuntimeError as e:
+        if "invalid argument" in str(e):
+            raise ValueError("lorakern: the batch does not fit the bank") from None
+        raise
     return y
 
 
