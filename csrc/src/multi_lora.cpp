@@ -133,13 +133,15 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
     }
     const lk_isa isa = lk_active_isa();
     std::unique_ptr<float[]> xg, tq;  // uninitialized: every element used is written first
+    std::vector<const float*> xrow;  // fp32 row of each entry: x's own row, or its conversion in xg
     std::unique_ptr<int8_t[]> xq;
     std::unique_ptr<float[]> xs, xsum;
     std::vector<float> coef;
     std::vector<Item> items;
     const int G = c.ga, B = G ? lk::act_block(G) : 1;
     if (shrink && E) {
-      xg.reset(new float[(size_t)(E * K)]);
+      if (x_dtype != LK_F32) xg.reset(new float[(size_t)(E * K)]);
+      xrow.resize((size_t)E);
       coef.resize((size_t)E);
       for (int64_t s = 0; s < b->num_segments; ++s) {
         const int64_t* sg = b->segments + 3 * s;
@@ -186,15 +188,16 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
       if (shrink && E) {
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < E; ++e) {  // gather (and quantize) the entries' rows of x
-          float* xr = xg.get() + e * K;
           const char* row = static_cast<const char*>(x) + (size_t)(b->tokens[e] * K) * xb;
-          if (x_dtype == LK_F32) {
-            std::memcpy(xr, row, (size_t)K * sizeof(float));
-          } else {
+          const float* xr = reinterpret_cast<const float*>(row);
+          if (x_dtype != LK_F32) {
+            float* xc = xg.get() + e * K;
             const uint16_t* hx = reinterpret_cast<const uint16_t*>(row);
             for (int64_t k = 0; k < K; ++k)
-              xr[k] = x_dtype == LK_F16 ? lk::half_to_float(hx[k]) : lk::bf16_to_float(hx[k]);
+              xc[k] = x_dtype == LK_F16 ? lk::half_to_float(hx[k]) : lk::bf16_to_float(hx[k]);
+            xr = xc;
           }
+          xrow[e] = xr;
           if (c.compressed) {
             int8_t* q = xq.get() + e * K;
             float *qs = xs.get() + e * (K / B), *qsum = xsum.get() + e * (K / G);
@@ -211,7 +214,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           const lk_lora_slot& sl = slots[sg[0]];
           const int64_t e0 = sg[1], cnt = sg[2];
           if (it.part == 0) {
-            const lk::DenseShrink p{xg.get() + e0 * K, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
+            const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
             sfn(p, it.i0, it.i1);
           } else {
             const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;

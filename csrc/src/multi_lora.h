@@ -8,9 +8,9 @@
 namespace lk {
 
 // Dense shrink of one segment's rows [i0, i1) of A: t[e * ldt + i] = coef[e] * (x[e] . A[i]),
-// x: the segment's gathered fp32 activation rows [count, K].
+// x[e]: the segment's fp32 activation rows (K values each).
 struct DenseShrink {
-  const float* x;
+  const float* const* x;
   int64_t count, K;
   const void* a;  // [rank, K] of dtype
   lk_dtype dtype;

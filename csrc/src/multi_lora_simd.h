@@ -33,7 +33,7 @@ void dense_shrink_rows(const DenseShrink& p, int64_t i0, int64_t i1) {
       const int nr = (int)std::min<int64_t>(4, i1 - i);
       for (int64_t e = 0; e < p.count; ++e) {
         float d[4];
-        Isa::dot_rows(p.x + e * K, abase + (size_t)i * rb, K, p.dtype, nr, K, d);
+        Isa::dot_rows(p.x[e], abase + (size_t)i * rb, K, p.dtype, nr, K, d);
         for (int j = 0; j < nr; ++j) p.t[e * p.ldt + i + j] = p.coef[e] * d[j];
       }
     }
@@ -50,7 +50,7 @@ void dense_shrink_rows(const DenseShrink& p, int64_t i0, int64_t i1) {
     }
     for (int64_t e = 0; e < p.count; ++e) {
       float d[4];
-      Isa::dot4(p.x + e * K, a4.data(), K, K, d);
+      Isa::dot4(p.x[e], a4.data(), K, K, d);
       for (int j = 0; j < nr; ++j) p.t[e * p.ldt + i + j] = p.coef[e] * d[j];
     }
   }
