@@ -24,7 +24,7 @@ T in {1, 16, 64, 256}, n in {1, 8, 64, 512}; SmolLM2-135M's q (576 x 576), v (19
 Each impl rotates through copies of its adapters (distinct memory, same values) so that at least
 256 MiB stream per rotation (--quick: 64 MiB) and L3 cannot serve them. Every output is checked
 against an fp64 reference in the same run (``max_rel_err``). The machine's read bandwidth is
-measured in the same run. Rows: {"impl", "shape", "T", "num_adapters", "rank", "median_ms",
+measured in the same run (torch.sum over 256 MiB, before and after). Rows: {"impl", "shape", "T", "num_adapters", "rank", "median_ms",
 "adapter_bytes", ...}. Writes benchmarks/results/multilora.json (quick: multilora_quick.json).
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     a = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
-    rounds = a.rounds or (8 if a.quick else 10)
+    rounds = a.rounds or (40 if a.quick else 10)
     min_total = (64 if a.quick else 256) * 2**20
     grid = []
     if a.quick:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         for shape in ("smollm2_q", "smollm2_v", "smollm2_up", "smollm2_down"):
             for T in (1, 16, 64, 256):
                 grid.append((shape, "16", T, 64))
-    bw = bandwidth_case(min_total)
+    bw = bandwidth_case()  # 256 MiB in both modes: L3 must not serve it
     run_interleaved([bw], 5)
     rows = []
     t0 = time.time()

@@ -4,7 +4,7 @@
 //   Isa::dot4(x, a, lda, K, out)         out[j] = x . a[j * lda : j * lda + K], j < 4
 //   Isa::dot_rows(x, src, ld, dtype, nr, K, out)
 //                                        out[j] = x . src[j * ld : j * ld + K] (src of dtype), j < nr <= 4
-//   Isa::qpart_layout(bits, G, c0, c1)   whether axpy_qpart takes this layout and column range
+//   Isa::qpart_layout(bits, G, c0, c1, rows)  whether axpy_qpart takes this layout and column range
 //   Isa::axpy_qpart(y, coef, part, c0, c1)  y[0:c1-c0] += coef . part's rows (columns [c0, c1)), decoded in
 //                                        registers
 //   Isa::axpy_rows(y, coef, src, ld, dtype, r, w)
@@ -117,8 +117,8 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     }
     const lk_qweight& qh = sl.q.b_hi;
     const lk_qweight& ql = sl.q.b_lo;
-    if (sl.kind == LK_SLOT_COMPRESSED && sg[2] <= 2 && (!qh.N || Isa::qpart_layout(qh.bits, qh.group_size, c0, c1)) &&
-        (!ql.N || Isa::qpart_layout(ql.bits, ql.group_size, c0, c1))) {  // decode in registers, into the output
+    if (sl.kind == LK_SLOT_COMPRESSED && sg[2] <= 2 && (!qh.N || Isa::qpart_layout(qh.bits, qh.group_size, c0, c1, qh.N)) &&
+        (!ql.N || Isa::qpart_layout(ql.bits, ql.group_size, c0, c1, ql.N))) {  // decode in registers, into the output
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
         float* y = e.y32 + b.tokens[k] * e.N + c0;
         const float* coef = e.t + k * e.ldt;

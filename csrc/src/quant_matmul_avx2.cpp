@@ -201,9 +201,9 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 // sum_i coef[i] s_i z_i is one subtraction. Layouts whose 32-column chunk is one contiguous run of
 // bytes: 1-bit planes, and 2/4/8-bit groups with G * bits / 8 >= 32 (3-bit: G = 128). Returns false
 // (nothing done) for the others.
-bool qpart_layout_avx2(int bits, int G, int64_t c0, int64_t c1) {
+bool qpart_layout_avx2(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
   const int W = bits == 3 ? G / 4 : G * bits / 8;  // bytes of the (low) strided part per group
-  return (bits == 1 || W >= 32) && c0 % 32 == 0 && c1 % 32 == 0;
+  return (bits == 1 || W >= 32) && c0 % 32 == 0 && c1 % 32 == 0 && rows <= 256;
 }
 
 void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
@@ -211,55 +211,63 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
   const int W = bits == 3 ? G / 4 : G * bits / 8;
   const int64_t rb = row_bytes(p.K, bits), ng = p.K / G;
   const int gb = group_bytes(G, bits);
-  const __m256i bitsel[4] = {_mm256_setr_epi32(1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7),
-                             _mm256_setr_epi32(1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15),
-                             _mm256_setr_epi32(1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23),
-                             _mm256_setr_epi32(1 << 24, 1 << 25, 1 << 26, 1 << 27, 1 << 28, 1 << 29, 1 << 30,
-                                               (int)(1u << 31))};
+  // bit k of a 32-bit word moved to the sign bit of lane k % 8 (one variable shift per 8 columns)
+  const __m256i to_sign[4] = {_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+                              _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+                              _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+                              _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
   const __m256i mask8 = _mm256_set1_epi8((char)((1 << (bits == 3 ? 2 : (bits == 8 ? 8 : bits))) - 1));
-  for (int64_t c = c0; c < c1; c += 32) {
-    const int64_t g = c / G;
-    const int i0 = (int)(c % G);
-    __m256 acc[4] = {_mm256_loadu_ps(y + c - c0), _mm256_loadu_ps(y + c - c0 + 8), _mm256_loadu_ps(y + c - c0 + 16),
-                     _mm256_loadu_ps(y + c - c0 + 24)};
+  const int bb = bits == 3 ? 2 : bits;
+  float cs[256];  // coef * scale of each row for the current group (rows <= 256: checked by the caller)
+  for (int64_t cg = c0; cg < c1;) {  // one group (or the part of it inside [c0, c1)) at a time
+    const int64_t g = cg / G, cend = std::min(c1, (g + 1) * G);
     float off = 0.f;
     for (int64_t i = 0; i < p.N; ++i) {
-      const float cs = coef[i] * _cvtsh_ss(p.scales[i * ng + g]);
-      off += cs * _cvtsh_ss(p.zeros[i * ng + g]);
-      const __m256 csv = _mm256_set1_ps(cs);
-      const uint8_t* gp = p.qweight + i * rb + g * gb;
-      if (bits == 1) {
-        uint32_t w;
-        std::memcpy(&w, gp + i0 / 8, 4);
-        const __m256i v = _mm256_set1_epi32((int)w);
-        for (int m = 0; m < 4; ++m) {
-          const __m256i hit = _mm256_cmpeq_epi32(_mm256_and_si256(v, bitsel[m]), bitsel[m]);
-          acc[m] = _mm256_add_ps(acc[m], _mm256_and_ps(_mm256_castsi256_ps(hit), csv));
-        }
-        continue;
-      }
-      const int bb = bits == 3 ? 2 : bits;
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
-      __m256i q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * bb)), mask8);
-      if (bits == 3) {  // bit 2 from the plane
-        uint32_t w;
-        std::memcpy(&w, gp + W + i0 / 8, 4);
-        const __m256i v = _mm256_set1_epi32((int)w);
-        // spread bit k of w to byte k: select byte k's bit, compare, keep 4
-        const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
-                                              2, 3, 3, 3, 3, 3, 3, 3, 3);
-        const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-        const __m256i bytes = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0), shuf);
-        const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel);
-        q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
-      }
-      const __m128i lo = _mm256_castsi256_si128(q8), hi = _mm256_extracti128_si256(q8, 1);
-      const __m128i pieces[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-      for (int m = 0; m < 4; ++m)
-        acc[m] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(pieces[m])), acc[m]);
+      cs[i] = coef[i] * _cvtsh_ss(p.scales[i * ng + g]);
+      off += cs[i] * _cvtsh_ss(p.zeros[i * ng + g]);
     }
     const __m256 offv = _mm256_set1_ps(off);
-    for (int m = 0; m < 4; ++m) _mm256_storeu_ps(y + c - c0 + 8 * m, _mm256_sub_ps(acc[m], offv));
+    for (int64_t c = cg; c < cend; c += 32) {
+      const int i0 = (int)(c % G);
+      float* yc = y + (c - c0);
+      __m256 acc[4] = {_mm256_loadu_ps(yc), _mm256_loadu_ps(yc + 8), _mm256_loadu_ps(yc + 16),
+                       _mm256_loadu_ps(yc + 24)};
+      const uint8_t* gp = p.qweight + g * gb;
+      if (bits == 1) {
+        for (int64_t i = 0; i < p.N; ++i, gp += rb) {
+          uint32_t w;
+          std::memcpy(&w, gp + i0 / 8, 4);
+          const __m256i v = _mm256_set1_epi32((int)w);
+          const __m256 csv = _mm256_broadcast_ss(cs + i);
+          for (int m = 0; m < 4; ++m)  // bit 8m + k -> sign of lane k
+            acc[m] = _mm256_add_ps(acc[m], _mm256_blendv_ps(_mm256_setzero_ps(), csv,
+                                                             _mm256_castsi256_ps(_mm256_sllv_epi32(v, to_sign[3 - m]))));
+        }
+      } else {
+        for (int64_t i = 0; i < p.N; ++i, gp += rb) {
+          const __m256 csv = _mm256_broadcast_ss(cs + i);
+          const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
+          __m256i q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * bb)), mask8);
+          if (bits == 3) {  // bit 2 from the plane: bit k of the word to byte k
+            uint32_t w;
+            std::memcpy(&w, gp + W + i0 / 8, 4);
+            const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                  2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
+            const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel);
+            q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
+          }
+          const __m128i lo = _mm256_castsi256_si128(q8), hi = _mm256_extracti128_si256(q8, 1);
+          acc[0] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), acc[0]);
+          acc[1] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), acc[1]);
+          acc[2] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), acc[2]);
+          acc[3] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), acc[3]);
+        }
+      }
+      for (int m = 0; m < 4; ++m) _mm256_storeu_ps(yc + 8 * m, _mm256_sub_ps(acc[m], offv));
+    }
+    cg = cend;
   }
 }
 
@@ -323,7 +331,9 @@ inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int6
 }
 
 struct Avx2Expand {
-  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1) { return qpart_layout_avx2(bits, G, c0, c1); }
+  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
+    return qpart_layout_avx2(bits, G, c0, c1, rows);
+  }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
     axpy_qpart_avx2(y, coef, p, c0, c1);
   }

@@ -271,7 +271,9 @@ inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int6
 }
 
 struct Avx512Expand {
-  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1) { return qpart_layout_avx2(bits, G, c0, c1); }
+  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
+    return qpart_layout_avx2(bits, G, c0, c1, rows);
+  }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
     axpy_qpart_avx2(y, coef, p, c0, c1);
   }

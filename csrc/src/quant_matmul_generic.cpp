@@ -53,7 +53,7 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 namespace {
 struct GenericExpand {
-  static bool qpart_layout(int, int, int64_t, int64_t) { return true; }
+  static bool qpart_layout(int, int, int64_t, int64_t, int64_t) { return true; }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
     const int G = p.group_size;
     const int64_t rb = row_bytes(p.K, p.bits), ng = p.K / G;
