@@ -302,6 +302,99 @@ static void check_expand_fn(const char* name, ExpandFn fn, std::mt19937& rng) {
 }
 
 // The AVX2 activation quantization is bitwise the portable one (finite values, zeros, NaN and Inf blocks).
+// lk_multi_lora / lk_lora_shrink / lk_lora_expand: a dense fp32 adapter and a compressed one in one batch,
+// with a token on no adapter and a two-way mixture; against lk_lora_mixed (compressed) and a double loop
+// (dense); outputs poisoned first; every bad slot, segment and token index refused.
+static void check_multi_lora_abi(std::mt19937& rng) {
+  const int64_t T = 5, N = 96, K = 128, h = 3, rl = 5, rd = 7;
+  Problem w = make_problem(rng, T, N, K, 4, 64);  // for x
+  Problem ah = make_problem(rng, 1, h, K, 2, 64), al = make_problem(rng, 1, rl, K, 1, 64);
+  Problem bh = make_problem(rng, 1, h, N, 2, 32), bl = make_problem(rng, 1, rl, N, 1, 32);
+  lk_lora q{{ah.qw.data(), ah.scales.data(), ah.zeros.data(), h, K, 2, 64},
+            {bh.qw.data(), bh.scales.data(), bh.zeros.data(), h, N, 2, 32},
+            {al.qw.data(), al.scales.data(), al.zeros.data(), rl, K, 1, 64},
+            {bl.qw.data(), bl.scales.data(), bl.zeros.data(), rl, N, 1, 32}, 1.5f};
+  std::normal_distribution<float> nd(0.f, 0.3f);
+  std::vector<float> A((size_t)(rd * K)), Bt((size_t)(rd * N));
+  for (float& v : A) v = nd(rng);
+  for (float& v : Bt) v = nd(rng);
+  lk_lora_slot slots[3] = {};
+  slots[0].kind = LK_SLOT_DENSE;
+  slots[0].dtype = LK_F32;
+  slots[0].rank = rd;
+  slots[0].a = A.data();
+  slots[0].bt = Bt.data();
+  slots[0].scale = 0.5f;
+  slots[1].kind = LK_SLOT_COMPRESSED;
+  slots[1].q = q;
+  slots[1].scale = 1.5f;
+  slots[2].kind = LK_SLOT_EMPTY;
+  // tokens: 0 -> dense, 1 -> compressed, 2 -> none, 3 -> 0.25 dense + 0.75 compressed, 4 -> compressed
+  const int64_t segs[6] = {0, 0, 2, 1, 2, 3};
+  const int64_t toks[5] = {0, 3, 1, 3, 4};
+  const float wts[5] = {1.f, 0.25f, 1.f, 0.75f, 1.f};
+  const lk_lora_batch batch{segs, 2, toks, wts, 5};
+  std::vector<float> base((size_t)(T * N));
+  for (float& v : base) v = nd(rng);
+  std::vector<float> y((size_t)(T * N), NAN), y2((size_t)(T * N), NAN), t((size_t)(5 * 8), NAN);
+  CHECK(lk_multi_lora(w.x.data(), LK_F32, T, K, N, slots, 3, &batch, base.data(), y.data(), 2) == LK_OK, "multi");
+  CHECK(lk_lora_shrink(w.x.data(), LK_F32, T, K, slots, 3, &batch, t.data(), 8, 2) == LK_OK, "shrink");
+  CHECK(lk_lora_expand(t.data(), 8, slots, 3, &batch, LK_F32, T, N, base.data(), y2.data(), 1) == LK_OK, "expand");
+  CHECK(y == y2, "shrink + expand differ from the fused call");
+  // references: the compressed adapter alone (lk_lora_mixed), the dense one in double
+  std::vector<float> qdelta((size_t)(T * N), NAN);
+  CHECK(lk_lora_mixed(w.x.data(), LK_F32, T, &q, nullptr, qdelta.data(), 1) == LK_OK, "lora_mixed");
+  const double wd[5] = {1.0, 0.0, 0.0, 0.25, 0.0}, wq[5] = {0.0, 1.0, 0.0, 0.75, 1.0};
+  double worst = 0;
+  for (int64_t m = 0; m < T; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double d = 0;
+      for (int64_t i = 0; i < rd; ++i) {
+        double xa = 0;
+        for (int64_t k = 0; k < K; ++k) xa += (double)w.x[m * K + k] * A[i * K + k];
+        d += xa * Bt[i * N + n];
+      }
+      const double want = base[m * N + n] + wd[m] * 0.5 * d + wq[m] * qdelta[m * N + n];
+      const double err = std::fabs(y[m * N + n] - want) / (1e-4 * (1.0 + std::fabs(want)));
+      worst = std::max(worst, err);
+    }
+  CHECK(worst <= 1.0, "multi_lora: error %g x its bound", worst);
+  for (int64_t n = 0; n < N; ++n) CHECK(y[2 * N + n] == base[2 * N + n], "token without adapter changed");
+  // in place (base == y)
+  std::vector<float> inplace = base;
+  CHECK(lk_multi_lora(w.x.data(), LK_F32, T, K, N, slots, 3, &batch, inplace.data(), inplace.data(), 1) == LK_OK,
+        "in place");
+  CHECK(inplace == y, "in-place multi_lora differs");
+  // bad batches
+  auto refused = [&](const int64_t* sg, int64_t nseg, const int64_t* tk, int64_t E) {
+    const lk_lora_batch bb{sg, nseg, tk, wts, E};
+    return lk_multi_lora(w.x.data(), LK_F32, T, K, N, slots, 3, &bb, base.data(), y.data(), 1) == LK_ERR_INVALID_ARG;
+  };
+  const int64_t s_oob[6] = {0, 0, 2, 3, 2, 3}, s_empty[6] = {0, 0, 2, 2, 2, 3}, s_gap[6] = {0, 0, 2, 1, 3, 2};
+  const int64_t s_long[6] = {0, 0, 2, 1, 2, 4}, s_neg[6] = {-1, 0, 2, 1, 2, 3};
+  const int64_t t_oob[5] = {0, 3, 1, 5, 4}, t_neg[5] = {0, -1, 1, 3, 4};
+  CHECK(refused(s_oob, 2, toks, 5), "slot out of range");
+  CHECK(refused(s_neg, 2, toks, 5), "negative slot");
+  CHECK(refused(s_empty, 2, toks, 5), "empty slot");
+  CHECK(refused(s_gap, 2, toks, 5), "segments with a gap");
+  CHECK(refused(s_long, 2, toks, 5), "segment past the entries");
+  CHECK(refused(segs, 1, toks, 5), "entries not covered");
+  CHECK(refused(segs, 2, t_oob, 5), "token out of range");
+  CHECK(refused(segs, 2, t_neg, 5), "negative token");
+  CHECK(lk_lora_shrink(w.x.data(), LK_F32, T, K, slots, 3, &batch, t.data(), 7, 1) == LK_ERR_INVALID_ARG, "ldt");
+  CHECK(lk_multi_lora(w.x.data(), LK_F32, T, K, N, slots, 3, nullptr, base.data(), y.data(), 1) == LK_ERR_INVALID_ARG,
+        "null batch");
+  lk_lora_slot bad[3] = {slots[0], slots[1], slots[2]};
+  bad[1].q.b_lo.group_size = 64;
+  CHECK(lk_multi_lora(w.x.data(), LK_F32, T, K, N, bad, 3, &batch, base.data(), y.data(), 1) == LK_ERR_INVALID_ARG,
+        "compressed groups");
+  bad[1] = slots[1];
+  bad[0].a = nullptr;
+  CHECK(lk_multi_lora(w.x.data(), LK_F32, T, K, N, bad, 3, &batch, base.data(), y.data(), 1) == LK_ERR_INVALID_ARG,
+        "dense null");
+  std::printf("multi lora c abi: checked\n");
+}
+
 static void check_act_quant(std::mt19937& rng) {
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (int G : {32, 64, 128})
@@ -396,7 +489,10 @@ int main() {
   if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
   check_c_abi(rng);
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
-    if (lk_set_isa(isa) == LK_OK) check_lora_abi(rng);
+    if (lk_set_isa(isa) == LK_OK) {
+      check_lora_abi(rng);
+      check_multi_lora_abi(rng);
+    }
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
     return 1;
