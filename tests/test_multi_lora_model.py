@@ -177,3 +177,20 @@ def test_compressed_and_dense_adapters_in_one_batch(tiny_model_and_adapters):
         base = model(input_ids=ids[2:]).logits
     assert (got[:1] - want0).abs().max() <= 1e-4 * want0.abs().max()
     assert (got[2:] - base).abs().max() <= 1e-6 * base.abs().max()
+
+
+def test_mixture_per_sample(tiny_model_and_adapters):
+    """Per-sample k-way mixtures through the context: weight 1/0 is the adapter alone; 0.5/0.5 is neither."""
+    model, paths = tiny_model_and_adapters
+    lm = copy.deepcopy(model)
+    bank = lorakern.attach_adapters(lm, paths, dtype=torch.float32)
+    ids = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
+    a, b = bank.id("qv4"), bank.id("attn8")
+    with torch.no_grad():
+        alone = lm(input_ids=ids, adapter_names=["qv4", "attn8"]).logits
+        with lm.lorakern_context.use([[a, b], [b, -1]], weights=[[1.0, 0.0], [1.0, 0.0]]):
+            mixed_one = lm(input_ids=ids).logits
+        with lm.lorakern_context.use([[a, b], [a, b]], weights=[[0.5, 0.5], [0.5, 0.5]]):
+            half = lm(input_ids=ids).logits
+    assert (mixed_one - alone).abs().max() <= 1e-5 * alone.abs().max()
+    assert not torch.allclose(half[0], alone[0], atol=1e-4) and not torch.allclose(half[1], alone[1], atol=1e-4)
