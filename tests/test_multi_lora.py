@@ -321,3 +321,75 @@ def test_multi_lora_triton_is_memory_safe_on_bad_tables(rng):
                           b.mixture)
     assert torch.equal(y[:2], base[:2])  # slot 1 (hostile offset) and slot 2 (removed) contribute nothing
     assert not torch.equal(y[2], base[2])
+
+
+# ---- several output slices in one call (q/k/v of different widths) -----------------------------------------
+
+from lorakern.multilora import apply_slices  # noqa: E402
+
+
+def qkv_bank(rng, dtype=torch.float16):
+    """q (192), k and v (64) banks over K = 320; adapter 'c' compressed, the others dense, 'k_only' on k alone."""
+    widths = {"q": 192, "k": 64, "v": 64}
+    bank = AdapterBank({n: (w, K) for n, w in widths.items()}, dtype=dtype)
+    for name, r in (("d8", 8), ("d16", 16), ("c", 12)):
+        layers = {}
+        for lname, w in widths.items():
+            if name == "c":
+                layers[lname] = random_compressed(w, K, r, 4, 3, 64, 64, rng)
+            else:
+                layers[lname] = LoraLayer(torch.randn(r, K, generator=rng) * 0.2, torch.randn(w, r, generator=rng) * 0.2,
+                                          0.7)
+        bank.add(name, layers)
+    bank.add("k_only", {"k": LoraLayer(torch.randn(5, K, generator=rng), torch.randn(64, 5, generator=rng), 1.0)})
+    return bank, [bank.layers[n] for n in widths]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slices_match_reference_and_single_layers(isa, dtype, rng):
+    bank, lbs = qkv_bank(rng)
+    T = 23
+    b = bank.batch(torch.randint(-1, 4, (T,), generator=rng))
+    x = torch.randn(T, K, generator=rng).to(dtype)
+    base = torch.randn(T, 320, generator=rng).to(dtype)
+    y = apply_slices(lbs, x, base, b)
+    args = [lb.op_args() for lb in lbs]
+    model = ref.multi_lora_slices_int8_act(x, base, [t for a in args for t in a[0]], [a[1] for a in args],
+                                           [a[2] for a in args], [a[3] for a in args], [a[4] for a in args],
+                                           *b.op_args(), 16)
+    col = 0
+    for lb in lbs:  # each slice equals its layer alone
+        alone = run("multi", lb, b, x, base[:, col: col + lb.N].contiguous())
+        assert torch.equal(y[:, col: col + lb.N], alone)
+        tol = tolerance(x, lb, b, model[:, col: col + lb.N], dtype)
+        assert ((y[:, col: col + lb.N].double() - model[:, col: col + lb.N]).abs() <= tol).all()
+        col += lb.N
+
+
+def test_slices_refuse_bad_calls(rng):
+    bank, lbs = qkv_bank(rng)
+    b = bank.batch(torch.tensor([0, 3, 1]))
+    x, base = torch.randn(3, K), torch.randn(3, 320)
+    with pytest.raises(ValueError, match="base must be"):
+        apply_slices(lbs, x, base[:, :300], b)
+    args = [lb.op_args() for lb in lbs]
+    with pytest.raises(ValueError, match="3 slices need"):
+        torch.ops.lorakern.multi_lora_slices(x, base, [t for a in args for t in a[0]][:-1], [a[1] for a in args],
+                                             [a[2] for a in args], [a[3] for a in args], [a[4] for a in args],
+                                             *b.op_args(), 16)
+    bank.remove("d16")
+    with pytest.raises(ValueError, match="removed"):
+        apply_slices(lbs, x, base, b)
+
+
+def test_slices_triton(rng):
+    bank, lbs = qkv_bank(rng)
+    b = bank.batch(torch.randint(-1, 4, (9,), generator=rng))
+    x, base = torch.randn(9, K, generator=rng), torch.randn(9, 320, generator=rng)
+    from lorakern.ops.cuda import multi_lora_slices_cuda
+    args = [lb.op_args() for lb in lbs]
+    flat = ([t for a in args for t in a[0]], [a[1] for a in args], [a[2] for a in args], [a[3] for a in args],
+            [a[4] for a in args])
+    y = multi_lora_slices_cuda(x, base, *flat, *b.op_args(), 16, b.max_count, b.mixture)  # Triton interpreter
+    model = ref.multi_lora_slices(x, base, *flat, *b.op_args(), 16).double()
+    assert torch.allclose(y.double(), model, rtol=1e-4, atol=1e-4 * float(model.abs().max()))

@@ -261,4 +261,40 @@ PYBIND11_MODULE(_C, m) {
       py::arg("mode"), py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"),
       py::arg("segments"), py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"),
       py::arg("t"), py::arg("ldt"), py::arg("base"), py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
+      "multi_lora_slices",
+      [](uintptr_t x, int x_dtype, int64_t T, int64_t K, const std::vector<std::vector<int64_t>>& banks,
+         const std::vector<int64_t>& widths, uintptr_t segments, int64_t num_segments, uintptr_t tokens,
+         uintptr_t weights, int64_t num_entries, int64_t max_rank, uintptr_t base, uintptr_t y, int64_t ldy,
+         int num_threads) {
+        if (banks.size() != widths.size()) throw std::invalid_argument("one width per bank");
+        std::vector<std::vector<lk_lora_slot>> slots(banks.size());
+        std::vector<lk_lora_slice> slices(banks.size());
+        std::vector<int64_t> seg;
+        int64_t col = 0;
+        for (size_t i = 0; i < banks.size(); ++i) {
+          const BankView b = make_bank(banks[i]);
+          slots[i] = resolve_slots(b, widths[i], K, reinterpret_cast<const int64_t*>(segments), num_segments, seg);
+          for (const lk_lora_slot& sl : slots[i])
+            if ((sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N) > max_rank)
+              throw std::invalid_argument("lorakern: max_rank=" + std::to_string(max_rank) +
+                                          " is below the rank of an adapter in the batch");
+          slices[i] = lk_lora_slice{slots[i].data(), num_segments, widths[i], col};
+          col += widths[i];
+        }
+        // resolve_slots renumbers the segments to index each slice's own slot vector (the same numbering)
+        const lk_lora_batch batch{seg.data(), num_segments, reinterpret_cast<const int64_t*>(tokens),
+                                  reinterpret_cast<const float*>(weights), num_entries};
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_multi_lora_slices(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, T, K, slices.data(),
+                                   (int64_t)slices.size(), &batch, ldy, reinterpret_cast<const void*>(base),
+                                   reinterpret_cast<void*>(y), num_threads);
+        }
+        check(s, "lk_multi_lora_slices");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("banks"), py::arg("widths"),
+      py::arg("segments"), py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"),
+      py::arg("max_rank"), py::arg("base"), py::arg("y"), py::arg("ldy"), py::arg("num_threads") = 0);
 }

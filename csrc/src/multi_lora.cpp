@@ -112,7 +112,9 @@ float elem_f32(const void* p, lk_dtype d, int64_t i) {
 // Shrink (x != null) into t [E, ldt] and/or expand (y != null) from it.
 lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N, const lk_lora_slot* slots,
                     int64_t num_slots, const lk_lora_batch* b, float* t_io, int64_t ldt, lk_dtype y_dtype,
-                    const void* base, void* y, int num_threads) {
+                    const void* base, void* y, int num_threads, int64_t ldy = -1) {
+  if (ldy < 0) ldy = N;  // row stride of base and y (a slice of a wider output: ldy > N)
+  if (y && ldy < N) return LK_ERR_INVALID_ARG;
   const bool shrink = x != nullptr, expand = y != nullptr;
   if (T < 0 || (shrink && K <= 0) || (expand && N < 0)) return LK_ERR_INVALID_ARG;
   for (lk_dtype d : {x_dtype, y_dtype})
@@ -176,10 +178,11 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
         y32 = ybuf.data();
       }
     }
+    const int64_t ld32 = y_dtype == LK_F32 ? ldy : N;  // row stride of y32
     const ShrinkFn sfn = shrink_fn(isa);
     const ExpandFn efn = expand_fn(isa);
     const lk::RowsFn rfn = lk::rows_fn(isa);
-    const lk::MultiExpand me{slots, b, t, ldt, N, y32};
+    const lk::MultiExpand me{slots, b, t, ldt, N, y32, ld32};
     const int64_t ntiles = expand ? (N + lk::kExpandTile - 1) / lk::kExpandTile : 0;
     const size_t xb = x_dtype == LK_F32 ? 4 : 2;
     const int nt = lk::threads_for(num_threads);
@@ -249,20 +252,22 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
         if (c1 > c0) {
           if (base != y || y_dtype != LK_F32) {
             for (int64_t m = 0; m < T; ++m) {
-              float* yr = y32 + m * N;
+              float* yr = y32 + m * ld32;
               if (!base)
                 std::fill(yr + c0, yr + c1, 0.f);
               else if (y_dtype == LK_F32)
-                std::memcpy(yr + c0, static_cast<const float*>(base) + m * N + c0, (size_t)(c1 - c0) * 4);
+                std::memcpy(yr + c0, static_cast<const float*>(base) + m * ldy + c0, (size_t)(c1 - c0) * 4);
               else
-                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * N + col);
+                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * ldy + col);
             }
           }
           efn(me, c0, c1);
         }
       }
     }
-    if (expand) lk::store_output(y32, y_dtype, T * N, y);
+    if (expand && y_dtype != LK_F32)
+      for (int64_t m = 0; m < T; ++m)
+        lk::store_output(y32 + m * N, y_dtype, N, static_cast<uint16_t*>(y) + m * ldy);
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;
   }
@@ -298,6 +303,31 @@ lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, i
   if (T == 0 || N == 0) return batch->num_entries == 0 || T > 0 ? LK_OK : LK_ERR_INVALID_ARG;
   if (!x || !y) return LK_ERR_INVALID_ARG;
   return run_multi(x, x_dtype, T, K, N, slots, num_slots, batch, nullptr, 0, x_dtype, base, y, num_threads);
+}
+
+lk_status lk_multi_lora_slices(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const lk_lora_slice* slices,
+                               int64_t num_slices, const lk_lora_batch* batch, int64_t ldy, const void* base, void* y,
+                               int num_threads) {
+  if (!batch || T < 0 || num_slices < 0 || (num_slices > 0 && !slices)) return LK_ERR_INVALID_ARG;
+  int64_t width = 0;
+  for (int64_t i = 0; i < num_slices; ++i) {  // every slice checked before any is computed
+    const lk_lora_slice& sl = slices[i];
+    if (sl.N < 0 || sl.col < 0 || sl.col > ldy - sl.N) return LK_ERR_INVALID_ARG;
+    width = std::max(width, sl.col + sl.N);
+  }
+  if (T == 0) return batch->num_entries == 0 ? LK_OK : LK_ERR_INVALID_ARG;
+  if (!x || !y || ldy < width) return LK_ERR_INVALID_ARG;
+  const size_t eb = x_dtype == LK_F32 ? 4 : 2;
+  for (int64_t i = 0; i < num_slices; ++i) {
+    const lk_lora_slice& sl = slices[i];
+    if (!sl.N) continue;
+    const void* bi = base ? static_cast<const char*>(base) + (size_t)sl.col * eb : nullptr;
+    void* yi = static_cast<char*>(y) + (size_t)sl.col * eb;
+    if (lk_status s = run_multi(x, x_dtype, T, K, sl.N, sl.slots, sl.num_slots, batch, nullptr, 0, x_dtype, bi, yi,
+                                num_threads, ldy))
+      return s;
+  }
+  return LK_OK;
 }
 
 }  // extern "C"

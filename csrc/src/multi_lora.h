@@ -26,6 +26,7 @@ struct MultiExpand {
   const float* t;
   int64_t ldt, N;
   float* y32;
+  int64_t ldy;  // row stride of y32 (>= N)
 };
 
 constexpr int64_t kExpandTile = 128;  // output columns per expand tile (a multiple of every group size)

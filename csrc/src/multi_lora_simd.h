@@ -103,7 +103,7 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
       const size_t eb = dtype_bytes(sl.dtype);
       const int64_t w = c1 - c0, w32 = w & ~int64_t(31);
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
-        float* y = e.y32 + b.tokens[k] * e.N + c0;
+        float* y = e.y32 + b.tokens[k] * e.ldy + c0;
         const float* coef = e.t + k * e.ldt;
         const char* src = static_cast<const char*>(sl.bt) + (size_t)c0 * eb;
         Isa::axpy_rows(y, coef, src, e.N, sl.dtype, r, w32);
@@ -120,7 +120,7 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     if (sl.kind == LK_SLOT_COMPRESSED && sg[2] <= 2 && (!qh.N || Isa::qpart_layout(qh.bits, qh.group_size, c0, c1, qh.N)) &&
         (!ql.N || Isa::qpart_layout(ql.bits, ql.group_size, c0, c1, ql.N))) {  // decode in registers, into the output
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
-        float* y = e.y32 + b.tokens[k] * e.N + c0;
+        float* y = e.y32 + b.tokens[k] * e.ldy + c0;
         const float* coef = e.t + k * e.ldt;
         if (qh.N) Isa::axpy_qpart(y, coef, qh, c0, c1);
         if (ql.N) Isa::axpy_qpart(y, coef + qh.N, ql, c0, c1);
@@ -131,7 +131,7 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
       const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0, w32 = w & ~int64_t(31);
       slot_tile<Isa>(sl, e.N, t0, t1, W.data());
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
-        float* y = e.y32 + b.tokens[k] * e.N + t0;
+        float* y = e.y32 + b.tokens[k] * e.ldy + t0;
         const float* coef = e.t + k * e.ldt;
         if (w32 == w) {
           Isa::accumulate(y, y, coef, W.data(), r, (int)w);

@@ -21,7 +21,7 @@ import torch
 
 from ..quant.loraquant import CompressedLoRA
 
-__all__ = ["AdapterBank", "LayerBank", "KIND_EMPTY", "KIND_DENSE", "KIND_COMPRESSED", "TABLE_COLUMNS"]
+__all__ = ["AdapterBank", "LayerBank", "apply_slices", "KIND_EMPTY", "KIND_DENSE", "KIND_COMPRESSED", "TABLE_COLUMNS"]
 
 KIND_EMPTY, KIND_DENSE, KIND_COMPRESSED = 0, 1, 2
 TABLE_COLUMNS = ("kind", "rank", "row", "h", "bits_hi", "a_off", "b_off")
@@ -401,3 +401,14 @@ def _check_fits(lb: LayerBank, layer, lname: str) -> None:
     A, B = layer.A, layer.B
     if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) [1:] != (lb.K,) or B.shape[0] != lb.N or A.shape[0] != B.shape[1]:
         raise ValueError(f"lorakern: {lname}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit {(lb.N, lb.K)}")
+
+
+def apply_slices(banks: list, x: torch.Tensor, base: torch.Tensor, batch) -> torch.Tensor:
+    """Several layers that read the same input (q/k/v of different widths) in one call:
+    ``base [T, sum of N]`` plus each bank's adapters in its own columns (``torch.ops.lorakern.multi_lora_slices``).
+    ``banks``: LayerBanks of one AdapterBank (the batch's ids mean the same adapter in each)."""
+    args = [lb.op_args() for lb in banks]
+    return torch.ops.lorakern.multi_lora_slices(
+        x, base, [t for a in args for t in a[0]], [a[1] for a in args], [a[2] for a in args],
+        [a[3] for a in args], [a[4] for a in args], *batch.op_args(), max(lb.max_rank() for lb in banks),
+        batch.max_count, batch.mixture)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._native import native
-from .schemas import check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from .schemas import check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["bank_fields", "multi_lora_prepared", "lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
+__all__ = ["multi_lora_slices_cpu", "bank_fields", "multi_lora_prepared", "lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
            "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -177,6 +177,30 @@ def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tok
     return y
 
 
+def multi_lora_slices_cpu(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                          max_count=-1, mixture=True):
+    widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
+                                     max_rank)
+    x, base = x.contiguous(), base.contiguous()
+    banks = [b if b.is_contiguous() else b.contiguous() for b in banks]
+    tables, scales = [t.contiguous() for t in tables], [s.contiguous() for s in scales]
+    segments, tokens, weights = segments.contiguous(), tokens.contiguous(), weights.contiguous()
+    fields = [bank_fields(banks[8 * i: 8 * i + 8], tables[i], scales[i], group_a[i], group_b[i])
+              for i in range(len(tables))]
+    y = torch.empty_like(base)
+    try:
+        native().multi_lora_slices(x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], fields, widths,
+                                   segments.data_ptr(), segments.shape[0], tokens.data_ptr(), weights.data_ptr(),
+                                   tokens.shape[0], max_rank, base.data_ptr(), y.data_ptr(), base.shape[1],
+                                   torch.get_num_threads())
+    except RuntimeError as e:
+        if "invalid argument" in str(e):
+            raise ValueError("lorakern: the batch does not fit the banks (segments must partition the entries in "
+                             "order, tokens lie in [0, T))") from None
+        raise
+    return y
+
+
 def multi_lora_prepared(fields: list[int], N: int, K: int, x, base, batch):
     """The eager CPU fast path of multi_lora (MultiLoRALinear, LayerBank.apply): ``fields`` are a bank's
     cached :func:`bank_fields`; only the activations and the batch's sizes are checked here (O(1)), the
@@ -261,3 +285,4 @@ torch.library.register_kernel("lorakern::gwq_matmul", "cpu", gwq_matmul_cpu)
 torch.library.register_kernel("lorakern::lora_shrink", "cpu", lora_shrink_cpu)
 torch.library.register_kernel("lorakern::lora_expand", "cpu", lora_expand_cpu)
 torch.library.register_kernel("lorakern::multi_lora", "cpu", multi_lora_cpu)
+torch.library.register_kernel("lorakern::multi_lora_slices", "cpu", multi_lora_slices_cpu)

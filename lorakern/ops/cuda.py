@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .schemas import check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from .schemas import check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
+__all__ = ["multi_lora_slices_cuda", "lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
 
 
 def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
@@ -63,6 +63,21 @@ def multi_lora_cuda(x, base, bank, table, scales, group_a, group_b, segments, to
                              None if max_count < 0 else max_count, mixture)
 
 
+def multi_lora_slices_cuda(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                           max_count=-1, mixture=True):
+    widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
+                                     max_rank)
+    from ..triton.multi_lora import multi_lora_triton
+    outs, col = [], 0
+    for i, n in enumerate(widths):  # one shrink + expand pair per slice (launches on one stream, no sync)
+        outs.append(multi_lora_triton(x, base[:, col: col + n].contiguous(), banks[8 * i: 8 * i + 8], tables[i],
+                                      scales[i], group_a[i], group_b[i], segments, tokens, weights, max_rank,
+                                      None if max_count < 0 else max_count, mixture))
+        col += n
+    return torch.cat(outs, 1)
+
+
+torch.library.register_kernel("lorakern::multi_lora_slices", "cuda", multi_lora_slices_cuda)
 torch.library.register_kernel("lorakern::lora_shrink", "cuda", lora_shrink_cuda)
 torch.library.register_kernel("lorakern::lora_expand", "cuda", lora_expand_cuda)
 torch.library.register_kernel("lorakern::multi_lora", "cuda", multi_lora_cuda)

@@ -6,10 +6,10 @@ import torch
 
 from ..formats.packing import unpack_codes
 from ..formats.outliers import SparseOutliers
-from .schemas import (check_gwq_matmul, check_lora_expand, check_lora_mixed, check_lora_shrink, check_multi_lora, check_quant_matmul, check_quant_matmul_lora, check_qweight,
+from .schemas import (check_multi_lora_slices, check_gwq_matmul, check_lora_expand, check_lora_mixed, check_lora_shrink, check_multi_lora, check_quant_matmul, check_quant_matmul_lora, check_qweight,
                       lib)
 
-__all__ = ["bank_factors", "lora_expand", "lora_shrink", "lora_shrink_int8_act", "multi_lora", "multi_lora_int8_act",
+__all__ = ["multi_lora_slices", "multi_lora_slices_int8_act", "bank_factors", "lora_expand", "lora_shrink", "lora_shrink_int8_act", "multi_lora", "multi_lora_int8_act",
            "act_block", "dequantize", "gwq_matmul", "gwq_matmul_int8_act", "lora_delta", "lora_mixed",
            "lora_mixed_int8_act", "outliers_dense", "quant_matmul", "quant_matmul_int8_act", "quant_matmul_lora",
            "quant_matmul_lora_int8_act", "quantize_activations_int8"]
@@ -249,6 +249,31 @@ def multi_lora_int8_act(x, base, bank, table, scales, group_a, group_b, segments
     return _expand(t, base, bank, table, group_a, group_b, segments, tokens)
 
 
+def _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank, int8):
+    widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
+                                     max_rank)
+    outs, col = [], 0
+    for i, n in enumerate(widths):
+        args = (banks[8 * i: 8 * i + 8], tables[i], scales[i], group_a[i], group_b[i])
+        b = base[:, col: col + n]
+        t = _shrink(x, *args, segments, tokens, weights, max_rank, int8)
+        outs.append(_expand(t, b, args[0], args[1], args[3], args[4], segments, tokens))
+        col += n
+    return torch.cat(outs, 1)
+
+
+def multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank: int,
+                      max_count: int = -1, mixture: bool = True) -> torch.Tensor:
+    """multi_lora for every slice (its own bank) into its columns of ``base [T, sum N]``."""
+    return _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                   False).to(base.dtype)
+
+
+def multi_lora_slices_int8_act(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Exact model (fp64) of the CPU multi_lora_slices."""
+    return _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank, True)
+
+
 # Any device without a dedicated kernel runs the reference.
 lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
 lib.impl("dequantize", dequantize, "CompositeExplicitAutograd")
@@ -258,3 +283,4 @@ lib.impl("quant_matmul_lora", quant_matmul_lora, "CompositeExplicitAutograd")
 lib.impl("lora_shrink", lora_shrink, "CompositeExplicitAutograd")
 lib.impl("lora_expand", lora_expand, "CompositeExplicitAutograd")
 lib.impl("multi_lora", multi_lora, "CompositeExplicitAutograd")
+lib.impl("multi_lora_slices", multi_lora_slices, "CompositeExplicitAutograd")

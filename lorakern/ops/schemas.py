@@ -10,7 +10,7 @@ import torch
 
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-__all__ = ["lib", "check_bank", "check_lora_expand", "check_lora_shrink", "check_multi_lora", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
+__all__ = ["lib", "check_bank", "check_multi_lora_slices", "check_lora_expand", "check_lora_shrink", "check_multi_lora", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
            "check_quant_matmul_lora", "check_qweight", "ACT_DTYPES", "LORA_PARTS"]
 
 lib = torch.library.Library("lorakern", "DEF")
@@ -53,6 +53,11 @@ lib.define(f"lora_expand(Tensor t, Tensor base, {_BANK}, Tensor segments, Tensor
            "bool mixture=True) -> Tensor")
 lib.define(f"multi_lora(Tensor x, Tensor base, {_BANK}, Tensor segments, Tensor tokens, Tensor weights, "
            "int max_rank, int max_count=-1, bool mixture=True) -> Tensor")
+# Several output slices of one input in one call (fused q/k/v of different widths): one bank per slice
+# (8 slabs each, flattened), base and the result [T, sum of the slices' N], slices in order.
+lib.define("multi_lora_slices(Tensor x, Tensor base, Tensor[] banks, Tensor[] tables, Tensor[] scales, "
+           "int[] group_a, int[] group_b, Tensor segments, Tensor tokens, Tensor weights, int max_rank, "
+           "int max_count=-1, bool mixture=True) -> Tensor")
 
 
 def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -266,6 +271,36 @@ def check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, t
     if base.device != x.device:
         raise ValueError(f"lorakern: base is on {base.device}, x on {x.device}")
     return N, K
+
+
+def check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank):
+    """Validate multi_lora_slices' arguments; return the slices' widths."""
+    S = len(tables)
+    if S == 0 or len(banks) != 8 * S or len(scales) != S or len(group_a) != S or len(group_b) != S:
+        raise ValueError(f"lorakern: {S} slices need 8 bank slabs, a table, scales and group sizes each; got "
+                         f"{len(banks)} slabs, {len(scales)} scales, {len(group_a)}/{len(group_b)} group sizes")
+    if x.dtype not in ACT_DTYPES or x.dim() != 2:
+        raise TypeError(f"lorakern: x must be a 2-D float32/float16/bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
+    widths = []
+    for i in range(S):
+        N, K = check_bank(banks[8 * i: 8 * i + 8], tables[i], scales[i], group_a[i], group_b[i], x.device)
+        if K != x.shape[1]:
+            raise ValueError(f"lorakern: slice {i} takes K={K}, x has {x.shape[1]} features")
+        widths.append(N)
+    if base.dtype != x.dtype or tuple(base.shape) != (x.shape[0], sum(widths)) or base.device != x.device:
+        raise ValueError(f"lorakern: base must be {x.dtype} {(x.shape[0], sum(widths))} on {x.device}, got "
+                         f"{base.dtype} {tuple(base.shape)} on {base.device}")
+    _check_batch(segments, tokens, weights, x.device)
+    if max_rank < 0:
+        raise ValueError(f"lorakern: max_rank must be >= 0, got {max_rank}")
+    return widths
+
+
+@torch.library.register_fake("lorakern::multi_lora_slices")
+def _multi_lora_slices_fake(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                            max_count=-1, mixture=True):
+    check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank)
+    return torch.empty_like(base)
 
 
 @torch.library.register_fake("lorakern::lora_shrink")

@@ -158,6 +158,23 @@ LK_API lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64
                                const lk_lora_slot* slots, int64_t num_slots, const lk_lora_batch* batch,
                                const void* base, void* y, int num_threads);
 
+/* One output slice of lk_multi_lora_slices: its own bank (slots indexed by the batch's ids), its
+ * width N and its first column in y. */
+typedef struct {
+  const lk_lora_slot* slots;
+  int64_t num_slots;
+  int64_t N;
+  int64_t col;
+} lk_lora_slice;
+
+/* lk_multi_lora for several output slices of one input in one call (fused q/k/v of different widths,
+ * as grouped-query attention has): y[:, col : col + N] = base[:, col : col + N] + slice's adapters,
+ * base and y [T, ldy] of dtype x_dtype (base may be y or null). Every slice is checked first. */
+LK_API lk_status lk_multi_lora_slices(const void* x, lk_dtype x_dtype, int64_t T, int64_t K,
+                                      const lk_lora_slice* slices, int64_t num_slices,
+                                      const lk_lora_batch* batch, int64_t ldy, const void* base, void* y,
+                                      int num_threads);
+
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
 
