@@ -103,8 +103,13 @@ def test_dense_fp32_bank_matches_fp64(isa, rng):
     """Dense adapters never see int8 activations: the kernel is the exact product up to fp32 rounding."""
     bank = make_bank(rng, kinds="dddddd", dtype=torch.float32)
     lb = bank.layers["l"]
-    b = bank.batch(mapping("random", 41, 6, rng))
-    x, base = torch.randn(41, K, generator=rng), torch.randn(41, N, generator=rng)
+    for ids in (mapping("random", 41, 6, rng), torch.zeros(70, dtype=torch.int64)):  # 70 tokens: split entries
+        check_dense_exact(lb, bank.batch(ids), rng)
+
+
+def check_dense_exact(lb, b, rng):
+    T = b.num_tokens
+    x, base = torch.randn(T, K, generator=rng), torch.randn(T, N, generator=rng)
     y = run("multi", lb, b, x, base)
     exact = base.double().clone()
     for sid, s0, n in b.segments.tolist():

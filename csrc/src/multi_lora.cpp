@@ -100,7 +100,8 @@ lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lor
 struct Item {
   int64_t seg;
   int part;  // 0 dense, 1 compressed high, 2 compressed low
-  int64_t i0, i1;
+  int64_t i0, i1;  // rows of A (of the part)
+  int64_t m0, m1;  // entries of the segment (relative to its first)
 };
 
 float elem_f32(const void* p, lk_dtype d, int64_t i) {
@@ -151,16 +152,19 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
         for (int64_t e = sg[1]; e < sg[1] + sg[2]; ++e) coef[e] = b->weights[e] * sl.scale;
         const int64_t h = sl.kind == LK_SLOT_DENSE ? 0 : sl.q.a_hi.N, r = slot_rank(sl);
         if (!sg[2] || !r) continue;
-        const int64_t blk = 16;  // rows of A per work item
-        for (int64_t i = 0; i < r; i += blk) {
-          const int64_t i1 = std::min(r, i + blk);
-          if (sl.kind == LK_SLOT_DENSE) {
-            items.push_back({s, 0, i, i1});
-          } else {
-            if (i < h) items.push_back({s, 1, i, std::min(i1, h)});
-            if (i1 > h) items.push_back({s, 2, std::max(i, h) - h, i1 - h});
+        // work items: 16 rows of A (4 when the batch has few segments, so that every thread gets work) x 32
+        // entries (a segment with many tokens is split too)
+        const int64_t blk = b->num_segments * 4 >= lk::threads_for(num_threads) * 4 ? 16 : 4, eblk = 32;
+        for (int64_t m = 0; m < sg[2]; m += eblk)
+          for (int64_t i = 0; i < r; i += blk) {
+            const int64_t i1 = std::min(r, i + blk), m1 = std::min(sg[2], m + eblk);
+            if (sl.kind == LK_SLOT_DENSE) {
+              items.push_back({s, 0, i, i1, m, m1});
+            } else {
+              if (i < h) items.push_back({s, 1, i, std::min(i1, h), m, m1});
+              if (i1 > h) items.push_back({s, 2, std::max(i, h) - h, i1 - h, m, m1});
+            }
           }
-        }
       }
       if (c.compressed) {
         tq.reset(new float[(size_t)(E * ldt)]);
@@ -215,14 +219,15 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           const Item& it = items[n];
           const int64_t* sg = b->segments + 3 * it.seg;
           const lk_lora_slot& sl = slots[sg[0]];
-          const int64_t e0 = sg[1], cnt = sg[2];
+          const int64_t e0 = sg[1] + it.m0, cnt = it.m1 - it.m0;  // this item's entries
           if (it.part == 0) {
             const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
             sfn(p, it.i0, it.i1);
           } else {
             const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;
             const int64_t h = sl.q.a_hi.N;
-            float* out = tq.get() + e0 * ldt + (it.part == 1 ? 0 : cnt * h);  // [cnt, rows] blocks
+            // the segment's [count, h] and [count, r - h] blocks; this item fills rows m0..m1 of one
+            float* out = tq.get() + sg[1] * ldt + (it.part == 1 ? 0 : sg[2] * h) + it.m0 * w.N;
             const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros, xq.get() + e0 * K,
                                    xs.get() + e0 * (K / B), xsum.get() + e0 * (K / G), nullptr, out};
             rfn(p, it.i0, it.i1);

@@ -106,7 +106,8 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
         float* y = e.y32 + b.tokens[k] * e.ldy + c0;
         const float* coef = e.t + k * e.ldt;
         const char* src = static_cast<const char*>(sl.bt) + (size_t)c0 * eb;
-        Isa::axpy_rows(y, coef, src, e.N, sl.dtype, r, w32);
+        for (int64_t i0 = 0; i0 < r; i0 += 8)  // 8 rows at a time: 8 streams for the prefetchers, y in L1
+          Isa::axpy_rows(y, coef + i0, src + (size_t)(i0 * e.N) * eb, e.N, sl.dtype, std::min<int64_t>(8, r - i0), w32);
         for (int64_t i = 0; i < r && w32 < w; ++i) {  // ragged tail columns
           float tail[32];
           Isa::to_f32(src + ((size_t)(i * e.N + w32)) * eb, sl.dtype, w - w32, tail);
