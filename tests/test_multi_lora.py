@@ -13,12 +13,14 @@ from test_quant_matmul import EPS
 N, K = 192, 320  # multiples of the compressed groups (64), N not a multiple of the 128-column tile
 
 
-def make_bank(rng, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdcdd", dtype=torch.float16, N=N, K=K, ga=64, gb=64):
-    """A bank of adapters of mixed ranks, dense ('d') and compressed ('c', 2-4 high bits)."""
+def make_bank(rng, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdccd", dtype=torch.float16, N=N, K=K, ga=64, gb=64):
+    """A bank of adapters of mixed ranks, dense ('d') and compressed ('c': 2, 3, then 4 high bits)."""
     bank = AdapterBank({"l": (N, K)}, dtype=dtype)
+    nc = 0
     for i, (r, kind) in enumerate(zip(ranks, kinds)):
         if kind == "c":
-            layer = random_compressed(N, K, r, r // 2, (2, 3, 4)[i % 3], ga, gb, rng, scale=0.5 + i)
+            layer = random_compressed(N, K, r, r // 2, (2, 3, 4)[nc % 3], ga, gb, rng, scale=0.5 + i)
+            nc += 1
         else:
             layer = LoraLayer(torch.randn(r, K, generator=rng) * 0.2, torch.randn(N, r, generator=rng) * 0.2, 0.5 + i)
         bank.add(f"a{i}", {"l": layer})
@@ -44,9 +46,9 @@ def tolerance(x, lb, b, model, dtype):
         _, A, Bt, _ = ref.bank_factors(lb.slabs(), lb.table, sid, lb.group_a, lb.group_b)
         tok = b.tokens[s0: s0 + n]
         coef = (b.weights[s0: s0 + n].double() * float(lb.scales[sid])).abs()
-        xa = x[tok].double().abs() * 1.01 @ A.double().abs().t()
+        xa = x[tok].double().abs() * 1.01 @ A.double().abs().t()  # |xhat| <= |x| (1 + 2^-7)
         terms.index_add_(0, tok, coef[:, None] * xa @ Bt.double().abs())
-    return (K + 64 + 8) * EPS[torch.float32] * terms + EPS[dtype] * model.abs() * 2 + 1e-30
+    return (x.shape[1] + 64 + 8) * EPS[torch.float32] * terms + EPS[dtype] * model.abs() * 2 + 1e-30
 
 
 def run(op, lb, b, x, base=None):
@@ -60,18 +62,22 @@ def run(op, lb, b, x, base=None):
 @pytest.mark.parametrize("kind", ["one", "distinct", "none", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["multi", "shrink_expand"])
-def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, rng):
-    bank = make_bank(rng, dtype=dtype if dtype != torch.float32 else torch.float16)
+@pytest.mark.parametrize("groups", [64, 128])
+def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
+    """groups 64: N = 192 (a ragged last column tile); 128: N = 384, K = 256, where every compressed width
+    (2, 3, 4 bits and the 1-bit planes) is expanded straight from its codes for one or two entries."""
+    n_, k_ = (N, K) if groups == 64 else (384, 256)
+    bank = make_bank(rng, dtype=dtype if dtype != torch.float32 else torch.float16, N=n_, K=k_, ga=groups, gb=groups)
     lb = bank.layers["l"]
     for T in (1, 7, 37):
         b = bank.batch(mapping(kind, T, 6, rng))
-        x = (torch.randn(T, K, generator=rng) * 2).to(dtype)
-        base = torch.randn(T, N, generator=rng).to(dtype)
+        x = (torch.randn(T, k_, generator=rng) * 2).to(dtype)
+        base = torch.randn(T, n_, generator=rng).to(dtype)
         y = run(op, lb, b, x, base)
         model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
         err = (y.double() - model).abs()
         tol = tolerance(x, lb, b, model, dtype)
-        assert y.dtype == dtype and y.shape == (T, N)
+        assert y.dtype == dtype and y.shape == (T, n_)
         assert (err <= tol).all(), f"T={T}: max err {err.max():.3g}, tol there {tol.flatten()[err.argmax()]:.3g}"
         if kind == "none":
             assert torch.equal(y, base)

@@ -241,7 +241,7 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
           const __m256 csv = _mm256_broadcast_ss(cs + i);
           for (int m = 0; m < 4; ++m)  // bit 8m + k -> sign of lane k
             acc[m] = _mm256_add_ps(acc[m], _mm256_blendv_ps(_mm256_setzero_ps(), csv,
-                                                             _mm256_castsi256_ps(_mm256_sllv_epi32(v, to_sign[3 - m]))));
+                                                             _mm256_castsi256_ps(_mm256_sllv_epi32(v, to_sign[m]))));
         }
       } else {
         for (int64_t i = 0; i < p.N; ++i, gp += rb) {
