@@ -404,3 +404,18 @@ def test_slices_triton(rng):
     y = multi_lora_slices_cuda(x, base, *flat, *b.op_args(), 16, b.max_count, b.mixture)  # Triton interpreter
     model = ref.multi_lora_slices(x, base, *flat, *b.op_args(), 16).double()
     assert torch.allclose(y.double(), model, rtol=1e-4, atol=1e-4 * float(model.abs().max()))
+
+
+def test_bank_copy_owns_its_memory(rng):
+    """A deep copy must not keep the original's cached slab pointers (LayerBank.apply's fast path)."""
+    import copy
+    bank = make_bank(rng)
+    lb = bank.layers["l"]
+    b = bank.batch(torch.tensor([0, 1, 3]))
+    x, base = torch.randn(3, K, generator=rng), torch.randn(3, N, generator=rng)
+    y = lb.apply(x, base, b)  # caches the pointers
+    lb2 = copy.deepcopy(lb)
+    for t in lb.slabs():
+        t.zero_()  # the original's adapters are gone; the copy must not notice
+    assert torch.equal(lb2.apply(x, base, b), y)
+    assert torch.equal(lb.apply(x, base, b), base)

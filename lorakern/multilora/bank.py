@@ -113,6 +113,15 @@ class LayerBank:
         self._max_rank = None
         self._fields = None
 
+    def __deepcopy__(self, memo):
+        """A copy with its own slabs; the caches (raw pointers into these slabs) are not copied."""
+        import copy
+        new = LayerBank.__new__(LayerBank)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k in ("_dev_table", "_max_rank", "_fields") else copy.deepcopy(v, memo)
+        return new
+
     # ---- slots -------------------------------------------------------------------------------------
     def _ensure_slot(self, slot: int) -> None:
         if slot >= self.table.shape[0]:
