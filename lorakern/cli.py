@@ -6,6 +6,11 @@
                     quantize a model (smollm2 or a local HF directory), write a quantized model directory
     lorakern compress-adapter IN_DIR OUT --rho 0.9 --bits-high 2
                     LoRAQuant-compress a PEFT LoRA adapter into one safetensors file
+    lorakern generate-adapter --examples FILE --out DIR
+                    ICM-LoRA: write a PEFT adapter for the task the examples show (the generator is trained
+                    and cached on first use, or given with --generator)
+    lorakern train-generator
+                    train (or retrain) the default ICM-LoRA generator on SmolLM2
     lorakern info   versions, CPU kernel paths, build
 """
 from __future__ import annotations
@@ -131,6 +136,42 @@ def _compress_adapter(args) -> int:
     return 0
 
 
+def _generate_adapter(args) -> int:
+    from pathlib import Path
+
+    from lorakern.adapters import save_peft_adapter
+    from lorakern.generate import AdapterGenerator, default_generator_path, ensure_generator, load_examples
+    from lorakern.models import load_model
+
+    examples = load_examples(args.examples)  # validated before anything heavy runs
+    model, tok = load_model(args.model)
+    if args.generator:
+        gen = AdapterGenerator.load(args.generator)
+    elif args.model == "smollm2":
+        gen, _ = ensure_generator(model, tok)
+    else:
+        raise SystemExit(f"--generator is required with a model other than smollm2 "
+                         f"(the default generator at {default_generator_path()} is for SmolLM2)")
+    adapter = gen.generate_from_examples(model, tok, examples, seed=None if args.mean else args.seed)
+    out = save_peft_adapter(adapter, Path(args.out))
+    n = sum(l.A.numel() + l.B.numel() for l in adapter.layers.values())
+    print(f"generated a rank-{gen.layout.a_shapes[0][0]} adapter on {len(adapter.layers)} modules ({n} parameters) "
+          f"from {len(examples.examples)} examples -> {out}")
+    return 0
+
+
+def _train_generator(args) -> int:
+    from lorakern.generate import GeneratorTrainConfig, ensure_generator
+    from lorakern.models import load_smollm2
+
+    model, tok = load_smollm2()
+    gen, rec = ensure_generator(model, tok, path=args.out, retrain=True,
+                                train=GeneratorTrainConfig(epochs=args.epochs, seed=args.seed))
+    print(f"generator: {gen.num_bytes() / 2**20:.1f} MiB, trained on {len(rec['seen'])} tasks in "
+          f"{rec['train_seconds']:.0f} s (final mse {rec['history'][-1]['mse']:.4f})")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lorakern", description="lorakern: kernels for low-bit LLMs with many LoRA adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,6 +212,21 @@ def main(argv=None) -> int:
     c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])
     c.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
     c.set_defaults(fn=_compress_adapter)
+    g = sub.add_parser("generate-adapter", help="ICM-LoRA: generate a PEFT adapter from task examples")
+    g.add_argument("--examples", required=True,
+                   help='JSON file: {"instruction": "...", "examples": [{"input": ..., "output": ...}, ...]}')
+    g.add_argument("--out", required=True, help="output PEFT adapter directory")
+    g.add_argument("--generator", help="generator file (default: the cached SmolLM2 generator, trained if missing)")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (built in) or a local Hugging Face model directory")
+    g.add_argument("--seed", type=int, default=0, help="seed of the latent sample (default 0)")
+    g.add_argument("--mean", action="store_true", help="decode the prior's mean z = 0 instead of a sample")
+    g.set_defaults(fn=_generate_adapter)
+    t = sub.add_parser("train-generator", help="train the default ICM-LoRA generator (SmolLM2, minutes to train "
+                                               "the CVAE; the task adapters' trajectories are cached)")
+    t.add_argument("--out", default=None, help="generator file (default: the cache)")
+    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_train_generator)
     i = sub.add_parser("info", help="versions and CPU kernel paths")
     i.set_defaults(fn=_info)
     args = ap.parse_args(argv)

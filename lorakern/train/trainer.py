@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..adapters.peft_io import LoraAdapter, LoraLayer
 from .tasks import Task
 
-__all__ = ["DEFAULT_TARGETS", "TrainConfig", "exact_match", "peft_config", "train_lm_adapter", "train_task_adapter"]
+__all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_nll", "exact_match", "peft_config", "train_lm_adapter", "train_task_adapter"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -97,7 +97,8 @@ def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **e
     return out
 
 
-def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_config: dict) -> LoraAdapter:
+def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_config: dict,
+           on_step=None) -> LoraAdapter:
     was_training = model.training
     req = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -125,6 +126,8 @@ def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_co
                 v = float(loss.detach())
                 ema = v if ema is None else 0.9 * ema + 0.1 * v
                 bar.set_postfix(loss=f"{ema:.3f}")
+                if on_step is not None:
+                    on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()})
             adapter = LoraAdapter(peft_config(cfg, **extra_config))
             for name, m in mods.items():
                 adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
@@ -161,11 +164,13 @@ def _answer_loss(model, ids, labels, mask):
 
 
 def train_task_adapter(model, tokenizer, task: Task, cfg: TrainConfig | None = None, progress: bool = True,
-                       data_seed: int = 1_000_003) -> LoraAdapter:
+                       data_seed: int = 1_000_003, on_step=None) -> LoraAdapter:
     """Train a LoRA adapter on freshly generated examples of ``task`` (a new batch every step).
 
     Training examples come from seeds ``data_seed + step`` (evaluation uses other seeds,
-    see :func:`exact_match`). Returns the adapter; the model is left unchanged.
+    see :func:`exact_match`). ``on_step(step, {module: (A, B)})``, if given, sees the weights
+    after every optimizer step (e.g. to save a trajectory of checkpoints; copy what you keep).
+    Returns the adapter; the model is left unchanged.
     """
     cfg = cfg or TrainConfig()
 
@@ -173,7 +178,7 @@ def train_task_adapter(model, tokenizer, task: Task, cfg: TrainConfig | None = N
         pairs = task.examples(cfg.batch_size, data_seed + 7919 * cfg.seed + step)
         return _answer_loss(model, *_encode_pairs(tokenizer, task, pairs))
     return _train(model, cfg, loss_fn, f"train {task.name}", progress,
-                  {"lorakern_task": task.name, "lorakern_description": task.description})
+                  {"lorakern_task": task.name, "lorakern_description": task.description}, on_step)
 
 
 def train_lm_adapter(model, tokenizer, text: str, cfg: TrainConfig | None = None, progress: bool = True,
@@ -219,3 +224,23 @@ def exact_match(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, b
             correct += text == y
     model.train(was_training)
     return correct / n
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, batch_size: int = 50) -> float:
+    """Mean negative log-likelihood per answer token of ``n`` held-out examples (teacher forcing; the same
+    examples as :func:`exact_match`). A graded companion of exact match: it still moves when no answer is
+    exactly right."""
+    pairs = task.examples(n, seed)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, n, batch_size):
+            ids, labels, mask = _encode_pairs(tokenizer, task, pairs[i:i + batch_size])
+            k = int((labels[:, 1:] != -100).sum())
+            total += float(_answer_loss(model, ids, labels, mask)) * k
+            count += k
+    finally:
+        model.train(was_training)
+    return total / count

@@ -1,0 +1,151 @@
+"""ICM-LoRA on SmolLM2-135M: adapters generated from task examples against the originals and two baselines.
+
+Tasks are two families with a parameter (Caesar shift caesarK, add a constant addcC, K, C = 1..12); four
+members are held out (lorakern.generate.HELDOUT). Builds what is missing first (cached in $LORAKERN_CACHE):
+each seen task's trajectory of rank-2 q/v LoRA checkpoints, then the CVAE generator.
+
+Per task it measures, on 100 held-out examples, exact match (higher is better) and the answer tokens'
+negative log-likelihood (lower is better) of:
+  base             no adapter
+  original         the task's own trained adapter (seen tasks; held-out ones too, for reference)
+  generated        the generator's adapter from 8 examples it never saw (latent sample, seed 0)
+  mean_adapter     the mean of all seen tasks' adapters
+  nearest_adapter  the seen task whose task vector is nearest (held-out tasks)
+and reports the generator's bytes against the adapters it stands for.
+
+    python benchmarks/eval_icm_lora.py [--json PATH] [--examples N] [--retrain]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
+
+from lorakern.adapters.attach import apply_adapter  # noqa: E402
+from lorakern.generate import (HELDOUT, SEEN, GeneratorTrainConfig, condition_vectors, ensure_generator,  # noqa: E402
+                               ensure_trajectories, flatten_adapter, unflatten_adapter)
+from lorakern.models.smollm2 import load_smollm2  # noqa: E402
+from lorakern.train import answer_nll, exact_match, get_task  # noqa: E402
+
+
+def measure(model, tok, task_name, adapter, n):
+    task = get_task(task_name)
+    if adapter is None:
+        return exact_match(model, tok, task, n=n), answer_nll(model, tok, task, n=n)
+    with apply_adapter(model, adapter):
+        return exact_match(model, tok, task, n=n), answer_nll(model, tok, task, n=n)
+
+
+def markdown(rows, summary, storage) -> str:
+    methods = ["base", "original", "generated", "mean_adapter", "nearest_adapter"]
+    out = ["# ICM-LoRA on SmolLM2-135M (rank-2 q/v adapters)", "",
+           "Exact match on 100 held-out examples (answer NLL per token in parentheses; lower is better).", ""]
+    for split in ("seen", "heldout"):
+        out += [f"## {split}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        tasks = sorted({r["task"] for r in rows if r["split"] == split}, key=lambda t: (t.rstrip("0123456789"),
+                                                                                        int(t.lstrip("abcdersz"))))
+        for t in tasks:
+            cells = []
+            for m in methods:
+                em = [r["metric"] for r in rows if r["task"] == t and r["method"] == m and
+                      r["metric_name"] == "exact_match"]
+                nll = [r["metric"] for r in rows if r["task"] == t and r["method"] == m and
+                       r["metric_name"] == "answer_nll"]
+                cells.append(f"{em[0]:.2f} ({nll[0]:.2f})" if em else "")
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Summary", "", "```", json.dumps(summary, indent=1), "```", "", "## Storage", "", "```",
+            json.dumps(storage, indent=1), "```", ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "icm_lora.json"))
+    ap.add_argument("--examples", type=int, default=100, help="evaluation examples per task (default 100)")
+    ap.add_argument("--epochs", type=int, default=GeneratorTrainConfig.epochs)
+    ap.add_argument("--retrain", action="store_true", help="retrain the generator (trajectories stay cached)")
+    ap.add_argument("--no-heldout-originals", action="store_true",
+                    help="skip training the held-out tasks' own adapters (reference only)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    gen, rec = ensure_generator(model, tok, retrain=args.retrain, train=GeneratorTrainConfig(epochs=args.epochs))
+    trajs = ensure_trajectories(model, tok, SEEN, progress=True)
+    held_trajs = {} if args.no_heldout_originals else ensure_trajectories(model, tok, HELDOUT, progress=True)
+    layout = gen.layout
+    finals = torch.stack([flatten_adapter(t.final, layout) for t in trajs.values()])
+    mean_adapter = unflatten_adapter(finals.mean(0), layout, gen.peft_config)
+    seen_conds = {n: condition_vectors(model, tok, n)[0] for n in SEEN}
+
+    def cnorm(v):
+        return (v - gen.cond_mean) / gen.cond_std
+
+    rows, chosen = [], {}
+
+    def add(task, split, method, em, nll):
+        rows.append({"task": task, "split": split, "method": method, "metric_name": "exact_match", "metric": em,
+                     "higher_is_better": True})
+        rows.append({"task": task, "split": split, "method": method, "metric_name": "answer_nll", "metric": nll,
+                     "higher_is_better": False})
+        print(f"{task:9s} {split:8s} {method:16s} exact {em:.2f}  nll {nll:.3f}", flush=True)
+
+    for split, names in (("seen", SEEN), ("heldout", HELDOUT)):
+        for name in names:
+            cond = seen_conds[name] if name in seen_conds else condition_vectors(model, tok, name)[0]
+            add(name, split, "base", *measure(model, tok, name, None, args.examples))
+            own = trajs.get(name) or held_trajs.get(name)
+            if own is not None:
+                add(name, split, "original", *measure(model, tok, name, own.final, args.examples))
+            add(name, split, "generated", *measure(model, tok, name, gen.generate(cond, seed=0), args.examples))
+            add(name, split, "mean_adapter", *measure(model, tok, name, mean_adapter, args.examples))
+            if split == "heldout":
+                dist = {s: float((cnorm(cond) - cnorm(c)).norm()) for s, c in seen_conds.items()}
+                chosen[name] = min(dist, key=dist.get)
+                add(name, split, "nearest_adapter", *measure(model, tok, name, trajs[chosen[name]].final,
+                                                             args.examples))
+
+    def get(task, method, metric="exact_match"):
+        v = [r["metric"] for r in rows if r["task"] == task and r["method"] == method and r["metric_name"] == metric]
+        return v[0] if v else None
+
+    seen_ratio = {t: get(t, "generated") / get(t, "original") if get(t, "original") else None for t in SEEN}
+    within = [t for t, r in seen_ratio.items() if r is not None and r >= 0.95]
+    better = {t: {"exact_match": get(t, "generated") > max(get(t, "mean_adapter"), get(t, "nearest_adapter")),
+                  "answer_nll": get(t, "generated", "answer_nll") < min(get(t, "mean_adapter", "answer_nll"),
+                                                                        get(t, "nearest_adapter", "answer_nll"))}
+              for t in HELDOUT}
+    summary = {"seen_generated_over_original": seen_ratio,
+               "seen_within_5pct": f"{len(within)}/{len(SEEN)}",
+               "heldout_nearest_task": chosen,
+               "heldout_generated_beats_both_baselines": better}
+    adapter_bytes = sum(t.final.layers[m].A.numel() + t.final.layers[m].B.numel() for t in trajs.values()
+                        for m in t.final.layers) * 4
+    storage = {"generator_bytes": gen.num_bytes(), "generator_params": sum(p.numel() for p in gen.cvae.parameters()),
+               "seen_adapters_fp32_bytes": adapter_bytes, "seen_adapters": len(trajs),
+               "trajectory_checkpoints_fp16_bytes": sum(t.checkpoints.numel() * 2 for t in trajs.values()),
+               "generator_over_adapters": gen.num_bytes() / adapter_bytes,
+               "adapter_params_each": layout.numel}
+    payload = {"machine": machine_info(), "seconds": round(time.perf_counter() - t0, 1),
+               "generator": {k: v for k, v in rec.items() if k != "history"},
+               "generator_final_epoch": rec["history"][-1], "seen": list(SEEN), "heldout": list(HELDOUT),
+               "trajectories": {n: t.record for n, t in {**trajs, **held_trajs}.items()},
+               "summary": summary, "storage": storage, "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(payload, indent=1))
+    Path(args.json).with_suffix(".md").write_text(markdown(rows, summary, storage))
+    print(json.dumps(summary, indent=1))
+    print(json.dumps(storage, indent=1))
+    print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')} ({payload['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The default ICM-LoRA setup on SmolLM2: which tasks, how conditions are drawn, and building the generator.
+
+Tasks: two families with a numeric parameter, Caesar shift ``caesarK`` (K = 1..12)
+and add-a-constant ``addcC`` (C = 1..12). K in {4, 9} and C in {5, 10} are held out:
+the generator never sees their adapters or examples and is tested on them.
+
+:func:`ensure_generator` trains what is missing (trajectories, then the CVAE) and caches
+the generator at :func:`default_generator_path`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..models.smollm2 import cache_dir
+from ..train.tasks import get_task
+from .condition import TaskExamples, task_vector
+from .generator import AdapterGenerator, GeneratorTrainConfig
+from .trajectories import TrajectoryConfig, ensure_trajectories
+
+__all__ = ["CONDITION_EXAMPLES", "FAMILIES", "HELDOUT", "SEEN", "condition_vectors", "default_generator_path",
+           "ensure_generator"]
+
+FAMILIES = {"caesar": tuple(range(1, 13)), "addc": tuple(range(1, 13))}
+HELDOUT = ("caesar4", "caesar9", "addc5", "addc10")
+SEEN = tuple(f"{fam}{p}" for fam, ps in FAMILIES.items() for p in ps if f"{fam}{p}" not in HELDOUT)
+CONDITION_EXAMPLES = 8  # examples the base model reads per task vector
+TRAIN_DRAWS = 8  # task vectors per seen task while training (different examples each)
+TRAIN_SEED, EVAL_SEED = 50_000, 90_000  # example seeds: training conditions / evaluation conditions
+
+
+def default_generator_path() -> Path:
+    """``$LORAKERN_CACHE/generator/icm_lora.safetensors``."""
+    return cache_dir() / "generator" / "icm_lora.safetensors"
+
+
+def condition_vectors(model, tokenizer, task_name: str, draws: int = 1, seed: int = EVAL_SEED,
+                      n_examples: int = CONDITION_EXAMPLES) -> torch.Tensor:
+    """``[draws, hidden]`` task vectors of ``task_name``, each from ``n_examples`` fresh examples."""
+    task = get_task(task_name)
+    return torch.stack([task_vector(model, tokenizer, TaskExamples.of_task(task, n_examples, seed + 101 * d))
+                        for d in range(draws)])
+
+
+def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN,
+                     traj_cfg: TrajectoryConfig | None = None, cvae: dict | None = None,
+                     train: GeneratorTrainConfig | None = None, retrain: bool = False,
+                     progress: bool = True) -> tuple[AdapterGenerator, dict]:
+    """Load the cached generator or build it: trajectories of the ``seen`` tasks (trained if missing),
+    their task vectors, then the CVAE. Returns ``(generator, record)``; the record (history, seconds,
+    tasks) is kept beside the file as JSON."""
+    import time
+
+    path = Path(path or default_generator_path())
+    rec_path = path.with_suffix(".json")
+    if path.is_file() and rec_path.is_file() and not retrain:
+        return AdapterGenerator.load(path), json.loads(rec_path.read_text())
+    t0 = time.perf_counter()
+    trajs = ensure_trajectories(model, tokenizer, seen, traj_cfg, progress=progress)
+    t1 = time.perf_counter()
+    data = {name: (t.checkpoints, condition_vectors(model, tokenizer, name, TRAIN_DRAWS, TRAIN_SEED))
+            for name, t in trajs.items()}
+    layouts = {t.layout for t in trajs.values()}
+    if len(layouts) != 1:
+        raise ValueError("the seen tasks' adapters have different layouts")
+    template = {k: v for k, v in next(iter(trajs.values())).final.config.items() if not k.startswith("lorakern_")}
+    t2 = time.perf_counter()
+    gen, history = AdapterGenerator.fit(data, layouts.pop(), template, cvae=cvae, train=train, progress=progress)
+    t3 = time.perf_counter()
+    gen.save(path)
+    record = {"seen": list(seen), "trajectory_seconds": round(t1 - t0, 1), "condition_seconds": round(t2 - t1, 1),
+              "train_seconds": round(t3 - t2, 1), "history": history,
+              "cvae_config": gen.cvae.cfg.to_dict(), "generator_bytes": gen.num_bytes()}
+    rec_path.write_text(json.dumps(record, indent=1))
+    return gen, record

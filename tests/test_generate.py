@@ -1,0 +1,330 @@
+"""ICM-LoRA adapter generation: exact flattening, examples files, task vectors, the CVAE, generator files,
+generated adapters in PEFT and in lorakern, and the command line."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import lorakern
+from lorakern.adapters import LoraAdapter, LoraLayer, load_peft_adapter, save_peft_adapter
+from lorakern.formats.io import FormatError
+from lorakern.generate import (AdapterCVAE, AdapterGenerator, AdapterLayout, CVAEConfig, GeneratorTrainConfig,
+                               Normalizer, TaskExamples, flatten_adapter, load_examples, task_vector,
+                               unflatten_adapter)
+
+
+def random_adapter(gen, modules=(("m.q", 7, 5), ("m.v", 3, 5), ("z.q", 7, 5)), rank=3, scale=1.5):
+    ad = LoraAdapter({"peft_type": "LORA", "r": rank, "lora_alpha": rank * scale})
+    for i, (name, out_f, in_f) in enumerate(modules):
+        A = torch.randn(rank, in_f, generator=gen) * 10.0 ** (i - 2) + 0.3 * i  # varied magnitudes and means
+        B = torch.randn(out_f, rank, generator=gen) * 1e-3
+        B[0, 0] = 0.0
+        A[0, 0] = -0.0
+        ad.layers[name] = LoraLayer(A, B, scale)
+    return ad
+
+
+# -- flatten / normalize --------------------------------------------------------------------------
+
+def test_flatten_normalize_round_trip_is_exact(rng):
+    ads = [random_adapter(rng) for _ in range(5)]
+    layout = AdapterLayout.of(ads[0])
+    vecs = torch.stack([flatten_adapter(a, layout) for a in ads])
+    assert vecs.shape == (5, layout.numel) and layout.numel == 3 * (3 * 5) + 3 * 7 + 3 * 3 + 3 * 7
+    norm = Normalizer.fit(vecs, layout)
+    z = norm.normalize(vecs)
+    for _, off, n in layout.segments:  # each tensor position is z-scored (scale a power of two near the std)
+        seg = z[:, off:off + n]
+        assert abs(float(seg.mean())) < 1e-6
+        assert 2 ** -0.5 - 1e-9 <= float(seg.std(unbiased=False)) <= 2 ** 0.5 + 1e-9
+    back = norm.denormalize(z)
+    assert torch.equal(back, vecs)  # every value exactly (-0.0 comes back as +0.0)
+    nz = vecs != 0
+    assert torch.equal(back[nz].view(torch.int32), vecs[nz].view(torch.int32))
+    for a, v in zip(ads, back):
+        b = unflatten_adapter(v, layout)
+        for m, layer in a.layers.items():
+            assert torch.equal(b.layers[m].A, layer.A) and torch.equal(b.layers[m].B, layer.B)
+            assert b.layers[m].scale == layer.scale
+
+
+def test_normalizer_survives_its_own_file_format(rng):
+    ads = [random_adapter(rng) for _ in range(3)]
+    layout = AdapterLayout.of(ads[0])
+    vecs = torch.stack([flatten_adapter(a, layout) for a in ads])
+    norm = Normalizer.fit(vecs, layout)
+    again = Normalizer(AdapterLayout.from_dict(json.loads(json.dumps(layout.to_dict()))), norm.mean.clone(),
+                       norm.scale.clone())
+    assert torch.equal(again.denormalize(norm.normalize(vecs)), vecs)
+
+
+def test_flatten_rejects_mismatched_adapters(rng):
+    a = random_adapter(rng)
+    layout = AdapterLayout.of(a)
+    b = copy.deepcopy(a)
+    del b.layers["m.v"]
+    with pytest.raises(ValueError, match="missing"):
+        flatten_adapter(b, layout)
+    b = copy.deepcopy(a)
+    b.layers["m.v"] = LoraLayer(torch.zeros(2, 5), torch.zeros(3, 2), 1.0)
+    with pytest.raises(ValueError, match="m.v"):
+        flatten_adapter(b, layout)
+    with pytest.raises(ValueError, match="values"):
+        unflatten_adapter(torch.zeros(layout.numel + 1), layout)
+    with pytest.raises(ValueError, match="power"):
+        Normalizer(layout, torch.zeros(6), torch.full((6,), 3.0))
+    with pytest.raises(ValueError, match="malformed"):
+        AdapterLayout.from_dict({"modules": ["a"], "a_shapes": [[2, 3]], "b_shapes": [[4, 3]], "scales": [1.0]})
+
+
+# -- examples files and task vectors --------------------------------------------------------------
+
+@pytest.mark.parametrize("content, match", [
+    ("not json", "valid JSON"),
+    ("[1, 2]", "instruction"),
+    ('{"instruction": "Do it.", "examples": {}}', "list"),
+    ('{"instruction": "Do it.", "examples": []}', "1 to"),
+    ('{"instruction": "", "examples": [["a", "b"]]}', "instruction"),
+    ('{"instruction": "two\\nlines", "examples": [["a", "b"]]}', "instruction"),
+    ('{"instruction": "Do it.", "examples": [["a"]]}', "example 0"),
+    ('{"instruction": "Do it.", "examples": [["a", 3]]}', "example 0"),
+    ('{"instruction": "Do it.", "examples": [{"input": "a", "output": " "}]}', "example 0"),
+    ('{"instruction": "Do it.", "examples": [["a", "b"], ["x\\ny", "z"]]}', "example 1"),
+])
+def test_malformed_examples_files_are_rejected(tmp_path, content, match):
+    p = tmp_path / "ex.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_examples(p)
+
+
+def test_examples_file_limits(tmp_path):
+    with pytest.raises(ValueError, match="no such"):
+        load_examples(tmp_path / "missing.json")
+    p = tmp_path / "big.json"
+    p.write_text(json.dumps({"instruction": "x", "examples": [["a" * 1000, "b"]] * 2000}))
+    with pytest.raises(ValueError, match="larger"):
+        load_examples(p)
+    p = tmp_path / "ok.json"
+    ex = TaskExamples("Do it.", (("a b", "c"), ("d", "e f")))
+    p.write_text(ex.to_json())
+    assert load_examples(p) == ex
+    p.write_text(json.dumps({"instruction": "Do it.", "examples": [["a b", "c"], ["d", "e f"]]}))
+    assert load_examples(p) == ex
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (97 tokens) that transformers saves and reloads."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<unk>", "\n"] + [chr(i) for i in range(32, 125)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval(), char_tokenizer()
+
+
+def test_task_vector_is_the_mean_last_token_state(tiny_llama):
+    model, tok = tiny_llama
+    ex = TaskExamples("Shift.", (("a b", "c d"), ("hello there", "x"), ("q", "r s t u")))
+    v = task_vector(model, tok, ex, batch_size=2)  # padding inside a batch must not matter
+    want = []
+    for x, y in ex.examples:
+        ids = tok(f"Shift.\nInput: {x}\nOutput: {y}", add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1])
+    torch.testing.assert_close(v, torch.stack(want).mean(0), rtol=1e-5, atol=1e-5)
+    assert v.shape == (64,)
+
+
+# -- the CVAE and the generator -------------------------------------------------------------------
+
+def test_cvae_shapes_and_bad_inputs():
+    cfg = CVAEConfig(input_len=1001, cond_dim=5, latent=8, in_channels=4, channels=(6, 8))
+    m = AdapterCVAE(cfg)
+    assert cfg.padded_len == 1008 and cfg.bottleneck == (8, 63)
+    rec, mu, logvar = m(torch.randn(3, 1001), torch.randn(3, 5))
+    assert rec.shape == (3, 1001) and mu.shape == logvar.shape == (3, 8)
+    with pytest.raises(ValueError, match="condition"):
+        m(torch.randn(3, 1001), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="adapters"):
+        m(torch.randn(3, 1000), torch.randn(3, 5))
+    with pytest.raises(ValueError):
+        CVAEConfig(input_len=10, cond_dim=3, kernel=4)
+
+
+def tiny_tasks(gen, layout, n_tasks=3, ckpts=6, cond_dim=5):
+    """Task i: a random adapter vector plus small per-checkpoint noise; task vectors: a random direction
+    per task plus noise across draws."""
+    tasks = {}
+    for i in range(n_tasks):
+        center = torch.randn(layout.numel, generator=gen) * 0.05
+        ck = center + 0.002 * torch.randn(ckpts, layout.numel, generator=gen)
+        cond = torch.randn(cond_dim, generator=gen) * 3 + 0.05 * torch.randn(4, cond_dim, generator=gen)
+        tasks[f"t{i}"] = (ck, cond)
+    return tasks
+
+
+def small_cvae():
+    return dict(latent=8, in_channels=8, channels=(16, 16), beta=0.005)
+
+
+def test_cvae_overfits_a_tiny_set(rng):
+    layout = AdapterLayout(("a", "b"), ((3, 37), (2, 11)), ((41, 3), (13, 2)), (2.0, 1.0))
+    tasks = tiny_tasks(rng, layout)
+    gen, hist = AdapterGenerator.fit(tasks, layout, {"peft_type": "LORA", "r": 3, "lora_alpha": 6}, cvae=small_cvae(),
+                                     train=GeneratorTrainConfig(epochs=300, batch_size=6, lr=3e-3), progress=False)
+    assert hist[-1]["mse"] < 0.05 * hist[0]["mse"]
+    centers = {n: ck.mean(0) for n, (ck, _) in tasks.items()}
+    for name, (ck, cond) in tasks.items():
+        for seed in (None, 0):
+            out = flatten_adapter(gen.generate(cond.mean(0), seed=seed), layout)
+            err = {m: float((out - c).norm() / c.norm()) for m, c in centers.items()}
+            assert err[name] < 0.25, (name, seed, err)  # near its own task (the spread between tasks is ~1.4)
+            assert min(err, key=err.get) == name
+
+
+def test_generator_file_round_trip_and_validation(rng, tmp_path):
+    layout = AdapterLayout(("a",), ((2, 19),), ((23, 2),), (0.5,))
+    gen, _ = AdapterGenerator.fit(tiny_tasks(rng, layout, n_tasks=2, ckpts=3), layout, {"peft_type": "LORA", "r": 2,
+                                  "lora_alpha": 1}, cvae=small_cvae(), train=GeneratorTrainConfig(epochs=2),
+                                  progress=False)
+    p = gen.save(tmp_path / "g.safetensors")
+    back = AdapterGenerator.load(p)
+    c = torch.randn(5, generator=rng)
+    a, b = gen.generate(c, seed=3), back.generate(c, seed=3)
+    assert torch.equal(a.layers["a"].A, b.layers["a"].A) and torch.equal(a.layers["a"].B, b.layers["a"].B)
+    assert back.num_bytes() == gen.num_bytes() > 0
+    with pytest.raises(ValueError, match="condition has 5 values"):
+        gen.generate(torch.randn(6))
+    with pytest.raises(ValueError, match="NaN"):
+        gen.generate(torch.full((5,), float("nan")))
+    raw = p.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(FormatError):
+        AdapterGenerator.load(tmp_path / "cut.safetensors")
+    from safetensors.torch import load_file, save_file
+    t = load_file(p)
+    t.pop("cvae.out_bias")
+    save_file(t, str(tmp_path / "missing.safetensors"), metadata={"format": "lorakern.adapter_generator",
+              "cvae_config": json.dumps(gen.cvae.cfg.to_dict()), "layout": json.dumps(layout.to_dict()),
+              "peft_config": "{}"})
+    with pytest.raises(FormatError, match="do not match"):
+        AdapterGenerator.load(tmp_path / "missing.safetensors")
+    save_file(load_file(p), str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    with pytest.raises(FormatError, match="not a lorakern adapter generator"):
+        AdapterGenerator.load(tmp_path / "other.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tiny_llama, tmp_path_factory):
+    """A generator over q/v rank-2 adapters of the tiny Llama, conditioned on its task vectors."""
+    model, tok = tiny_llama
+    gen = torch.Generator().manual_seed(5)
+    mods = [n for n, m in model.named_modules() if n.split(".")[-1] in ("q_proj", "v_proj")]
+    template = LoraAdapter({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4.0,
+                            "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none"})
+    for n in mods:
+        lin = model.get_submodule(n)
+        template.layers[n] = LoraLayer(torch.zeros(2, lin.in_features), torch.zeros(lin.out_features, 2), 2.0)
+    layout = AdapterLayout.of(template)
+    tasks = {}
+    for i, instr in enumerate(["Shift.", "Add one.", "Copy."]):
+        center = torch.randn(layout.numel, generator=gen) * 0.1
+        ex = [TaskExamples(instr, ((f"a{d}", f"b{d + i}"), (f"c{d}", f"d{d}"))) for d in range(3)]
+        tasks[instr] = (center + 0.01 * torch.randn(4, layout.numel, generator=gen),
+                        torch.stack([task_vector(model, tok, e) for e in ex]))
+    g, _ = AdapterGenerator.fit(tasks, layout, {k: v for k, v in template.config.items()}, cvae=small_cvae(),
+                                train=GeneratorTrainConfig(epochs=5), progress=False)
+    path = g.save(tmp_path_factory.mktemp("gen") / "tiny.safetensors")
+    return g, path
+
+
+def test_generated_adapter_loads_in_peft_and_lorakern(tiny_llama, tiny_generator, tmp_path):
+    from peft import PeftModel
+    model, tok = tiny_llama
+    g, _ = tiny_generator
+    ad = g.generate_from_examples(model, tok, TaskExamples("Shift.", (("a", "b"),)))
+    assert all(l.A.abs().sum() > 0 for l in ad.layers.values())
+    d = save_peft_adapter(ad, tmp_path / "gen")
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(2))
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), d).eval()
+    lm = copy.deepcopy(model)
+    lorakern.attach_adapters(lm, {"g": d}, dtype=torch.float32)
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        got = lm(input_ids=ids, adapter_names=["g", "g"]).logits
+        base = model(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # compress-adapter and the bank take it too
+    from lorakern.adapters import compress_adapter, save_compressed_adapter
+    save_compressed_adapter(tmp_path / "gen.safetensors", compress_adapter(load_peft_adapter(d), group_size=32))
+    bank = lorakern.attach_adapters(copy.deepcopy(model), {"gq": tmp_path / "gen.safetensors"}, dtype=torch.float32)
+    assert bank.names == ["gq"]
+
+
+def test_generator_rejects_a_model_of_another_size(tiny_generator):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    g, _ = tiny_generator
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="hidden size 64"):
+        g.generate_from_examples(other, char_tokenizer(), TaskExamples("Shift.", (("a", "b"),)))
+
+
+def test_cli_generate_adapter(tiny_llama, tiny_generator, tmp_path, capsys):
+    from lorakern.cli import main
+    model, tok = tiny_llama
+    _, gpath = tiny_generator
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    ex = tmp_path / "ex.json"
+    ex.write_text(TaskExamples("Shift.", (("a b", "c d"), ("e", "f"))).to_json())
+    out = tmp_path / "adapter"
+    assert main(["generate-adapter", "--examples", str(ex), "--out", str(out), "--generator", str(gpath),
+                 "--model", str(mdir)]) == 0
+    ad = load_peft_adapter(out)
+    assert sorted(ad.layers) == sorted(tiny_generator[0].layout.modules)
+    assert math.isclose(next(iter(ad.layers.values())).scale, 2.0)
+    ex.write_text('{"instruction": "Shift.", "examples": []}')
+    with pytest.raises(ValueError, match="1 to"):
+        main(["generate-adapter", "--examples", str(ex), "--out", str(out), "--generator", str(gpath),
+              "--model", str(mdir)])
+
+
+def test_trajectory_keeps_the_last_checkpoints(tiny_llama, tmp_path):
+    from lorakern.generate import TrajectoryConfig, ensure_trajectories, load_trajectory, train_trajectory
+    from lorakern.generate.trajectories import save_trajectory
+    model, tok = tiny_llama
+    before = copy.deepcopy(model.state_dict())
+    cfg = TrajectoryConfig(steps=7, keep=5, every=2, batch_size=2, warmup=1)
+    traj = train_trajectory(model, tok, "caesar2", cfg, progress=False, eval_examples=2)
+    assert traj.steps.tolist() == [2, 4, 6]  # the last 5 steps, every 2nd, ending with the last
+    assert traj.checkpoints.dtype == torch.float16 and traj.checkpoints.shape == (3, traj.layout.numel)
+    assert sorted({m.split(".")[-1] for m in traj.layout.modules}) == ["q_proj", "v_proj"]
+    assert traj.layout.a_shapes[0][0] == 2
+    final = flatten_adapter(traj.final, traj.layout)
+    assert torch.equal(traj.checkpoints[-1], final.half())  # the last checkpoint is the final adapter
+    assert not torch.equal(traj.checkpoints[0], traj.checkpoints[-1])
+    for k, v in model.state_dict().items():  # the base model is left unchanged
+        assert torch.equal(v, before[k])
+    path = save_trajectory(traj, tmp_path)
+    back = load_trajectory(path)
+    assert torch.equal(back.checkpoints, traj.checkpoints) and back.record["task"] == "caesar2"
+    assert set(ensure_trajectories(model, tok, ["caesar2"], cfg, root=tmp_path, progress=False)) == {"caesar2"}
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    with pytest.raises(FormatError):
+        load_trajectory(path)
