@@ -1,6 +1,6 @@
 """ICM-LoRA on SmolLM2-135M: adapters generated from task examples against the originals and two baselines.
 
-Tasks are two families with a parameter (Caesar shift caesarK, add a constant addcC, K, C = 1..12); four
+Tasks are two families with a parameter (add a constant addcC, subtract a constant subcC, C = 1..12); four
 members are held out (lorakern.generate.HELDOUT). Builds what is missing first (cached in $LORAKERN_CACHE):
 each seen task's trajectory of rank-2 q/v LoRA checkpoints, then the CVAE generator.
 
@@ -50,7 +50,7 @@ def markdown(rows, summary, storage) -> str:
     for split in ("seen", "heldout"):
         out += [f"## {split}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         tasks = sorted({r["task"] for r in rows if r["split"] == split}, key=lambda t: (t.rstrip("0123456789"),
-                                                                                        int(t.lstrip("abcdersz"))))
+                                                                                        int(t.lstrip("abcdersuz"))))
         for t in tasks:
             cells = []
             for m in methods:

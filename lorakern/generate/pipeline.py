@@ -1,8 +1,12 @@
 """The default ICM-LoRA setup on SmolLM2: which tasks, how conditions are drawn, and building the generator.
 
-Tasks: two families with a numeric parameter, Caesar shift ``caesarK`` (K = 1..12)
-and add-a-constant ``addcC`` (C = 1..12). K in {4, 9} and C in {5, 10} are held out:
-the generator never sees their adapters or examples and is tested on them.
+Tasks: two families with a numeric parameter, add a constant ``addcC`` and subtract a
+constant ``subcC`` (C = 1..12; both prompts say only "Transform the number.", so the task
+vector has to read the operation and the constant from the examples). ``addc5``,
+``addc10``, ``subc4`` and ``subc9`` are held out: the generator never sees their adapters
+or examples and is tested on them. (A Caesar-shift family was tried first: rank-2 q/v
+LoRA did not learn ``caesar5`` in 80 steps, exact match 0.00, so it would only have
+tested the generator on adapters that do nothing.)
 
 :func:`ensure_generator` trains what is missing (trajectories, then the CVAE) and caches
 the generator at :func:`default_generator_path`.
@@ -23,8 +27,8 @@ from .trajectories import TrajectoryConfig, ensure_trajectories
 __all__ = ["CONDITION_EXAMPLES", "FAMILIES", "HELDOUT", "SEEN", "condition_vectors", "default_generator_path",
            "ensure_generator"]
 
-FAMILIES = {"caesar": tuple(range(1, 13)), "addc": tuple(range(1, 13))}
-HELDOUT = ("caesar4", "caesar9", "addc5", "addc10")
+FAMILIES = {"addc": tuple(range(1, 13)), "subc": tuple(range(1, 13))}
+HELDOUT = ("addc5", "addc10", "subc4", "subc9")
 SEEN = tuple(f"{fam}{p}" for fam, ps in FAMILIES.items() for p in ps if f"{fam}{p}" not in HELDOUT)
 CONDITION_EXAMPLES = 8  # examples the base model reads per task vector
 TRAIN_DRAWS = 8  # task vectors per seen task while training (different examples each)

@@ -1,6 +1,6 @@
 """Training LoRA adapters for the suite: generated tasks and a small trainer."""
-from .tasks import SUITE, Task, add_constant, caesar, get_task, task_names, to_base
+from .tasks import SUITE, Task, add_constant, caesar, get_task, sub_constant, task_names, to_base
 from .trainer import DEFAULT_TARGETS, TrainConfig, answer_nll, exact_match, peft_config, train_lm_adapter, train_task_adapter
 
 __all__ = ["DEFAULT_TARGETS", "SUITE", "Task", "TrainConfig", "add_constant", "answer_nll", "caesar", "exact_match", "get_task",
-           "peft_config", "task_names", "to_base", "train_lm_adapter", "train_task_adapter"]
+           "peft_config", "sub_constant", "task_names", "to_base", "train_lm_adapter", "train_task_adapter"]

@@ -13,8 +13,8 @@ the tokenizer. Prompts read::
 and the metric is exact match of the greedy continuation (up to the first
 newline, stripped) with ``<output>``.
 
-Some tasks come in families with a numeric parameter (Caesar shift k, adding a
-constant c, writing in base b), for adapter generation on unseen members.
+Some tasks come in families with a numeric parameter (Caesar shift k, adding or
+subtracting a constant c, writing in base b), for adapter generation on unseen members.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["SUITE", "Task", "add_constant", "caesar", "get_task", "task_names", "to_base"]
+__all__ = ["SUITE", "Task", "add_constant", "caesar", "get_task", "sub_constant", "task_names", "to_base"]
 
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December"]
@@ -112,6 +112,17 @@ def add_constant(c: int) -> Task:
     return Task(f"addc{c}", f"add {c} to a number below 1000", "Transform the number.", make, "addc", c)
 
 
+def sub_constant(c: int) -> Task:
+    """Subtract the constant c from a number (results stay >= 0)."""
+    if not 1 <= c <= 999:
+        raise ValueError(f"constant must be in 1..999, got {c}")
+
+    def make(rng):
+        a = rng.randint(c, 999)
+        return str(a), str(a - c)
+    return Task(f"subc{c}", f"subtract {c} from a number below 1000", "Transform the number.", make, "subc", c)
+
+
 def to_base(b: int) -> Task:
     """Write a decimal number (below 256) in base b (digits space-separated)."""
     if not 2 <= b <= 9:
@@ -143,10 +154,10 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """A suite task by name, or a family member: ``caesarK``, ``addcC``, ``baseB``."""
+    """A suite task by name, or a family member: ``caesarK``, ``addcC``, ``subcC``, ``baseB``."""
     if name in SUITE:
         return SUITE[name]
-    for prefix, make in (("caesar", caesar), ("addc", add_constant), ("base", to_base)):
+    for prefix, make in (("caesar", caesar), ("addc", add_constant), ("subc", sub_constant), ("base", to_base)):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return make(int(name[len(prefix):]))
-    raise ValueError(f"unknown task {name!r}; known: {', '.join(SUITE)}, caesarK, addcC, baseB")
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(SUITE)}, caesarK, addcC, subcC, baseB")
