@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train-generator", help="train the default ICM-LoRA generator (SmolLM2, minutes to train "
                                                "the CVAE; the task adapters' trajectories are cached)")
     t.add_argument("--out", default=None, help="generator file (default: the cache)")
-    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train_generator)
     i = sub.add_parser("info", help="versions and CPU kernel paths")

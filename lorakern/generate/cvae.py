@@ -10,7 +10,10 @@ blocks.
   LeakyReLU), flattened; the condition is concatenated before the mean and
   log-variance heads (``latent`` wide).
 - Decoder: ``[z, condition]`` -> linear -> the encoder's last feature map ->
-  transposed convolutions (kernel 7, stride 2) back to ``in_channels`` channels,
+  ``len(channels)`` times (upsample x2, convolution kernel 7, BatchNorm, LeakyReLU)
+  back to ``in_channels`` channels (upsample + convolution rather than the paper's
+  transposed convolutions: the same shapes, and 3x faster on CPU, where torch's
+  transposed 1-D convolution has no oneDNN path),
   plus a learned per-position output bias (the part of the adapters every task
   shares; our addition to the paper's decoder, ``Lp`` parameters).
 - Loss: MSE over the ``L`` real values + ``beta`` * KL(q(z|x,c) || N(0, I)).
@@ -33,7 +36,7 @@ class CVAEConfig:
     cond_dim: int
     latent: int = 256
     in_channels: int = 64
-    channels: tuple[int, ...] = (64, 96, 128, 128, 128, 128)
+    channels: tuple[int, ...] = (32, 64, 96, 128, 128, 128)
     kernel: int = 7
     beta: float = 0.005
 
@@ -82,7 +85,7 @@ class AdapterCVAE(nn.Module):
         self.expand = nn.Linear(cfg.latent + cfg.cond_dim, feat)
         dec, chans = [], list(cfg.channels[::-1]) + [cfg.in_channels]
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            dec.append(nn.ConvTranspose1d(a, b, k, stride=2, padding=p, output_padding=1))
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(a, b, k, padding=p)]
             if i < len(chans) - 2:
                 dec += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*dec)

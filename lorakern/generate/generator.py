@@ -35,7 +35,7 @@ FORMAT_NAME = "lorakern.adapter_generator"
 class GeneratorTrainConfig:
     """Optimisation of :meth:`AdapterGenerator.fit` (Adam, cosine decay, fixed seed)."""
 
-    epochs: int = 60
+    epochs: int = 12
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
@@ -108,7 +108,7 @@ class AdapterGenerator:
         cmean, cstd = allc.mean(0), allc.std(0, unbiased=False).clamp_min(1e-3 * float(allc.std()) + 1e-12)
         C = [((v.float() - cmean) / cstd) for v in conds]
         model = AdapterCVAE(CVAEConfig(input_len=layout.numel, cond_dim=allc.shape[1], **(cvae or {})))
-        opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=train.lr, foreach=True)
         steps_per_epoch = math.ceil(X.shape[0] / train.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train.epochs * steps_per_epoch)
         history = []
