@@ -13,9 +13,16 @@ blocks.
   ``len(channels)`` times (upsample x2, convolution kernel 7, BatchNorm, LeakyReLU)
   back to ``in_channels`` channels (upsample + convolution rather than the paper's
   transposed convolutions: the same shapes, and 3x faster on CPU, where torch's
-  transposed 1-D convolution has no oneDNN path),
-  plus a learned per-position output bias (the part of the adapters every task
-  shares; our addition to the paper's decoder, ``Lp`` parameters).
+  transposed 1-D convolution has no oneDNN path). Two additions to the paper's
+  decoder: a learned per-position output bias (the part every task shares) and a
+  low-rank linear head, ``coef([z, condition]) @ basis`` with ``basis`` ``[basis, Lp]``.
+  Both start from the training data (:meth:`AdapterCVAE.init_from_data`: the mean, and
+  the top principal directions scaled by their singular values), and the last
+  convolution starts at zero, so training begins at "mean + principal components" and
+  the convolutions learn what is left. Without them the convolutional decoder, whose
+  filters are shared across all positions, could not place the task-specific weights:
+  after 12 epochs on 20 SmolLM2 tasks it was further from every original than the
+  plain mean adapter (relative error 0.77 vs 0.38).
 - Loss: MSE over the ``L`` real values + ``beta`` * KL(q(z|x,c) || N(0, I)).
 """
 from __future__ import annotations
@@ -39,10 +46,11 @@ class CVAEConfig:
     channels: tuple[int, ...] = (32, 64, 96, 128, 128, 128)
     kernel: int = 7
     beta: float = 0.005
+    basis: int = 16
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        if min(self.input_len, self.cond_dim, self.latent, self.in_channels, *self.channels) < 1:
+        if min(self.input_len, self.cond_dim, self.latent, self.in_channels, *self.channels) < 1 or self.basis < 0:
             raise ValueError(f"invalid CVAE config {self}")
         if self.kernel % 2 != 1 or self.beta < 0:
             raise ValueError(f"kernel must be odd and beta >= 0, got {self.kernel}, {self.beta}")
@@ -89,7 +97,25 @@ class AdapterCVAE(nn.Module):
             if i < len(chans) - 2:
                 dec += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*dec)
+        nn.init.zeros_(dec[-1].weight)
+        nn.init.zeros_(dec[-1].bias)
         self.out_bias = nn.Parameter(torch.zeros(cfg.padded_len))
+        self.coef = nn.Linear(cfg.latent + cfg.cond_dim, cfg.basis)
+        self.basis = nn.Parameter(torch.zeros(cfg.basis, cfg.padded_len))
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Start the output bias at the mean of the normalized training adapters ``x`` ``[n, L]`` and the basis
+        at their top principal directions, scaled so that unit coefficients are typical."""
+        self._check(x, torch.zeros(x.shape[0], self.cfg.cond_dim))
+        mean = x.mean(0)
+        self.out_bias.zero_()
+        self.out_bias[:self.cfg.input_len] = mean
+        self.basis.zero_()
+        k = min(self.cfg.basis, x.shape[0])
+        if k:
+            _, S, Vh = torch.linalg.svd(x - mean, full_matrices=False)
+            self.basis[:k, :self.cfg.input_len] = Vh[:k] * (S[:k, None] / x.shape[0] ** 0.5)
 
     def _check(self, x: torch.Tensor | None, c: torch.Tensor) -> None:
         if c.dim() != 2 or c.shape[1] != self.cfg.cond_dim:
@@ -112,8 +138,9 @@ class AdapterCVAE(nn.Module):
         if z.shape != (c.shape[0], self.cfg.latent):
             raise ValueError(f"z must be [{c.shape[0]}, {self.cfg.latent}], got {tuple(z.shape)}")
         ch, pos = self.cfg.bottleneck
-        h = self.expand(torch.cat([z, c], 1)).view(-1, ch, pos)
-        out = self.decoder(h).transpose(1, 2).reshape(z.shape[0], -1) + self.out_bias
+        zc = torch.cat([z, c], 1)
+        h = self.expand(zc).view(-1, ch, pos)
+        out = self.decoder(h).transpose(1, 2).reshape(z.shape[0], -1) + self.out_bias + self.coef(zc) @ self.basis
         return out[:, :self.cfg.input_len]
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):

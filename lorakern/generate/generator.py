@@ -108,6 +108,7 @@ class AdapterGenerator:
         cmean, cstd = allc.mean(0), allc.std(0, unbiased=False).clamp_min(1e-3 * float(allc.std()) + 1e-12)
         C = [((v.float() - cmean) / cstd) for v in conds]
         model = AdapterCVAE(CVAEConfig(input_len=layout.numel, cond_dim=allc.shape[1], **(cvae or {})))
+        model.init_from_data(X)
         opt = torch.optim.Adam(model.parameters(), lr=train.lr, foreach=True)
         steps_per_epoch = math.ceil(X.shape[0] / train.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train.epochs * steps_per_epoch)
