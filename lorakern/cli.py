@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     c.set_defaults(fn=_compress_adapter)
     g = sub.add_parser("generate-adapter", help="ICM-LoRA: generate a PEFT adapter from task examples")
     g.add_argument("--examples", required=True,
-                   help='JSON file: {"instruction": "...", "examples": [{"input": ..., "output": ...}, ...]}')
+                   help='JSON file: {"instruction": "...", "examples": [{"input": ..., "output": ...}, ...]}; '
+                        'the more examples the better (the default generator was trained with 32 per task vector)')
     g.add_argument("--out", required=True, help="output PEFT adapter directory")
     g.add_argument("--generator", help="generator file (default: the cached SmolLM2 generator, trained if missing)")
     g.add_argument("--model", default="smollm2", help="'smollm2' (built in) or a local Hugging Face model directory")
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train-generator", help="train the default ICM-LoRA generator (SmolLM2, minutes to train "
                                                "the CVAE; the task adapters' trajectories are cached)")
     t.add_argument("--out", default=None, help="generator file (default: the cache)")
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, default=60)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train_generator)
     i = sub.add_parser("info", help="versions and CPU kernel paths")

@@ -46,7 +46,7 @@ class CVAEConfig:
     channels: tuple[int, ...] = (32, 64, 96, 128, 128, 128)
     kernel: int = 7
     beta: float = 0.005
-    basis: int = 16
+    basis: int = 32
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)

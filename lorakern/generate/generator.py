@@ -35,7 +35,7 @@ FORMAT_NAME = "lorakern.adapter_generator"
 class GeneratorTrainConfig:
     """Optimisation of :meth:`AdapterGenerator.fit` (Adam, cosine decay, fixed seed)."""
 
-    epochs: int = 12
+    epochs: int = 60
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0

@@ -8,6 +8,12 @@ or examples and is tested on them. (A Caesar-shift family was tried first: rank-
 LoRA did not learn ``caesar5`` in 80 steps, exact match 0.00, so it would only have
 tested the generator on adapters that do nothing.)
 
+Task vectors average 32 examples. Measured on the 20 seen tasks (standardized units):
+with 8 examples, two draws of the same task were 26.5 apart against 31.2 between tasks,
+and a fresh draw's nearest task was the right one for 80% of tasks; with 32 examples,
+16.7 against 32.0 and 90%. The vector of a few examples is dominated by which numbers
+were drawn, so give ``generate-adapter`` as many examples as you have.
+
 :func:`ensure_generator` trains what is missing (trajectories, then the CVAE) and caches
 the generator at :func:`default_generator_path`.
 """
@@ -30,7 +36,7 @@ __all__ = ["CONDITION_EXAMPLES", "FAMILIES", "HELDOUT", "SEEN", "condition_vecto
 FAMILIES = {"addc": tuple(range(1, 13)), "subc": tuple(range(1, 13))}
 HELDOUT = ("addc5", "addc10", "subc4", "subc9")
 SEEN = tuple(f"{fam}{p}" for fam, ps in FAMILIES.items() for p in ps if f"{fam}{p}" not in HELDOUT)
-CONDITION_EXAMPLES = 8  # examples the base model reads per task vector
+CONDITION_EXAMPLES = 32  # examples the base model reads per task vector (see the module docstring)
 TRAIN_DRAWS = 8  # task vectors per seen task while training (different examples each)
 TRAIN_SEED, EVAL_SEED = 50_000, 90_000  # example seeds: training conditions / evaluation conditions
 
