@@ -7,14 +7,19 @@ import torch
 from torch import nn
 
 from ..nn.lora_linear import LoRALinear
+from ..nn.linear_like import linear_shape
 from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
-from .peft_io import LoraAdapter
+from .loading import load_adapter
+from .peft_io import LoraAdapter, check_base_weights
 
 __all__ = ["apply_adapter", "attach_adapter", "attach_adapters", "detach_adapter", "detach_adapters"]
 
 
-def _layers(adapter) -> dict:
+def _layers(adapter, model=None) -> dict:
+    adapter = load_adapter(adapter)
     if isinstance(adapter, LoraAdapter):
+        if model is not None:
+            check_base_weights(model, adapter)
         return adapter.layers
     if isinstance(adapter, dict):
         return adapter
@@ -24,13 +29,18 @@ def _layers(adapter) -> dict:
 def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Replace each adapted module of ``model`` by a :class:`LoRALinear` around it.
 
-    ``adapter`` is a :class:`LoraAdapter` (floating point; stored in ``dtype``) or a dict
+    ``adapter`` is a :class:`LoraAdapter` (floating point; stored in ``dtype``), a dict
     ``{module name: LoraLayer | CompressedLoRA}`` (e.g. from
-    :func:`~lorakern.adapters.load_compressed_adapter`). Module names are relative to
-    ``model`` (PEFT's names without ``base_model.model.``). Returns the replaced
+    :func:`~lorakern.adapters.load_compressed_adapter`) or a path of either. Module names are
+    relative to ``model`` (PEFT's names without ``base_model.model.``). Returns the replaced
     modules, for :func:`detach_adapter`. Every name is checked before anything changes.
+
+    Raises:
+        ValueError: a module the model lacks, one that is not linear (``nn.Linear``, transformers'
+            ``Conv1D``, lorakern's layers) or already carries an adapter, shapes that do not fit,
+            or base-weight copies that differ from the model's (:func:`check_base_weights`).
     """
-    layers = _layers(adapter)
+    layers = _layers(adapter, model)
     targets = {}
     for name, layer in layers.items():
         try:
@@ -39,7 +49,7 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
             raise ValueError(f"the model has no module {name!r} (adapter for another model?)") from None
         if isinstance(mod, LoRALinear):
             raise ValueError(f"{name} already carries an adapter; detach it first")
-        if not hasattr(mod, "in_features"):
+        if linear_shape(mod) is None:
             raise ValueError(f"{name} is a {type(mod).__name__}, not a linear layer")
         targets[name] = (mod, layer)
     wrapped = {}
@@ -88,7 +98,10 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
         raise ValueError("lorakern: the model already has an adapter bank; detach_adapters first")
     if not isinstance(adapters, dict) or not adapters:
         raise TypeError("lorakern: adapters must be a non-empty dict {name: adapter or path}")
-    loaded = {name: _adapter_layers(a) for name, a in adapters.items()}
+
+    def base_weight_check(adapter, name):
+        check_base_weights(model, adapter, f"adapter {name!r}")
+    loaded = {name: _adapter_layers(a, f"adapter {name!r}", base_weight_check) for name, a in adapters.items()}
     shapes = {}
     for name, layers in loaded.items():
         for mname in layers:
@@ -96,13 +109,14 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
                 mod = model.get_submodule(mname)
             except AttributeError:
                 raise ValueError(f"lorakern: adapter {name!r}: the model has no module {mname!r}") from None
-            if isinstance(mod, (LoRALinear, MultiLoRALinear)) or not hasattr(mod, "in_features"):
+            if isinstance(mod, (LoRALinear, MultiLoRALinear)) or linear_shape(mod) is None:
                 raise ValueError(f"lorakern: adapter {name!r}: {mname} is a {type(mod).__name__}, not a plain "
                                  "linear layer")
-            shapes[mname] = (mod.out_features, mod.in_features)
+            shapes[mname] = linear_shape(mod)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     bank = AdapterBank(dict(sorted(shapes.items())), dtype=dtype, device=device)
+    bank.base_weight_check = base_weight_check
     for name, layers in loaded.items():
         for mname, layer in layers.items():
             _check_fits(bank.layers[mname], layer, mname)
@@ -118,10 +132,20 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     fwd, gen = model.forward, getattr(model, "generate", None)
 
     def forward(*args, adapter_names=None, **kwargs):
+        _check_names(adapter_names, _batch_size(args, kwargs))
         with ctx.use(adapter_names):
             return fwd(*args, **kwargs)
 
     def generate(*args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            _check_names(adapter_names, _batch_size(args, kwargs))
+            # generate repeats every sample max(num_beams, num_return_sequences) times, sample by sample
+            # (transformers' _expand_inputs_for_generation); PEFT repeats the names by num_beams
+            gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+            nret = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+            k = max(int(beams), int(nret))
+            adapter_names = [n for n in adapter_names for _ in range(k)]
         with ctx.use(adapter_names):
             return gen(*args, **kwargs)
 
@@ -131,6 +155,26 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     model.lorakern_bank, model.lorakern_context = bank, ctx
     model._lorakern_restore = (old, fwd, gen)
     return bank
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0]
+    return None
+
+
+def _check_names(names, batch: int | None) -> None:
+    """PEFT's rule: ``adapter_names`` is a list with one entry per sample of the batch."""
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)):
+        raise TypeError(f"lorakern: adapter_names must be a list with one adapter name per sample, got "
+                        f"{type(names).__name__} (per-token assignment: model.lorakern_context.use)")
+    if batch is not None and len(names) != batch:
+        raise ValueError(f"lorakern: Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(names)} and {batch} respectively (one adapter name per sample, as PEFT; per-token "
+                         "assignment: model.lorakern_context.use)")
 
 
 def detach_adapters(model: nn.Module) -> None:

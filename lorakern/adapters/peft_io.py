@@ -6,8 +6,17 @@ A PEFT LoRA adapter directory holds ``adapter_config.json`` and
 ``base_model.model.<module>.lora_B.weight`` (``[out, r]``); the update of
 ``<module>`` is ``scale * B @ A`` with ``scale = lora_alpha / r``
 (``lora_alpha / sqrt(r)`` with rsLoRA; ``rank_pattern`` / ``alpha_pattern``
-override r and alpha per module). Loading validates everything and never
-unpickles (``adapter_model.bin`` is refused).
+override r and alpha per module, with PEFT's matching rules: see
+:mod:`lorakern.adapters.peft_config`). Loading validates everything and never
+unpickles (``adapter_model.bin`` is refused); every config value that changes the
+math in a way lorakern does not implement is refused by the PEFT feature's name.
+
+PEFT also saves the base weight of a targeted ``lm_head`` / ``embed_tokens``
+(``...lm_head.base_layer.weight``); such copies are kept in
+:attr:`LoraAdapter.base_weights` and checked against the model when the adapter is
+attached (:func:`check_base_weights`): equal, the adapter is accepted; different, it
+would replace the base weight, which lorakern refuses. LoRA on embedding layers
+(``lora_embedding_A/B``) is refused by name.
 """
 from __future__ import annotations
 
@@ -23,11 +32,22 @@ from safetensors.torch import save_file
 
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..quant.loraquant import CompressedLoRA, compress_lora
+from .peft_config import LORAKERN_METADATA_KEYS, check_config, pattern_value, target_matches
 
-__all__ = ["LoraAdapter", "LoraLayer", "compress_adapter", "load_compressed_adapter", "load_peft_adapter",
+__all__ = ["LoraAdapter", "LoraLayer", "check_base_weights", "compress_adapter", "load_compressed_adapter", "load_peft_adapter",
            "save_compressed_adapter", "save_peft_adapter"]
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_BASE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
+# tensors of PEFT features lorakern does not implement -> the feature's name
+_FEATURE_KEYS = (
+    (re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"), "LoRA on an embedding layer (lora_embedding_A/B)"),
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA (lora_magnitude_vector)"),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "a bias on lora_B (lora_bias=True)"),
+    (re.compile(r"\.modules_to_save\."), "modules_to_save (full copies of modules)"),
+    (re.compile(r"\.trainable_tokens_"), "trainable tokens (trainable_token_indices)"),
+    (re.compile(r"\.bias$"), "trained base-layer biases (bias='all' or 'lora_only')"),
+)
 
 
 @dataclass
@@ -52,13 +72,35 @@ class LoraAdapter:
 
     config: dict
     layers: dict[str, LoraLayer] = field(default_factory=dict)
+    #: copies of base weights PEFT saved beside the adapter (``lm_head``, ``embed_tokens``), by module name;
+    #: they must equal the model's weights (:func:`check_base_weights`)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: lorakern's own string metadata (task name, description), kept out of PEFT's config
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    for key, v in (pattern or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return v
-    return default
+def check_base_weights(model: torch.nn.Module, adapter: LoraAdapter, name: str = "the adapter") -> None:
+    """Check the base-weight copies an adapter carries against ``model``.
+
+    Raises:
+        ValueError: the model has no such module, or its weight differs from the copy (the adapter
+            would replace the base weight, which lorakern does not do).
+    """
+    for module, w in adapter.base_weights.items():
+        try:
+            mod = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"lorakern: {name} carries a base weight for {module!r}, which the model lacks") from None
+        base = getattr(mod, "base", mod)  # an attached LoRALinear / MultiLoRALinear wraps the original
+        mw = getattr(base, "weight", None)
+        if not isinstance(mw, torch.Tensor):
+            raise ValueError(f"lorakern: {name} carries a base weight for {module!r}, but the model's {module} is a "
+                             f"{type(base).__name__} (quantized?) whose weight cannot be compared; attach the "
+                             "adapter before quantizing, or drop the copy if it is the original weight")
+        if tuple(mw.shape) != tuple(w.shape) or not torch.equal(mw.detach().cpu().to(w.dtype), w):
+            raise ValueError(f"lorakern: {name} replaces the base weight of {module!r} (the copy PEFT saved beside "
+                             "the adapter differs from the model's): lorakern applies adapters to the model's own "
+                             "weights and does not replace them")
 
 
 def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
@@ -80,18 +122,34 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise FormatError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
-    tensors, _ = read_safetensors(w_path)
+    check_config(cfg, str(cfg_path))
+    tensors, st_meta = read_safetensors(w_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         m = _KEY.match(k)
         if not m:
-            raise FormatError(f"{w_path}: unsupported tensor {k!r} (only lora_A / lora_B weights of Linear layers)")
+            b = _BASE_KEY.match(k)
+            if b:
+                if t.dim() != 2 or not t.dtype.is_floating_point:
+                    raise FormatError(f"{w_path}: {k!r} must be a 2-D float tensor")
+                base_weights[b["module"]] = t
+                continue
+            feature = next((f for pat, f in _FEATURE_KEYS if pat.search(k)), None)
+            if feature:
+                raise FormatError(f"{w_path}: tensor {k!r}: the adapter uses {feature}, which lorakern does not "
+                                  "support")
+            raise FormatError(f"{w_path}: unsupported tensor {k!r} (only lora_A / lora_B weights of linear layers)")
         if m["which"] in parts.setdefault(m["module"], {}):
             raise FormatError(f"{w_path}: {k!r} duplicates another lora_{m['which']} of {m['module']}")
         parts[m["module"]][m["which"]] = t
     if not parts:
         raise FormatError(f"{w_path}: no LoRA weights")
-    adapter = LoraAdapter(cfg)
+    meta = {k: v for k, v in (st_meta or {}).items() if k.startswith("lorakern_")}
+    for k in LORAKERN_METADATA_KEYS:  # written into the config by lorakern < 0.2
+        if k in cfg:
+            meta.setdefault(k, str(cfg.pop(k)))
+    adapter = LoraAdapter(cfg, base_weights=base_weights, metadata=meta)
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
             raise FormatError(f"{w_path}: {module} has lora_{''.join(sorted(p))} but not both A and B")
@@ -100,27 +158,67 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
             raise FormatError(f"{w_path}: {module}: lora_A/lora_B must be 2-D float tensors")
         if A.shape[0] != B.shape[1]:
             raise FormatError(f"{w_path}: {module}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}: ranks differ")
-        r = int(_pattern_value(cfg.get("rank_pattern"), module, cfg["r"]))
+        r = int(pattern_value(cfg.get("rank_pattern"), module, cfg["r"]))
         if A.shape[0] != r:
             raise FormatError(f"{w_path}: {module}: rank {A.shape[0]} but the config says r={r}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise FormatError(f"{w_path}: {module}: NaN or Inf in the LoRA weights")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         adapter.layers[module] = LoraLayer(A.float(), B.float(), scale)
     return adapter
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
-    """Write ``adapter`` as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads."""
+    """Write ``adapter`` as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads with the
+    same ranks and scales.
+
+    ``r`` and ``lora_alpha`` become the most common (rank, alpha) pair of the layers; every layer that
+    differs gets a full-name entry in ``rank_pattern`` / ``alpha_pattern`` (``alpha = scale * r``, or
+    ``scale * sqrt(r)`` with ``use_rslora``), replacing the patterns the config had. ``target_modules``
+    is set to the layers' full names when the config's does not select exactly them. lorakern's own
+    metadata (:attr:`LoraAdapter.metadata`) goes into the safetensors metadata, not the config.
+
+    Raises:
+        ValueError: no layers, or a layer's scale is not a positive finite number.
+    """
+    if not adapter.layers:
+        raise ValueError("lorakern: the adapter has no layers to save")
+    cfg = {k: v for k, v in adapter.config.items() if k not in LORAKERN_METADATA_KEYS}
+    cfg.setdefault("peft_type", "LORA")
+    rs = bool(cfg.get("use_rslora"))
+    pairs = {}
+    for module, layer in adapter.layers.items():
+        if not (math.isfinite(layer.scale) and layer.scale > 0):
+            raise ValueError(f"lorakern: {module}: scale {layer.scale} cannot be written as a PEFT lora_alpha")
+        r = layer.rank
+        alpha = layer.scale * (math.sqrt(r) if rs else r)
+        alpha = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 * max(1.0, abs(alpha)) else alpha
+        pairs[module] = (r, alpha)
+    counts: dict = {}
+    for pair in pairs.values():
+        counts[pair] = counts.get(pair, 0) + 1
+    r0, a0 = max(counts, key=lambda pr: (counts[pr], -pr[0]))
+    cfg["r"], cfg["lora_alpha"] = r0, a0
+    cfg["rank_pattern"] = {re.escape(m): r for m, (r, _) in sorted(pairs.items()) if r != r0}
+    cfg["alpha_pattern"] = {re.escape(m): a for m, (_, a) in sorted(pairs.items()) if a != a0}
+    tm = cfg.get("target_modules")
+    if not (isinstance(tm, (list, str)) and tm != "all-linear" and all(target_matches(tm, m) for m in pairs)
+            and not cfg.get("layers_to_transform") and not cfg.get("exclude_modules")):
+        cfg["target_modules"] = sorted(pairs)
+        cfg.pop("layers_to_transform", None), cfg.pop("layers_pattern", None), cfg.pop("exclude_modules", None)
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, layer in adapter.layers.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = layer.A.detach().contiguous().cpu()
         tensors[f"base_model.model.{module}.lora_B.weight"] = layer.B.detach().contiguous().cpu()
-    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (d / "adapter_config.json").write_text(json.dumps(adapter.config, indent=2))
+    for module, w in adapter.base_weights.items():
+        tensors[f"base_model.model.{module}.base_layer.weight"] = w.detach().contiguous().cpu()
+    meta = {"format": "pt"}
+    meta.update({k: str(v) for k, v in adapter.metadata.items()})
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata=meta)
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return d
 
 

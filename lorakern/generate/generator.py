@@ -159,9 +159,9 @@ class AdapterGenerator:
         out = self.normalizer.denormalize(self.cvae.eval().decode(z, c).double()[0])
         if not torch.isfinite(out).all():
             raise FloatingPointError("the generator produced NaN or Inf")
-        cfg = dict(self.peft_config)
-        cfg["lorakern_task"] = "generated"
-        return unflatten_adapter(out, self.layout, cfg)
+        adapter = unflatten_adapter(out, self.layout, dict(self.peft_config))
+        adapter.metadata["lorakern_task"] = "generated"
+        return adapter
 
     def generate_from_examples(self, model, tokenizer, examples: TaskExamples, seed: int | None = 0) -> LoraAdapter:
         """Read ``examples`` with the base model (:func:`task_vector`) and generate the task's adapter."""

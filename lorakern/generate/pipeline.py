@@ -37,7 +37,7 @@ FAMILIES = {"addc": tuple(range(1, 13)), "subc": tuple(range(1, 13))}
 HELDOUT = ("addc5", "addc10", "subc4", "subc9")
 SEEN = tuple(f"{fam}{p}" for fam, ps in FAMILIES.items() for p in ps if f"{fam}{p}" not in HELDOUT)
 CONDITION_EXAMPLES = 32  # examples the base model reads per task vector (see the module docstring)
-TRAIN_DRAWS = 8  # task vectors per seen task while training (different examples each)
+TRAIN_DRAWS = 16  # task vectors per seen task while training (different examples each)
 TRAIN_SEED, EVAL_SEED = 50_000, 90_000  # example seeds: training conditions / evaluation conditions
 
 

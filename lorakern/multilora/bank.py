@@ -293,6 +293,9 @@ class AdapterBank:
         self.layers: dict[str, LayerBank] = {}
         self._by_name: dict[str, _Entry] = {}
         self._next_id = 0
+        #: checks the base-weight copies a PEFT adapter carries (lm_head, embed_tokens) against the model;
+        #: set by :func:`lorakern.attach_adapters`. With none, such adapters are refused.
+        self.base_weight_check = None
         for name, (N, K) in (layers or {}).items():
             self.add_layer(name, N, K)
 
@@ -337,7 +340,7 @@ class AdapterBank:
             raise ValueError(f"lorakern: adapter name must be a non-empty string other than '__base__', got {name!r}")
         if name in self._by_name:
             raise ValueError(f"lorakern: an adapter named {name!r} is already loaded; remove it first")
-        layers = _adapter_layers(adapter)
+        layers = _adapter_layers(adapter, name, self.base_weight_check)
         unknown = sorted(set(layers) - set(self.layers))
         if unknown:
             raise ValueError(f"lorakern: adapter {name!r} has layers the bank does not know: {unknown[:4]}"
@@ -378,25 +381,20 @@ class AdapterBank:
         return LoRABatch.build(self, adapters, weights, device=device or self.device)
 
 
-def _adapter_layers(adapter) -> dict:
-    from ..adapters.peft_io import LoraAdapter, load_compressed_adapter, load_peft_adapter
-    if isinstance(adapter, (str, os.PathLike)):
-        from ..formats.io import FormatError
-        p = Path(adapter)
-        if (p / "adapter_config.json").is_file():
-            adapter = load_peft_adapter(p)
-        elif p.is_file():
-            adapter = load_compressed_adapter(p)
-        elif p.is_dir() and len(list(p.glob("*.safetensors"))) == 1:  # a directory holding one compressed file
-            adapter = load_compressed_adapter(next(p.glob("*.safetensors")))
-        else:
-            raise FormatError(f"{p}: neither a PEFT adapter directory (no adapter_config.json) nor a compressed "
-                              "adapter file")
+def _adapter_layers(adapter, name: str = "the adapter", base_weight_check=None) -> dict:
+    """``{module: layer}`` of an in-memory adapter or a file (loaded by :func:`lorakern.adapters.load_adapter`).
+    An adapter carrying base-weight copies goes through ``base_weight_check(adapter, name)`` (or is refused)."""
+    from ..adapters.loading import load_adapter  # adapters imports the bank: load lazily
+    from ..adapters.peft_io import LoraAdapter
+    adapter = load_adapter(adapter)
     if isinstance(adapter, LoraAdapter):
+        if adapter.base_weights:
+            if base_weight_check is None:
+                raise ValueError(f"lorakern: {name} carries copies of base weights ({sorted(adapter.base_weights)}) "
+                                 "that must be checked against the model: add it through attach_adapters")
+            base_weight_check(adapter, name)
         return dict(adapter.layers)
-    if isinstance(adapter, dict):
-        return dict(adapter)
-    raise TypeError(f"lorakern: expected a LoraAdapter, a dict of layers or a path, got {type(adapter).__name__}")
+    return dict(adapter)
 
 
 def _check_fits(lb: LayerBank, layer, lname: str) -> None:

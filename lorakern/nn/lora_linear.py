@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.cpu import PreparedLoRA
 from ..quant.loraquant import CompressedLoRA
+from .linear_like import linear_shape
 from .quant_linear import QuantLinear
 
 __all__ = ["LoRALinear"]
@@ -34,7 +35,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self._prepared = None  # PreparedLoRA: the adapter validated once for eager CPU calls
-        self.in_features, self.out_features = base.in_features, base.out_features
+        shape = linear_shape(base)
+        if shape is None:
+            raise ValueError(f"lorakern: a {type(base).__name__} is not a linear layer")
+        self.out_features, self.in_features = shape
         if isinstance(adapter, CompressedLoRA):
             if adapter.shape != (self.out_features, self.in_features):
                 raise ValueError(f"adapter is for a {adapter.shape} weight, the layer is "

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..multilora.bank import AdapterBank, LayerBank
 from ..multilora.batch import LoRABatch
+from .linear_like import linear_shape
 
 __all__ = ["MultiLoRAContext", "MultiLoRALinear"]
 
@@ -74,11 +75,11 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, bank: LayerBank, context: MultiLoRAContext):
         super().__init__()
-        if (bank.N, bank.K) != (base.out_features, base.in_features):
-            raise ValueError(f"lorakern: bank layer {(bank.N, bank.K)} does not match the module "
-                             f"{(base.out_features, base.in_features)}")
+        shape = linear_shape(base)
+        if (bank.N, bank.K) != shape:
+            raise ValueError(f"lorakern: bank layer {(bank.N, bank.K)} does not match the module {shape}")
         self.base, self.bank, self.context = base, bank, context
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.out_features, self.in_features = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

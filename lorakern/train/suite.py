@@ -75,7 +75,7 @@ def train_suite_adapter(model, tokenizer, name: str, cfg: TrainConfig | None = N
     metric, higher = metric_info(name)
     record = {"adapter": name, "metric_name": metric, "higher_is_better": higher, "base": before,
               "trained": after, "train_seconds": round(seconds, 1), "config": asdict(cfg),
-              "description": adapter.config.get("lorakern_description", "")}
+              "description": adapter.metadata.get("lorakern_description", "")}
     out = adapter_dir(name, root)
     save_peft_adapter(adapter, out)
     (out / "lorakern_train.json").write_text(json.dumps(record, indent=2))

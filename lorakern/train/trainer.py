@@ -97,7 +97,7 @@ def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **e
     return out
 
 
-def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_config: dict,
+def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, metadata: dict,
            on_step=None) -> LoraAdapter:
     was_training = model.training
     req = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -128,7 +128,7 @@ def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, extra_co
                 bar.set_postfix(loss=f"{ema:.3f}")
                 if on_step is not None:
                     on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()})
-            adapter = LoraAdapter(peft_config(cfg, **extra_config))
+            adapter = LoraAdapter(peft_config(cfg), metadata=dict(metadata))
             for name, m in mods.items():
                 adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
     finally:
