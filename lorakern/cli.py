@@ -124,7 +124,12 @@ def _compress_adapter(args) -> int:
     from lorakern.adapters import compress_adapter, load_peft_adapter, save_compressed_adapter
 
     adapter = load_peft_adapter(args.in_dir)
-    layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size)
+    model = None
+    if args.model:
+        from lorakern.models import load_model
+        model, _ = load_model(args.model)
+    layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
+                              model=model)
     save_compressed_adapter(args.out, layers, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
     params = sum(c.rank * sum(c.shape) for c in layers.values())
     bits = sum(c.bits_per_param() * c.rank * sum(c.shape) for c in layers.values()) / params
@@ -211,6 +216,8 @@ def main(argv=None) -> int:
     c.add_argument("--rho", type=float, default=0.9, help="energy ratio that picks h (default 0.9)")
     c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])
     c.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    c.add_argument("--model", default=None, help="base model ('smollm2' or a local HF directory) to check the "
+                   "base-weight copies PEFT saves beside an adapter on lm_head against")
     c.set_defaults(fn=_compress_adapter)
     g = sub.add_parser("generate-adapter", help="ICM-LoRA: generate a PEFT adapter from task examples")
     g.add_argument("--examples", required=True,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..nn.lora_linear import LoRALinear
-from ..nn.linear_like import linear_shape
+from ..formats.linear_like import linear_shape
 from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
 from .loading import load_adapter
 from .peft_io import LoraAdapter, check_base_weights

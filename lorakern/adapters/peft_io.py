@@ -223,8 +223,21 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
 
 
 def compress_adapter(adapter: LoraAdapter, rho: float = 0.9, bits_high: int = 2,
-                     group_size: int = 128) -> dict[str, CompressedLoRA]:
-    """LoRAQuant-compress every layer of an adapter (see :func:`lorakern.quant.compress_lora`)."""
+                     group_size: int = 128, model: torch.nn.Module | None = None) -> dict[str, CompressedLoRA]:
+    """LoRAQuant-compress every layer of an adapter (see :func:`lorakern.quant.compress_lora`).
+
+    A compressed file keeps no base-weight copies, so an adapter that carries some (PEFT's save of an
+    adapter on ``lm_head``) is compressed only after they are checked against ``model``.
+
+    Raises:
+        ValueError: base-weight copies and no ``model``, or copies that differ from ``model``'s weights.
+    """
+    if adapter.base_weights:
+        if model is None:
+            raise ValueError(f"lorakern: the adapter carries copies of base weights ({sorted(adapter.base_weights)}); "
+                             "a compressed file keeps none, so they must first be checked against the base model "
+                             "(compress_adapter(..., model=) or `lorakern compress-adapter --model`)")
+        check_base_weights(model, adapter)
     return {m: compress_lora(l.B, l.A, rho=rho, bits_high=bits_high, group_size=group_size, scale=l.scale)
             for m, l in adapter.layers.items()}
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..formats.linear_like import is_conv1d, linear_shape
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
@@ -105,8 +106,8 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
         except AttributeError:
             raise FormatError(f"{d}: layer {name!r} does not exist in this model") from None
         w = weights[name]
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != w.shape:
-            raise FormatError(f"{d}: layer {name!r} does not match the model's Linear there")
+        if not (isinstance(old, nn.Linear) or is_conv1d(old)) or linear_shape(old) != tuple(w.shape):
+            raise FormatError(f"{d}: layer {name!r} does not match the model's Linear/Conv1D there")
         bias = others.pop(f"{name}.bias", None)
         if kind == "GWQLinear" and isinstance(w, GWQWeight):
             new = GWQLinear(w, bias)

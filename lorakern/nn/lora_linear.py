@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops.cpu import PreparedLoRA
 from ..quant.loraquant import CompressedLoRA
-from .linear_like import linear_shape
+from ..formats.linear_like import linear_shape
 from .quant_linear import QuantLinear
 
 __all__ = ["LoRALinear"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..multilora.bank import AdapterBank, LayerBank
 from ..multilora.batch import LoRABatch
-from .linear_like import linear_shape
+from ..formats.linear_like import linear_shape
 
 __all__ = ["MultiLoRAContext", "MultiLoRALinear"]
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..formats.linear_like import is_conv1d, linear_shape
+
 __all__ = ["LayerStats", "calibration_windows", "collect_statistics"]
 
 
@@ -60,7 +62,11 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
     Args:
         model: a Hugging Face causal LM (called as ``model(ids, labels=ids)``).
         windows: ``[n, seqlen]`` token ids; one forward (and backward) per row.
-        names: module names of ``nn.Linear`` layers.
+        names: module names of ``nn.Linear`` or transformers ``Conv1D`` layers (gradients are
+            returned as ``[out, in]`` for both).
+
+    A layer the calibration never reaches (an extra head, an expert no token is routed to) has
+    ``tokens == 0`` and ``grad``/``grad_sq`` None: callers must not quantize it with data it lacks.
         gradients: accumulate the mean gradient of the next-token loss.
         grad_squares: also accumulate the mean squared per-sample gradient.
         hessians: accumulate ``H = 2/n_tokens * X^T X`` of each layer's inputs.
@@ -69,20 +75,23 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
         raise ValueError(f"windows must be [n >= 1, seqlen], got {tuple(windows.shape)}")
     mods = {n: model.get_submodule(n) for n in names}
     for n, m in mods.items():
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"{n} is {type(m).__name__}, not nn.Linear")
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+            raise TypeError(f"{n} is {type(m).__name__}, not nn.Linear or Conv1D")
     stats = {n: LayerStats() for n in names}
     hooks = []
-    if hessians:
-        for n, m in mods.items():
-            st = stats[n]
-            st.hessian = torch.zeros(m.in_features, m.in_features, dtype=torch.float32)
+    for n, m in mods.items():
+        st = stats[n]
+        if hessians:
+            K = linear_shape(m)[1]
+            st.hessian = torch.zeros(K, K, dtype=torch.float32)
 
-            def hook(mod, inp, out, st=st):
-                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+        def hook(mod, inp, out, st=st):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+            st.tokens += x.shape[0]
+            if st.hessian is not None:
+                x = x.float()
                 st.hessian.addmm_(x.t(), x)
-                st.tokens += x.shape[0]
-            hooks.append(m.register_forward_hook(hook))
+        hooks.append(m.register_forward_hook(hook))
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:
@@ -101,6 +110,10 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
                 loss.backward()
                 for name, m in mods.items():
                     g, st = m.weight.grad, stats[name]
+                    if g is None:  # the layer took no part in this sample's loss
+                        continue
+                    if is_conv1d(m):
+                        g = g.t()
                     if gradients:
                         st.grad = g.float().clone() if st.grad is None else st.grad.add_(g)
                     if grad_squares:
@@ -111,6 +124,8 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
                     model(ids)
         for st in stats.values():
             st.nsamples = n
+            if st.tokens == 0:  # never reached: no statistics rather than zeros
+                st.hessian = st.grad = st.grad_sq = None
             if st.grad is not None:
                 st.grad.div_(n)
             if st.grad_sq is not None:

@@ -2,10 +2,13 @@
 column's rounding error over the columns not yet quantized through the inverse
 Hessian of the layer inputs.
 
-Implemented as in the reference code: dead inputs (H_ii = 0) zeroed, damping
+Implemented as in the reference code (damping
 ``percdamp * mean(diag H)``, the upper Cholesky factor of ``H^-1``, lazy batch
 updates in blocks of 128 columns, optional act-order (columns by decreasing
-``H_ii``). Group parameters are computed when a group's first column is reached
+``H_ii``)), with one departure: the reference code sets the weights of dead inputs
+(``H_ii = 0``: always zero in the calibration text) to zero, destroying them for any
+other text; here they keep their round-to-nearest values (their ``H`` rows are
+decoupled, so they spread no error and receive none). Group parameters are computed when a group's first column is reached
 (from the error-updated weights); with act-order they are computed up front from
 the original weights ("static groups"), so groups stay contiguous along K and the
 packed format needs no column permutation.
@@ -88,7 +91,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     if not torch.isfinite(W).all():
         raise ValueError("weight has NaN or Inf values")
     Hd, dead = prepare_hessian(H, percdamp)
-    W[:, dead] = 0.0  # inputs that are always zero: any value works, 0 quantizes exactly
+    # dead inputs (always zero in calibration) keep their values: rounded to nearest, no error spread
     ex = exclude.to(torch.bool) if exclude is not None else torch.zeros(N, K, dtype=torch.bool)
     if ex.shape != (N, K):
         raise ValueError(f"exclude mask is {tuple(ex.shape)}, expected {(N, K)}")

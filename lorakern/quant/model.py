@@ -1,5 +1,5 @@
-"""Whole-model quantization: replace the Linear layers of a model by QuantLinear
-(dense methods) or GWQLinear (methods with outliers)."""
+"""Whole-model quantization: replace the linear layers of a model (``nn.Linear`` and transformers'
+``Conv1D``) by QuantLinear (dense methods) or GWQLinear (methods with outliers)."""
 from __future__ import annotations
 
 import fnmatch
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..formats.linear_like import is_conv1d, linear_shape, linear_weight
 from ..formats.packing import SUPPORTED_GROUP_SIZES
 from .calibration import collect_statistics
 from .gptq import inverse_hessian_diag
@@ -40,7 +41,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
                    outliers: float = 0.01, score: str | None = None, dense: str | None = None,
                    per_row: bool = False, act_order: bool = False, percdamp: float = 0.01,
                    seed: int = 0, statistics: dict | None = None) -> nn.Module:
-    """Quantize every ``nn.Linear`` of ``model`` in place.
+    """Quantize every linear layer of ``model`` in place: ``nn.Linear`` and transformers' ``Conv1D``
+    (GPT-2 style, weight stored ``[in, out]``: its transpose is quantized and the layer becomes a
+    QuantLinear computing the same ``x @ W + b``).
 
     Args:
         model: any module; methods that need calibration expect a Hugging Face
@@ -68,10 +71,20 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
             for these layers (reused across methods instead of ``calibration``).
         progress: show progress bars.
 
+    Layers calibration never reaches (an extra head, an expert no token is routed to) are
+    quantized by round-to-nearest with a warning and listed in ``"fallback"``; inputs that are
+    always zero in the calibration text keep their round-to-nearest values (see
+    :mod:`lorakern.quant.gptq`). No weight is set from missing data.
+
     Returns the model. ``model.lorakern_quantization`` records what was done:
-    the arguments, ``"layers": {name: group_size}``, ``"kept": [names]``,
+    the arguments, ``"layers": {name: group_size}``, ``"kept": {name: reason}`` (every
+    linear-like layer left in full precision, with why), ``"fallback": {name: reason}``,
     ``"avg_bits"`` (codes + scales + zeros + outliers over all quantized
     weights) and ``"seconds"``.
+
+    Raises:
+        ValueError: bad arguments, no layer to quantize (the message lists every layer kept and
+            why), or a layer that cannot be quantized (the message names it).
     """
     from ..nn.gwq_linear import GWQLinear  # nn imports quant: import here
     from ..nn.quant_linear import QuantLinear
@@ -100,22 +113,39 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
         raise ValueError(f"method {method!r} (score={score}, dense={dense}) needs calibration token windows")
 
     targets = []
-    kept = []
-    for name, lin in model.named_modules():
-        if not isinstance(lin, nn.Linear) or _skipped(name, skip):
+    kept: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, GWQLinear)):
+            continue
+        shape = linear_shape(mod)
+        if shape is None:
+            continue
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            if isinstance(getattr(mod, "weight", None), torch.Tensor):
+                kept[name] = f"a {type(mod).__name__}, not nn.Linear or Conv1D"
+            continue
+        if _skipped(name, skip):
+            kept[name] = "skipped (skip=)"
             continue
         g = next((g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True)
-                  if g <= group_size and lin.in_features % g == 0), None)
+                  if g <= group_size and shape[1] % g == 0), None)
         if g is None:
-            log.warning("lorakern: keeping %s in full precision (in_features=%d)", name, lin.in_features)
-            kept.append(name)
+            kept[name] = f"in_features={shape[1]} is not a multiple of any supported group size {SUPPORTED_GROUP_SIZES}"
         else:
-            targets.append((name, lin, g))
+            targets.append((name, mod, g))
+    for name, why in kept.items():
+        if why != "skipped (skip=)":
+            log.warning("lorakern: keeping %s in full precision: %s", name, why)
+    if not targets:
+        raise ValueError("quantize_model: no layer to quantize; kept in full precision: "
+                         + ("; ".join(f"{n}: {w}" for n, w in kept.items()) or "none (the model has no linear layers)"))
     stats = {}
     if statistics is not None:
         stats = dict(statistics)
         for n, _, _ in targets:
             st = stats.get(n)
+            if st is not None and getattr(st, "tokens", 1) == 0:
+                continue  # unreached in calibration: RTN below
             if st is None or (need_h and st.hessian is None) or (score in ("grad", "grad_w") and st.grad is None) \
                     or (score == "grad_w2" and st.grad_sq is None):
                 raise ValueError(f"statistics lack what method {method!r} needs for layer {n}")
@@ -127,22 +157,31 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
               "outliers": outliers if score else 0.0, "per_row": per_row, "act_order": act_order,
               "calibration": list(calibration.shape) if calibration is not None else
               ([next(iter(statistics.values())).nsamples] if statistics else None),
-              "layers": {}, "kept": kept}
+              "layers": {}, "kept": kept, "fallback": {}}
     stored_bits, n_weights = 0.0, 0
     for name, lin, g in tqdm(targets, desc=f"quantize {method} {bits}-bit", disable=not progress, leave=False):
-        w = lin.weight.detach().float().cpu()
+        w = linear_weight(lin).detach().float().cpu()
         st = stats.pop(name, None)
-        H = st.hessian if st is not None else None
-        if score is None:
-            qw, _ = quantize_dense(w, bits, g, dense, H, act_order=act_order, percdamp=percdamp)
-            new = QuantLinear(qw, lin.bias)
+        if (need_grad or need_h) and (st is None or st.tokens == 0):
+            log.warning("lorakern: %s is never reached by the calibration data: round-to-nearest, no outliers", name)
+            record["fallback"][name] = "not reached by the calibration data: rtn"
+            lin_score, lin_dense, st = None, "rtn", None
         else:
-            s = outlier_scores(score, w, grad=st.grad if st else None, grad_sq=st.grad_sq if st else None,
-                               hinv_diag=inverse_hessian_diag(H, percdamp) if score == "hessian" else None,
-                               generator=gen)
-            mask = select_outliers(s, outliers, per_row)
-            qw = quantize_with_outliers(w, mask, bits, g, dense, H, act_order, percdamp)
-            new = GWQLinear(qw, lin.bias)
+            lin_score, lin_dense = score, dense
+        try:
+            H = st.hessian if st is not None else None
+            if lin_score is None:
+                qw, _ = quantize_dense(w, bits, g, lin_dense, H, act_order=act_order, percdamp=percdamp)
+                new = QuantLinear(qw, lin.bias)
+            else:
+                s = outlier_scores(lin_score, w, grad=st.grad if st else None, grad_sq=st.grad_sq if st else None,
+                                   hinv_diag=inverse_hessian_diag(H, percdamp) if lin_score == "hessian" else None,
+                                   generator=gen)
+                mask = select_outliers(s, outliers, per_row)
+                qw = quantize_with_outliers(w, mask, bits, g, lin_dense, H, act_order, percdamp)
+                new = GWQLinear(qw, lin.bias)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"quantize_model: layer {name} ({tuple(w.shape)}): {e}") from e
         stored_bits += qw.bits_per_weight() * w.numel()
         n_weights += w.numel()
         new = new.to(lin.weight.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_conv1d", "linear_shape"]
+__all__ = ["is_conv1d", "linear_shape", "linear_weight"]
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -24,3 +24,8 @@ def linear_shape(mod: nn.Module) -> tuple[int, int] | None:
     if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
         return int(mod.out_features), int(mod.in_features)
     return None
+
+
+def linear_weight(mod: nn.Module):
+    """The weight as ``[out_features, in_features]`` (a transposed view for ``Conv1D``)."""
+    return mod.weight.t() if is_conv1d(mod) else mod.weight
