@@ -55,6 +55,8 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
     wrapped = {}
     for name, (mod, layer) in targets.items():
         wrapped[name] = LoRALinear(mod, layer, dtype=dtype)  # validates shapes before any swap
+    from ..models.checkpoint import install_save_pretrained  # TODO(issue 13): model directories below adapters
+    install_save_pretrained(model)  # refuses while adapters are attached
     old = {}
     for name, new in wrapped.items():
         parent_name, _, child = name.rpartition(".")
@@ -123,6 +125,8 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     for name, layers in loaded.items():
         bank.add(name, layers)
     ctx = MultiLoRAContext(bank)
+    from ..models.checkpoint import install_save_pretrained  # TODO(issue 13): model directories below adapters
+    install_save_pretrained(model)  # refuses while adapters are attached
     old = {}
     for mname, lb in bank.layers.items():
         parent_name, _, child = mname.rpartition(".")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -37,9 +38,43 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, GWQLinear))}
 
 
+def _refuse_if_adapters(model: nn.Module) -> None:
+    from ..nn import LoRALinear, MultiLoRALinear
+    if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
+        raise ValueError("lorakern: the model has adapters attached; detach them first (detach_adapters / "
+                         "detach_adapter) and save the model and the adapters apart (save_peft_adapter, "
+                         "save_compressed_adapter)")
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a model lorakern changed: a quantized model is written as a lorakern model
+    directory (reload it with :func:`lorakern.models.load_quantized_model`); a model with adapters
+    attached is refused; otherwise transformers' own ``save_pretrained``."""
+    _refuse_if_adapters(self)
+    if _quantized_modules(self):
+        for k in kwargs:
+            if k not in ("safe_serialization", "is_main_process", "max_shard_size"):
+                raise TypeError(f"lorakern: save_pretrained of a quantized model does not take {k!r}")
+        return save_quantized_model(self, save_directory)
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` safe for what lorakern did to the model (see :func:`_save_pretrained`);
+    transformers' own would write packed buffers a plain ``from_pretrained`` silently ignores."""
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
 def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a model quantized by :func:`lorakern.quantize_model` to ``out_dir``."""
+    """Write a model quantized by :func:`lorakern.quantize_model` to ``out_dir``.
+
+    Raises:
+        ValueError: the model has no quantized layers, or has adapters attached.
+        TypeError: not a Hugging Face model.
+    """
     from ..nn import GWQLinear
+    _refuse_if_adapters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qmods = _quantized_modules(model)
@@ -134,6 +169,7 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
     if set(missing) - tied:
         raise FormatError(f"{d}: rest.safetensors lacks {sorted(set(missing) - tied)[:5]}")
     model.lorakern_quantization = meta.get("quantization", {})
+    install_save_pretrained(model)
     return model.to(device).eval()
 
 

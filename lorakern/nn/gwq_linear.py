@@ -10,11 +10,12 @@ from ..formats.io import FormatError, load_quantized, save_quantized
 from ..formats.outliers import GWQWeight, SparseOutliers
 from ..formats.quantized import QuantizedWeight
 from ..ops.cpu import gwq_matmul_cpu
+from .storage import FormatBuffers
 
 __all__ = ["GWQLinear"]
 
 
-class GWQLinear(nn.Module):
+class GWQLinear(FormatBuffers):
     """``y = x @ (W_q + S)^T + b``: W_q group-wise quantized, S the CSR outliers
     (docs/formats.md). forward runs ``torch.ops.lorakern.gwq_matmul`` (one fused
     pass: C++ on CPU, Triton on CUDA); the output dtype is the input's.

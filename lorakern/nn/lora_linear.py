@@ -9,11 +9,12 @@ from ..ops.cpu import PreparedLoRA
 from ..quant.loraquant import CompressedLoRA
 from ..formats.linear_like import linear_shape
 from .quant_linear import QuantLinear
+from .storage import FormatBuffers
 
 __all__ = ["LoRALinear"]
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(FormatBuffers):
     """``y = base(x) + scale * (x A^T) B^T``.
 
     Args:
@@ -68,6 +69,10 @@ class LoRALinear(nn.Module):
         if name.startswith("lora_"):  # a replaced adapter buffer is validated again at the next call
             self.__dict__["_prepared"] = None
         super().__setattr__(name, value)
+
+    def format_buffer_names(self) -> tuple[str, ...]:
+        """A compressed adapter's codes and fp16 scales keep their dtypes; a float adapter follows casts."""
+        return tuple(f"lora_{i}" for i in range(12)) if self.compressed else ()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...: new buffers
         self.__dict__["_prepared"] = None

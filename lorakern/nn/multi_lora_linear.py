@@ -86,6 +86,10 @@ class MultiLoRALinear(nn.Module):
         b = self.context.for_shape(tuple(x.shape[:-1]))
         if b is None:
             return y
+        if self.bank.device.type != x.device.type:
+            raise RuntimeError(f"lorakern: the adapter bank is on {self.bank.device}, the activations on {x.device}: "
+                               "detach_adapters, move the model, then attach_adapters again (device= chooses "
+                               "the bank's device)")
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         if b.tokens.device != x.device:
             b = b.to(x.device)

@@ -10,11 +10,12 @@ from ..formats.io import FormatError, load_quantized, save_quantized
 from ..formats.quantized import QuantizedWeight
 from ..ops.cpu import quant_matmul_cpu
 from ..quant.rtn import quantize_rtn
+from .storage import FormatBuffers
 
 __all__ = ["QuantLinear"]
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(FormatBuffers):
     """``y = x @ W^T + b`` with W stored group-wise quantized (docs/formats.md).
 
     Buffers: ``qweight`` (uint8 packed codes), ``scales`` and ``zeros`` (fp16),

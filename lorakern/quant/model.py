@@ -192,4 +192,6 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
     record["avg_bits"] = stored_bits / max(n_weights, 1)
     record["seconds"] = time.time() - t0
     model.lorakern_quantization = record
+    from ..models.checkpoint import install_save_pretrained  # TODO(issue 13): move model directories below quant
+    install_save_pretrained(model)
     return model
