@@ -12,14 +12,20 @@
     lorakern train-generator
                     train (or retrain) the default ICM-LoRA generator on SmolLM2
     lorakern info   versions, CPU kernel paths, build
+
+Errors (a missing, truncated or malformed file, a bad argument) print one line
+``lorakern: error: ...`` naming the file and the problem, and exit with status 2;
+``lorakern --debug ...`` or ``LORAKERN_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -45,10 +51,12 @@ def _demo(args) -> int:
     from lorakern.eval import decode_tokens_per_second, perplexity, read_wikitext, token_windows
     from lorakern.models import load_smollm2
 
+    _check_output_file(args.json)
+    text = read_wikitext("test")  # before the model: a missing text is reported at once
     torch.manual_seed(0)
     t0 = time.time()
     model, tok = load_smollm2()
-    windows = token_windows(tok, read_wikitext("test"), args.window, args.windows)
+    windows = token_windows(tok, text, args.window, args.windows)
     print(f"SmolLM2-135M-Instruct, WikiText-2 test: first {args.windows} windows of {args.window} tokens; "
           f"decode {args.decode_tokens} tokens; CPU path {lorakern.active_isa()}, {torch.get_num_threads()} threads")
     rows = []
@@ -93,6 +101,7 @@ def _quantize(args) -> int:
     from lorakern.models import load_model, load_quantized_model, save_quantized_model
     from lorakern.quant import calibration_windows
 
+    _check_model_arg(args.model)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     cal = None
@@ -124,8 +133,10 @@ def _compress_adapter(args) -> int:
     from lorakern.adapters import compress_adapter, load_peft_adapter, save_compressed_adapter
 
     adapter = load_peft_adapter(args.in_dir)
+    _check_output_file(args.out)
     model = None
     if args.model:
+        _check_model_arg(args.model)
         from lorakern.models import load_model
         model, _ = load_model(args.model)
     layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
@@ -148,15 +159,15 @@ def _generate_adapter(args) -> int:
     from lorakern.generate import AdapterGenerator, default_generator_path, ensure_generator, load_examples
     from lorakern.models import load_model
 
-    examples = load_examples(args.examples)  # validated before anything heavy runs
-    model, tok = load_model(args.model)
-    if args.generator:
-        gen = AdapterGenerator.load(args.generator)
-    elif args.model == "smollm2":
-        gen, _ = ensure_generator(model, tok)
-    else:
-        raise SystemExit(f"--generator is required with a model other than smollm2 "
+    examples = load_examples(args.examples)  # every file validated before anything heavy runs
+    gen = AdapterGenerator.load(args.generator) if args.generator else None
+    if gen is None and args.model != "smollm2":
+        raise ValueError(f"--generator is required with a model other than smollm2 "
                          f"(the default generator at {default_generator_path()} is for SmolLM2)")
+    _check_model_arg(args.model)
+    model, tok = load_model(args.model)
+    if gen is None:
+        gen, _ = ensure_generator(model, tok)
     adapter = gen.generate_from_examples(model, tok, examples, seed=None if args.mean else args.seed)
     out = save_peft_adapter(adapter, Path(args.out))
     n = sum(l.A.numel() + l.B.numel() for l in adapter.layers.values())
@@ -169,6 +180,7 @@ def _train_generator(args) -> int:
     from lorakern.generate import GeneratorTrainConfig, ensure_generator
     from lorakern.models import load_smollm2
 
+    _check_output_file(args.out)
     model, tok = load_smollm2()
     gen, rec = ensure_generator(model, tok, path=args.out, retrain=True,
                                 train=GeneratorTrainConfig(epochs=args.epochs, seed=args.seed))
@@ -177,8 +189,47 @@ def _train_generator(args) -> int:
     return 0
 
 
+def _check_output_file(path) -> None:
+    """An output file's folder must exist (checked before the long work, not after)."""
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{path}: cannot write here, the folder {parent} does not exist")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a file path")
+
+
+def _check_model_arg(model: str) -> None:
+    """'smollm2' or a local Hugging Face model directory with a readable config.json."""
+    if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        return
+    p = Path(model)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{model}: not 'smollm2' and not a local model directory")
+    cfg = p / "config.json"
+    try:
+        json.loads(cfg.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg}: missing (not a Hugging Face model directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) and e.filename \
+            and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    if not isinstance(e, (ValueError, TypeError, OSError, KeyError)):
+        msg = f"{type(e).__name__}: {msg}"
+    return msg if len(msg) <= 600 else msg[:597] + "..."
+
+
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status (2 on an error, see the module docstring)."""
     ap = argparse.ArgumentParser(prog="lorakern", description="lorakern: kernels for low-bit LLMs with many LoRA adapters")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also LORAKERN_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="quantize SmolLM2-135M; WikiText-2 perplexity and decode speed vs fp32")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths (default 4 3)")
@@ -238,7 +289,14 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="versions and CPU kernel paths")
     i.set_defaults(fn=_info)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    debug = args.debug or os.environ.get("LORAKERN_DEBUG", "") not in ("", "0")
+    try:
+        return args.fn(args)
+    except Exception as e:  # noqa: BLE001 -- one line for the user; --debug shows the traceback
+        if debug:
+            raise
+        print(f"lorakern: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

