@@ -135,14 +135,22 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
         setattr(parent, child, MultiLoRALinear(old[mname], lb, ctx))
     fwd, gen = model.forward, getattr(model, "generate", None)
 
-    def forward(*args, adapter_names=None, **kwargs):
+    def resolve(adapter_names, args, kwargs):
+        """(adapters, weights) for ctx.use: PEFT-style names, or a routed mixture for "auto"."""
+        if isinstance(adapter_names, str) and adapter_names == "auto":
+            return _routed(model, args, kwargs)
         _check_names(adapter_names, _batch_size(args, kwargs))
-        with ctx.use(adapter_names):
+        return adapter_names, None
+
+    def forward(*args, adapter_names=None, **kwargs):
+        adapters, weights = resolve(adapter_names, args, kwargs)
+        with ctx.use(adapters, weights):
             return fwd(*args, **kwargs)
 
     def generate(*args, adapter_names=None, **kwargs):
+        weights = None
         if adapter_names is not None:
-            _check_names(adapter_names, _batch_size(args, kwargs))
+            adapter_names, weights = resolve(adapter_names, args, kwargs)  # once per request, not per token
             # generate repeats every sample max(num_beams, num_return_sequences) times, sample by sample
             # (transformers' _expand_inputs_for_generation); PEFT repeats the names by num_beams
             gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -150,7 +158,9 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
             nret = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
             k = max(int(beams), int(nret))
             adapter_names = [n for n in adapter_names for _ in range(k)]
-        with ctx.use(adapter_names):
+            if weights is not None:
+                weights = weights.repeat_interleave(k, 0)
+        with ctx.use(adapter_names, weights):
             return gen(*args, **kwargs)
 
     model.forward = forward
@@ -159,6 +169,21 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     model.lorakern_bank, model.lorakern_context = bank, ctx
     model._lorakern_restore = (old, fwd, gen)
     return bank
+
+
+def _routed(model, args, kwargs):
+    """``adapter_names="auto"``: the model's router (:func:`lorakern.dlp.attach_router`) picks each sample's
+    adapters and weights from its prompt; returns bank ids ``[B, k]`` (-1 padded) and weights ``[B, k]``."""
+    router = getattr(model, "lorakern_router", None)
+    if router is None:
+        raise ValueError("lorakern: adapter_names='auto' needs a router: lorakern.dlp.attach_router(model, router)")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError("lorakern: adapter_names='auto' routes on input_ids; none were given")
+    names, weights = router.route(model, ids, kwargs.get("attention_mask"))
+    bank = model.lorakern_bank
+    bank_ids = [[bank.id(n) if n is not None else -1 for n in row] for row in names]
+    return bank_ids, weights
 
 
 def _batch_size(args, kwargs) -> int | None:
@@ -185,5 +210,5 @@ def detach_adapters(model: nn.Module) -> None:
     """Undo :func:`attach_adapters`: the original modules, forward and generate come back."""
     old, fwd, gen = model.__dict__.pop("_lorakern_restore")
     detach_adapter(model, old)
-    for attr in ("forward", "generate", "lorakern_bank", "lorakern_context"):
+    for attr in ("forward", "generate", "lorakern_bank", "lorakern_context", "lorakern_router"):
         model.__dict__.pop(attr, None)
