@@ -10,12 +10,12 @@ from .router import DEFAULT_TOP_P, DLPRouter, prompt_features
 __all__ = ["attach_router", "prompt_batches", "train_router"]
 
 
-def prompt_batches(tokenizer, prompts: list[str], batch_size: int = 64):
-    """Yield ``(input_ids, attention_mask)`` of left-padded batches of ``prompts`` (no special tokens added
-    beyond the tokenizer's defaults)."""
+def prompt_batches(tokenizer, prompts: list[str], batch_size: int = 64, add_special_tokens: bool = True):
+    """Yield ``(input_ids, attention_mask)`` of left-padded batches of ``prompts``, encoded as
+    ``tokenizer(prompt, add_special_tokens=...)`` (encode them as your requests will be)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
-        enc = [tokenizer(p).input_ids for p in prompts[i:i + batch_size]]
+        enc = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts[i:i + batch_size]]
         L = max(map(len, enc))
         ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc])
         mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
@@ -23,13 +23,15 @@ def prompt_batches(tokenizer, prompts: list[str], batch_size: int = 64):
 
 
 @torch.no_grad()
-def _features(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    return torch.cat([prompt_features(model, ids, mask) for ids, mask in prompt_batches(tokenizer, prompts)])
+def _features(model, tokenizer, prompts: list[str], add_special_tokens: bool) -> torch.Tensor:
+    return torch.cat([prompt_features(model, ids, mask)
+                      for ids, mask in prompt_batches(tokenizer, prompts, add_special_tokens=add_special_tokens)])
 
 
 def train_router(model: nn.Module, tokenizer, prompts: dict[str, list[str]], *, hidden: int = 256,
                  top_p: float = DEFAULT_TOP_P, epochs: int = 60, lr: float = 3e-3, weight_decay: float = 1e-2,
-                 batch_size: int = 64, seed: int = 0, progress: bool = True) -> DLPRouter:
+                 batch_size: int = 64, seed: int = 0, add_special_tokens: bool = True,
+                 progress: bool = True) -> DLPRouter:
     """Train a :class:`DLPRouter` to tell the adapters' tasks apart from their prompts.
 
     Args:
@@ -38,6 +40,7 @@ def train_router(model: nn.Module, tokenizer, prompts: dict[str, list[str]], *, 
         hidden, top_p: the router's (see :class:`DLPRouter`).
         epochs, lr, weight_decay, batch_size: AdamW on the cross-entropy of the adapter's index.
         seed: fixes the initialization and the shuffling (same seed, same router).
+        add_special_tokens: how the prompts are encoded (as the requests the router will see are).
 
     Returns:
         the router in eval mode; ``router.record`` holds the final training loss and accuracy.
@@ -51,7 +54,7 @@ def train_router(model: nn.Module, tokenizer, prompts: dict[str, list[str]], *, 
     for n, ps in prompts.items():
         if not ps or not all(isinstance(p, str) and p for p in ps):
             raise ValueError(f"adapter {n!r}: needs a non-empty list of non-empty prompt strings")
-    feats = [_features(model, tokenizer, list(prompts[n])) for n in tqdm(names, desc="router features",
+    feats = [_features(model, tokenizer, list(prompts[n]), add_special_tokens) for n in tqdm(names, desc="router features",
                                                                           disable=not progress, leave=False)]
     x = torch.cat(feats)
     y = torch.cat([torch.full((f.shape[0],), i, dtype=torch.long) for i, f in enumerate(feats)])

@@ -202,8 +202,12 @@ def train_lm_adapter(model, tokenizer, text: str, cfg: TrainConfig | None = None
 
 @torch.no_grad()
 def exact_match(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, batch_size: int = 50,
-                progress: bool = False) -> float:
-    """Fraction of ``n`` held-out examples (seeds disjoint from training) whose greedy answer is exact."""
+                progress: bool = False, adapter_names: str | None = None) -> float:
+    """Fraction of ``n`` held-out examples (seeds disjoint from training) whose greedy answer is exact.
+
+    ``adapter_names``: for a model with an adapter bank (:func:`lorakern.attach_adapters`), one adapter name
+    for every example, or ``"auto"`` (routed by the model's router, :mod:`lorakern.dlp`); None: as attached.
+    """
     pairs = task.examples(n, seed)
     max_new = max(len(tokenizer(f" {y}\n", add_special_tokens=False).input_ids) for _, y in pairs) + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -217,8 +221,11 @@ def exact_match(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, b
         L = max(map(len, prompts))
         ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])  # left padding
         mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+        kw = {}
+        if adapter_names is not None:
+            kw["adapter_names"] = adapter_names if adapter_names == "auto" else [adapter_names] * len(chunk)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=nl)
+                             pad_token_id=pad, eos_token_id=nl, **kw)
         for (x, y), gen in zip(chunk, out[:, L:].tolist()):
             text = tokenizer.decode(gen, skip_special_tokens=True).split("\n")[0].strip()
             correct += text == y
