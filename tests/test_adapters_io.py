@@ -76,7 +76,14 @@ def test_bad_adapters_are_rejected(peft_dir, tmp_path):
     with pytest.raises(FormatError, match="r=4"):
         load_peft_adapter(write("rank", tensors, {**cfg, "r": 4}))
     with pytest.raises(FormatError, match="unsupported tensor"):
-        load_peft_adapter(write("extra", {**tensors, "base_model.model.lm_head.weight": torch.randn(3, 3)}))
+        load_peft_adapter(write("extra", {**tensors, "base_model.model.lm_head.scales": torch.randn(3, 3)}))
+    # a full weight beside the adapter is a base-weight copy: kept, and checked against the model on attach
+    copy_ = load_peft_adapter(write("copy", {**tensors, "base_model.model.lm_head.weight": torch.randn(3, 3)}))
+    assert list(copy_.base_weights) == ["lm_head"]
+    from lorakern.adapters import apply_adapter
+    with pytest.raises(ValueError, match="replaces the base weight"):
+        with apply_adapter(tiny_llama(), copy_):
+            pass
     with pytest.raises(FormatError, match="no adapter_config"):
         load_peft_adapter(tmp_path)
     d = write("trunc", tensors)

@@ -38,7 +38,7 @@ __all__ = ["LoraAdapter", "LoraLayer", "check_base_weights", "compress_adapter",
            "save_compressed_adapter", "save_peft_adapter"]
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-_BASE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
+_BASE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight$")  # after the checks below
 # tensors of PEFT features lorakern does not implement -> the feature's name
 _FEATURE_KEYS = (
     (re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"), "LoRA on an embedding layer (lora_embedding_A/B)"),
@@ -131,16 +131,14 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
     for k, t in tensors.items():
         m = _KEY.match(k)
         if not m:
-            b = _BASE_KEY.match(k)
-            if b:
-                if t.dim() != 2 or not t.dtype.is_floating_point:
-                    raise FormatError(f"{w_path}: {k!r} must be a 2-D float tensor")
-                base_weights[b["module"]] = t
-                continue
             feature = next((f for pat, f in _FEATURE_KEYS if pat.search(k)), None)
             if feature:
                 raise FormatError(f"{w_path}: tensor {k!r}: the adapter uses {feature}, which lorakern does not "
                                   "support")
+            b = _BASE_KEY.match(k)  # a copy of a base weight (lm_head / embed_tokens): checked when attached
+            if b and t.dim() == 2 and t.dtype.is_floating_point:
+                base_weights[b["module"]] = t
+                continue
             raise FormatError(f"{w_path}: unsupported tensor {k!r} (only lora_A / lora_B weights of linear layers)")
         if m["which"] in parts.setdefault(m["module"], {}):
             raise FormatError(f"{w_path}: {k!r} duplicates another lora_{m['which']} of {m['module']}")
