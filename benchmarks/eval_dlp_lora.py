@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts and repeats")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tasks", default=None, help="comma-separated suite tasks (default: all six)")
     args = ap.parse_args(argv)
     quick = args.quick
     n_train, n_eval, repeats, new_tokens = (60, 30, 2, 32) if quick else (200, 100, 3, 32)
@@ -117,7 +118,10 @@ def main(argv=None) -> int:
     json_path = Path(args.json) if args.json else res / ("dlp_lora_quick.json" if quick else "dlp_lora.json")
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    tasks = list(SUITE)
+    tasks = args.tasks.split(",") if args.tasks else list(SUITE)
+    unknown = [t for t in tasks if t not in SUITE]
+    if unknown or len(tasks) < 2:
+        ap.error(f"--tasks: at least two of {list(SUITE)}, got {tasks}")
     print(f"adapters: {tasks} (trained and cached on first use)", flush=True)
     ensure_suite(model, tok, tasks)
 
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
                "compressed_fusion_vs_oracle": per["dlp_compressed"] / max(per["oracle"], 1e-9),
                "mixed_batch_time_ratio": statistics.median(t_dlp) / statistics.median(t_one),
                "per_task_means": per}
-    payload = {"machine": machine_info(), "mode": "quick" if quick else "full", "new_tokens": new_tokens,
+    payload = {"machine": machine_info(), "mode": "quick" if quick else "full", "new_tokens": new_tokens, "tasks": tasks,
                "router": {"parameters": router.num_parameters(), "prompts": router.record["prompts"],
                           "train_seconds": train_s, "top_p": router.top_p, "hidden": router.hidden,
                           "train_accuracy": router.record["train_accuracy"]},
