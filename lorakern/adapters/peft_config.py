@@ -89,7 +89,7 @@ def check_config(cfg: dict, where: str) -> None:
             continue
         if kind == OK:
             continue
-        default = {"bias": "none", "megatron_core": "megatron.core"}.get(key)
+        default = "none" if key == "bias" else None
         if v == default or (default is None and _default_like(v)):
             continue
         raise FormatError(f"{where}: {key}={v!r}: the adapter uses {kind}, which lorakern does not support")

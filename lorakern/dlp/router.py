@@ -41,7 +41,7 @@ def top_p_select(probs: torch.Tensor, top_p: float = DEFAULT_TOP_P) -> tuple[tor
         probs: ``[B, E]`` probabilities (non-negative, rows summing to 1; any float dtype).
         top_p: in ``[0, 1]``: keep the smallest prefix of the sorted probabilities whose sum is ``>= top_p``;
             at least one is always kept (``top_p <= 0``: the arg-max only; ``top_p >= 1``: every adapter with
-            non-zero probability... and at least one). Ties are broken by the lower index.
+            non-zero probability, and at least one). Ties are broken by the lower index.
 
     Returns:
         ``(ids int64 [B, k], weights float32 [B, k])`` with ``k`` the largest count kept in any row; a row
@@ -68,8 +68,8 @@ def top_p_select(probs: torch.Tensor, top_p: float = DEFAULT_TOP_P) -> tuple[tor
     ids = torch.where(keep, idx, torch.full_like(idx, -1))[:, :k].contiguous()
     w = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))[:, :k]
     total = w.sum(1, keepdim=True)
-    w = torch.where(total > 0, w / total.clamp_min(1e-300), torch.where(ids >= 0, 1.0, 0.0) / keep[:, :k].sum(1, keepdim=True))
-    return ids, w.float().contiguous()
+    uniform = (ids >= 0).double() / (ids >= 0).sum(1, keepdim=True)  # a row of all-zero probabilities
+    return ids, torch.where(total > 0, w / total.clamp_min(1e-300), uniform).float().contiguous()
 
 
 @torch.no_grad()
