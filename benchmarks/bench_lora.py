@@ -86,8 +86,8 @@ def main(argv=None):
         fused = []
         for q in qls:
             f = LoRALinear(q, c)
-            for i in range(12):  # distinct adapter memory per layer
-                setattr(f, f"lora_{i}", getattr(f, f"lora_{i}").clone())
+            for name in f.format_buffer_names():  # distinct adapter memory per layer
+                setattr(f, name, getattr(f, name).clone())
             fused.append(f)
         fps = {dt: [(A.to(dt).clone(), B.to(dt).clone()) for _ in range(na)]
                for dt in (torch.float32, torch.bfloat16, torch.float16)}

@@ -13,10 +13,11 @@ from .formats import GWQWeight, QuantizedWeight, SparseOutliers, load_quantized,
 from .nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear
 from .multilora import AdapterBank, LoRABatch
 from .adapters import attach_adapters, detach_adapters
-from .quant import quantize_model, quantize_rtn
+from .quant import quantize_rtn
+from .models import QuantConfig, quantize_model
 
 __all__ = [
-    "AdapterBank", "LoRABatch", "MultiLoRALinear", "attach_adapters", "detach_adapters",
+    "AdapterBank", "LoRABatch", "QuantConfig", "MultiLoRALinear", "attach_adapters", "detach_adapters",
     "GWQLinear", "GWQWeight", "LoRALinear", "NativeLibraryError", "QuantLinear", "QuantizedWeight", "SparseOutliers", "active_isa", "available_isas", "detected_isa",
     "load_quantized", "quantize_model", "quantize_rtn", "save_quantized", "set_isa",
 ]

@@ -36,8 +36,26 @@ def native():
             f"lorakern's C++ extension (lorakern._C) is not available: {_load_error}. "
             "Build it with `pip install -e .` (needs cmake, ninja and a C++17 compiler)."
         )
+    _check_records(_lib)
     _check_env_isa(_lib)
     return _lib
+
+
+def _check_records(lib) -> None:
+    """The records that cross into C++ must name the same fields in the same order on both sides
+    (``lorakern.formats`` here, ``RECORDS`` exported by csrc/python/bindings.cpp from lorakern.h)."""
+    from .formats.bank import BankView, SlotKind, SlotRow
+    from .formats.lora import LoraParts, LoraPartView
+    ours = {"BankView": BankView._fields, "SlotRow": SlotRow._fields, "LoraPartView": LoraPartView._fields,
+            "LoraParts": LoraParts._fields, "SlotKind": tuple((k.name, int(k)) for k in SlotKind)}
+    theirs = {k: tuple(tuple(x) if isinstance(x, tuple) else x for x in v)
+              for k, v in getattr(lib, "RECORDS", {}).items()}
+    if ours != theirs:
+        bad = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        global _lib
+        _lib = None
+        raise NativeLibraryError(f"lorakern._C and the Python package disagree on the records {bad}: the extension "
+                                 "is stale; rebuild it with `pip install -e .`")
 
 
 def _check_env_isa(lib) -> None:

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     d.add_argument("--decode-tokens", type=int, default=32)
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=_demo)
-    from lorakern.quant.model import METHODS
+    from lorakern.models.quantize import METHODS
     from lorakern.quant.outliers import SCORES
     q = sub.add_parser("quantize", help="quantize a model and write a quantized model directory")
     q.add_argument("model", help="'smollm2' (built in) or a local Hugging Face model directory")

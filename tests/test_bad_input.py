@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import random_qweight
+from lorakern.testing import random_qweight
 
 OP = torch.ops.lorakern.quant_matmul
 

@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
-from lorakern.eval import data
-from lorakern.eval.data import PACKAGED_SHA256, read_wikitext, wikitext_path
+from lorakern.data import wikitext as data
+from lorakern.data.wikitext import PACKAGED_SHA256, read_wikitext, wikitext_path
 
 
 def test_packaged_copy_is_the_default(monkeypatch):

@@ -7,11 +7,13 @@ import lorakern
 from lorakern._native import native
 from lorakern.formats import GWQWeight, SparseOutliers
 from lorakern.ops import reference as ref
+from lorakern import testing as oracle
 from lorakern.triton.gwq_matmul import gwq_matmul_triton
 
-from helpers import OUTLIER_PATTERNS, fp_bound, int8_act_bound, random_outliers, random_qweight
-from test_quant_matmul import EPS, terms_bound
-from test_triton import DOT_EPS, INTERPRETER_BF16_DOT
+from lorakern.testing import OUTLIER_PATTERNS, fp_bound, int8_act_bound, random_outliers, random_qweight
+from lorakern.testing import EPS, terms_bound
+from lorakern.testing import DOT_EPS, interpreter_bf16_dot_xfail
+INTERPRETER_BF16_DOT = interpreter_bf16_dot_xfail()
 
 
 def outlier_terms(x, o: SparseOutliers):
@@ -24,7 +26,7 @@ def outlier_terms(x, o: SparseOutliers):
 def check_gwq(x, w, o, bias, y):
     N, K = w.shape
     args = (w.qweight, w.scales, w.zeros, w.bits, w.group_size, o.row_ptr, o.col_idx, o.values)
-    model = ref.gwq_matmul_int8_act(x, *args, bias).reshape(-1, N)
+    model = oracle.gwq_matmul_int8_act(x, *args, bias).reshape(-1, N)
     y2 = y.reshape(-1, N).double()
     assert torch.isfinite(y2).all()
     sparse_terms, longest = outlier_terms(x, o)

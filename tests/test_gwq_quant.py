@@ -10,6 +10,7 @@ import lorakern
 from lorakern.formats import FormatError, GWQWeight
 from lorakern.models import load_quantized_model, save_quantized_model
 from lorakern.ops import reference as ref
+from lorakern import testing as oracle
 from lorakern.quant import (collect_statistics, gptq_quantize, inverse_hessian_diag, outlier_budget, outlier_scores,
                             quantize_dense, quantize_with_outliers, rtn_params, select_outliers)
 
@@ -168,7 +169,7 @@ def test_gwq_linear_forward_and_save_load(tmp_path, rng):
     x = torch.randn(3, 256, generator=rng)
     y = lin(x)
     o = gw.outliers
-    model = ref.gwq_matmul_int8_act(x, gw.dense.qweight, gw.dense.scales, gw.dense.zeros, 4, 128, o.row_ptr,
+    model = oracle.gwq_matmul_int8_act(x, gw.dense.qweight, gw.dense.scales, gw.dense.zeros, 4, 128, o.row_ptr,
                                     o.col_idx, o.values, bias)
     torch.testing.assert_close(y.double(), model, rtol=1e-5, atol=1e-4)
     lin.save(tmp_path / "l.safetensors")

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from lorakern.formats import FormatError, load_quantized, save_quantized
 from lorakern.nn import QuantLinear
 
-from helpers import random_qweight
+from lorakern.testing import random_qweight
 
 
 @pytest.fixture

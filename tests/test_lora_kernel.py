@@ -7,21 +7,14 @@ from lorakern._native import native
 from lorakern.formats import GWQWeight
 from lorakern.nn import GWQLinear, LoRALinear, QuantLinear
 from lorakern.ops import reference as ref
+from lorakern import testing as oracle
 from lorakern.quant import CompressedLoRA, compress_lora
 from lorakern.triton.lora_mixed import lora_mixed_triton, quant_matmul_lora_triton
 
-from helpers import random_outliers, random_qweight
-from test_quant_matmul import EPS, terms_bound
-from test_triton import DOT_EPS, INTERPRETER_BF16_DOT
-
-
-def random_compressed(N, K, r, h, bits_hi, ga, gb, gen, scale=1.5) -> CompressedLoRA:
-    """Random codes, scales and fractional zeros in every part (not an RTN result)."""
-    parts = dict(a_hi=random_qweight(h, K, bits_hi, ga, gen) if h else None,
-                 b_hi=random_qweight(h, N, bits_hi, gb, gen) if h else None,
-                 a_lo=random_qweight(r - h, K, 1, ga, gen) if h < r else None,
-                 b_lo=random_qweight(r - h, N, 1, gb, gen) if h < r else None)
-    return CompressedLoRA(**parts, shape=(N, K), rank=r, h=h, scale=scale)
+from lorakern.testing import random_compressed, random_outliers, random_qweight
+from lorakern.testing import EPS, terms_bound
+from lorakern.testing import DOT_EPS, interpreter_bf16_dot_xfail
+INTERPRETER_BF16_DOT = interpreter_bf16_dot_xfail()
 
 
 def lora_tolerance(x, c: CompressedLoRA, base_terms, out_dtype):
@@ -31,7 +24,7 @@ def lora_tolerance(x, c: CompressedLoRA, base_terms, out_dtype):
     K = c.shape[1]
     ga, _ = c.group_sizes
     B, A = c.factors()
-    xa = ref.quantize_activations_int8(x, ga).reshape(-1, K).double().abs() @ A.double().abs().t()
+    xa = oracle.quantize_activations_int8(x, ga).reshape(-1, K).double().abs() @ A.double().abs().t()
     shrink = (K // min(ga, 64) + K // ga + 8) * EPS[torch.float32] * xa
     expand_terms = abs(c.scale) * (xa @ B.double().abs().t())
     return (abs(c.scale) * (shrink @ B.double().abs().t())
@@ -68,7 +61,7 @@ def test_lora_mixed_cpu_matches_reference(isa, bits_hi, dtype, rng):
         base = torch.randn(M, N, generator=rng).to(dtype)
         y = torch.ops.lorakern.lora_mixed(x, base, ad, bits_hi, ga, gb, c.scale)
         assert y.dtype == dtype and y.shape == (M, N)
-        model = ref.lora_mixed_int8_act(x, base, ad, bits_hi, ga, gb, c.scale)
+        model = oracle.lora_mixed_int8_act(x, base, ad, bits_hi, ga, gb, c.scale)
         tol = lora_tolerance(x, c, base.double().abs(), dtype) + EPS[dtype] * model.abs()
         err = (y.double() - model).abs()
         assert torch.isfinite(y).all() and (err <= tol + 1e-30).all(), f"{(M, N, K, r, h)}: max err {err.max():.3g}"
@@ -85,7 +78,7 @@ def test_quant_matmul_lora_cpu_matches_reference(isa, bits, dtype, rng):
         bias = torch.randn(N, generator=rng) if M != 17 else None
         args = (w.qweight, w.scales, w.zeros, bits, w.group_size, bias, ad, c.bits_high, ga, gb, c.scale)
         y = torch.ops.lorakern.quant_matmul_lora(x, *args)
-        model = ref.quant_matmul_lora_int8_act(x, *args).reshape(M, N)
+        model = oracle.quant_matmul_lora_int8_act(x, *args).reshape(M, N)
         base_terms = terms_bound(x, w, bias).double() * (K // min(w.group_size, 64) + K // w.group_size + 8)
         tol = lora_tolerance(x, c, base_terms, dtype) + EPS[dtype] * model.abs()
         err = (y.double() - model).abs()
@@ -98,7 +91,7 @@ def test_quant_matmul_lora_cpu_matches_reference(isa, bits, dtype, rng):
 @pytest.mark.parametrize("M", [1, 5, 40])
 def test_lora_every_output_written(isa, M, rng):
     """Poison the output with NaN and call the C++ kernels directly."""
-    from lorakern.ops.cpu import _lora_parts
+    from lorakern.ops.cpu import _lora_parts  # the LoraPartView records the binding takes
     N, K = 192, 256
     c = random_compressed(N, K, 12, 5, 2, 128, 64, rng)
     ga, gb = c.group_sizes
@@ -216,10 +209,10 @@ def test_lora_linear_revalidates_replaced_buffers(rng):
     layer = LoRALinear(QuantLinear(random_qweight(N, K, 4, 128, rng)), c)
     x = torch.randn(2, K, generator=rng)
     y = layer(x)
-    layer.lora_6 = layer.lora_6[:, :8].clone()  # a_lo codes cut short
+    layer.lora_a_lo_codes = layer.lora_a_lo_codes[:, :8].clone()  # a_lo codes cut short
     with pytest.raises(ValueError, match="a_lo"):
         layer(x)
-    layer.lora_6 = c.op_tensors()[6].clone()
+    layer.lora_a_lo_codes = c.parts().a_lo[0].clone()
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="last dimension"):
         layer(torch.randn(2, K + 1))

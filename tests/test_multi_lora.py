@@ -6,9 +6,10 @@ import torch
 from lorakern.adapters.peft_io import LoraLayer
 from lorakern.multilora import AdapterBank, LoRABatch
 from lorakern.ops import reference as ref
+from lorakern import testing as oracle
 
-from test_lora_kernel import random_compressed
-from test_quant_matmul import EPS
+from lorakern.testing import random_compressed
+from lorakern.testing import EPS
 
 N, K = 192, 320  # multiples of the compressed groups (64), N not a multiple of the 128-column tile
 
@@ -74,7 +75,7 @@ def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
         x = (torch.randn(T, k_, generator=rng) * 2).to(dtype)
         base = torch.randn(T, n_, generator=rng).to(dtype)
         y = run(op, lb, b, x, base)
-        model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+        model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
         err = (y.double() - model).abs()
         tol = tolerance(x, lb, b, model, dtype)
         assert y.dtype == dtype and y.shape == (T, n_)
@@ -94,7 +95,7 @@ def test_mixtures_match_reference(isa, k, rng):
     b = bank.batch(ids, w)
     x, base = torch.randn(T, K, generator=rng), torch.randn(T, N, generator=rng)
     y = run("multi", lb, b, x, base)
-    model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+    model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
     assert ((y.double() - model).abs() <= tolerance(x, lb, b, model, torch.float32)).all()
     # a mixture equals the weighted sum of single-adapter runs (exactly, up to rounding)
     single = base.double().clone()
@@ -137,7 +138,7 @@ def test_ragged_shapes(isa, rng):
         b = bank.batch(mapping("random", 11, 3, rng))
         x, base = torch.randn(11, k_, generator=rng), torch.randn(11, n_, generator=rng)
         y = run("multi", lb, b, x, base)
-        model = ref.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+        model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
         assert ((y.double() - model).abs() <= tolerance(x, lb, b, model, torch.float32)).all(), (n_, k_)
 
 
@@ -157,7 +158,7 @@ def test_bank_add_remove_reuses_rows_and_keeps_others(rng):
     bank.remove("a3")  # compressed
     bank.add("c2", {"l": random_compressed(N, K, 8, 4, 2, 64, 64, rng)})
     y = run("multi", lb, bank.batch(["c2", "new", "a0", "a5", "a1", "a4"]), x, base)
-    model = ref.multi_lora_int8_act(x, base, *lb.op_args(), *(lambda b: (b.segments, b.tokens, b.weights))(
+    model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), *(lambda b: (b.segments, b.tokens, b.weights))(
         bank.batch(["c2", "new", "a0", "a5", "a1", "a4"])), lb.max_rank())
     assert torch.allclose(y.double(), model, atol=1e-4, rtol=1e-4)
     assert bank.nbytes("new") == 4 * (N + K) * 2
@@ -258,7 +259,8 @@ def test_opcheck_multi_lora(rng):
 
 from lorakern.triton.multi_lora import lora_expand_triton, lora_shrink_triton, multi_lora_triton  # noqa: E402
 
-from test_triton import DOT_EPS, INTERPRETER_BF16_DOT  # noqa: E402
+from lorakern.testing import DOT_EPS, interpreter_bf16_dot_xfail  # noqa: E402
+INTERPRETER_BF16_DOT = interpreter_bf16_dot_xfail()
 
 
 def triton_tolerance(x, lb, b, model, dtype):
@@ -365,7 +367,7 @@ def test_slices_match_reference_and_single_layers(isa, dtype, rng):
     base = torch.randn(T, 320, generator=rng).to(dtype)
     y = apply_slices(lbs, x, base, b)
     args = [lb.op_args() for lb in lbs]
-    model = ref.multi_lora_slices_int8_act(x, base, [t for a in args for t in a[0]], [a[1] for a in args],
+    model = oracle.multi_lora_slices_int8_act(x, base, [t for a in args for t in a[0]], [a[1] for a in args],
                                            [a[2] for a in args], [a[3] for a in args], [a[4] for a in args],
                                            *b.op_args(), 16)
     col = 0

@@ -6,27 +6,14 @@ import lorakern
 from lorakern._native import native
 from lorakern.formats.packing import unpack_codes
 from lorakern.ops import reference as ref
+from lorakern import testing as oracle
 
-from helpers import int8_act_bound, random_qweight
-
-EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def terms_bound(x, w, bias):
-    """Upper bound on the sum of |terms| the kernel adds in fp32 (lane partial
-    sums of |s*q*xhat| and |s*z*xhat|)."""
-    N, K = w.shape
-    G = w.group_size
-    q = unpack_codes(w.qweight, w.bits, G).float().view(N, K // G, G)
-    a = (w.scales.float().abs().unsqueeze(-1) * (q + w.zeros.float().abs().unsqueeze(-1))).view(N, K)
-    t = x.reshape(-1, K).float().abs() @ a.t() * 1.01
-    return t + (bias.abs() if bias is not None else 0)
-
+from lorakern.testing import EPS, int8_act_bound, random_qweight, terms_bound
 
 def check_against_references(x, w, bias, y):
     N, K = w.shape
     ng = K // w.group_size
-    model = ref.quant_matmul_int8_act(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, bias).reshape(-1, N)
+    model = oracle.quant_matmul_int8_act(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, bias).reshape(-1, N)
     y2 = y.reshape(-1, N).double()
     assert torch.isfinite(y2).all()
     # 1) exact model of the kernel math: only fp32 summation and output rounding differ

@@ -27,7 +27,7 @@ def test_fp32_perplexity_matches_reference(model_and_windows):
 def test_4bit_model_close_to_reference_path(model_and_windows, tmp_path):
     from lorakern.eval import perplexity
     from lorakern.nn import QuantLinear
-    from lorakern.ops import reference as ref
+    from lorakern import testing as oracle
     model, win = model_and_windows
     qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, group_size=128, progress=False)
     ppl_kernel = perplexity(qm, win, progress=False)
@@ -35,7 +35,7 @@ def test_4bit_model_close_to_reference_path(model_and_windows, tmp_path):
     layer = qm.model.layers[3].mlp.down_proj
     x = torch.randn(5, layer.in_features)
     w = layer.quantized_weight
-    assert (layer(x) - ref.quant_matmul_int8_act(x, w.qweight, w.scales, w.zeros, 4, w.group_size).float()).abs().max() < 1e-3
+    assert (layer(x) - oracle.quant_matmul_int8_act(x, w.qweight, w.scales, w.zeros, 4, w.group_size).float()).abs().max() < 1e-3
     fp = perplexity(model, win, progress=False)
     assert ppl_kernel < 1.6 * fp
     layer.save(tmp_path / "l.safetensors")

@@ -5,14 +5,9 @@ import torch
 from lorakern.ops import reference as ref
 from lorakern.triton.quant_matmul import CONFIGS, dequantize_triton, quant_matmul_triton
 
-from helpers import fp_bound, random_qweight
+from lorakern.testing import DOT_EPS, fp_bound, interpreter_bf16_dot_xfail, random_qweight
 
-INTERPRETER_BF16_DOT = pytest.mark.xfail(
-    strict=True, reason="triton 3.9's interpreter computes bf16 tl.dot wrongly (a 16x32 bf16 dot is off by ~1e10); "
-    "bf16 is checked by the sm_80/sm_90 AOT compile only")
-
-# per-product rounding of the dot inputs (fp32 runs as 3xTF32, about fp32) plus the output cast
-DOT_EPS = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+INTERPRETER_BF16_DOT = interpreter_bf16_dot_xfail()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -23,96 +23,77 @@ lk_qweight make_qweight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, in
                     reinterpret_cast<const uint16_t*>(zeros), N, K, bits, group_size};
 }
 
-// An adapter as 4 parts x (qweight, scales, zeros, rows, cols, bits, group_size), flattened.
-lk_lora make_lora(const std::vector<int64_t>& v, float scale) {
-  if (v.size() != 28) throw std::invalid_argument("an adapter is 4 parts x 7 fields");
-  lk_qweight q[4];
-  for (int i = 0; i < 4; ++i) {
-    const int64_t* f = v.data() + 7 * i;
-    q[i] = make_qweight((uintptr_t)f[0], (uintptr_t)f[1], (uintptr_t)f[2], f[3], f[4], (int)f[5], (int)f[6]);
-  }
-  return lk_lora{q[0], q[1], q[2], q[3], scale};
+// Records that cross from Python, field for field (names exported below as _C.RECORDS and checked
+// against lorakern.formats at import): a compressed adapter's part (LoraPartView: lk_qweight) and a
+// layer bank (BankView: lk_bank).
+const char* const kQWeightFields[] = {"qweight", "scales", "zeros", "N", "K", "bits", "group_size"};
+const char* const kLoraParts[] = {"a_hi", "b_hi", "a_lo", "b_lo"};
+const char* const kBankFields[] = {"table",   "scales", "num_slots", "dtype",    "group_a",   "group_b",
+                                   "a",       "dense_rows", "bt",    "qa",       "qa_bytes",  "qa_scales",
+                                   "qa_zeros", "qrows", "qb",        "qb_bytes", "qb_scales", "qb_zeros"};
+const char* const kSlotColumns[] = {"kind", "rank", "row", "h", "bits_hi", "a_off", "b_off"};
+static_assert(sizeof(kSlotColumns) / sizeof(*kSlotColumns) == LK_SLOT_NUM_COLUMNS, "slot columns");
+constexpr size_t kNumQWeightFields = sizeof(kQWeightFields) / sizeof(*kQWeightFields);
+constexpr size_t kNumBankFields = sizeof(kBankFields) / sizeof(*kBankFields);
+
+template <class T>
+const T* ptr(int64_t address) {
+  return reinterpret_cast<const T*>((uintptr_t)address);
 }
 
-// A layer's adapter bank as the Python side holds it (lorakern/multilora/bank.py): a slot table
-// int64 [num_slots, 7] (kind, rank, row, h, bits_hi, a_off, b_off), fp32 scales [num_slots] and
-// the slabs. Fields, in order: table, scales, num_slots, dense dtype, group_a, group_b,
-// dense A, dense rows, dense B^T, compressed A codes, their bytes, A scales, A zeros,
-// scale rows, compressed B^T codes, their bytes, B scales, B zeros.
-struct BankView {
-  const int64_t* table;
-  const float* scales;
-  int64_t num_slots;
-  lk_dtype dtype;
-  int ga, gb;
-  const char *da, *db;
-  int64_t drows;
-  const uint8_t* qa;
-  int64_t qa_bytes;
-  const uint16_t *qas, *qaz;
-  int64_t qrows;
-  const uint8_t* qb;
-  int64_t qb_bytes;
-  const uint16_t *qbs, *qbz;
+lk_qweight qweight_of(const std::vector<int64_t>& f) {
+  if (f.size() != kNumQWeightFields) throw std::invalid_argument("a LoraPartView has 7 fields");
+  return lk_qweight{ptr<uint8_t>(f[0]), ptr<uint16_t>(f[1]), ptr<uint16_t>(f[2]), f[3], f[4], (int32_t)f[5],
+                    (int32_t)f[6]};
+}
+
+lk_lora lora_of(const std::vector<std::vector<int64_t>>& parts, float scale) {
+  if (parts.size() != 4) throw std::invalid_argument("an adapter has 4 parts (a_hi, b_hi, a_lo, b_lo)");
+  return lk_lora{qweight_of(parts[0]), qweight_of(parts[1]), qweight_of(parts[2]), qweight_of(parts[3]), scale};
+}
+
+lk_bank bank_of(const std::vector<int64_t>& f) {
+  if (f.size() != kNumBankFields) throw std::invalid_argument("a BankView has 18 fields");
+  return lk_bank{ptr<int64_t>(f[0]), ptr<float>(f[1]), f[2], (lk_dtype)f[3], (int32_t)f[4], (int32_t)f[5],
+                 ptr<void>(f[6]), f[7], ptr<void>(f[8]), ptr<uint8_t>(f[9]), f[10], ptr<uint16_t>(f[11]),
+                 ptr<uint16_t>(f[12]), f[13], ptr<uint8_t>(f[14]), f[15], ptr<uint16_t>(f[16]),
+                 ptr<uint16_t>(f[17])};
+}
+
+// The slots the batch's segments use (lk_bank_resolve) and the segments renumbered to index them.
+struct Resolved {
+  std::vector<lk_lora_slot> slots;
+  std::vector<int64_t> segments;
 };
 
-BankView make_bank(const std::vector<int64_t>& f) {
-  if (f.size() != 18) throw std::invalid_argument("a bank is 18 fields");
-  auto p = [&](int i) { return reinterpret_cast<const char*>((uintptr_t)f[i]); };
-  return BankView{reinterpret_cast<const int64_t*>(p(0)), reinterpret_cast<const float*>(p(1)), f[2],
-                  (lk_dtype)f[3], (int)f[4], (int)f[5], p(6), p(8), f[7],
-                  reinterpret_cast<const uint8_t*>(p(9)), f[10], reinterpret_cast<const uint16_t*>(p(11)),
-                  reinterpret_cast<const uint16_t*>(p(12)), f[13], reinterpret_cast<const uint8_t*>(p(14)), f[15],
-                  reinterpret_cast<const uint16_t*>(p(16)), reinterpret_cast<const uint16_t*>(p(17))};
+Resolved resolve(const lk_bank& b, int64_t N, int64_t K, int64_t segments, int64_t num_segments, int64_t max_rank) {
+  Resolved r{std::vector<lk_lora_slot>((size_t)num_segments), std::vector<int64_t>((size_t)(3 * num_segments))};
+  int64_t failed = -1;
+  const lk_status s = lk_bank_resolve(&b, N, K, ptr<int64_t>(segments), num_segments, max_rank, r.slots.data(),
+                                      r.segments.data(), &failed);
+  const std::string slot = "lorakern: adapter slot " + std::to_string(failed);
+  switch (s) {
+    case LK_OK: return r;
+    case LK_ERR_SLOT_RANGE:
+      throw std::out_of_range(slot + " is out of range [0, " + std::to_string(b.num_slots) + ")");
+    case LK_ERR_SLOT_EMPTY: throw std::invalid_argument(slot + " is empty (the adapter was removed)");
+    case LK_ERR_BAD_SLOT: throw std::invalid_argument(slot + ": bank table entry invalid or out of the slab");
+    case LK_ERR_RANK:
+      throw std::invalid_argument("lorakern: max_rank=" + std::to_string(max_rank) + " is below the rank of " +
+                                  slot.substr(10));
+    default: check(s, "lk_bank_resolve");
+  }
+  return r;
 }
 
-// The slots the segments use, resolved to pointers after checking every offset against the
-// slabs; the segments are renumbered to index the returned vector.
-std::vector<lk_lora_slot> resolve_slots(const BankView& b, int64_t N, int64_t K, const int64_t* seg, int64_t nseg,
-                                        std::vector<int64_t>& seg_out) {
-  std::vector<lk_lora_slot> out((size_t)nseg);
-  seg_out.assign(seg, seg + 3 * nseg);
-  const size_t esz = b.dtype == LK_F32 ? 4 : 2;
-  for (int64_t s = 0; s < nseg; ++s) {
-    const int64_t id = seg[3 * s];
-    if (id < 0 || id >= b.num_slots)
-      throw std::out_of_range("lorakern: adapter slot " + std::to_string(id) + " is out of range [0, " +
-                              std::to_string(b.num_slots) + ")");
-    const int64_t* r = b.table + 7 * id;
-    const int64_t kind = r[0], rank = r[1], row = r[2], h = r[3], bits = r[4], aoff = r[5], boff = r[6];
-    lk_lora_slot& sl = out[(size_t)s];
-    sl = lk_lora_slot{};
-    sl.scale = b.scales[id];
-    seg_out[3 * s] = s;
-    if (kind == LK_SLOT_EMPTY)
-      throw std::invalid_argument("lorakern: adapter slot " + std::to_string(id) + " is empty (the adapter was removed)");
-    if (rank < 0 || row < 0) throw std::invalid_argument("lorakern: bank table: negative rank or row");
-    if (kind == LK_SLOT_DENSE) {
-      if (rank > b.drows - row) throw std::invalid_argument("lorakern: bank table: dense rows out of the slab");
-      sl.kind = LK_SLOT_DENSE;
-      sl.dtype = b.dtype;
-      sl.rank = rank;
-      sl.a = b.da + (size_t)(row * K) * esz;
-      sl.bt = b.db + (size_t)(row * N) * esz;
-      continue;
-    }
-    if (kind != LK_SLOT_COMPRESSED) throw std::invalid_argument("lorakern: bank table: unknown slot kind");
-    if (h < 0 || h > rank || rank > b.qrows - row || aoff < 0 || boff < 0 || b.ga <= 0 || b.gb <= 0 ||
-        !(bits == 2 || bits == 3 || bits == 4 || bits == 8) || K % b.ga || N % b.gb)
-      throw std::invalid_argument("lorakern: bank table: bad compressed slot");
-    const int64_t rl = rank - h;
-    if (h * (K * bits / 8) + rl * (K / 8) > b.qa_bytes - aoff || h * (N * bits / 8) + rl * (N / 8) > b.qb_bytes - boff)
-      throw std::invalid_argument("lorakern: bank table: compressed codes out of the slab");
-    const int64_t nga = K / b.ga, ngb = N / b.gb;
-    sl.kind = LK_SLOT_COMPRESSED;
-    sl.q.a_hi = lk_qweight{b.qa + aoff, b.qas + row * nga, b.qaz + row * nga, h, K, (int32_t)bits, b.ga};
-    sl.q.a_lo = lk_qweight{b.qa + aoff + h * (K * bits / 8), b.qas + (row + h) * nga, b.qaz + (row + h) * nga, rl,
-                           K, 1, b.ga};
-    sl.q.b_hi = lk_qweight{b.qb + boff, b.qbs + row * ngb, b.qbz + row * ngb, h, N, (int32_t)bits, b.gb};
-    sl.q.b_lo = lk_qweight{b.qb + boff + h * (N * bits / 8), b.qbs + (row + h) * ngb, b.qbz + (row + h) * ngb, rl,
-                           N, 1, b.gb};
-  }
-  return out;
+lk_lora_batch batch_of(const Resolved& r, int64_t num_segments, int64_t tokens, int64_t weights, int64_t entries) {
+  return lk_lora_batch{r.segments.data(), num_segments, ptr<int64_t>(tokens), ptr<float>(weights), entries};
+}
+
+py::tuple names(const char* const* v, size_t n) {
+  py::tuple t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = py::str(v[i]);
+  return t;
 }
 
 lk_isa isa_from_name(const std::string& name) {
@@ -190,16 +171,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("N"), py::arg("K"),
       py::arg("bits"), py::arg("group_size"), py::arg("out"), py::arg("num_threads") = 0);
+  // Named records: Python checks its NamedTuples against these at import (lorakern/_native.py).
+  py::dict records;
+  records["LoraPartView"] = names(kQWeightFields, kNumQWeightFields);
+  records["LoraParts"] = names(kLoraParts, 4);
+  records["BankView"] = names(kBankFields, kNumBankFields);
+  records["SlotRow"] = names(kSlotColumns, LK_SLOT_NUM_COLUMNS);
+  records["SlotKind"] = py::make_tuple(py::make_tuple("EMPTY", (int)LK_SLOT_EMPTY),
+                                       py::make_tuple("DENSE", (int)LK_SLOT_DENSE),
+                                       py::make_tuple("COMPRESSED", (int)LK_SLOT_COMPRESSED));
+  m.attr("RECORDS") = records;
   m.def(
       "lora_mixed",
-      [](uintptr_t x, int x_dtype, int64_t M, const std::vector<int64_t>& parts, float scale, uintptr_t base,
-         uintptr_t y, int num_threads) {
-        const lk_lora l = make_lora(parts, scale);
+      [](int64_t x, int x_dtype, int64_t M, const std::vector<std::vector<int64_t>>& parts, float scale,
+         int64_t base, int64_t y, int num_threads) {
+        const lk_lora l = lora_of(parts, scale);
         lk_status s;
         {
           py::gil_scoped_release nogil;
-          s = lk_lora_mixed(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, M, &l,
-                            reinterpret_cast<const void*>(base), reinterpret_cast<void*>(y), num_threads);
+          s = lk_lora_mixed(ptr<void>(x), (lk_dtype)x_dtype, M, &l, ptr<void>(base), (void*)(uintptr_t)y,
+                            num_threads);
         }
         check(s, "lk_lora_mixed");
       },
@@ -208,10 +199,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quant_matmul_lora",
       [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N,
-         int64_t K, int bits, int group_size, uintptr_t bias, const std::vector<int64_t>& parts, float scale,
-         uintptr_t y, int num_threads) {
+         int64_t K, int bits, int group_size, uintptr_t bias, const std::vector<std::vector<int64_t>>& parts,
+         float scale, uintptr_t y, int num_threads) {
         const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
-        const lk_lora l = make_lora(parts, scale);
+        const lk_lora l = lora_of(parts, scale);
         lk_status s;
         {
           py::gil_scoped_release nogil;
@@ -225,72 +216,82 @@ PYBIND11_MODULE(_C, m) {
       py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("parts"),
       py::arg("scale"), py::arg("y"), py::arg("num_threads") = 0);
   m.def(
-      "multi_lora",
-      [](int mode, uintptr_t x, int x_dtype, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank,
-         uintptr_t segments, int64_t num_segments, uintptr_t tokens, uintptr_t weights, int64_t num_entries,
-         uintptr_t t, int64_t ldt, uintptr_t base, uintptr_t y, int num_threads) {
-        // mode 0: shrink (x -> t), 1: expand (t, base -> y), 2: both (x, base -> y)
-        const BankView b = make_bank(bank);
-        std::vector<int64_t> seg;
-        const std::vector<lk_lora_slot> slots =
-            resolve_slots(b, N, K, reinterpret_cast<const int64_t*>(segments), num_segments, seg);
-        if (mode == 2)  // the fused call keeps its intermediate; ldt is the caller's max_rank, checked all the same
-          for (const lk_lora_slot& sl : slots)
-            if ((sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N) > ldt)
-              throw std::invalid_argument("lorakern: max_rank=" + std::to_string(ldt) +
-                                          " is below the rank of an adapter in the batch");
-        const lk_lora_batch batch{seg.data(), num_segments, reinterpret_cast<const int64_t*>(tokens),
-                                  reinterpret_cast<const float*>(weights), num_entries};
+      "lora_shrink",
+      [](int64_t x, int x_dtype, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank, int64_t segments,
+         int64_t num_segments, int64_t tokens, int64_t weights, int64_t num_entries, int64_t t, int64_t ldt,
+         int num_threads) {
+        const Resolved r = resolve(bank_of(bank), N, K, segments, num_segments, ldt);
+        const lk_lora_batch batch = batch_of(r, num_segments, tokens, weights, num_entries);
         lk_status s;
         {
           py::gil_scoped_release nogil;
-          const auto* xp = reinterpret_cast<const void*>(x);
-          if (mode == 0)
-            s = lk_lora_shrink(xp, (lk_dtype)x_dtype, T, K, slots.data(), num_segments, &batch,
-                               reinterpret_cast<float*>(t), ldt, num_threads);
-          else if (mode == 1)
-            s = lk_lora_expand(reinterpret_cast<const float*>(t), ldt, slots.data(), num_segments, &batch,
-                               (lk_dtype)x_dtype, T, N, reinterpret_cast<const void*>(base),
-                               reinterpret_cast<void*>(y), num_threads);
-          else
-            s = lk_multi_lora(xp, (lk_dtype)x_dtype, T, K, N, slots.data(), num_segments, &batch,
-                              reinterpret_cast<const void*>(base), reinterpret_cast<void*>(y), num_threads);
+          s = lk_lora_shrink(ptr<void>(x), (lk_dtype)x_dtype, T, K, r.slots.data(), num_segments, &batch,
+                             (float*)(uintptr_t)t, ldt, num_threads);
+        }
+        check(s, "lk_lora_shrink");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"),
+      py::arg("segments"), py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"),
+      py::arg("t"), py::arg("ldt"), py::arg("num_threads") = 0);
+  m.def(
+      "lora_expand",
+      [](int64_t t, int64_t ldt, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank,
+         int64_t segments, int64_t num_segments, int64_t tokens, int64_t weights, int64_t num_entries,
+         int y_dtype, int64_t base, int64_t y, int num_threads) {
+        const Resolved r = resolve(bank_of(bank), N, K, segments, num_segments, ldt);
+        const lk_lora_batch batch = batch_of(r, num_segments, tokens, weights, num_entries);
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_lora_expand(ptr<float>(t), ldt, r.slots.data(), num_segments, &batch, (lk_dtype)y_dtype, T, N,
+                             ptr<void>(base), (void*)(uintptr_t)y, num_threads);
+        }
+        check(s, "lk_lora_expand");
+      },
+      py::arg("t"), py::arg("ldt"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"), py::arg("segments"),
+      py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"), py::arg("y_dtype"),
+      py::arg("base"), py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
+      "multi_lora",
+      [](int64_t x, int x_dtype, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank, int64_t segments,
+         int64_t num_segments, int64_t tokens, int64_t weights, int64_t num_entries, int64_t max_rank, int64_t base,
+         int64_t y, int num_threads) {
+        const Resolved r = resolve(bank_of(bank), N, K, segments, num_segments, max_rank);
+        const lk_lora_batch batch = batch_of(r, num_segments, tokens, weights, num_entries);
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_multi_lora(ptr<void>(x), (lk_dtype)x_dtype, T, K, N, r.slots.data(), num_segments, &batch,
+                            ptr<void>(base), (void*)(uintptr_t)y, num_threads);
         }
         check(s, "lk_multi_lora");
       },
-      py::arg("mode"), py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"),
+      py::arg("x"), py::arg("x_dtype"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("bank"),
       py::arg("segments"), py::arg("num_segments"), py::arg("tokens"), py::arg("weights"), py::arg("num_entries"),
-      py::arg("t"), py::arg("ldt"), py::arg("base"), py::arg("y"), py::arg("num_threads") = 0);
+      py::arg("max_rank"), py::arg("base"), py::arg("y"), py::arg("num_threads") = 0);
   m.def(
       "multi_lora_slices",
-      [](uintptr_t x, int x_dtype, int64_t T, int64_t K, const std::vector<std::vector<int64_t>>& banks,
-         const std::vector<int64_t>& widths, uintptr_t segments, int64_t num_segments, uintptr_t tokens,
-         uintptr_t weights, int64_t num_entries, int64_t max_rank, uintptr_t base, uintptr_t y, int64_t ldy,
+      [](int64_t x, int x_dtype, int64_t T, int64_t K, const std::vector<std::vector<int64_t>>& banks,
+         const std::vector<int64_t>& widths, int64_t segments, int64_t num_segments, int64_t tokens,
+         int64_t weights, int64_t num_entries, int64_t max_rank, int64_t base, int64_t y, int64_t ldy,
          int num_threads) {
         if (banks.size() != widths.size()) throw std::invalid_argument("one width per bank");
-        std::vector<std::vector<lk_lora_slot>> slots(banks.size());
-        std::vector<lk_lora_slice> slices(banks.size());
-        std::vector<int64_t> seg;
+        std::vector<Resolved> res;
+        std::vector<lk_lora_slice> slices;
         int64_t col = 0;
         for (size_t i = 0; i < banks.size(); ++i) {
-          const BankView b = make_bank(banks[i]);
-          slots[i] = resolve_slots(b, widths[i], K, reinterpret_cast<const int64_t*>(segments), num_segments, seg);
-          for (const lk_lora_slot& sl : slots[i])
-            if ((sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N) > max_rank)
-              throw std::invalid_argument("lorakern: max_rank=" + std::to_string(max_rank) +
-                                          " is below the rank of an adapter in the batch");
-          slices[i] = lk_lora_slice{slots[i].data(), num_segments, widths[i], col};
+          res.push_back(resolve(bank_of(banks[i]), widths[i], K, segments, num_segments, max_rank));
+          slices.push_back(lk_lora_slice{res.back().slots.data(), num_segments, widths[i], col});
           col += widths[i];
         }
-        // resolve_slots renumbers the segments to index each slice's own slot vector (the same numbering)
-        const lk_lora_batch batch{seg.data(), num_segments, reinterpret_cast<const int64_t*>(tokens),
-                                  reinterpret_cast<const float*>(weights), num_entries};
+        if (res.empty()) throw std::invalid_argument("at least one slice");
+        // every slice's segments are renumbered the same way (segment s -> its slot s)
+        const lk_lora_batch batch = batch_of(res[0], num_segments, tokens, weights, num_entries);
         lk_status s;
         {
           py::gil_scoped_release nogil;
-          s = lk_multi_lora_slices(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, T, K, slices.data(),
-                                   (int64_t)slices.size(), &batch, ldy, reinterpret_cast<const void*>(base),
-                                   reinterpret_cast<void*>(y), num_threads);
+          s = lk_multi_lora_slices(ptr<void>(x), (lk_dtype)x_dtype, T, K, slices.data(), (int64_t)slices.size(),
+                                   &batch, ldy, ptr<void>(base), (void*)(uintptr_t)y, num_threads);
         }
         check(s, "lk_multi_lora_slices");
       },

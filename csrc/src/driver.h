@@ -1,5 +1,4 @@
-// Internal: what the C ABI entry points share (argument checks, thread counts, ISA
-// dispatch, activation conversion and quantization). Defined in quant_matmul.cpp.
+// Internal: what the C ABI entry points share (argument checks, thread counts, activation conversion and quantization). Defined in quant_matmul.cpp.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -14,8 +13,6 @@ int threads_for(int requested);
 // A compressed adapter's parts against a layer [N, K] (lora_mixed.cpp; the scale is not checked).
 lk_status check_lora_parts(const lk_lora* l, int64_t N, int64_t K);                // 0 -> the OpenMP default
 
-using RowsFn = void (*)(const QmmProblem&, int64_t, int64_t);
-RowsFn rows_fn(lk_isa isa);
 
 // x [M, K] as fp32 (converted from fp16/bf16 if needed) and its int8 quantization
 // for group size G (quantize_activations).

@@ -16,6 +16,7 @@
 
 #include "common.h"
 #include "driver.h"
+#include "kernels.h"
 #include "lora.h"
 #include "lorakern/lorakern.h"
 
@@ -46,16 +47,6 @@ lk_status check_lora_parts(const lk_lora* l, int64_t N, int64_t K) {
 }  // namespace lk
 
 namespace {
-
-using ExpandFn = void (*)(const lk::LoraExpand&, int64_t, int64_t);
-
-ExpandFn expand_fn(lk_isa isa) {
-  switch (isa) {
-    case LK_ISA_AVX512: return lk::lora_expand_avx512;
-    case LK_ISA_AVX2: return lk::lora_expand_avx2;
-    default: return lk::lora_expand_generic;
-  }
-}
 
 // The base output already in y32 (lora_mixed), or computed here from w (quant_matmul_lora).
 lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_t K, const lk_qweight* w,
@@ -114,9 +105,9 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
                            {{l->b_hi.qweight, l->b_hi.scales, l->b_hi.zeros, h, l->b_hi.bits, t_hi.data(), h},
                             {l->b_lo.qweight, l->b_lo.scales, l->b_lo.zeros, rl, 1, t_lo.data(), rl}},
                            l->scale, y32, base32};
-    const lk_isa isa = lk_active_isa();
-    const lk::RowsFn fn = lk::rows_fn(isa);
-    const ExpandFn ex = expand_fn(isa);
+    const lk::CpuKernels& kern = lk::active_kernels();
+    const auto fn = kern.qmm_rows;
+    const auto ex = kern.lora_expand;
     const int64_t r = h + rl, ngb = N / gb;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(lk::threads_for(num_threads), ngb));
 #pragma omp parallel num_threads(nt)

@@ -20,29 +20,11 @@
 
 #include "common.h"
 #include "driver.h"
+#include "kernels.h"
 #include "lorakern/lorakern.h"
 #include "multi_lora.h"
 
 namespace {
-
-using ShrinkFn = void (*)(const lk::DenseShrink&, int64_t, int64_t);
-using ExpandFn = void (*)(const lk::MultiExpand&, int64_t, int64_t);
-
-ShrinkFn shrink_fn(lk_isa isa) {
-  switch (isa) {
-    case LK_ISA_AVX512: return lk::dense_shrink_avx512;
-    case LK_ISA_AVX2: return lk::dense_shrink_avx2;
-    default: return lk::dense_shrink_generic;
-  }
-}
-
-ExpandFn expand_fn(lk_isa isa) {
-  switch (isa) {
-    case LK_ISA_AVX512: return lk::multi_expand_avx512;
-    case LK_ISA_AVX2: return lk::multi_expand_avx2;
-    default: return lk::multi_expand_generic;
-  }
-}
 
 int64_t slot_rank(const lk_lora_slot& s) { return s.kind == LK_SLOT_DENSE ? s.rank : s.q.a_hi.N + s.q.a_lo.N; }
 
@@ -134,7 +116,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
       tbuf.assign((size_t)(E * ldt), 0.f);
       t = tbuf.data();
     }
-    const lk_isa isa = lk_active_isa();
+    const lk::CpuKernels& kern = lk::active_kernels();
     std::unique_ptr<float[]> xg, tq;  // uninitialized: every element used is written first
     std::vector<const float*> xrow;  // fp32 row of each entry: x's own row, or its conversion in xg
     std::unique_ptr<int8_t[]> xq;
@@ -183,9 +165,9 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
       }
     }
     const int64_t ld32 = y_dtype == LK_F32 ? ldy : N;  // row stride of y32
-    const ShrinkFn sfn = shrink_fn(isa);
-    const ExpandFn efn = expand_fn(isa);
-    const lk::RowsFn rfn = lk::rows_fn(isa);
+    const auto sfn = kern.dense_shrink;
+    const auto efn = kern.multi_expand;
+    const auto rfn = kern.qmm_rows;
     const lk::MultiExpand me{slots, b, t, ldt, N, y32, ld32};
     const int64_t ntiles = expand ? (N + lk::kExpandTile - 1) / lk::kExpandTile : 0;
     const size_t xb = x_dtype == LK_F32 ? 4 : 2;
@@ -208,10 +190,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
           if (c.compressed) {
             int8_t* q = xq.get() + e * K;
             float *qs = xs.get() + e * (K / B), *qsum = xsum.get() + e * (K / G);
-            if (isa >= LK_ISA_AVX2)
-              lk::quantize_activations_avx2(xr, 1, K, G, q, qs, qsum);
-            else
-              lk::quantize_activations(xr, 1, K, G, q, qs, qsum);
+            kern.quantize_activations(xr, 1, K, G, q, qs, qsum);
           }
         }
 #pragma omp for schedule(dynamic, 1)

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "driver.h"
+#include "kernels.h"
 #include "lorakern/lorakern.h"
 
 namespace lk {
@@ -28,14 +29,6 @@ lk_status check_weight(const lk_qweight* w) {
 }
 
 int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
-
-RowsFn rows_fn(lk_isa isa) {
-  switch (isa) {
-    case LK_ISA_AVX512: return qmm_rows_avx512;
-    case LK_ISA_AVX2: return qmm_rows_avx2;
-    default: return qmm_rows_generic;
-  }
-}
 
 void store_output(const float* y32, lk_dtype dtype, int64_t n, void* y) {
   if (dtype == LK_F32) return;
@@ -61,10 +54,7 @@ void Activations::quantize(int G_) {
   xq.resize((size_t)(M * K));
   xs.resize((size_t)(M * (K / act_block(G))));
   xsum.resize((size_t)(M * (K / G)));
-  if (lk_active_isa() >= LK_ISA_AVX2)
-    quantize_activations_avx2(x32, M, K, G, xq.data(), xs.data(), xsum.data());
-  else
-    quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
+  active_kernels().quantize_activations(x32, M, K, G, xq.data(), xs.data(), xsum.data());
 }
 
 }  // namespace lk
@@ -72,8 +62,6 @@ void Activations::quantize(int G_) {
 namespace {
 
 using lk::check_weight;
-using lk::rows_fn;
-using lk::RowsFn;
 using lk::threads_for;
 
 // quant_matmul, plus the sparse outliers when `o` is given (gwq_matmul).
@@ -126,7 +114,7 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
       p.xt = xcols;
       p.bad_csr = &bad_csr;
     }
-    const RowsFn fn = rows_fn(lk_active_isa());
+    const auto fn = lk::active_kernels().qmm_rows;
     const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
     // Contiguous row blocks per thread: each thread streams its own slab.
 #pragma omp parallel num_threads(nt)
@@ -155,6 +143,10 @@ const char* lk_status_string(lk_status s) {
     case LK_ERR_INVALID_ARG: return "invalid argument";
     case LK_ERR_UNSUPPORTED: return "unsupported by this CPU";
     case LK_ERR_ALLOC: return "out of memory";
+    case LK_ERR_SLOT_RANGE: return "adapter slot out of range";
+    case LK_ERR_SLOT_EMPTY: return "adapter slot is empty (the adapter was removed)";
+    case LK_ERR_BAD_SLOT: return "bad bank table entry (fields invalid or rows / codes out of the slab)";
+    case LK_ERR_RANK: return "an adapter's rank exceeds max_rank";
   }
   return "unknown status";
 }

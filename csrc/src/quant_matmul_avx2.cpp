@@ -8,6 +8,7 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
+#include "simd_vec.h"
 #include "multi_lora_simd.h"
 
 namespace lk {
@@ -273,132 +274,27 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
 
 namespace {
 
-template <int DT>  // 8 values of row p at element c as fp32 (DT: lk_dtype)
-inline __m256 load8(const void* p, int64_t c) {
-  if (DT == LK_F32) return _mm256_loadu_ps(static_cast<const float*>(p) + c);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + c));
-  if (DT == LK_F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-template <int DT>
-inline void axpy_rows_t(float* y, const float* coef, const void* src, int64_t ld, int64_t r, int64_t w) {
-  const size_t eb = DT == LK_F32 ? 4 : 2;
-  for (int64_t c0 = 0; c0 < w; c0 += 32) {  // 32 columns in four registers across the r rows
-    __m256 a0 = _mm256_loadu_ps(y + c0), a1 = _mm256_loadu_ps(y + c0 + 8);
-    __m256 a2 = _mm256_loadu_ps(y + c0 + 16), a3 = _mm256_loadu_ps(y + c0 + 24);
-    for (int64_t i = 0; i < r; ++i) {
-      const void* row = static_cast<const char*>(src) + (size_t)(i * ld) * eb;
-      const __m256 ci = _mm256_broadcast_ss(coef + i);
-      a0 = _mm256_fmadd_ps(ci, load8<DT>(row, c0), a0);
-      a1 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 8), a1);
-      a2 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 16), a2);
-      a3 = _mm256_fmadd_ps(ci, load8<DT>(row, c0 + 24), a3);
-    }
-    _mm256_storeu_ps(y + c0, a0);
-    _mm256_storeu_ps(y + c0 + 8, a1);
-    _mm256_storeu_ps(y + c0 + 16, a2);
-    _mm256_storeu_ps(y + c0 + 24, a3);
+struct V8 {  // the AVX2 register type of simd_vec.h
+  using reg = __m256;
+  static constexpr int W = 8;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(reg v) { return hsum(v); }
+  static reg load_f16(const uint16_t* h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h)); }
+  static reg load_bf16(const uint16_t* h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)h)), 16));
   }
-}
+};
 
-template <int DT>
-inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int64_t K, float* out) {
-  const size_t eb = DT == LK_F32 ? 4 : 2;
-  const char* r0 = static_cast<const char*>(src);
-  const char *r1 = r0 + (size_t)(ld * (nr > 1)) * eb, *r2 = r0 + (size_t)(2 * ld * (nr > 2)) * eb;
-  const char* r3 = r0 + (size_t)(3 * ld * (nr > 3)) * eb;  // rows past nr repeat row 0 (not stored)
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    s0 = _mm256_fmadd_ps(xv, load8<DT>(r0, k), s0);
-    s1 = _mm256_fmadd_ps(xv, load8<DT>(r1, k), s1);
-    s2 = _mm256_fmadd_ps(xv, load8<DT>(r2, k), s2);
-    s3 = _mm256_fmadd_ps(xv, load8<DT>(r3, k), s3);
-  }
-  float o[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
-  const char* rows[4] = {r0, r1, r2, r3};
-  for (; k < K; ++k)
-    for (int j = 0; j < 4; ++j) {
-      const void* rp = rows[j] + (size_t)k * eb;
-      const float v = DT == LK_F32 ? *static_cast<const float*>(rp)
-                                   : (DT == LK_F16 ? half_to_float(*static_cast<const uint16_t*>(rp))
-                                                   : bf16_to_float(*static_cast<const uint16_t*>(rp)));
-      o[j] += x[k] * v;
-    }
-  for (int j = 0; j < nr; ++j) out[j] = o[j];
-}
-
-struct Avx2Expand {
+struct Avx2Expand : SimdVec<V8> {
   static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
     return qpart_layout_avx2(bits, G, c0, c1, rows);
   }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
     axpy_qpart_avx2(y, coef, p, c0, c1);
-  }
-  static void dot_rows(const float* x, const void* src, int64_t ld, lk_dtype dt, int nr, int64_t K, float* out) {
-    if (dt == LK_F32) dot_rows_t<LK_F32>(x, src, ld, nr, K, out);
-    else if (dt == LK_F16) dot_rows_t<LK_F16>(x, src, ld, nr, K, out);
-    else dot_rows_t<LK_BF16>(x, src, ld, nr, K, out);
-  }
-  static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
-    if (dt == LK_F32) axpy_rows_t<LK_F32>(y, coef, src, ld, r, w);
-    else if (dt == LK_F16) axpy_rows_t<LK_F16>(y, coef, src, ld, r, w);
-    else axpy_rows_t<LK_BF16>(y, coef, src, ld, r, w);
-  }
-  static float h2f(uint16_t h) { return _cvtsh_ss(h); }
-  static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
-    if (dt == LK_F32) {
-      std::memcpy(out, src, (size_t)n * sizeof(float));
-      return;
-    }
-    const uint16_t* h = static_cast<const uint16_t*>(src);
-    int64_t i = 0;
-    if (dt == LK_F16) {
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
-      for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
-    } else {
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(h + i))), 16)));
-      for (; i < n; ++i) out[i] = bf16_to_float(h[i]);
-    }
-  }
-  static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      s0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + k), s0);
-      s1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + lda + k), s1);
-      s2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + 2 * lda + k), s2);
-      s3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + 3 * lda + k), s3);
-    }
-    out[0] = hsum(s0);
-    out[1] = hsum(s1);
-    out[2] = hsum(s2);
-    out[3] = hsum(s3);
-    for (; k < K; ++k)
-      for (int j = 0; j < 4; ++j) out[j] += x[k] * a[j * lda + k];
-  }
-  static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
-    for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in four registers
-      __m256 a0 = _mm256_loadu_ps(yin + c0), a1 = _mm256_loadu_ps(yin + c0 + 8);
-      __m256 a2 = _mm256_loadu_ps(yin + c0 + 16), a3 = _mm256_loadu_ps(yin + c0 + 24);
-      for (int64_t i = 0; i < r; ++i) {
-        const __m256 ci = _mm256_broadcast_ss(coef + i);
-        const float* w = W + i * G + c0;
-        a0 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w), a0);
-        a1 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 8), a1);
-        a2 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 16), a2);
-        a3 = _mm256_fmadd_ps(ci, _mm256_loadu_ps(w + 24), a3);
-      }
-      _mm256_storeu_ps(y + c0, a0);
-      _mm256_storeu_ps(y + c0 + 8, a1);
-      _mm256_storeu_ps(y + c0 + 16, a2);
-      _mm256_storeu_ps(y + c0 + 24, a3);
-    }
   }
   template <int BITS>
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {

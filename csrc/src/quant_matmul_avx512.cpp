@@ -8,6 +8,7 @@
 #include "common.h"
 #include "simd_x86.h"
 #include "qmm_rows_simd.h"
+#include "simd_vec.h"
 #include "multi_lora_simd.h"
 
 #ifdef LORAKERN_SIMDE
@@ -218,123 +219,27 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
   }
 }
 
-template <int DT>  // 16 values of row p at element c as fp32 (DT: lk_dtype)
-inline __m512 load16(const void* p, int64_t c) {
-  if (DT == LK_F32) return _mm512_loadu_ps(static_cast<const float*>(p) + c);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + c));
-  if (DT == LK_F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-template <int DT>
-inline void axpy_rows_t(float* y, const float* coef, const void* src, int64_t ld, int64_t r, int64_t w) {
-  const size_t eb = DT == LK_F32 ? 4 : 2;
-  for (int64_t c0 = 0; c0 < w; c0 += 32) {  // 32 columns in two registers across the r rows
-    __m512 a0 = _mm512_loadu_ps(y + c0), a1 = _mm512_loadu_ps(y + c0 + 16);
-    for (int64_t i = 0; i < r; ++i) {
-      const void* row = static_cast<const char*>(src) + (size_t)(i * ld) * eb;
-      const __m512 ci = _mm512_set1_ps(coef[i]);
-      a0 = _mm512_fmadd_ps(ci, load16<DT>(row, c0), a0);
-      a1 = _mm512_fmadd_ps(ci, load16<DT>(row, c0 + 16), a1);
-    }
-    _mm512_storeu_ps(y + c0, a0);
-    _mm512_storeu_ps(y + c0 + 16, a1);
+struct V16 {  // the AVX-512 register type of simd_vec.h
+  using reg = __m512;
+  static constexpr int W = 16;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(reg v) { return _mm512_reduce_add_ps(v); }
+  static reg load_f16(const uint16_t* h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)h)); }
+  static reg load_bf16(const uint16_t* h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)h)), 16));
   }
-}
+};
 
-template <int DT>
-inline void dot_rows_t(const float* x, const void* src, int64_t ld, int nr, int64_t K, float* out) {
-  const size_t eb = DT == LK_F32 ? 4 : 2;
-  const char* r0 = static_cast<const char*>(src);
-  const char *r1 = r0 + (size_t)(ld * (nr > 1)) * eb, *r2 = r0 + (size_t)(2 * ld * (nr > 2)) * eb;
-  const char* r3 = r0 + (size_t)(3 * ld * (nr > 3)) * eb;  // rows past nr repeat row 0 (not stored)
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    s0 = _mm512_fmadd_ps(xv, load16<DT>(r0, k), s0);
-    s1 = _mm512_fmadd_ps(xv, load16<DT>(r1, k), s1);
-    s2 = _mm512_fmadd_ps(xv, load16<DT>(r2, k), s2);
-    s3 = _mm512_fmadd_ps(xv, load16<DT>(r3, k), s3);
-  }
-  float o[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2), _mm512_reduce_add_ps(s3)};
-  const char* rows[4] = {r0, r1, r2, r3};
-  for (; k < K; ++k)
-    for (int j = 0; j < 4; ++j) {
-      const void* rp = rows[j] + (size_t)k * eb;
-      const float v = DT == LK_F32 ? *static_cast<const float*>(rp)
-                                   : (DT == LK_F16 ? half_to_float(*static_cast<const uint16_t*>(rp))
-                                                   : bf16_to_float(*static_cast<const uint16_t*>(rp)));
-      o[j] += x[k] * v;
-    }
-  for (int j = 0; j < nr; ++j) out[j] = o[j];
-}
-
-struct Avx512Expand {
+struct Avx512Expand : SimdVec<V16> {
   static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
     return qpart_layout_avx2(bits, G, c0, c1, rows);
   }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
     axpy_qpart_avx2(y, coef, p, c0, c1);
-  }
-  static void dot_rows(const float* x, const void* src, int64_t ld, lk_dtype dt, int nr, int64_t K, float* out) {
-    if (dt == LK_F32) dot_rows_t<LK_F32>(x, src, ld, nr, K, out);
-    else if (dt == LK_F16) dot_rows_t<LK_F16>(x, src, ld, nr, K, out);
-    else dot_rows_t<LK_BF16>(x, src, ld, nr, K, out);
-  }
-  static void axpy_rows(float* y, const float* coef, const void* src, int64_t ld, lk_dtype dt, int64_t r, int64_t w) {
-    if (dt == LK_F32) axpy_rows_t<LK_F32>(y, coef, src, ld, r, w);
-    else if (dt == LK_F16) axpy_rows_t<LK_F16>(y, coef, src, ld, r, w);
-    else axpy_rows_t<LK_BF16>(y, coef, src, ld, r, w);
-  }
-  static float h2f(uint16_t h) { return _cvtsh_ss(h); }
-  static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {
-    if (dt == LK_F32) {
-      std::memcpy(out, src, (size_t)n * sizeof(float));
-      return;
-    }
-    const uint16_t* h = static_cast<const uint16_t*>(src);
-    int64_t i = 0;
-    if (dt == LK_F16) {
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
-      for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
-    } else {
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(h + i))), 16)));
-      for (; i < n; ++i) out[i] = bf16_to_float(h[i]);
-    }
-  }
-  static void dot4(const float* x, const float* a, int64_t lda, int64_t K, float* out) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      s0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + k), s0);
-      s1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + lda + k), s1);
-      s2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + 2 * lda + k), s2);
-      s3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a + 3 * lda + k), s3);
-    }
-    out[0] = _mm512_reduce_add_ps(s0);
-    out[1] = _mm512_reduce_add_ps(s1);
-    out[2] = _mm512_reduce_add_ps(s2);
-    out[3] = _mm512_reduce_add_ps(s3);
-    for (; k < K; ++k)
-      for (int j = 0; j < 4; ++j) out[j] += x[k] * a[j * lda + k];
-  }
-  static void accumulate(float* y, const float* yin, const float* coef, const float* W, int64_t r, int G) {
-    for (int c0 = 0; c0 < G; c0 += 32) {  // 32 columns in two registers
-      __m512 a0 = _mm512_loadu_ps(yin + c0), a1 = _mm512_loadu_ps(yin + c0 + 16);
-      for (int64_t i = 0; i < r; ++i) {
-        const __m512 ci = _mm512_set1_ps(coef[i]);
-        const float* w = W + i * G + c0;
-        a0 = _mm512_fmadd_ps(ci, _mm512_loadu_ps(w), a0);
-        a1 = _mm512_fmadd_ps(ci, _mm512_loadu_ps(w + 16), a1);
-      }
-      _mm512_storeu_ps(y + c0, a0);
-      _mm512_storeu_ps(y + c0 + 16, a1);
-    }
   }
   template <int BITS>
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 #include "lora.h"
 #include "lorakern/lorakern.h"
 #include "multi_lora.h"
@@ -554,35 +555,91 @@ static void check_lora_abi(std::mt19937& rng) {
   std::printf("lora c abi: checked\n");
 }
 
+// lk_bank_resolve: a dense and a compressed slot decode to the right pointers; every kind of bad row
+// (slot out of range, empty, rows or codes past the slabs, bad bits, rank above max_rank) is refused.
+static void check_bank_resolve() {
+  const int64_t N = 64, K = 96;
+  std::vector<float> a((size_t)(6 * K)), bt((size_t)(6 * N));
+  const int64_t h = 1, r = 4, bits = 2;
+  const int64_t qa_bytes = h * K * bits / 8 + (r - h) * K / 8 + 5, qb_bytes = h * N * bits / 8 + (r - h) * N / 8;
+  std::vector<uint8_t> qa((size_t)qa_bytes), qb((size_t)qb_bytes);
+  std::vector<uint16_t> qas((size_t)(6 * K / 32)), qaz(qas.size()), qbs((size_t)(6 * N / 32)), qbz(qbs.size());
+  int64_t table[4 * LK_SLOT_NUM_COLUMNS] = {};
+  auto row = [&](int s) { return table + s * LK_SLOT_NUM_COLUMNS; };
+  row(0)[LK_SLOT_KIND] = LK_SLOT_DENSE, row(0)[LK_SLOT_RANK] = 3, row(0)[LK_SLOT_ROW] = 2;
+  row(1)[LK_SLOT_KIND] = LK_SLOT_COMPRESSED, row(1)[LK_SLOT_RANK] = r, row(1)[LK_SLOT_ROW] = 1;
+  row(1)[LK_SLOT_H] = h, row(1)[LK_SLOT_BITS_HI] = bits, row(1)[LK_SLOT_A_OFF] = 5, row(1)[LK_SLOT_B_OFF] = 0;
+  row(3)[LK_SLOT_KIND] = LK_SLOT_DENSE;  // rank 0: the adapter does not touch this layer
+  const float scales[4] = {0.5f, 2.f, 0.f, 0.f};
+  const lk_bank b{table, scales, 4, LK_F32, 32, 32, a.data(), 6, bt.data(), qa.data(), qa_bytes, qas.data(),
+                  qaz.data(), 6, qb.data(), qb_bytes, qbs.data(), qbz.data()};
+  const int64_t segs[9] = {1, 0, 2, 0, 2, 1, 3, 3, 0};
+  lk_lora_slot out[3];
+  int64_t segs_out[9], failed = -1;
+  CHECK(lk_bank_resolve(&b, N, K, segs, 3, 4, out, segs_out, &failed) == LK_OK, "bank resolves");
+  CHECK(out[1].kind == LK_SLOT_DENSE && out[1].rank == 3 && out[1].a == a.data() + 2 * K &&
+            out[1].bt == bt.data() + 2 * N && out[1].scale == 0.5f, "dense slot");
+  CHECK(out[0].kind == LK_SLOT_COMPRESSED && out[0].q.a_hi.qweight == qa.data() + 5 && out[0].q.a_hi.N == h &&
+            out[0].q.a_lo.qweight == qa.data() + 5 + h * K * bits / 8 && out[0].q.a_lo.N == r - h &&
+            out[0].q.b_lo.scales == qbs.data() + 2 * (N / 32) && out[0].q.a_hi.bits == bits && out[0].scale == 2.f,
+        "compressed slot");
+  CHECK(out[2].kind == LK_SLOT_DENSE && out[2].rank == 0, "rank-0 slot");
+  CHECK(segs_out[0] == 0 && segs_out[3] == 1 && segs_out[4] == 2 && segs_out[6] == 2 && segs_out[8] == 0,
+        "segments renumbered");
+  auto refused = [&](int64_t id, lk_status want, int64_t max_rank = -1) {
+    const int64_t one[3] = {id, 0, 1};
+    lk_lora_slot sl;
+    failed = -1;
+    return lk_bank_resolve(&b, N, K, one, 1, max_rank, &sl, nullptr, &failed) == want && failed == id;
+  };
+  CHECK(refused(4, LK_ERR_SLOT_RANGE) && refused(-1, LK_ERR_SLOT_RANGE), "slot out of range");
+  CHECK(refused(2, LK_ERR_SLOT_EMPTY), "empty slot");
+  CHECK(refused(1, LK_ERR_RANK, 3), "rank above max_rank");
+  const int64_t saved[LK_SLOT_NUM_COLUMNS] = {row(1)[0], row(1)[1], row(1)[2], row(1)[3], row(1)[4], row(1)[5], row(1)[6]};
+  const int64_t hostile[][2] = {{LK_SLOT_A_OFF, 6}, {LK_SLOT_B_OFF, -1}, {LK_SLOT_ROW, 3}, {LK_SLOT_BITS_HI, 5},
+                                {LK_SLOT_H, 5}, {LK_SLOT_KIND, 7}};
+  for (const auto& hv : hostile) {
+    row(1)[hv[0]] = hv[1];
+    CHECK(refused(1, LK_ERR_BAD_SLOT), "hostile compressed row refused");
+    std::copy(saved, saved + LK_SLOT_NUM_COLUMNS, row(1));
+  }
+  row(0)[LK_SLOT_ROW] = 4;  // rows 4..6 of a 6-row slab
+  CHECK(refused(0, LK_ERR_BAD_SLOT), "dense rows past the slab");
+  CHECK(lk_bank_resolve(nullptr, N, K, segs, 3, -1, out, nullptr, nullptr) == LK_ERR_INVALID_ARG, "null bank");
+  std::printf("bank resolve: checked\n");
+}
+
 int main() {
   // Fresh inputs every run; LORAKERN_TEST_SEED reproduces one.
   const char* env_seed = std::getenv("LORAKERN_TEST_SEED");
   const unsigned seed = env_seed ? (unsigned)std::strtoul(env_seed, nullptr, 10) : std::random_device{}();
   std::printf("seed %u\n", seed);
   std::mt19937 rng(seed);
-  check_rows_fn("generic", lk::qmm_rows_generic, rng);
-  if (lk_detected_isa() >= LK_ISA_AVX2) check_rows_fn("avx2", lk::qmm_rows_avx2, rng);
-  else std::printf("avx2: skipped (CPU lacks AVX2)\n");
-  if (lk_detected_isa() >= LK_ISA_AVX512) check_rows_fn("avx512", lk::qmm_rows_avx512, rng);
-  else std::printf("avx512 (native): skipped (CPU lacks AVX-512)\n");
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512}) {  // every table this CPU can run
+    const lk::CpuKernels& kern = lk::cpu_kernels(isa);
+    CHECK(kern.isa == isa && kern.qmm_rows && kern.quantize_activations && kern.lora_expand && kern.dense_shrink &&
+              kern.multi_expand, "kernel table filled");
+    if (isa > lk_detected_isa()) {
+      std::printf("%s (native): skipped (CPU lacks it)\n", lk_isa_name(isa));
+      continue;
+    }
+    check_rows_fn(lk_isa_name(isa), kern.qmm_rows, rng);
+    check_expand_fn(lk_isa_name(isa), kern.lora_expand, rng);
+    if (isa != LK_ISA_GENERIC) check_multi_pieces(lk_isa_name(isa), kern.dense_shrink, kern.multi_expand, rng);
+  }
 #ifdef LORAKERN_HAVE_SIMDE
   check_rows_fn("avx512 (SIMDe emulation)", lk::qmm_rows_avx512_simde, rng);
 #endif
-  check_expand_fn("generic", lk::lora_expand_generic, rng);
-  if (lk_detected_isa() >= LK_ISA_AVX2) check_expand_fn("avx2", lk::lora_expand_avx2, rng);
-  if (lk_detected_isa() >= LK_ISA_AVX512) check_expand_fn("avx512", lk::lora_expand_avx512, rng);
 #ifdef LORAKERN_HAVE_SIMDE
   check_expand_fn("avx512 (SIMDe emulation)", lk::lora_expand_avx512_simde, rng);
 #endif
-  if (lk_detected_isa() >= LK_ISA_AVX2) check_multi_pieces("avx2", lk::dense_shrink_avx2, lk::multi_expand_avx2, rng);
-  if (lk_detected_isa() >= LK_ISA_AVX512)
-    check_multi_pieces("avx512", lk::dense_shrink_avx512, lk::multi_expand_avx512, rng);
 #ifdef LORAKERN_HAVE_SIMDE
   if (lk_detected_isa() >= LK_ISA_AVX2)  // the SIMDe build's compressed expand calls the AVX2 decoder
     check_multi_pieces("avx512 (SIMDe emulation)", lk::dense_shrink_avx512_simde, lk::multi_expand_avx512_simde, rng);
 #endif
   if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
   check_c_abi(rng);
+  check_bank_resolve();
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
     if (lk_set_isa(isa) == LK_OK) {
       check_lora_abi(rng);

@@ -6,13 +6,33 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..nn.lora_linear import LoRALinear
 from ..formats.linear_like import linear_shape
+from ..models.checkpoint import install_save_pretrained
+from ..multilora.bank import AdapterBank
+from ..nn.lora_linear import LoRALinear
 from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
+from ..nn.swap import replace_module
 from .loading import load_adapter
 from .peft_io import LoraAdapter, check_base_weights
 
-__all__ = ["apply_adapter", "attach_adapter", "attach_adapters", "detach_adapter", "detach_adapters"]
+__all__ = ["ModelAdapterBank", "apply_adapter", "attach_adapter", "attach_adapters", "detach_adapter",
+           "detach_adapters"]
+
+
+class ModelAdapterBank(AdapterBank):
+    """The bank :func:`attach_adapters` gives a model (``model.lorakern_bank``): an
+    :class:`~lorakern.multilora.AdapterBank` that also loads adapter paths (:func:`load_adapter`) and checks
+    the base-weight copies a PEFT adapter carries against its model (:func:`check_base_weights`)."""
+
+    def __init__(self, model: nn.Module, layers: dict, dtype: torch.dtype, device):
+        super().__init__(layers, dtype=dtype, device=device)
+        self._model = model
+
+    def adapter_layers(self, adapter, name: str) -> dict:
+        return super().adapter_layers(load_adapter(adapter), name)
+
+    def check_base_weights(self, adapter: LoraAdapter, name: str) -> None:
+        check_base_weights(self._model, adapter, f"adapter {name!r}")
 
 
 def _layers(adapter, model=None) -> dict:
@@ -55,23 +75,17 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
     wrapped = {}
     for name, (mod, layer) in targets.items():
         wrapped[name] = LoRALinear(mod, layer, dtype=dtype)  # validates shapes before any swap
-    from ..models.checkpoint import install_save_pretrained  # TODO(issue 13): model directories below adapters
     install_save_pretrained(model)  # refuses while adapters are attached
     old = {}
     for name, new in wrapped.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old[name] = getattr(parent, child)
-        setattr(parent, child, new)
+        old[name] = replace_module(model, name, new)
     return old
 
 
 def detach_adapter(model: nn.Module, old: dict[str, nn.Module]) -> None:
     """Undo :func:`attach_adapter` (``old`` is what it returned)."""
     for name, mod in old.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, mod)
+        replace_module(model, name, mod)
 
 
 @contextmanager
@@ -91,19 +105,21 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     Every module any adapter touches becomes a :class:`~lorakern.nn.MultiLoRALinear`; an adapter that
     does not touch a module adds nothing there. Afterwards ``model(..., adapter_names=[...])`` and
     ``model.generate(..., adapter_names=[...])`` take one name per sample, ``"__base__"`` for none,
-    exactly as with PEFT. Returns the :class:`~lorakern.multilora.AdapterBank`; adapters can be
-    added to and removed from it later (for the same modules). Everything is loaded and checked
+    exactly as with PEFT. Returns the :class:`ModelAdapterBank` (also ``model.lorakern_bank``); adapters
+    (objects or paths) can be added to and removed from it later (for the same modules). Everything is loaded and checked
     before the model changes. :func:`detach_adapters` undoes it.
     """
-    from ..multilora.bank import AdapterBank, _adapter_layers, _check_fits
     if getattr(model, "lorakern_bank", None) is not None:
         raise ValueError("lorakern: the model already has an adapter bank; detach_adapters first")
     if not isinstance(adapters, dict) or not adapters:
         raise TypeError("lorakern: adapters must be a non-empty dict {name: adapter or path}")
-
-    def base_weight_check(adapter, name):
-        check_base_weights(model, adapter, f"adapter {name!r}")
-    loaded = {name: _adapter_layers(a, f"adapter {name!r}", base_weight_check) for name, a in adapters.items()}
+    loaded = {}
+    for name, a in adapters.items():
+        a = load_adapter(a)
+        if isinstance(a, LoraAdapter):
+            check_base_weights(model, a, f"adapter {name!r}")
+            a = a.layers
+        loaded[name] = dict(a)
     shapes = {}
     for name, layers in loaded.items():
         for mname in layers:
@@ -117,22 +133,17 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
             shapes[mname] = linear_shape(mod)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    bank = AdapterBank(dict(sorted(shapes.items())), dtype=dtype, device=device)
-    bank.base_weight_check = base_weight_check
+    bank = ModelAdapterBank(model, dict(sorted(shapes.items())), dtype=dtype, device=device)
     for name, layers in loaded.items():
-        for mname, layer in layers.items():
-            _check_fits(bank.layers[mname], layer, mname)
+        bank.check_layers(name, layers)
     for name, layers in loaded.items():
         bank.add(name, layers)
     ctx = MultiLoRAContext(bank)
-    from ..models.checkpoint import install_save_pretrained  # TODO(issue 13): model directories below adapters
     install_save_pretrained(model)  # refuses while adapters are attached
     old = {}
     for mname, lb in bank.layers.items():
-        parent_name, _, child = mname.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old[mname] = getattr(parent, child)
-        setattr(parent, child, MultiLoRALinear(old[mname], lb, ctx))
+        base = model.get_submodule(mname)
+        old[mname] = replace_module(model, mname, MultiLoRALinear(base, lb, ctx))
     fwd, gen = model.forward, getattr(model, "generate", None)
 
     def resolve(adapter_names, args, kwargs):

@@ -24,14 +24,14 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
-from ..quant.loraquant import CompressedLoRA, compress_lora
+from ..formats.lora import CompressedLoRA, LoraAdapter, LoraLayer
+from ..quant.loraquant import compress_lora
 from .peft_config import LORAKERN_METADATA_KEYS, check_config, pattern_value, target_matches
 
 __all__ = ["LoraAdapter", "LoraLayer", "check_base_weights", "compress_adapter", "load_compressed_adapter", "load_peft_adapter",
@@ -48,35 +48,6 @@ _FEATURE_KEYS = (
     (re.compile(r"\.trainable_tokens_"), "trainable tokens (trainable_token_indices)"),
     (re.compile(r"\.bias$"), "trained base-layer biases (bias='all' or 'lora_only')"),
 )
-
-
-@dataclass
-class LoraLayer:
-    """One adapted Linear: ``delta = scale * B @ A`` (A ``[r, in]``, B ``[out, r]``)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.B.float() @ self.A.float())
-
-
-@dataclass
-class LoraAdapter:
-    """A LoRA adapter: its PEFT config and its layers by module name (e.g. ``model.layers.0.self_attn.q_proj``)."""
-
-    config: dict
-    layers: dict[str, LoraLayer] = field(default_factory=dict)
-    #: copies of base weights PEFT saved beside the adapter (``lm_head``, ``embed_tokens``), by module name;
-    #: they must equal the model's weights (:func:`check_base_weights`)
-    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: lorakern's own string metadata (task name, description), kept out of PEFT's config
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def check_base_weights(model: torch.nn.Module, adapter: LoraAdapter, name: str = "the adapter") -> None:

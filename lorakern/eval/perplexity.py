@@ -6,20 +6,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..data.wikitext import token_windows  # noqa: F401  (re-exported)
+
 __all__ = ["token_windows", "perplexity"]
-
-
-def token_windows(tokenizer, text: str, window: int = 512, n_windows: int = 8) -> torch.Tensor:
-    """The first ``n_windows`` non-overlapping windows of ``window`` tokens: [n, window]."""
-    # ~4 characters per token in English: tokenize only what is needed
-    chars = window * n_windows * 8
-    ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
-    need = window * n_windows
-    if ids.numel() < need:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < need:
-        raise ValueError(f"text has {ids.numel()} tokens, {need} needed")
-    return ids[:need].view(n_windows, window)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from ..formats.linear_like import is_conv1d, linear_shape
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
+from ..nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear, replace_module
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
 
@@ -34,12 +35,10 @@ MODEL_FORMAT_VERSION = 1
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from ..nn import GWQLinear, QuantLinear
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, GWQLinear))}
 
 
 def _refuse_if_adapters(model: nn.Module) -> None:
-    from ..nn import LoRALinear, MultiLoRALinear
     if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
         raise ValueError("lorakern: the model has adapters attached; detach them first (detach_adapters / "
                          "detach_adapter) and save the model and the adapters apart (save_peft_adapter, "
@@ -73,7 +72,6 @@ def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer
         ValueError: the model has no quantized layers, or has adapters attached.
         TypeError: not a Hugging Face model.
     """
-    from ..nn import GWQLinear
     _refuse_if_adapters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +113,6 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
     (eval mode). Every file is validated; nothing is unpickled."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..nn import GWQLinear, QuantLinear
     d = Path(path)
     try:
         meta = json.loads((d / "lorakern_quantization.json").read_text())
@@ -150,8 +147,7 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
             new = QuantLinear(w, bias)
         else:
             raise FormatError(f"{d}: layer {name!r} is listed as {kind!r} but stored as {type(w).__name__}")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
     if others:
         raise FormatError(f"{d}: unexpected tensors in quantized.safetensors: {sorted(others)[:5]}")
     rest, _ = read_safetensors(d / "rest.safetensors")

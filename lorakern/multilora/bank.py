@@ -13,18 +13,16 @@ gets a clear error instead of silently running another adapter.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..quant.loraquant import CompressedLoRA
+from ..formats.bank import BankSlabs, SlotKind, SlotRow, TABLE_COLUMNS, compressed_code_bytes, slot_nbytes
+from ..formats.lora import CompressedLoRA, LoraAdapter
+from ..ops.registry import eager_cpu, eager_helper
 
-__all__ = ["AdapterBank", "LayerBank", "apply_slices", "KIND_EMPTY", "KIND_DENSE", "KIND_COMPRESSED", "TABLE_COLUMNS"]
+__all__ = ["AdapterBank", "LayerBank", "apply_slices"]
 
-KIND_EMPTY, KIND_DENSE, KIND_COMPRESSED = 0, 1, 2
-TABLE_COLUMNS = ("kind", "rank", "row", "h", "bits_hi", "a_off", "b_off")
 DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -79,10 +77,6 @@ class _Slab:
         if merged and merged[-1][0] + merged[-1][1] == self.used:  # a free tail shrinks the used part
             self.used = merged.pop()[0]
         self.free = merged
-
-
-def _row_bytes(cols: int, bits: int) -> int:
-    return cols * bits // 8
 
 
 class LayerBank:
@@ -142,26 +136,36 @@ class LayerBank:
     def num_slots(self) -> int:
         return self.table.shape[0]
 
+    def row(self, slot: int) -> SlotRow:
+        """The slot's table row (all zeros, i.e. empty, past the table's end)."""
+        if slot >= self.num_slots:
+            return SlotRow(SlotKind.EMPTY, 0, 0, 0, 0, 0, 0)
+        return SlotRow(*(int(v) for v in self.table[slot].tolist()))
+
     def rank(self, slot: int) -> int:
-        return int(self.table[slot, 1]) if slot < self.num_slots else 0
+        return self.row(slot).rank
 
     def max_rank(self) -> int:
         """The largest rank among the live adapters (the intermediate's width)."""
         if self._max_rank is None:
-            live = self.table[:, 0] != KIND_EMPTY
-            self._max_rank = int(self.table[live, 1].max()) if bool(live.any()) else 0
+            live = self.table[:, TABLE_COLUMNS.index("kind")] != SlotKind.EMPTY
+            ranks = self.table[live, TABLE_COLUMNS.index("rank")]
+            self._max_rank = int(ranks.max()) if bool(live.any()) else 0
         return self._max_rank
+
+    def _write(self, slot: int, row: SlotRow, scale: float) -> None:
+        self._ensure_slot(slot)
+        self.table[slot] = torch.tensor(row)
+        self.scales[slot] = scale
 
     def set(self, slot: int, adapter) -> None:
         """Store ``adapter`` in ``slot``: a dense adapter (an object with ``A [r, K]``, ``B [N, r]`` and
         ``scale``, e.g. :class:`~lorakern.adapters.LoraLayer`), a :class:`~lorakern.quant.CompressedLoRA`,
         or None (the adapter does not touch this layer: rank 0)."""
-        if slot < self.num_slots and int(self.table[slot, 0]) != KIND_EMPTY:
+        if self.row(slot).kind != SlotKind.EMPTY:
             raise ValueError(f"lorakern: slot {slot} is in use; clear it first")
         if adapter is None:
-            self._ensure_slot(slot)
-            self.table[slot] = torch.tensor([KIND_DENSE, 0, 0, 0, 0, 0, 0])
-            self.scales[slot] = 0.0
+            self._write(slot, SlotRow(SlotKind.DENSE, 0, 0, 0, 0, 0, 0), 0.0)
         elif isinstance(adapter, CompressedLoRA):
             self._set_compressed(slot, adapter)
         else:
@@ -180,9 +184,7 @@ class LayerBank:
         a, bt = self.dense.tensors
         a[row: row + r] = A.detach().to(self.device, self.dtype)
         bt[row: row + r] = B.detach().t().to(self.device, self.dtype)
-        self._ensure_slot(slot)
-        self.table[slot] = torch.tensor([KIND_DENSE, r, row, 0, 0, 0, 0])
-        self.scales[slot] = scale
+        self._write(slot, SlotRow(SlotKind.DENSE, r, row, 0, 0, 0, 0), scale)
 
     def _set_compressed(self, slot, c: CompressedLoRA):
         if c.shape != (self.N, self.K):
@@ -195,45 +197,41 @@ class LayerBank:
             raise ValueError(f"lorakern: this layer's compressed adapters use groups {(self.group_a, self.group_b)}, "
                              f"the new one {(ga, gb)}: compress it with the same group sizes")
         r, h, bits = c.rank, c.h, c.bits_high
-        parts = c.op_tensors()  # a_hi, b_hi, a_lo, b_lo: (codes, scales, zeros) each
+        p = c.parts()  # a_hi, b_hi, a_lo, b_lo: (codes, scales, zeros) each; high rows, then 1-bit rows
         row = self.qrows.alloc(r)
-        na = h * _row_bytes(self.K, bits) + (r - h) * _row_bytes(self.K, 1)
-        nb = h * _row_bytes(self.N, bits) + (r - h) * _row_bytes(self.N, 1)
+        na, nb = compressed_code_bytes(self.K, r, h, bits), compressed_code_bytes(self.N, r, h, bits)
         aoff, boff = self.qa.alloc(na), self.qb.alloc(nb)
-        qa, qb = self.qa.tensors[0], self.qb.tensors[0]
         qas, qaz, qbs, qbz = self.qrows.tensors
         dev = self.device
-        qa[aoff: aoff + na] = torch.cat([parts[0].reshape(-1), parts[6].reshape(-1)]).to(dev)
-        qb[boff: boff + nb] = torch.cat([parts[3].reshape(-1), parts[9].reshape(-1)]).to(dev)
-        qas[row: row + r] = torch.cat([parts[1], parts[7]]).to(dev)
-        qaz[row: row + r] = torch.cat([parts[2], parts[8]]).to(dev)
-        qbs[row: row + r] = torch.cat([parts[4], parts[10]]).to(dev)
-        qbz[row: row + r] = torch.cat([parts[5], parts[11]]).to(dev)
-        self._ensure_slot(slot)
-        self.table[slot] = torch.tensor([KIND_COMPRESSED, r, row, h, bits, aoff, boff])
-        self.scales[slot] = float(c.scale)
+        self.qa.tensors[0][aoff: aoff + na] = torch.cat([p.a_hi[0].reshape(-1), p.a_lo[0].reshape(-1)]).to(dev)
+        self.qb.tensors[0][boff: boff + nb] = torch.cat([p.b_hi[0].reshape(-1), p.b_lo[0].reshape(-1)]).to(dev)
+        qas[row: row + r] = torch.cat([p.a_hi[1], p.a_lo[1]]).to(dev)
+        qaz[row: row + r] = torch.cat([p.a_hi[2], p.a_lo[2]]).to(dev)
+        qbs[row: row + r] = torch.cat([p.b_hi[1], p.b_lo[1]]).to(dev)
+        qbz[row: row + r] = torch.cat([p.b_hi[2], p.b_lo[2]]).to(dev)
+        self._write(slot, SlotRow(SlotKind.COMPRESSED, r, row, h, bits, aoff, boff), float(c.scale))
 
     def clear(self, slot: int) -> None:
         """Free the slot's rows and mark it empty (a kernel that meets it raises)."""
         if slot >= self.num_slots:
             return
-        kind, r, row, h, bits, aoff, boff = (int(v) for v in self.table[slot])
-        if kind == KIND_DENSE:
-            self.dense.release(row, r)
-        elif kind == KIND_COMPRESSED:
-            self.qrows.release(row, r)
-            self.qa.release(aoff, h * _row_bytes(self.K, bits) + (r - h) * _row_bytes(self.K, 1))
-            self.qb.release(boff, h * _row_bytes(self.N, bits) + (r - h) * _row_bytes(self.N, 1))
+        t = self.row(slot)
+        if t.kind == SlotKind.DENSE:
+            self.dense.release(t.row, t.rank)
+        elif t.kind == SlotKind.COMPRESSED:
+            self.qrows.release(t.row, t.rank)
+            self.qa.release(t.a_off, compressed_code_bytes(self.K, t.rank, t.h, t.bits_hi))
+            self.qb.release(t.b_off, compressed_code_bytes(self.N, t.rank, t.h, t.bits_hi))
         self.table[slot] = 0
         self.scales[slot] = 0.0
         self._changed()
 
     # ---- what the ops take -------------------------------------------------------------------------
-    def slabs(self) -> list[torch.Tensor]:
-        """``[A, B^T, A codes, A scales, A zeros, B^T codes, B^T scales, B^T zeros]`` (the ops' ``bank``)."""
+    def slabs(self) -> BankSlabs:
+        """The eight slabs (:class:`~lorakern.formats.bank.BankSlabs`, the ops' ``bank`` argument)."""
         q = self.qrows.tensors if self.qrows is not None else \
             [torch.zeros(0, 1, dtype=torch.float16, device=self.device)] * 4
-        return [*self.dense.tensors, self.qa.tensors[0], q[0], q[1], self.qb.tensors[0], q[2], q[3]]
+        return BankSlabs(*self.dense.tensors, self.qa.tensors[0], q[0], q[1], self.qb.tensors[0], q[2], q[3])
 
     def op_args(self) -> tuple:
         """``(bank, table, scales, group_a, group_b)`` as the ops take them, on the bank's device."""
@@ -242,31 +240,23 @@ class LayerBank:
                 self._dev_table = (self.table, self.scales)
             else:
                 self._dev_table = (self.table.to(self.device), self.scales.to(self.device))
-        return (self.slabs(), *self._dev_table, self.group_a, self.group_b)
+        return (list(self.slabs()), *self._dev_table, self.group_a, self.group_b)
 
     def apply(self, x: torch.Tensor, base: torch.Tensor, batch) -> torch.Tensor:
         """``base + the batch's adapters applied to x`` (x ``[T, K]``, base ``[T, N]``): the C++ kernel
         directly for eager CPU calls (the bank's pointers prepared once per change), otherwise
         ``torch.ops.lorakern.multi_lora``."""
-        if x.device.type == "cpu" and self.device.type == "cpu" and type(x) is torch.Tensor \
-                and not torch.compiler.is_compiling():
-            from ..ops.cpu import bank_fields, multi_lora_prepared
-            if self._fields is None:
-                self._fields = bank_fields(*self.op_args())
-            return multi_lora_prepared(self._fields, self.N, self.K, x, base, batch)
+        if eager_cpu(x) and self.device.type == "cpu":
+            if self._fields is None:  # the bank's pointers, checked once per change
+                self._fields = eager_helper("prepared_bank")(*self.op_args())
+            return self._fields.multi_lora(self.N, self.K, x, base, batch)
         return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(),
                                              batch.max_count, batch.mixture)
 
     def nbytes(self, slot: int) -> int:
         """Bytes of adapter weights the slot holds (dense: A and B; compressed: codes, scales, zeros)."""
-        kind, r, row, h, bits, _, _ = (int(v) for v in self.table[slot])
-        if kind == KIND_DENSE:
-            return r * (self.N + self.K) * self.dense.tensors[0].element_size()
-        if kind == KIND_COMPRESSED:
-            codes = h * (_row_bytes(self.K, bits) + _row_bytes(self.N, bits)) + \
-                (r - h) * (_row_bytes(self.K, 1) + _row_bytes(self.N, 1))
-            return codes + r * 4 * (self.K // self.group_a + self.N // self.group_b)
-        return 0
+        return slot_nbytes(self.row(slot), self.N, self.K, self.dense.tensors[0].element_size(), self.group_a,
+                           self.group_b)
 
 
 @dataclass
@@ -293,9 +283,6 @@ class AdapterBank:
         self.layers: dict[str, LayerBank] = {}
         self._by_name: dict[str, _Entry] = {}
         self._next_id = 0
-        #: checks the base-weight copies a PEFT adapter carries (lm_head, embed_tokens) against the model;
-        #: set by :func:`lorakern.attach_adapters`. With none, such adapters are refused.
-        self.base_weight_check = None
         for name, (N, K) in (layers or {}).items():
             self.add_layer(name, N, K)
 
@@ -332,21 +319,22 @@ class AdapterBank:
     def add(self, name: str, adapter) -> int:
         """Add an adapter under ``name``; returns its id.
 
-        ``adapter``: a :class:`~lorakern.adapters.LoraAdapter`, a dict ``{module name: LoraLayer |
-        CompressedLoRA}``, a PEFT adapter directory, or a compressed adapter file/directory
-        (``lorakern compress-adapter``). Every layer is checked before the bank changes.
+        ``adapter``: a :class:`~lorakern.formats.lora.LoraAdapter` or a dict ``{module name: LoraLayer |
+        CompressedLoRA}`` (files: :func:`lorakern.adapters.load_adapter`, or the bank that
+        :func:`lorakern.attach_adapters` gives a model, which loads paths itself). Every layer is checked
+        before the bank changes.
+
+        Raises:
+            ValueError: a bad or duplicate name, layers the bank does not know or that do not fit, NaN/Inf
+                weights, or base-weight copies that :meth:`check_base_weights` refuses.
+            TypeError: ``adapter`` is neither a LoraAdapter nor a dict.
         """
         if not isinstance(name, str) or not name or name == "__base__":
             raise ValueError(f"lorakern: adapter name must be a non-empty string other than '__base__', got {name!r}")
         if name in self._by_name:
             raise ValueError(f"lorakern: an adapter named {name!r} is already loaded; remove it first")
-        layers = _adapter_layers(adapter, name, self.base_weight_check)
-        unknown = sorted(set(layers) - set(self.layers))
-        if unknown:
-            raise ValueError(f"lorakern: adapter {name!r} has layers the bank does not know: {unknown[:4]}"
-                             f"{' ...' if len(unknown) > 4 else ''}")
-        for lname, layer in layers.items():  # validate every layer before changing any
-            _check_fits(self.layers[lname], layer, lname)
+        layers = self.adapter_layers(adapter, name)
+        self.check_layers(name, layers)
         slot = self._next_id
         done = []
         try:
@@ -360,6 +348,44 @@ class AdapterBank:
         self._next_id += 1
         self._by_name[name] = _Entry(name, slot, list(layers))
         return slot
+
+    def adapter_layers(self, adapter, name: str) -> dict:
+        """``{module: layer}`` of an in-memory adapter; a LoraAdapter's base-weight copies go through
+        :meth:`check_base_weights` first."""
+        if isinstance(adapter, LoraAdapter):
+            if adapter.base_weights:
+                self.check_base_weights(adapter, name)
+            return dict(adapter.layers)
+        if isinstance(adapter, dict):
+            return dict(adapter)
+        raise TypeError(f"lorakern: adapter {name!r}: expected a LoraAdapter or a dict of module name -> layer, got "
+                        f"{type(adapter).__name__} (load files with lorakern.adapters.load_adapter)")
+
+    def check_base_weights(self, adapter: LoraAdapter, name: str) -> None:
+        """Base-weight copies (PEFT's saved ``lm_head`` / ``embed_tokens``) need the model to be checked
+        against: a bare bank refuses them; the bank :func:`lorakern.attach_adapters` makes checks them."""
+        raise ValueError(f"lorakern: adapter {name!r} carries copies of base weights ({sorted(adapter.base_weights)}) "
+                         "that must be checked against the model: add it through attach_adapters")
+
+    def check_layers(self, name: str, layers: dict) -> None:
+        """Check that every layer of an adapter is one of the bank's and fits it (nothing changes)."""
+        unknown = sorted(set(layers) - set(self.layers))
+        if unknown:
+            raise ValueError(f"lorakern: adapter {name!r} has layers the bank does not know: {unknown[:4]}"
+                             f"{' ...' if len(unknown) > 4 else ''}")
+        for lname, layer in layers.items():
+            lb = self.layers[lname]
+            if isinstance(layer, CompressedLoRA):
+                if layer.shape != (lb.N, lb.K):
+                    raise ValueError(f"lorakern: {lname}: compressed adapter for {layer.shape}, layer is {(lb.N, lb.K)}")
+                if lb.qrows is not None and layer.group_sizes != (lb.group_a, lb.group_b):
+                    raise ValueError(f"lorakern: {lname}: groups {layer.group_sizes} differ from the bank's "
+                                     f"{(lb.group_a, lb.group_b)}")
+                continue
+            A, B = layer.A, layer.B
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != lb.K or B.shape[0] != lb.N or A.shape[0] != B.shape[1]:
+                raise ValueError(f"lorakern: {lname}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
+                                 f"{(lb.N, lb.K)}")
 
     def remove(self, name: str) -> None:
         """Remove an adapter: its rows are freed in every layer and its id is retired."""
@@ -379,35 +405,6 @@ class AdapterBank:
         ``'__base__'`` or -1: no adapter), or ``[T, k]`` ids with ``weights [T, k]`` for mixtures."""
         from .batch import LoRABatch
         return LoRABatch.build(self, adapters, weights, device=device or self.device)
-
-
-def _adapter_layers(adapter, name: str = "the adapter", base_weight_check=None) -> dict:
-    """``{module: layer}`` of an in-memory adapter or a file (loaded by :func:`lorakern.adapters.load_adapter`).
-    An adapter carrying base-weight copies goes through ``base_weight_check(adapter, name)`` (or is refused)."""
-    from ..adapters.loading import load_adapter  # adapters imports the bank: load lazily
-    from ..adapters.peft_io import LoraAdapter
-    adapter = load_adapter(adapter)
-    if isinstance(adapter, LoraAdapter):
-        if adapter.base_weights:
-            if base_weight_check is None:
-                raise ValueError(f"lorakern: {name} carries copies of base weights ({sorted(adapter.base_weights)}) "
-                                 "that must be checked against the model: add it through attach_adapters")
-            base_weight_check(adapter, name)
-        return dict(adapter.layers)
-    return dict(adapter)
-
-
-def _check_fits(lb: LayerBank, layer, lname: str) -> None:
-    if isinstance(layer, CompressedLoRA):
-        if layer.shape != (lb.N, lb.K):
-            raise ValueError(f"lorakern: {lname}: compressed adapter for {layer.shape}, layer is {(lb.N, lb.K)}")
-        if lb.qrows is not None and layer.group_sizes != (lb.group_a, lb.group_b):
-            raise ValueError(f"lorakern: {lname}: groups {layer.group_sizes} differ from the bank's "
-                             f"{(lb.group_a, lb.group_b)}")
-        return
-    A, B = layer.A, layer.B
-    if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) [1:] != (lb.K,) or B.shape[0] != lb.N or A.shape[0] != B.shape[1]:
-        raise ValueError(f"lorakern: {lname}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit {(lb.N, lb.K)}")
 
 
 def apply_slices(banks: list, x: torch.Tensor, base: torch.Tensor, batch) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 from ..formats.io import FormatError, load_quantized, save_quantized
 from ..formats.outliers import GWQWeight, SparseOutliers
 from ..formats.quantized import QuantizedWeight
-from ..ops.cpu import gwq_matmul_cpu
+from .. import ops
 from .storage import FormatBuffers
 
 __all__ = ["GWQLinear"]
@@ -60,11 +60,8 @@ class GWQLinear(FormatBuffers):
         return self.weight_gwq.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.row_ptr, self.col_idx,
-                self.values, self.bias)
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return gwq_matmul_cpu(x, *args)  # eager CPU: skip the dispatcher round trip
-        return torch.ops.lorakern.gwq_matmul(x, *args)
+        return ops.gwq_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.row_ptr,
+                              self.col_idx, self.values, self.bias)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (dense codes, outliers, bias, metadata)."""

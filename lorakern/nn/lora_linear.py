@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.cpu import PreparedLoRA
-from ..quant.loraquant import CompressedLoRA
+from .. import ops
+from ..formats.lora import LORA_PARTS, CompressedLoRA
 from ..formats.linear_like import linear_shape
 from .quant_linear import QuantLinear
 from .storage import FormatBuffers
+
+#: a compressed adapter's buffers: codes, fp16 scales and zeros of each part, in the ops' order
+_BUFFERS = tuple(f"lora_{part}_{t}" for part in LORA_PARTS for t in ("codes", "scales", "zeros"))
 
 __all__ = ["LoRALinear"]
 
@@ -49,8 +52,8 @@ class LoRALinear(FormatBuffers):
             self.bits_high = adapter.bits_high
             self.group_a, self.group_b = adapter.group_sizes
             dev = _device_of(base)
-            for i, t in enumerate(adapter.op_tensors(dev)):
-                self.register_buffer(f"lora_{i}", t)
+            for name, t in zip(_BUFFERS, adapter.op_tensors(dev)):
+                self.register_buffer(name, t)
         else:
             A, B = adapter.A, adapter.B
             if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
@@ -72,28 +75,29 @@ class LoRALinear(FormatBuffers):
 
     def format_buffer_names(self) -> tuple[str, ...]:
         """A compressed adapter's codes and fp16 scales keep their dtypes; a float adapter follows casts."""
-        return tuple(f"lora_{i}" for i in range(12)) if self.compressed else ()
+        return _BUFFERS if self.compressed else ()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...: new buffers
         self.__dict__["_prepared"] = None
         return super()._apply(fn, *args, **kwargs)
 
     def adapter_tensors(self) -> list[torch.Tensor]:
-        """The compressed adapter's 12 op tensors."""
-        return [getattr(self, f"lora_{i}") for i in range(12)]
+        """The compressed adapter's 12 op tensors (:meth:`~lorakern.formats.lora.CompressedLoRA.op_tensors`)."""
+        return [getattr(self, name) for name in _BUFFERS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.compressed:
             t = x @ self.lora_A.to(x.dtype).t()
             return self.base(x) + (t @ self.lora_B.to(x.dtype).t()) * self.scale
         b = self.base
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if ops.eager_cpu(x):
             # eager CPU: the kernels without the dispatcher round trip; the adapter is validated once, and
             # again after its buffers are replaced (__setattr__, _apply)
             p = self._prepared
             if p is None:
-                p = self._prepared = PreparedLoRA(self.adapter_tensors(), self.bits_high, self.group_a,
-                                                  self.group_b, self.out_features, self.in_features, self.scale)
+                p = self._prepared = ops.eager_helper("prepared_lora")(
+                    self.adapter_tensors(), self.bits_high, self.group_a, self.group_b, self.out_features,
+                    self.in_features, self.scale)
             if type(b) is QuantLinear:
                 return p.quant_matmul_lora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size, b.bias)
             return p.lora_mixed(x, b(x))

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats.io import FormatError, load_quantized, save_quantized
 from ..formats.quantized import QuantizedWeight
-from ..ops.cpu import quant_matmul_cpu
+from .. import ops
 from ..quant.rtn import quantize_rtn
 from .storage import FormatBuffers
 
@@ -57,13 +57,7 @@ class QuantLinear(FormatBuffers):
         return torch.ops.lorakern.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Eager CPU: the same kernel without the dispatcher round trip (~13 us a call,
-            # a tenth of a SmolLM2 decode step). Subclasses (fake tensors, ...) and
-            # torch.compile go through torch.ops.lorakern.quant_matmul.
-            return quant_matmul_cpu(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
-        return torch.ops.lorakern.quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
-                                               self.group_size, self.bias)
+        return ops.quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (codes, scales, zeros, bias, metadata)."""

@@ -1,12 +1,24 @@
-"""CPU backend: the C++ kernels (lorakern._C), generic/AVX2/AVX-512 chosen at run time."""
+"""CPU backend: the C++ kernels (lorakern._C), generic/AVX2/AVX-512 chosen at run time.
+
+Each function registers itself as its op's CPU kernel (and, where marked, as the eager fast path)
+with :func:`lorakern.ops.registry.kernel`. Records cross into C++ by name: a compressed adapter as
+four :class:`~lorakern.formats.lora.LoraPartView`, a layer bank as a
+:class:`~lorakern.formats.bank.BankView` (``lk_qweight`` / ``lk_bank`` in the C ABI).
+"""
 from __future__ import annotations
 
 import torch
 
 from .._native import native
-from .schemas import check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from ..formats.bank import BankView
+from ..formats.lora import LoraPartView, LoraParts
+from .registry import helper, kernel
+from .schemas import (_check_scale, check_gwq_matmul, check_lora, check_lora_expand, check_lora_mixed,
+                      check_lora_shrink, check_multi_lora, check_multi_lora_slices, check_quant_matmul,
+                      check_quant_matmul_lora, check_qweight)
 
-__all__ = ["multi_lora_slices_cpu", "bank_fields", "multi_lora_prepared", "lora_expand_cpu", "lora_shrink_cpu", "multi_lora_cpu", "PreparedLoRA", "quant_matmul_cpu", "gwq_matmul_cpu", "dequantize_cpu", "lora_mixed_cpu",
+__all__ = ["PreparedBank", "PreparedLoRA", "bank_view", "dequantize_cpu", "gwq_matmul_cpu", "lora_expand_cpu",
+           "lora_mixed_cpu", "lora_shrink_cpu", "multi_lora_cpu", "multi_lora_slices_cpu", "quant_matmul_cpu",
            "quant_matmul_lora_cpu"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -24,6 +36,7 @@ def _prepare(x, K, qweight, scales, zeros, bias):
     return x2, qweight, scales, zeros, b
 
 
+@kernel("quant_matmul", "cpu", eager=True)
 def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
     N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
@@ -36,6 +49,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
+@kernel("gwq_matmul", "cpu", eager=True)
 def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
     N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
     x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
@@ -56,6 +70,7 @@ def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
+@kernel("dequantize", "cpu")
 def dequantize_cpu(qweight, scales, zeros, bits, group_size):
     N, K = check_qweight(qweight, scales, zeros, bits, group_size)
     out = torch.empty((N, K), dtype=torch.float32)
@@ -67,17 +82,24 @@ def dequantize_cpu(qweight, scales, zeros, bits, group_size):
 
 
 def _lora_parts(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int):
-    """The 28 fields (4 parts x qweight, scales, zeros, rows, cols, bits, group) the C++ binding takes, and the
-    contiguous tensors they point into (kept alive by the caller)."""
-    fields, keep = [], []
-    for i, (bits, G, cols) in enumerate(((bits_hi, group_a, K), (bits_hi, group_b, N), (1, group_a, K),
-                                         (1, group_b, N))):
-        q, s, z = (t.contiguous() for t in adapter[3 * i: 3 * i + 3])
+    """The four :class:`LoraPartView` the C++ binding takes (``lk_lora``), and the contiguous tensors they
+    point into (kept alive by the caller)."""
+    views, keep = [], []
+    shapes = LoraParts(a_hi=(bits_hi, group_a, K), b_hi=(bits_hi, group_b, N), a_lo=(1, group_a, K),
+                       b_lo=(1, group_b, N))
+    for tensors, (bits, G, cols) in zip(LoraParts.of(adapter), shapes):
+        q, s, z = (t.contiguous() for t in tensors)
         keep += [q, s, z]
-        fields += [q.data_ptr(), s.data_ptr(), z.data_ptr(), q.shape[0], cols, bits, G]
-    return fields, keep
+        views.append(LoraPartView(q.data_ptr(), s.data_ptr(), z.data_ptr(), q.shape[0], cols, bits, G))
+    return views, keep
 
 
+def _rank(views) -> int:
+    """The adapter's rank: rows of its A parts."""
+    return views[0].N + views[2].N
+
+
+@kernel("lora_mixed", "cpu")
 def lora_mixed_cpu(x, base, adapter, bits_hi, group_a, group_b, scale):
     N, K = check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
     fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
@@ -90,7 +112,7 @@ def _lora_mixed_run(x, base, N, K, fields, scale):
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     b2 = b2 if b2.is_contiguous() else b2.contiguous()
     M = x2.shape[0]
-    if not any(fields[3::7]):  # rank 0: nothing to add (the C ABI cannot even tell N)
+    if not _rank(fields):  # rank 0: nothing to add (the C ABI cannot even tell N)
         return b2.clone().view(base.shape)
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
@@ -99,6 +121,7 @@ def _lora_mixed_run(x, base, N, K, fields, scale):
     return y.view(base.shape)
 
 
+@kernel("quant_matmul_lora", "cpu")
 def quant_matmul_lora_cpu(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
                           scale):
     N, K = check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
@@ -118,26 +141,28 @@ def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N,
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
-def bank_fields(bank, table, scales, group_a, group_b) -> list[int]:
-    """The 18 fields of a layer bank the C++ binding takes (BankView in csrc/python/bindings.cpp)."""
+def bank_view(bank, table, scales, group_a, group_b) -> BankView:
+    """A layer bank's :class:`BankView` (``lk_bank``): the slab addresses and sizes the C++ core decodes the
+    slot table against. The tensors must stay alive (and contiguous) while the view is used."""
     a, bt, qa, qas, qaz, qb, qbs, qbz = bank
-    return [table.data_ptr(), scales.data_ptr(), table.shape[0], _DTYPE_CODE[a.dtype], group_a, group_b,
-            a.data_ptr(), a.shape[0], bt.data_ptr(), qa.data_ptr(), qa.numel(), qas.data_ptr(), qaz.data_ptr(),
-            qas.shape[0], qb.data_ptr(), qb.numel(), qbs.data_ptr(), qbz.data_ptr()]
+    return BankView(table.data_ptr(), scales.data_ptr(), table.shape[0], _DTYPE_CODE[a.dtype], group_a, group_b,
+                    a.data_ptr(), a.shape[0], bt.data_ptr(), qa.data_ptr(), qa.numel(), qas.data_ptr(),
+                    qaz.data_ptr(), qas.shape[0], qb.data_ptr(), qb.numel(), qbs.data_ptr(), qbz.data_ptr())
 
 
-def _run_multi(mode, x, x_dtype, T, K, N, bank, table, scales, group_a, group_b, segments, tokens, weights, t, ldt,
-               base, y):
-    bank = [b if b.is_contiguous() else b.contiguous() for b in bank]
-    table, scales = table.contiguous(), scales.contiguous()
-    segments, tokens = segments.contiguous(), tokens.contiguous()
-    weights = weights.contiguous() if weights is not None else None
-    ptr = lambda v: v.data_ptr() if v is not None else 0  # noqa: E731
+def _contiguous_bank(bank, table, scales):
+    return [b if b.is_contiguous() else b.contiguous() for b in bank], table.contiguous(), scales.contiguous()
+
+
+def _batch_args(segments, tokens, weights) -> tuple:
+    """The batch's addresses and sizes as the bindings take them (segments, count, tokens, weights, entries)."""
+    return segments.data_ptr(), segments.shape[0], tokens.data_ptr(), weights.data_ptr(), tokens.shape[0]
+
+
+def _batch_errors(fn, *args):
+    """Call a multi-adapter binding; the C core's generic argument error becomes a clear ValueError."""
     try:
-        native().multi_lora(mode, ptr(x), _DTYPE_CODE[x_dtype], T, K, N,
-                            bank_fields(bank, table, scales, group_a, group_b), segments.data_ptr(),
-                            segments.shape[0], tokens.data_ptr(), ptr(weights), tokens.shape[0], ptr(t), ldt,
-                            ptr(base), ptr(y), torch.get_num_threads())
+        fn(*args, torch.get_num_threads())
     except RuntimeError as e:
         if "invalid argument" in str(e):
             raise ValueError("lorakern: the batch does not fit the bank (segments must partition the entries in "
@@ -146,85 +171,91 @@ def _run_multi(mode, x, x_dtype, T, K, N, bank, table, scales, group_a, group_b,
         raise
 
 
+@kernel("lora_shrink", "cpu")
 def lora_shrink_cpu(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
     N, K = check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    x = x.contiguous()
+    x, (bank, table, scales) = x.contiguous(), _contiguous_bank(bank, table, scales)
+    segments, tokens, weights = segments.contiguous(), tokens.contiguous(), weights.contiguous()
     t = torch.zeros((tokens.shape[0], max_rank), dtype=torch.float32)
     if x.shape[0] == 0 and tokens.shape[0] == 0:
         return t
-    _run_multi(0, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
-               t, max_rank, None, None)
+    _batch_errors(native().lora_shrink, x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], K, N,
+                  bank_view(bank, table, scales, group_a, group_b), *_batch_args(segments, tokens, weights),
+                  t.data_ptr(), max_rank)
     return t
 
 
+@kernel("lora_expand", "cpu")
 def lora_expand_cpu(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
     N, K = check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
-    t, base = t.contiguous(), base.contiguous()
+    t, base, (bank, table, scales) = t.contiguous(), base.contiguous(), _contiguous_bank(bank, table, scales)
+    segments, tokens = segments.contiguous(), tokens.contiguous()
     y = torch.empty_like(base)
     ones = torch.ones(tokens.shape[0], dtype=torch.float32)
-    _run_multi(1, None, base.dtype, base.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens,
-               ones, t, t.shape[1], base, y)
+    _batch_errors(native().lora_expand, t.data_ptr(), t.shape[1], base.shape[0], K, N,
+                  bank_view(bank, table, scales, group_a, group_b), *_batch_args(segments, tokens, ones),
+                  _DTYPE_CODE[base.dtype], base.data_ptr(), y.data_ptr())
     return y
 
 
+@kernel("multi_lora", "cpu")
 def multi_lora_cpu(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
                    max_count=-1, mixture=True):
     N, K = check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    x, base = x.contiguous(), base.contiguous()
+    x, base, (bank, table, scales) = x.contiguous(), base.contiguous(), _contiguous_bank(bank, table, scales)
+    segments, tokens, weights = segments.contiguous(), tokens.contiguous(), weights.contiguous()
     y = torch.empty_like(base)
-    _run_multi(2, x, x.dtype, x.shape[0], K, N, bank, table, scales, group_a, group_b, segments, tokens, weights,
-               None, max_rank, base, y)  # the fused call checks max_rank against the adapters it meets
+    _batch_errors(native().multi_lora, x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], K, N,
+                  bank_view(bank, table, scales, group_a, group_b), *_batch_args(segments, tokens, weights),
+                  max_rank, base.data_ptr(), y.data_ptr())  # the core checks max_rank against every adapter met
     return y
 
 
+@kernel("multi_lora_slices", "cpu")
 def multi_lora_slices_cpu(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
                           max_count=-1, mixture=True):
     widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
                                      max_rank)
     x, base = x.contiguous(), base.contiguous()
-    banks = [b if b.is_contiguous() else b.contiguous() for b in banks]
-    tables, scales = [t.contiguous() for t in tables], [s.contiguous() for s in scales]
+    views, keep = [], []
+    for i in range(len(tables)):
+        b, t, s = _contiguous_bank(banks[8 * i: 8 * i + 8], tables[i], scales[i])
+        keep.append((b, t, s))
+        views.append(bank_view(b, t, s, group_a[i], group_b[i]))
     segments, tokens, weights = segments.contiguous(), tokens.contiguous(), weights.contiguous()
-    fields = [bank_fields(banks[8 * i: 8 * i + 8], tables[i], scales[i], group_a[i], group_b[i])
-              for i in range(len(tables))]
     y = torch.empty_like(base)
-    try:
-        native().multi_lora_slices(x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], fields, widths,
-                                   segments.data_ptr(), segments.shape[0], tokens.data_ptr(), weights.data_ptr(),
-                                   tokens.shape[0], max_rank, base.data_ptr(), y.data_ptr(), base.shape[1],
-                                   torch.get_num_threads())
-    except RuntimeError as e:
-        if "invalid argument" in str(e):
-            raise ValueError("lorakern: the batch does not fit the banks (segments must partition the entries in "
-                             "order, tokens lie in [0, T))") from None
-        raise
+    _batch_errors(native().multi_lora_slices, x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], views,
+                  widths, *_batch_args(segments, tokens, weights), max_rank, base.data_ptr(), y.data_ptr(),
+                  base.shape[1])
     return y
 
 
-def multi_lora_prepared(fields: list[int], N: int, K: int, x, base, batch):
-    """The eager CPU fast path of multi_lora (MultiLoRALinear, LayerBank.apply): ``fields`` are a bank's
-    cached :func:`bank_fields`; only the activations and the batch's sizes are checked here (O(1)), the
-    C++ side checks every slot, segment and token."""
-    code = _DTYPE_CODE.get(x.dtype)
-    if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
-            or base.shape[0] != x.shape[0] or base.shape[1] != N or batch.num_tokens != x.shape[0]):
-        raise ValueError(f"lorakern: multi_lora: x {tuple(x.shape)} {x.dtype} / base {tuple(base.shape)} {base.dtype} "
-                         f"do not fit the layer ({N}, {K}) and a batch of {batch.num_tokens} tokens")
-    x = x if x.is_contiguous() else x.contiguous()
-    base = base if base.is_contiguous() else base.contiguous()
-    y = torch.empty_like(base)
-    seg, tok, wt = batch.segments, batch.tokens, batch.weights
-    try:
-        native().multi_lora(2, x.data_ptr(), code, x.shape[0], K, N, fields, seg.data_ptr(), seg.shape[0],
-                            tok.data_ptr(), wt.data_ptr(), tok.shape[0], 0, 1 << 30, base.data_ptr(), y.data_ptr(),
-                            torch.get_num_threads())
-    except RuntimeError as e:
-        if "invalid argument" in str(e):
-            raise ValueError("lorakern: the batch does not fit the bank") from None
-        raise
-    return y
+@helper("prepared_bank")
+class PreparedBank:
+    """A layer bank's :class:`BankView`, built once per bank change, for repeated eager CPU calls
+    (``LayerBank.apply``): only the activations and the batch's sizes are checked per call (O(1)); the C++
+    core checks every slot, segment and token. Keeps the bank's tensors alive."""
+
+    def __init__(self, bank, table, scales, group_a, group_b):
+        self._keep = _contiguous_bank(bank, table, scales)
+        self.view = bank_view(*self._keep, group_a, group_b)
+
+    def multi_lora(self, N: int, K: int, x, base, batch):
+        """``base + the batch's adapters applied to x`` (x ``[T, K]``, base ``[T, N]``, one dtype)."""
+        code = _DTYPE_CODE.get(x.dtype)
+        if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
+                or base.shape[0] != x.shape[0] or base.shape[1] != N or batch.num_tokens != x.shape[0]):
+            raise ValueError(f"lorakern: multi_lora: x {tuple(x.shape)} {x.dtype} / base {tuple(base.shape)} "
+                             f"{base.dtype} do not fit the layer ({N}, {K}) and a batch of {batch.num_tokens} tokens")
+        x = x if x.is_contiguous() else x.contiguous()
+        base = base if base.is_contiguous() else base.contiguous()
+        y = torch.empty_like(base)
+        _batch_errors(native().multi_lora, x.data_ptr(), code, x.shape[0], K, N, self.view,
+                      *_batch_args(batch.segments, batch.tokens, batch.weights), -1, base.data_ptr(), y.data_ptr())
+        return y
 
 
+@helper("prepared_lora")
 class PreparedLoRA:
     """A compressed adapter validated once, for repeated eager CPU calls (LoRALinear's fast path).
 
@@ -234,13 +265,12 @@ class PreparedLoRA:
     """
 
     def __init__(self, adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int, scale: float):
-        from .schemas import _check_scale, check_lora
         check_lora(adapter, bits_hi, group_a, group_b, N, K, torch.device("cpu"))
         _check_scale(scale)
         self.source = list(adapter)
         self.N, self.K, self.scale = N, K, float(scale)
         self.fields, self._keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
-        self.rank = sum(self.fields[3::7]) // 2
+        self.rank = _rank(self.fields)
 
     def matches(self, adapter) -> bool:
         return len(adapter) == len(self.source) and all(a is b for a, b in zip(adapter, self.source))
@@ -276,13 +306,3 @@ class PreparedLoRA:
         return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, self.fields,
                                       self.scale)
 
-
-torch.library.register_kernel("lorakern::lora_mixed", "cpu", lora_mixed_cpu)
-torch.library.register_kernel("lorakern::quant_matmul_lora", "cpu", quant_matmul_lora_cpu)
-torch.library.register_kernel("lorakern::quant_matmul", "cpu", quant_matmul_cpu)
-torch.library.register_kernel("lorakern::dequantize", "cpu", dequantize_cpu)
-torch.library.register_kernel("lorakern::gwq_matmul", "cpu", gwq_matmul_cpu)
-torch.library.register_kernel("lorakern::lora_shrink", "cpu", lora_shrink_cpu)
-torch.library.register_kernel("lorakern::lora_expand", "cpu", lora_expand_cpu)
-torch.library.register_kernel("lorakern::multi_lora", "cpu", multi_lora_cpu)
-torch.library.register_kernel("lorakern::multi_lora_slices", "cpu", multi_lora_slices_cpu)

@@ -3,35 +3,41 @@ from __future__ import annotations
 
 import torch
 
+from .registry import kernel
 from .schemas import check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
 __all__ = ["multi_lora_slices_cuda", "lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
 
 
+@kernel("quant_matmul", "cuda")
 def quant_matmul_cuda(x, qweight, scales, zeros, bits, group_size, bias=None):
     check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     from ..triton.quant_matmul import quant_matmul_triton
     return quant_matmul_triton(x, qweight, scales, zeros, bits, group_size, bias)
 
 
+@kernel("gwq_matmul", "cuda")
 def gwq_matmul_cuda(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
     check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
     from ..triton.gwq_matmul import gwq_matmul_triton
     return gwq_matmul_triton(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
 
 
+@kernel("dequantize", "cuda")
 def dequantize_cuda(qweight, scales, zeros, bits, group_size):
     check_qweight(qweight, scales, zeros, bits, group_size)
     from ..triton.quant_matmul import dequantize_triton
     return dequantize_triton(qweight, scales, zeros, bits, group_size)
 
 
+@kernel("lora_mixed", "cuda")
 def lora_mixed_cuda(x, base, adapter, bits_hi, group_a, group_b, scale):
     check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
     from ..triton.lora_mixed import lora_mixed_triton
     return lora_mixed_triton(x, base, adapter, bits_hi, group_a, group_b, scale)
 
 
+@kernel("quant_matmul_lora", "cuda")
 def quant_matmul_lora_cuda(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
                            scale):
     check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a, group_b,
@@ -41,6 +47,7 @@ def quant_matmul_lora_cuda(x, qweight, scales, zeros, bits, group_size, bias, ad
                                     group_b, scale)
 
 
+@kernel("lora_shrink", "cuda")
 def lora_shrink_cuda(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
     check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     from ..triton.multi_lora import lora_shrink_triton
@@ -48,6 +55,7 @@ def lora_shrink_cuda(x, bank, table, scales, group_a, group_b, segments, tokens,
                               None if max_count < 0 else max_count)
 
 
+@kernel("lora_expand", "cuda")
 def lora_expand_cuda(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
     check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
     from ..triton.multi_lora import lora_expand_triton
@@ -55,6 +63,7 @@ def lora_expand_cuda(t, base, bank, table, scales, group_a, group_b, segments, t
                               None if max_count < 0 else max_count, mixture)
 
 
+@kernel("multi_lora", "cuda")
 def multi_lora_cuda(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
                     max_count=-1, mixture=True):
     check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
@@ -63,6 +72,7 @@ def multi_lora_cuda(x, base, bank, table, scales, group_a, group_b, segments, to
                              None if max_count < 0 else max_count, mixture)
 
 
+@kernel("multi_lora_slices", "cuda")
 def multi_lora_slices_cuda(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
                            max_count=-1, mixture=True):
     widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
@@ -75,14 +85,3 @@ def multi_lora_slices_cuda(x, base, banks, tables, scales, group_a, group_b, seg
                                       None if max_count < 0 else max_count, mixture))
         col += n
     return torch.cat(outs, 1)
-
-
-torch.library.register_kernel("lorakern::multi_lora_slices", "cuda", multi_lora_slices_cuda)
-torch.library.register_kernel("lorakern::lora_shrink", "cuda", lora_shrink_cuda)
-torch.library.register_kernel("lorakern::lora_expand", "cuda", lora_expand_cuda)
-torch.library.register_kernel("lorakern::multi_lora", "cuda", multi_lora_cuda)
-torch.library.register_kernel("lorakern::lora_mixed", "cuda", lora_mixed_cuda)
-torch.library.register_kernel("lorakern::quant_matmul_lora", "cuda", quant_matmul_lora_cuda)
-torch.library.register_kernel("lorakern::quant_matmul", "cuda", quant_matmul_cuda)
-torch.library.register_kernel("lorakern::dequantize", "cuda", dequantize_cuda)
-torch.library.register_kernel("lorakern::gwq_matmul", "cuda", gwq_matmul_cuda)

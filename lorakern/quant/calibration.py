@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.wikitext import read_wikitext, token_windows
 from ..formats.linear_like import is_conv1d, linear_shape
 
 __all__ = ["LayerStats", "calibration_windows", "collect_statistics"]
@@ -28,8 +29,6 @@ __all__ = ["LayerStats", "calibration_windows", "collect_statistics"]
 
 def calibration_windows(tokenizer, n: int = 8, seqlen: int = 512, split: str = "valid") -> torch.Tensor:
     """``[n, seqlen]`` token ids: the first ``n`` non-overlapping windows of the split (default valid.txt)."""
-    from ..eval.data import read_wikitext
-    from ..eval.perplexity import token_windows
     if n < 1 or seqlen < 2:
         raise ValueError(f"need n >= 1 windows of seqlen >= 2 tokens, got n={n}, seqlen={seqlen}")
     return token_windows(tokenizer, read_wikitext(split), seqlen, n)

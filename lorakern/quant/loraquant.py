@@ -14,17 +14,18 @@ For an adapter ``delta = B @ A`` (B: ``[d, r]``, A: ``[r, k]``):
    of A' along its rows.
 
 The result, :class:`CompressedLoRA`, holds four :class:`QuantizedWeight` s that
-the existing kernels can run: ``x @ A'^T`` is a quant_matmul with weight A'
-(``[h, k]``), and ``t @ B'^T`` one with weight ``B'^T`` read as ``[d, h]`` -- the
-fused mixed-precision kernel (lorakern::lora_mixed) is later work.
+the kernels run without dequantizing to memory: ``torch.ops.lorakern.lora_mixed`` (one fused
+call: the shrink over A' on int8 activations, the expand over B'^T in fp32 tiles),
+``quant_matmul_lora`` (fused with a quantized base layer) and the multi-adapter ops over an
+:class:`~lorakern.multilora.AdapterBank`. The record itself lives in
+:mod:`lorakern.formats.lora`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..formats.packing import SUPPORTED_GROUP_SIZES, pack_codes
+from ..formats.lora import CompressedLoRA, lora_group_size
+from ..formats.packing import pack_codes
 from ..formats.quantized import QuantizedWeight
 from .rtn import quantize_rtn, quantize_sign, round_codes, rtn_params
 
@@ -114,102 +115,6 @@ def refine_high(Bt: torch.Tensor, A: torch.Tensor, bits: int, gd: int, gk: int, 
             best_b[better] = b[better]
             best_a[better] = a[better]
     return best_b, best_a
-
-
-def lora_group_size(n: int, want: int = 128) -> int:
-    """Largest supported group size <= want dividing n (128, 64 or 32)."""
-    g = next((g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True) if g <= want and n % g == 0), None)
-    if g is None:
-        raise ValueError(f"dimension {n} is not a multiple of any group size in {SUPPORTED_GROUP_SIZES}")
-    return g
-
-
-@dataclass(frozen=True)
-class CompressedLoRA:
-    """A LoRAQuant-compressed adapter, ``delta ~ scale * B' A'``.
-
-    Attributes:
-        a_hi, a_lo: A' rows ``[:h]`` and ``[h:]`` as quantized ``[h, k]`` / ``[r-h, k]``
-            weights (groups along k); None when empty.
-        b_hi, b_lo: B' columns ``[:h]`` and ``[h:]``, stored transposed ``[h, d]`` /
-            ``[r-h, d]`` (groups along d, i.e. down B's columns); None when empty.
-        shape: ``(d, k)`` of the delta (out_features, in_features).
-        rank, h: r and the number of high-precision components.
-        scale: the adapter's scaling (PEFT's lora_alpha / r), applied to the product.
-    """
-
-    a_hi: QuantizedWeight | None
-    b_hi: QuantizedWeight | None
-    a_lo: QuantizedWeight | None
-    b_lo: QuantizedWeight | None
-    shape: tuple[int, int]
-    rank: int
-    h: int
-    scale: float = 1.0
-
-    def __post_init__(self):
-        d, k = self.shape
-        if not 0 <= self.h <= self.rank:
-            raise ValueError(f"h={self.h} must lie in [0, rank={self.rank}]")
-        for name, w, rows, cols in (("a_hi", self.a_hi, self.h, k), ("b_hi", self.b_hi, self.h, d),
-                                    ("a_lo", self.a_lo, self.rank - self.h, k),
-                                    ("b_lo", self.b_lo, self.rank - self.h, d)):
-            if rows == 0:
-                if w is not None:
-                    raise ValueError(f"{name} must be None when it has no components")
-            elif w is None or w.shape != (rows, cols):
-                raise ValueError(f"{name} must have shape {(rows, cols)}, got {None if w is None else w.shape}")
-        for name, w in (("a_lo", self.a_lo), ("b_lo", self.b_lo)):
-            if w is not None and w.bits != 1:
-                raise ValueError(f"{name} must be 1-bit sign weights, got {w.bits} bits")
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized ``(B' [d, r], A' [r, k])`` in fp32 (the reference)."""
-        d, k = self.shape
-        parts_b = [w.dequantize() for w in (self.b_hi, self.b_lo) if w is not None]
-        parts_a = [w.dequantize() for w in (self.a_hi, self.a_lo) if w is not None]
-        Bt = torch.cat(parts_b, 0) if parts_b else torch.zeros(0, d)
-        A = torch.cat(parts_a, 0) if parts_a else torch.zeros(0, k)
-        return Bt.t().contiguous(), A
-
-    def delta(self) -> torch.Tensor:
-        """The dense ``[d, k]`` update ``scale * B' A'`` (fp32)."""
-        B, A = self.factors()
-        return self.scale * (B @ A)
-
-    @property
-    def bits_high(self) -> int:
-        """Bits of the high part (2 when it is empty)."""
-        return self.a_hi.bits if self.a_hi is not None else 2
-
-    @property
-    def group_sizes(self) -> tuple[int, int]:
-        """``(group of A along k, group of B'^T along d)``."""
-        a = self.a_hi if self.a_hi is not None else self.a_lo
-        b = self.b_hi if self.b_hi is not None else self.b_lo
-        return (a.group_size, b.group_size) if a is not None else (lora_group_size(self.shape[1]),
-                                                                   lora_group_size(self.shape[0]))
-
-    def op_tensors(self, device=None) -> list[torch.Tensor]:
-        """The 12 tensors the ops take (``torch.ops.lorakern.lora_mixed``): packed codes, scales and zeros of
-        a_hi, b_hi, a_lo, b_lo; an empty part becomes 0-row tensors of the right widths."""
-        d, k = self.shape
-        ga, gb = self.group_sizes
-        out = []
-        for w, bits, cols, G in ((self.a_hi, self.bits_high, k, ga), (self.b_hi, self.bits_high, d, gb),
-                                 (self.a_lo, 1, k, ga), (self.b_lo, 1, d, gb)):
-            if w is None:
-                out += [torch.empty(0, cols * bits // 8, dtype=torch.uint8),
-                        torch.empty(0, cols // G, dtype=torch.float16), torch.empty(0, cols // G, dtype=torch.float16)]
-            else:
-                out += [w.qweight, w.scales, w.zeros]
-        return [t.to(device) for t in out] if device is not None else out
-
-    def bits_per_param(self) -> float:
-        """Stored bits (codes, scales, zeros of all four parts) per adapter parameter r(d + k)."""
-        d, k = self.shape
-        nbytes = sum(w.nbytes() for w in (self.a_hi, self.b_hi, self.a_lo, self.b_lo) if w is not None)
-        return 8.0 * nbytes / (self.rank * (d + k))
 
 
 def compress_lora(B: torch.Tensor, A: torch.Tensor, rho: float = 0.9, bits_high: int = 2, group_size: int = 128,

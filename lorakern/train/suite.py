@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
-from ..eval.data import read_wikitext
+from ..data import read_wikitext
 from ..eval.perplexity import perplexity, token_windows
 from ..models.smollm2 import cache_dir
 from .tasks import SUITE, get_task

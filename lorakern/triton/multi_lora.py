@@ -21,6 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats.bank import TABLE_COLUMNS, SlotKind
+
+# the slot table's record (lorakern.formats.bank.SlotRow; lk_slot_column in C), named for the kernels
+NUM_COLUMNS = tl.constexpr(len(TABLE_COLUMNS))
+COL_KIND = tl.constexpr(TABLE_COLUMNS.index("kind"))
+COL_RANK = tl.constexpr(TABLE_COLUMNS.index("rank"))
+COL_ROW = tl.constexpr(TABLE_COLUMNS.index("row"))
+COL_H = tl.constexpr(TABLE_COLUMNS.index("h"))
+COL_BITS_HI = tl.constexpr(TABLE_COLUMNS.index("bits_hi"))
+COL_A_OFF = tl.constexpr(TABLE_COLUMNS.index("a_off"))
+COL_B_OFF = tl.constexpr(TABLE_COLUMNS.index("b_off"))
+KIND_DENSE = tl.constexpr(int(SlotKind.DENSE))
+KIND_COMPRESSED = tl.constexpr(int(SlotKind.COMPRESSED))
+
 __all__ = ["multi_expand_kernel", "multi_shrink_kernel", "lora_shrink_triton", "lora_expand_triton",
            "multi_lora_triton", "expand_block_n", "shrink_block_k", "split_k"]
 
@@ -56,22 +70,22 @@ def _slot(seg_ptr, table_ptr, s, num_slots, E, drows, qrows, q_bytes, cols, IS_A
     count = tl.load(seg_ptr + 3 * s + 2)
     slot_ok = (slot >= 0) & (slot < num_slots)
     slot = tl.where(slot_ok, slot, 0)
-    t = table_ptr + slot * 7
-    kind = tl.load(t)
-    rank = tl.load(t + 1)
-    row = tl.load(t + 2)
-    h = tl.load(t + 3)
-    bits = tl.load(t + 4)
-    aoff = tl.load(t + 5)
-    boff = tl.load(t + 6)
-    dense_ok = (kind == 1) & (row >= 0) & (rank >= 0) & (row + rank <= drows)
+    t = table_ptr + slot * NUM_COLUMNS
+    kind = tl.load(t + COL_KIND)
+    rank = tl.load(t + COL_RANK)
+    row = tl.load(t + COL_ROW)
+    h = tl.load(t + COL_H)
+    bits = tl.load(t + COL_BITS_HI)
+    aoff = tl.load(t + COL_A_OFF)
+    boff = tl.load(t + COL_B_OFF)
+    dense_ok = (kind == KIND_DENSE) & (row >= 0) & (rank >= 0) & (row + rank <= drows)
     if IS_A:
         off = aoff
     else:
         off = boff
     rl = rank - h
     nbytes = h * (cols * bits // 8) + rl * (cols // 8)
-    q_ok = (kind == 2) & (row >= 0) & (h >= 0) & (rl >= 0) & (row + rank <= qrows) & (off >= 0) & \
+    q_ok = (kind == KIND_COMPRESSED) & (row >= 0) & (h >= 0) & (rl >= 0) & (row + rank <= qrows) & (off >= 0) & \
         ((bits == 2) | (bits == 3) | (bits == 4) | (bits == 8)) & (off + nbytes <= q_bytes)
     rank = tl.where(slot_ok & (dense_ok | q_ok), rank, 0)
     start = tl.maximum(tl.minimum(start, E), 0)
@@ -114,7 +128,7 @@ def multi_shrink_kernel(x_ptr, tok_ptr, w_ptr, seg_ptr, table_ptr, scales_ptr, d
             x = tl.load(x_ptr + tok[:, None] * stride_xm + offs_k[None, :], mask=e_mask[:, None] & k_mask[None, :],
                         other=0.0)
             rk = r_mask[:, None] & k_mask[None, :]
-            if kind == 1:
+            if kind == KIND_DENSE:
                 a = tl.load(da_ptr + (row + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :], mask=rk,
                             other=0.0).to(tl.float32)
             else:
@@ -157,7 +171,7 @@ def multi_expand_kernel(t_ptr, tok_ptr, seg_ptr, table_ptr, db_ptr, qb_ptr, qbs_
         t = tl.load(t_ptr + offs_e[:, None].to(tl.int64) * ldt + offs_r[None, :],
                     mask=e_mask[:, None] & r_mask[None, :], other=0.0)
         rn = r_mask[:, None] & n_mask[None, :]
-        if kind == 1:
+        if kind == KIND_DENSE:
             bt = tl.load(db_ptr + (row + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :], mask=rn,
                          other=0.0).to(tl.float32)
         else:

@@ -28,7 +28,11 @@ typedef enum {
   LK_OK = 0,
   LK_ERR_INVALID_ARG = 1, /* a null pointer, bad size, unsupported bits/group */
   LK_ERR_UNSUPPORTED = 2, /* the requested ISA is not supported by this CPU */
-  LK_ERR_ALLOC = 3        /* out of memory for a work buffer */
+  LK_ERR_ALLOC = 3,       /* out of memory for a work buffer */
+  LK_ERR_SLOT_RANGE = 4,  /* a batch names an adapter slot outside the bank's table */
+  LK_ERR_SLOT_EMPTY = 5,  /* a batch names an empty slot (its adapter was removed) */
+  LK_ERR_BAD_SLOT = 6,    /* a slot's fields are invalid or its rows / codes lie out of the slabs */
+  LK_ERR_RANK = 7         /* an adapter's rank exceeds the caller's max_rank */
 } lk_status;
 
 typedef enum { LK_F32 = 0, LK_F16 = 1, LK_BF16 = 2 } lk_dtype;
@@ -81,6 +85,43 @@ typedef struct {
   lk_lora q;        /* compressed parts */
   float scale;      /* the adapter's scaling (alpha / r) */
 } lk_lora_slot;
+
+/* A layer's adapter bank in slab storage, as lorakern's Python side keeps it (lorakern.formats.bank:
+ * BankView has these fields, in this order; the slot table's columns are lk_slot_column, its kinds
+ * lk_slot_kind). Dense adapters occupy rows [row, row + rank) of a [dense_rows, K] and bt [dense_rows, N];
+ * compressed ones h rows of K * bits_hi / 8 bytes then rank - h 1-bit rows of K / 8 bytes from qa + a_off
+ * (B^T: N, from qb + b_off), and rows [row, row + rank) of the fp16 scale / zero slabs ([qrows, K / group_a]
+ * and [qrows, N / group_b]). */
+typedef enum {
+  LK_SLOT_KIND = 0,    /* lk_slot_kind */
+  LK_SLOT_RANK = 1,
+  LK_SLOT_ROW = 2,     /* first row in the dense or the scale / zero slabs */
+  LK_SLOT_H = 3,       /* compressed: high components */
+  LK_SLOT_BITS_HI = 4, /* compressed: their bits (2, 3, 4, 8) */
+  LK_SLOT_A_OFF = 5,   /* compressed: first byte in qa */
+  LK_SLOT_B_OFF = 6,   /* compressed: first byte in qb */
+  LK_SLOT_NUM_COLUMNS = 7
+} lk_slot_column;
+typedef struct {
+  const int64_t* table; /* [num_slots, LK_SLOT_NUM_COLUMNS] */
+  const float* scales;  /* [num_slots]: each adapter's alpha / r */
+  int64_t num_slots;
+  lk_dtype dtype;       /* of the dense slabs */
+  int32_t group_a;      /* compressed A: group along K */
+  int32_t group_b;      /* compressed B^T: group along N */
+  const void* a;        /* dense A rows [dense_rows, K] */
+  int64_t dense_rows;
+  const void* bt;       /* dense B^T rows [dense_rows, N] */
+  const uint8_t* qa;    /* compressed A codes */
+  int64_t qa_bytes;
+  const uint16_t* qa_scales; /* fp16 [qrows, K / group_a] */
+  const uint16_t* qa_zeros;
+  int64_t qrows;
+  const uint8_t* qb;    /* compressed B^T codes */
+  int64_t qb_bytes;
+  const uint16_t* qb_scales; /* fp16 [qrows, N / group_b] */
+  const uint16_t* qb_zeros;
+} lk_bank;
 
 /* A batch's mapping onto the bank, computed once per forward pass: entries (token,
  * weight) grouped by adapter into segments that partition [0, num_entries) in order.
@@ -174,6 +215,15 @@ LK_API lk_status lk_multi_lora_slices(const void* x, lk_dtype x_dtype, int64_t T
                                       const lk_lora_slice* slices, int64_t num_slices,
                                       const lk_lora_batch* batch, int64_t ldy, const void* base, void* y,
                                       int num_threads);
+
+/* The slots a batch's segments name, decoded from a bank of a layer W[N, K]: slots[s] for segment s
+ * (num_segments of them), every field and offset checked against the slabs first. max_rank >= 0 also
+ * checks every rank against it (LK_ERR_RANK). segments_out (nullable) receives the segments renumbered
+ * to index `slots`, as lk_lora_shrink / lk_lora_expand / lk_multi_lora take them. On an error,
+ * *failed (nullable) is the segment's slot id. */
+LK_API lk_status lk_bank_resolve(const lk_bank* bank, int64_t N, int64_t K, const int64_t* segments,
+                                 int64_t num_segments, int64_t max_rank, lk_lora_slot* slots,
+                                 int64_t* segments_out, int64_t* failed);
 
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);

@@ -11,9 +11,9 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["PACKAGED_SHA256", "wikitext_path", "read_wikitext"]
+__all__ = ["PACKAGED_SHA256", "read_wikitext", "token_windows", "wikitext_path"]
 
-PACKAGED = Path(__file__).resolve().parents[1] / "data" / "wikitext-2"
+PACKAGED = Path(__file__).resolve().parent / "wikitext-2"
 #: sha256 of the uncompressed packaged text (checked on every read of the packaged copy)
 PACKAGED_SHA256 = {"test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
                    "valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"}
@@ -54,3 +54,20 @@ def read_wikitext(split: str = "test", max_chars: int | None = None) -> str:
         raise ValueError(f"{p}: the packaged WikiText-2 {split} text is damaged (sha256 mismatch); reinstall lorakern")
     text = data.decode("utf-8")
     return text[:max_chars] if max_chars else text
+
+
+def token_windows(tokenizer, text: str, window: int = 512, n_windows: int = 8) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of ``window`` tokens of ``text``: int64 ``[n, window]``.
+
+    Raises:
+        ValueError: the text has fewer than ``window * n_windows`` tokens.
+    """
+    # ~4 characters per token in English: tokenize only what is needed
+    chars = window * n_windows * 8
+    ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
+    need = window * n_windows
+    if ids.numel() < need:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < need:
+        raise ValueError(f"text has {ids.numel()} tokens, {need} needed")
+    return ids[:need].view(n_windows, window)

@@ -1,0 +1,27 @@
+// The CPU kernel tables (kernels.h). One row per ISA; the AVX-512 path quantizes activations with the
+// AVX2 code (bitwise the same results as the generic one).
+#include "kernels.h"
+
+namespace lk {
+namespace {
+
+const CpuKernels kGeneric{LK_ISA_GENERIC, qmm_rows_generic, quantize_activations, lora_expand_generic,
+                          dense_shrink_generic, multi_expand_generic};
+const CpuKernels kAvx2{LK_ISA_AVX2, qmm_rows_avx2, quantize_activations_avx2, lora_expand_avx2, dense_shrink_avx2,
+                       multi_expand_avx2};
+const CpuKernels kAvx512{LK_ISA_AVX512, qmm_rows_avx512, quantize_activations_avx2, lora_expand_avx512,
+                         dense_shrink_avx512, multi_expand_avx512};
+
+}  // namespace
+
+const CpuKernels& cpu_kernels(lk_isa isa) {
+  switch (isa) {
+    case LK_ISA_AVX512: return kAvx512;
+    case LK_ISA_AVX2: return kAvx2;
+    default: return kGeneric;
+  }
+}
+
+const CpuKernels& active_kernels() { return cpu_kernels(lk_active_isa()); }
+
+}  // namespace lk
