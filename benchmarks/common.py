@@ -15,6 +15,21 @@ import torch
 STACK_BYTES = 256 * 2**20  # rotate through at least this much so L3 (32 MiB) cannot serve the weights
 
 
+def gemv_args(argv, doc: str, name: str, quick_help: str):
+    """The GEMV benchmarks' command line (--quick, --json, --rounds) and their shapes:
+    ``(args, [(N, K)], [M], rounds)``."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", help=f"write results here (default benchmarks/results/{name}.json; quick: "
+                                   f"{name}_quick.json)")
+    ap.add_argument("--rounds", type=int, default=None)
+    a = ap.parse_args(argv)
+    shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
+    Ms = [1, 16] if a.quick else [1, 4, 16, 128]
+    return a, shapes, Ms, a.rounds or (3 if a.quick else 5)
+
+
 def copies_for(bytes_per_copy: int, min_total: int = STACK_BYTES, at_least: int = 2) -> int:
     """Number of weight copies to rotate through so that their total exceeds ``min_total``."""
     return max(at_least, -(-min_total // max(1, bytes_per_copy)))

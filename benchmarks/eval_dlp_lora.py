@@ -2,7 +2,7 @@
 
     python benchmarks/eval_dlp_lora.py [--quick] [--json PATH]
 
-1. The router (lorakern.dlp.DLPRouter: the base model's mean-pooled input embeddings -> a small MLP) is
+1. The router (lorakern.apps.dlp.DLPRouter: the base model's mean-pooled input embeddings -> a small MLP) is
    trained on prompts of the six tasks drawn with training seeds (200 per task; --quick 60).
 2. Held-out prompts (exact_match's evaluation seed, 100 per task; --quick 30): routing top-1 accuracy and
    whether the task's own adapter is among the kept ones (top-p 0.6). Every suite prompt starts with its
@@ -30,16 +30,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-import lorakern  # noqa: E402
-from lorakern.adapters import compress_adapter, load_peft_adapter  # noqa: E402
-from lorakern.dlp import FixedMixture, attach_router, prompt_batches, train_router  # noqa: E402
-from lorakern.models.smollm2 import load_smollm2  # noqa: E402
-from lorakern.train import exact_match, get_task  # noqa: E402
-from lorakern.train.suite import adapter_dir, ensure_suite  # noqa: E402
-from lorakern.train.tasks import SUITE  # noqa: E402
+import lorakern
+from lorakern.adapters import compress_adapter, load_peft_adapter
+from lorakern.apps.dlp import FixedMixture, attach_router, prompt_batches, train_router
+from lorakern.models.smollm2 import load_smollm2
+from lorakern.apps.train import exact_match, get_task
+from lorakern.apps.train.suite import adapter_dir, ensure_suite
+from lorakern.apps.train.tasks import SUITE
 
 ROUTER_SEED, EVAL_SEED = 777_000, 12345  # training prompts / exact_match's held-out seed
 

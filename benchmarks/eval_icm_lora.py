@@ -1,7 +1,7 @@
 """ICM-LoRA on SmolLM2-135M: adapters generated from task examples against the originals and two baselines.
 
 Tasks are two families with a parameter (add a constant addcC, subtract a constant subcC, C = 1..12); four
-members are held out (lorakern.generate.HELDOUT). Builds what is missing first (cached in $LORAKERN_CACHE):
+members are held out (lorakern.apps.icm.HELDOUT). Builds what is missing first (cached in $LORAKERN_CACHE):
 each seen task's trajectory of rank-2 q/v LoRA checkpoints, then the CVAE generator.
 
 Per task it measures, on 100 held-out examples, exact match (higher is better) and the answer tokens'
@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-from lorakern.adapters.attach import apply_adapter  # noqa: E402
-from lorakern.generate import (HELDOUT, SEEN, GeneratorTrainConfig, condition_vectors, ensure_generator,  # noqa: E402
+from lorakern.adapters.attach import apply_adapter
+from lorakern.apps.icm import (HELDOUT, SEEN, GeneratorTrainConfig, condition_vectors, ensure_generator,
                                ensure_trajectories, flatten_adapter, unflatten_adapter)
-from lorakern.models.smollm2 import load_smollm2  # noqa: E402
-from lorakern.train import answer_nll, exact_match, get_task  # noqa: E402
+from lorakern.models.smollm2 import load_smollm2
+from lorakern.apps.train import answer_nll, exact_match, get_task
 
 
 def measure(model, tok, task_name, adapter, n):

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-from lorakern.adapters import apply_adapter, load_peft_adapter  # noqa: E402
-from lorakern.models.smollm2 import load_smollm2  # noqa: E402
-from lorakern.quant import compress_lora, rtn_lora  # noqa: E402
-from lorakern.train.suite import adapter_dir, ensure_suite, evaluate_adapter_metric, metric_info, suite_names  # noqa: E402
+from lorakern.adapters import apply_adapter, load_peft_adapter
+from lorakern.models.smollm2 import load_smollm2
+from lorakern.quant import compress_lora, rtn_lora
+from lorakern.apps.train.suite import adapter_dir, ensure_suite, evaluate_adapter_metric, metric_info, suite_names
 
 METHODS = ["fp16", "loraquant_rho0.8_hi2", "loraquant_rho0.9_hi2", "loraquant_rho0.8_hi3", "loraquant_rho0.9_hi3",
            "rtn3", "rtn2", "rtn1", "sign"]

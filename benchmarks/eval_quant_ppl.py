@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         return 0
 
     import lorakern
-    from lorakern.eval import perplexity, read_wikitext, token_windows
+    from lorakern.apps.evaluation import perplexity, read_wikitext, token_windows
     from lorakern.models import load_smollm2
     from lorakern.quant import calibration_windows, collect_statistics
 

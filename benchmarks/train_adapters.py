@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import machine_info
 
-from lorakern.models.smollm2 import load_smollm2  # noqa: E402
-from lorakern.train.suite import adapter_dir, ensure_suite, suite_names  # noqa: E402
+from lorakern.models.smollm2 import load_smollm2
+from lorakern.apps.train.suite import adapter_dir, ensure_suite, suite_names
 
 
 def main(argv=None):

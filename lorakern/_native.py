@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import os
 
+from .formats.bank import BankView, SlotKind, SlotRow
+from .formats.lora import LoraParts, LoraPartView
+
 __all__ = ["NativeLibraryError", "native", "available_isas", "detected_isa", "active_isa", "set_isa"]
 
 _ISAS = ("generic", "avx2", "avx512")
@@ -44,8 +47,6 @@ def native():
 def _check_records(lib) -> None:
     """The records that cross into C++ must name the same fields in the same order on both sides
     (``lorakern.formats`` here, ``RECORDS`` exported by csrc/python/bindings.cpp from lorakern.h)."""
-    from .formats.bank import BankView, SlotKind, SlotRow
-    from .formats.lora import LoraParts, LoraPartView
     ours = {"BankView": BankView._fields, "SlotRow": SlotRow._fields, "LoraPartView": LoraPartView._fields,
             "LoraParts": LoraParts._fields, "SlotKind": tuple((k.name, int(k)) for k in SlotKind)}
     theirs = {k: tuple(tuple(x) if isinstance(x, tuple) else x for x in v)

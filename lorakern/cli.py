@@ -48,7 +48,7 @@ def _demo(args) -> int:
     import torch
 
     import lorakern
-    from lorakern.eval import decode_tokens_per_second, perplexity, read_wikitext, token_windows
+    from lorakern.apps.evaluation import decode_tokens_per_second, perplexity, read_wikitext, token_windows
     from lorakern.models import load_smollm2
 
     _check_output_file(args.json)
@@ -97,7 +97,7 @@ def _quantize(args) -> int:
     import torch
 
     import lorakern
-    from lorakern.eval import perplexity, read_wikitext, token_windows
+    from lorakern.apps.evaluation import perplexity, read_wikitext, token_windows
     from lorakern.models import load_model, load_quantized_model, save_quantized_model
     from lorakern.quant import calibration_windows
 
@@ -156,7 +156,7 @@ def _generate_adapter(args) -> int:
     from pathlib import Path
 
     from lorakern.adapters import save_peft_adapter
-    from lorakern.generate import AdapterGenerator, default_generator_path, ensure_generator, load_examples
+    from lorakern.apps.icm import AdapterGenerator, default_generator_path, ensure_generator, load_examples
     from lorakern.models import load_model
 
     examples = load_examples(args.examples)  # every file validated before anything heavy runs
@@ -177,7 +177,7 @@ def _generate_adapter(args) -> int:
 
 
 def _train_generator(args) -> int:
-    from lorakern.generate import GeneratorTrainConfig, ensure_generator
+    from lorakern.apps.icm import GeneratorTrainConfig, ensure_generator
     from lorakern.models import load_smollm2
 
     _check_output_file(args.out)

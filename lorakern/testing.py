@@ -17,7 +17,7 @@ from .ops.reference import _shrink, _slices, _expand, dequantize, lora_delta, ou
 from .ops.schemas import check_gwq_matmul, check_lora_mixed, check_multi_lora, check_quant_matmul, \
     check_quant_matmul_lora
 
-__all__ = ["DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
+__all__ = ["save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
            "interpreter_bf16_dot_xfail", "lora_mixed_int8_act", "multi_lora_int8_act", "multi_lora_slices_int8_act",
            "quant_matmul_int8_act", "quant_matmul_lora_int8_act", "quantize_activations_int8", "random_compressed",
            "random_outliers", "random_qweight", "terms_bound"]
@@ -179,3 +179,37 @@ def terms_bound(x, w, bias):
     a = (w.scales.float().abs().unsqueeze(-1) * (q + w.zeros.float().abs().unsqueeze(-1))).view(N, K)
     t = x.reshape(-1, K).float().abs() @ a.t() * 1.01
     return t + (bias.abs() if bias is not None else 0)
+
+
+
+# ---- tiny models and adapters (need transformers / peft: the test-only extras) ---------------------
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, intermediate_size: int = 96, **config):
+    """A random 2-layer Llama (grouped-query attention, 4 heads / 2 KV heads) in eval mode; token ids 0, 1, 2
+    are pad, bos and eos. ``config`` overrides further ``LlamaConfig`` fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
+
+
+def save_random_peft_adapters(model, root, targets: dict, std: float, rank=lambda i: 4) -> dict:
+    """Save one PEFT LoRA adapter per ``{name: target modules}`` under ``root/name`` with random B
+    (N(0, std), seeded by the adapter's position i) and rank ``rank(i)``, lora_alpha 8; returns
+    ``{name: directory}``."""
+    import copy
+
+    import peft
+    paths = {}
+    for i, (name, mods) in enumerate(targets.items()):
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=rank(i), lora_alpha=8, target_modules=mods,
+                                                                        init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, std, generator=torch.Generator().manual_seed(i))
+        pm.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lorakern
-from lorakern.dlp import DLPRouter, FixedMixture, attach_router, prompt_features, top_p_select, train_router
+from lorakern.apps.dlp import DLPRouter, FixedMixture, attach_router, prompt_features, top_p_select, train_router
 from lorakern.formats import FormatError
+from lorakern.testing import save_random_peft_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -65,14 +66,6 @@ def test_top_p_against_a_loop(seed):
 
 # --- a tiny model, three adapters -------------------------------------------------------------------------
 
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
 class CharTokenizer:
     """Characters as tokens (3..127), pad 0: enough for prompt batches."""
     pad_token_id, eos_token_id = 0, 2
@@ -100,17 +93,8 @@ def task_prompts(name, n, seed):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dlp")
     model = tiny_llama()
-    paths = {}
-    for i, (name, targets) in enumerate({"alpha": ["q_proj", "v_proj"], "digits": ["k_proj", "down_proj"],
-                                         "upper": ["q_proj", "up_proj"]}.items()):
-        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4 + i, lora_alpha=8, target_modules=targets,
-                                                                        init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
-        pm.save_pretrained(tmp / name)
-        paths[name] = tmp / name
+    paths = save_random_peft_adapters(model, tmp, {"alpha": ["q_proj", "v_proj"], "digits": ["k_proj", "down_proj"],
+                                                   "upper": ["q_proj", "up_proj"]}, 0.2, rank=lambda i: 4 + i)
     tok = CharTokenizer()
     router = train_router(model, tok, {n: task_prompts(n, 40, i) for i, n in enumerate(TASKS)}, epochs=30,
                           progress=False)
@@ -124,7 +108,7 @@ def test_router_learns_and_is_deterministic(setup):
                          progress=False)
     for (k, a), (_, b) in zip(router.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
-    from lorakern.dlp import prompt_batches
+    from lorakern.apps.dlp import prompt_batches
     for i, name in enumerate(TASKS):
         held = task_prompts(name, 20, 100 + i)
         ids, mask = next(prompt_batches(tok, held))
@@ -205,7 +189,7 @@ def test_trained_router_and_uniform_mixture_in_generate(setup):
     with pytest.raises(ValueError, match="needs a router"):
         lm(input_ids=torch.tensor([[5, 6]]), adapter_names="auto")
     attach_router(lm, router)
-    from lorakern.dlp import prompt_batches
+    from lorakern.apps.dlp import prompt_batches
     prompts = task_prompts("alpha", 2, 7) + task_prompts("digits", 2, 8)
     ids, mask = next(prompt_batches(tok, prompts))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 import lorakern
 from lorakern.adapters import LoraAdapter, LoraLayer, load_peft_adapter, save_peft_adapter
 from lorakern.formats.io import FormatError
-from lorakern.generate import (AdapterCVAE, AdapterGenerator, AdapterLayout, CVAEConfig, GeneratorTrainConfig,
+from lorakern.apps.icm import (AdapterCVAE, AdapterGenerator, AdapterLayout, CVAEConfig, GeneratorTrainConfig,
                                Normalizer, TaskExamples, flatten_adapter, load_examples, task_vector,
                                unflatten_adapter)
 
@@ -307,8 +307,8 @@ def test_cli_generate_adapter(tiny_llama, tiny_generator, tmp_path, capsys):
 
 
 def test_trajectory_keeps_the_last_checkpoints(tiny_llama, tmp_path):
-    from lorakern.generate import TrajectoryConfig, ensure_trajectories, load_trajectory, train_trajectory
-    from lorakern.generate.trajectories import save_trajectory
+    from lorakern.apps.icm import TrajectoryConfig, ensure_trajectories, load_trajectory, train_trajectory
+    from lorakern.apps.icm.trajectories import save_trajectory
     model, tok = tiny_llama
     before = copy.deepcopy(model.state_dict())
     cfg = TrajectoryConfig(steps=7, keep=5, every=2, batch_size=2, warmup=1)

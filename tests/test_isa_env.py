@@ -28,3 +28,21 @@ def test_env_rejects_unsupported_or_unknown():
     if "avx512" not in lorakern.available_isas():
         r = _run("avx512")
         assert r.returncode != 0 and "supports at most" in r.stderr
+
+
+def test_records_named_alike_on_both_sides():
+    """The records that cross into C++ (slot table columns and kinds, bank view, adapter parts) name the same
+    fields in the same order in lorakern.formats and in the extension; a mismatch refuses to load."""
+    import types
+
+    from lorakern import _native
+    from lorakern.formats.bank import BankView, SlotRow
+    lib = _native.native()
+    assert tuple(lib.RECORDS["SlotRow"]) == SlotRow._fields and tuple(lib.RECORDS["BankView"]) == BankView._fields
+    for name in ("SlotRow", "BankView", "LoraPartView", "LoraParts"):
+        bad = dict(lib.RECORDS)
+        bad[name] = tuple(reversed(bad[name]))
+        with pytest.raises(_native.NativeLibraryError, match=name):
+            _native._check_records(types.SimpleNamespace(RECORDS=bad))
+    _native._check_records(lib)
+    assert _native.native() is lib

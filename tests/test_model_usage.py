@@ -7,17 +7,9 @@ import torch
 
 import lorakern
 from lorakern.models import load_quantized_model
+from lorakern.testing import save_random_peft_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -27,16 +19,7 @@ IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 def adapters(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ad")
     model = tiny_llama()
-    paths = {}
-    for i, (name, targets) in enumerate({"a": ["q_proj", "v_proj"], "b": ["k_proj", "down_proj"]}.items()):
-        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                        init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
-        pm.save_pretrained(tmp / name)
-        paths[name] = tmp / name
+    paths = save_random_peft_adapters(model, tmp, {"a": ["q_proj", "v_proj"], "b": ["k_proj", "down_proj"]}, 0.3)
     return model, paths
 
 

@@ -124,7 +124,7 @@ def test_smollm2_mixed_batch_matches_peft(tmp_path):
     is not trained on this machine): lorakern's mixed batch against PEFT running each adapter alone."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from lorakern.models import load_smollm2
-    from lorakern.train.suite import adapter_dir
+    from lorakern.apps.train.suite import adapter_dir
     model, tok = load_smollm2()
     model.eval()
     names = ["add", "reverse", "sort", "count"]

@@ -185,18 +185,25 @@ def test_alora_is_refused_where_peft_changes_the_output(tmp_path):
 
 # --- lm_head / embed_tokens ----------------------------------------------------------------------------
 
+def _both_paths_match_peft(model, pm, ad, name, d):
+    """The adapter attached alone (apply_adapter) and through a bank (attach_adapters on a copy) both give
+    PEFT's logits; returns (PEFT's logits, the copy with the bank)."""
+    ref = pm(IDS).logits
+    with apply_adapter(model, ad):
+        assert (model(IDS).logits - ref).abs().max() < 1e-5
+    lm = copy.deepcopy(model)
+    lorakern.attach_adapters(lm, {name: d}, dtype=torch.float32)
+    assert (lm(IDS, adapter_names=[name, name]).logits - ref).abs().max() < 1e-5
+    return ref, lm
+
+
 def test_lm_head_adapter_with_base_weight_copy(tmp_path):
     model = tiny_llama()
     d, pm = peft_save(model, tmp_path, "head", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
     ad = load_peft_adapter(d)
     assert "lm_head" in ad.layers and list(ad.base_weights) == ["lm_head"]
     with torch.no_grad():
-        ref = pm(IDS).logits
-        with apply_adapter(model, ad):
-            assert (model(IDS).logits - ref).abs().max() < 1e-5
-        lm = copy.deepcopy(model)
-        lorakern.attach_adapters(lm, {"head": d}, dtype=torch.float32)
-        assert (lm(IDS, adapter_names=["head", "head"]).logits - ref).abs().max() < 1e-5
+        ref, lm = _both_paths_match_peft(model, pm, ad, "head", d)
         lm.lorakern_bank.remove("head")
         lm.lorakern_bank.add("head2", d)  # at run time too: checked against the model
     with pytest.raises(ValueError, match="base weights"):
@@ -304,12 +311,7 @@ def test_gpt2_conv1d_adapters_match_peft(tmp_path):
                       fan_in_fan_out=True)
     ad = load_peft_adapter(d)
     with torch.no_grad():
-        ref = pm(IDS).logits
-        with apply_adapter(model, ad):
-            assert (model(IDS).logits - ref).abs().max() < 1e-5
-        lm = copy.deepcopy(model)
-        lorakern.attach_adapters(lm, {"g": d}, dtype=torch.float32)
-        assert (lm(IDS, adapter_names=["g", "g"]).logits - ref).abs().max() < 1e-5
+        ref, lm = _both_paths_match_peft(model, pm, ad, "g", d)
         q = lorakern.quantize_model(copy.deepcopy(model), bits=8, group_size=32, progress=False)
         with apply_adapter(q, compress_adapter(ad, group_size=32, bits_high=8, rho=1.0)):
             assert (q(IDS).logits - ref).abs().max() < 0.05

@@ -11,21 +11,21 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_and_windows():
-    from lorakern.eval import read_wikitext, token_windows
+    from lorakern.apps.evaluation import read_wikitext, token_windows
     from lorakern.models import load_smollm2
     model, tok = load_smollm2()
     return model, token_windows(tok, read_wikitext("test"), 512, 2)
 
 
 def test_fp32_perplexity_matches_reference(model_and_windows):
-    from lorakern.eval import perplexity
+    from lorakern.apps.evaluation import perplexity
     model, win = model_and_windows
     ppl = perplexity(model, win, progress=False)
     assert 15 < ppl < 40  # machine.md: ~25.5 on the first 2048 tokens
 
 
 def test_4bit_model_close_to_reference_path(model_and_windows, tmp_path):
-    from lorakern.eval import perplexity
+    from lorakern.apps.evaluation import perplexity
     from lorakern.nn import QuantLinear
     from lorakern import testing as oracle
     model, win = model_and_windows
@@ -48,7 +48,7 @@ def test_gptq_lowers_layer_output_error_on_real_layers():
     GPTQ minimizes) on every layer, and lower in total on held-out test.txt
     inputs. (Per layer, held out, down_proj with K=1536 can lose to RTN at
     percdamp 0.01: 4096 calibration tokens are few for a 1536x1536 Hessian.)"""
-    from lorakern.eval import read_wikitext, token_windows
+    from lorakern.apps.evaluation import read_wikitext, token_windows
     from lorakern.models import load_smollm2
     from lorakern.quant import calibration_windows, collect_statistics, quantize_dense
     model, tok = load_smollm2()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lorakern.adapters import apply_adapter, load_peft_adapter, save_peft_adapter
-from lorakern.train import SUITE, TrainConfig, exact_match, get_task, train_task_adapter
-from lorakern.train.trainer import _answer_loss, _encode_pairs
+from lorakern.apps.train import SUITE, TrainConfig, exact_match, get_task, train_task_adapter
+from lorakern.apps.train.trainer import _answer_loss, _encode_pairs
 
 peft = pytest.importorskip("peft")
 

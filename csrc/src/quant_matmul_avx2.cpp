@@ -287,20 +287,13 @@ struct V8 {  // the AVX2 register type of simd_vec.h
   static reg load_bf16(const uint16_t* h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)h)), 16));
   }
-};
-
-struct Avx2Expand : SimdVec<V8> {
-  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
-    return qpart_layout_avx2(bits, G, c0, c1, rows);
-  }
-  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
-    axpy_qpart_avx2(y, coef, p, c0, c1);
-  }
-  template <int BITS>
+  template <int BITS>  // one group of codes as fp32 weights s * (q - z)
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     dequant_group_bits<BITS>(gp, G, s, z, out);
   }
 };
+
+using Avx2Expand = SimdVec<V8>;
 
 }  // namespace
 

@@ -232,20 +232,13 @@ struct V16 {  // the AVX-512 register type of simd_vec.h
   static reg load_bf16(const uint16_t* h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)h)), 16));
   }
-};
-
-struct Avx512Expand : SimdVec<V16> {
-  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
-    return qpart_layout_avx2(bits, G, c0, c1, rows);
-  }
-  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
-    axpy_qpart_avx2(y, coef, p, c0, c1);
-  }
-  template <int BITS>
+  template <int BITS>  // one group of codes as fp32 weights s * (q - z)
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     dequant_group_bits<BITS>(gp, G, s, z, out);
   }
 };
+
+using Avx512Expand = SimdVec<V16>;
 
 }  // namespace
 

@@ -2,13 +2,14 @@
 // axpys, dtype conversion and group accumulation written once over a register type V, which each ISA
 // file supplies (V8: __m256, V16: __m512) with these members:
 //   reg, W (floats per register), zero(), load(p), store(p, v), set1(x), fmadd(a, b, c), sum(v),
-//   load_f16(h), load_bf16(h) (W fp16 / bf16 values as fp32).
+//   load_f16(h), load_bf16(h) (W fp16 / bf16 values as fp32), dequant_bits<BITS>(gp, G, s, z, out).
 // Compiled with the including file's flags (anonymous namespace), like qmm_rows_simd.h.
 #pragma once
 #include <cstring>
 
 #include "common.h"
 #include "lorakern/lorakern.h"
+#include "multi_lora.h"
 #include "simd_x86.h"
 
 namespace lk {
@@ -79,6 +80,17 @@ struct SimdVec {
     else axpy_rows_t<LK_BF16>(y, coef, src, ld, r, w);
   }
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  template <int BITS>
+  static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
+    V::template dequant_bits<BITS>(gp, G, s, z, out);
+  }
+  // compressed parts: the AVX2 decoder (the AVX-512 path uses it too)
+  static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
+    return qpart_layout_avx2(bits, G, c0, c1, rows);
+  }
+  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+    axpy_qpart_avx2(y, coef, p, c0, c1);
+  }
 
   // out[0:n] = src as fp32.
   static void to_f32(const void* src, lk_dtype dt, int64_t n, float* out) {

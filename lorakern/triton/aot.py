@@ -24,7 +24,7 @@ _DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
 def jobs(quick: bool = False):
-    """Every (kernel, parameters) pair to build."""
+    """Every (kernel, parameters) pair to build (kernel modules imported when needed: import time)."""
     from .quant_matmul import CONFIGS
     out = []
     bits_list = (4, 3) if quick else (1, 2, 3, 4, 8)

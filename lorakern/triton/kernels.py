@@ -30,3 +30,15 @@ def load_codes(qw_ptr, offs_n, offs_k, row_bytes, n_mask, BITS: tl.constexpr, G:
         b = tl.load(base + (i % W)[None, :], mask=mask, other=0).to(tl.int32)
         q = (b >> ((i // W) * BITS)[None, :]) & ((1 << BITS) - 1)
     return q
+
+
+@triton.jit
+def load_weights(qw_ptr, s_ptr, z_ptr, offs_n, offs_s, offs_k, k0, row_bytes, n_mask, ng, BITS: tl.constexpr,
+                 G: tl.constexpr):
+    """Dequantized fp32 weights ``s * (q - z)`` [BLOCK_N, BLOCK_K] of rows ``offs_n`` (codes at ``qw_ptr``,
+    scales / zeros of rows ``offs_s``, ``ng`` groups per row) at columns ``k0 + offs_k`` (one group)."""
+    q = load_codes(qw_ptr, offs_n, k0 + offs_k, row_bytes, n_mask, BITS, G)
+    g = k0 // G
+    s = tl.load(s_ptr + offs_s * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_s * ng + g, mask=n_mask, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - z[:, None]) * s[:, None]

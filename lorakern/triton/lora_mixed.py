@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import load_codes
+from .kernels import load_codes, load_weights
 from .quant_matmul import launch_matmul
 
 __all__ = ["lora_expand_kernel", "lora_mixed_triton", "lora_shrink_kernel", "quant_matmul_lora_triton",
@@ -43,11 +43,8 @@ def lora_shrink_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, M, R, K, row_bytes, s
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-        q = load_codes(qw_ptr, offs_r, k0 + tl.arange(0, BLOCK_K), row_bytes, r_mask, BITS, G)
-        g = k0 // G
-        s = tl.load(s_ptr + offs_r * ng + g, mask=r_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_r * ng + g, mask=r_mask, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - z[:, None]) * s[:, None]
+        w = load_weights(qw_ptr, s_ptr, z_ptr, offs_r, offs_r, tl.arange(0, BLOCK_K), k0, row_bytes, r_mask, ng,
+                         BITS, G)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="tf32x3")
         else:

@@ -104,6 +104,16 @@ def _weight_rows(offs_r, rank, h, bits, off, cols):
 
 
 @triton.jit
+def _entries(tok_ptr, start, count, pid_m, T, rank, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The program's tile of the segment's entries: their indices, tokens and mask, and the rank columns."""
+    offs_e = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = tl.load(tok_ptr + offs_e, mask=offs_e < start + count, other=0).to(tl.int64)
+    e_mask = (offs_e < start + count) & (tok >= 0) & (tok < T)
+    offs_r = tl.arange(0, BLOCK_R)
+    return offs_e, tok, e_mask, offs_r, offs_r < rank
+
+
+@triton.jit
 def multi_shrink_kernel(x_ptr, tok_ptr, w_ptr, seg_ptr, table_ptr, scales_ptr, da_ptr, qa_ptr, qas_ptr, qaz_ptr,
                         t_ptr, T, K, stride_xm, ldt, nga, k_per_split, num_slots, E, drows, qrows, qa_bytes,
                         GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -114,11 +124,7 @@ def multi_shrink_kernel(x_ptr, tok_ptr, w_ptr, seg_ptr, table_ptr, scales_ptr, d
     slot, start, count, kind, rank, row, h, bits, aoff, boff = _slot(seg_ptr, table_ptr, s, num_slots, E, drows,
                                                                      qrows, qa_bytes, K, True)
     if pid_m * BLOCK_M < count:
-        offs_e = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        tok = tl.load(tok_ptr + offs_e, mask=offs_e < start + count, other=0).to(tl.int64)
-        e_mask = (offs_e < start + count) & (tok >= 0) & (tok < T)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
+        offs_e, tok, e_mask, offs_r, r_mask = _entries(tok_ptr, start, count, pid_m, T, rank, BLOCK_M, BLOCK_R)
         row_bits, row_base = _weight_rows(offs_r, rank, h, bits, aoff, K)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         k_lo = pid_k * k_per_split
@@ -161,11 +167,7 @@ def multi_expand_kernel(t_ptr, tok_ptr, seg_ptr, table_ptr, db_ptr, qb_ptr, qbs_
     slot, start, count, kind, rank, row, h, bits, aoff, boff = _slot(seg_ptr, table_ptr, s, num_slots, E, drows,
                                                                      qrows, qb_bytes, N, False)
     if pid_m * BLOCK_M < count:
-        offs_e = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        tok = tl.load(tok_ptr + offs_e, mask=offs_e < start + count, other=0).to(tl.int64)
-        e_mask = (offs_e < start + count) & (tok >= 0) & (tok < T)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
+        offs_e, tok, e_mask, offs_r, r_mask = _entries(tok_ptr, start, count, pid_m, T, rank, BLOCK_M, BLOCK_R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         t = tl.load(t_ptr + offs_e[:, None].to(tl.int64) * ldt + offs_r[None, :],

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import load_codes
+from .kernels import load_codes, load_weights
 
 __all__ = ["CONFIGS", "pick_config", "launch_matmul", "quant_matmul_triton", "dequantize_triton",
            "quant_matmul_kernel", "dequantize_kernel"]
@@ -63,11 +63,8 @@ def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, col_p
     offs_nl = tl.arange(0, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-        q = load_codes(qw_rows, offs_nl, k0 + tl.arange(0, BLOCK_K), row_bytes, n_mask, BITS, G)
-        g = k0 // G
-        s = tl.load(s_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * ng + g, mask=n_mask, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - z[:, None]) * s[:, None]
+        w = load_weights(qw_rows, s_ptr, z_ptr, offs_nl, offs_n, tl.arange(0, BLOCK_K), k0, row_bytes, n_mask, ng,
+                         BITS, G)
         if DOT_FP32:  # fp32 activations: 3xTF32 on tensor cores, about fp32 accuracy
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="tf32x3")
         else:

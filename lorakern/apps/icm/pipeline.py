@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.smollm2 import cache_dir
+from ...data.cache import cache_dir
 from ..train.tasks import get_task
 from .condition import TaskExamples, task_vector
 from .generator import AdapterGenerator, GeneratorTrainConfig

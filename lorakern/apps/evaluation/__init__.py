@@ -1,5 +1,5 @@
 """Evaluation helpers: data, perplexity, decode speed."""
-from ..data import read_wikitext, wikitext_path
+from ...data import read_wikitext, wikitext_path
 from .perplexity import perplexity, token_windows
 from .speed import decode_tokens_per_second
 

@@ -103,24 +103,24 @@ def caesar(k: int) -> Task:
 
 def add_constant(c: int) -> Task:
     """Add the constant c to a number."""
-    if not 1 <= c <= 999:
-        raise ValueError(f"constant must be in 1..999, got {c}")
-
-    def make(rng):
-        a = rng.randint(0, 999)
-        return str(a), str(a + c)
-    return Task(f"addc{c}", f"add {c} to a number below 1000", "Transform the number.", make, "addc", c)
+    return _constant_task("addc", c)
 
 
 def sub_constant(c: int) -> Task:
     """Subtract the constant c from a number (results stay >= 0)."""
+    return _constant_task("subc", c)
+
+
+def _constant_task(family: str, c: int) -> Task:
     if not 1 <= c <= 999:
         raise ValueError(f"constant must be in 1..999, got {c}")
+    add = family == "addc"
 
     def make(rng):
-        a = rng.randint(c, 999)
-        return str(a), str(a - c)
-    return Task(f"subc{c}", f"subtract {c} from a number below 1000", "Transform the number.", make, "subc", c)
+        a = rng.randint(0, 999) if add else rng.randint(c, 999)
+        return str(a), str(a + c if add else a - c)
+    what = f"add {c} to" if add else f"subtract {c} from"
+    return Task(f"{family}{c}", f"{what} a number below 1000", "Transform the number.", make, family, c)
 
 
 def to_base(b: int) -> Task:

@@ -1,7 +1,7 @@
 """The generator's condition: a task vector read by the base model from a few task examples.
 
 ICM-LoRA's "in-context vector": the base model reads each example (instruction,
-input and output, in the prompt format of :mod:`lorakern.train.tasks`), and the
+input and output, in the prompt format of :mod:`lorakern.apps.train.tasks`), and the
 last layer's hidden state at the last token, averaged over the examples, stands
 for the task.
 
@@ -51,7 +51,7 @@ class TaskExamples:
 
     @classmethod
     def of_task(cls, task, n: int, seed: int) -> "TaskExamples":
-        """``n`` examples of a :class:`~lorakern.train.Task` drawn with ``seed``."""
+        """``n`` examples of a :class:`~lorakern.apps.train.Task` drawn with ``seed``."""
         return cls(task.instruction, tuple(task.examples(n, seed)))
 
     def to_json(self) -> str:

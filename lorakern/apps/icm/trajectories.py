@@ -1,13 +1,13 @@
 """Training data for the adapter generator: per task, a trajectory of LoRA checkpoints.
 
-Each task's adapter is trained with the suite's trainer (:mod:`lorakern.train`) at a
+Each task's adapter is trained with the suite's trainer (:mod:`lorakern.apps.train`) at a
 small rank on the attention ``q_proj`` and ``v_proj`` only (default rank 2, alpha 4:
 ICM-LoRA's generator reads and writes whole adapters as one vector, and q/v at rank 2
 is 115 200 numbers for SmolLM2-135M's 30 layers). The weights after each of the last
 ``keep`` optimizer steps, every ``every`` steps, are kept as the trajectory.
 
 A trajectory file is one safetensors file: ``checkpoints`` ``[C, L]`` float16 (the
-flattened adapters, :mod:`~lorakern.generate.flatten` order; float16 halves the size
+flattened adapters, :mod:`~lorakern.apps.icm.flatten` order; float16 halves the size
 and is far finer than the spread between checkpoints), ``steps`` int64 ``[C]``, and
 metadata (task, layout, config, metric of the final adapter). The final adapter is
 also kept in float32 as a PEFT directory beside it: that is the "original" the
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
-from ..formats.io import FormatError, read_safetensors
-from ..models.smollm2 import cache_dir
+from ...adapters.attach import apply_adapter
+from ...adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
+from ...formats.io import FormatError, read_safetensors
+from ...data.cache import cache_dir
 from ..train.tasks import get_task
 from ..train.trainer import TrainConfig, exact_match, train_task_adapter
 from .flatten import AdapterLayout
@@ -83,8 +84,6 @@ def trajectory_dir(root: Path | None = None) -> Path:
 def train_trajectory(model, tokenizer, task_name: str, cfg: TrajectoryConfig | None = None, progress: bool = True,
                      eval_examples: int = 100) -> Trajectory:
     """Train ``task_name``'s adapter and keep its last checkpoints; measures its exact match too."""
-    from ..adapters.attach import apply_adapter
-
     cfg = cfg or TrajectoryConfig()
     task = get_task(task_name)
     first_kept = cfg.steps - cfg.keep

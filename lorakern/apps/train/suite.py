@@ -12,10 +12,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
-from ..data import read_wikitext
-from ..eval.perplexity import perplexity, token_windows
-from ..models.smollm2 import cache_dir
+from ...adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
+from ...adapters.attach import apply_adapter
+from ...data import read_wikitext
+from ..evaluation.perplexity import perplexity, token_windows
+from ...data.cache import cache_dir
 from .tasks import SUITE, get_task
 from .trainer import TrainConfig, exact_match, train_lm_adapter, train_task_adapter
 
@@ -60,8 +61,6 @@ def _default_config(name: str) -> TrainConfig:
 def train_suite_adapter(model, tokenizer, name: str, cfg: TrainConfig | None = None, root: Path | None = None,
                         progress: bool = True, eval_examples: int = EVAL_EXAMPLES) -> tuple[LoraAdapter, dict]:
     """Train one suite adapter, measure its metric before and after, save it; returns (adapter, record)."""
-    from ..adapters.attach import apply_adapter
-
     cfg = cfg or _default_config(name)
     before = evaluate_adapter_metric(model, tokenizer, name, eval_examples)
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats.io import FormatError, read_safetensors
+from ...formats.io import FormatError, read_safetensors
 
 __all__ = ["DEFAULT_TOP_P", "DLPRouter", "FixedMixture", "prompt_features", "top_p_select"]
 
@@ -107,7 +107,7 @@ class DLPRouter(nn.Module):
         hidden: width of the hidden layer.
         top_p: selection threshold (:func:`top_p_select`), default 0.6 as the reference code.
 
-    Use: :func:`lorakern.dlp.train_router` trains one; :func:`lorakern.dlp.attach_router` puts it on a model
+    Use: :func:`lorakern.apps.dlp.train_router` trains one; :func:`lorakern.apps.dlp.attach_router` puts it on a model
     with an adapter bank, after which ``model.generate(..., adapter_names="auto")`` routes every request
     once, from its prompt, and decodes with that mixture.
     """

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..adapters.peft_io import LoraAdapter
-from ..formats.io import FormatError, read_safetensors
+from ...adapters.peft_io import LoraAdapter
+from ...formats.io import FormatError, read_safetensors
 from .condition import TaskExamples, task_vector
 from .cvae import AdapterCVAE, CVAEConfig
 from .flatten import AdapterLayout, Normalizer, unflatten_adapter

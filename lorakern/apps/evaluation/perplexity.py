@@ -6,7 +6,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..data.wikitext import token_windows  # noqa: F401  (re-exported)
+from ...data.wikitext import token_windows  # noqa: F401  (re-exported)
 
 __all__ = ["token_windows", "perplexity"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.peft_io import LoraAdapter, LoraLayer
+from ...adapters.peft_io import LoraAdapter, LoraLayer
 
 __all__ = ["AdapterLayout", "Normalizer", "flatten_adapter", "unflatten_adapter"]
 

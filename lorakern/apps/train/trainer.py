@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.peft_io import LoraAdapter, LoraLayer
+from ...adapters.peft_io import LoraAdapter, LoraLayer
+from ...nn.swap import replace_module
 from .tasks import Task
 
 __all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_nll", "exact_match", "peft_config", "train_lm_adapter", "train_task_adapter"]
@@ -75,16 +76,13 @@ def _lora_injected(model: nn.Module, cfg: TrainConfig):
     gen = torch.Generator().manual_seed(cfg.seed)
     swapped = {}
     for name in _target_names(model, cfg.targets):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
-        setattr(parent, child, _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
-        swapped[name] = (parent, child, base)
+        base = model.get_submodule(name)
+        swapped[name] = replace_module(model, name, _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
     try:
-        yield {n: getattr(p, c) for n, (p, c, _) in swapped.items()}
+        yield {n: model.get_submodule(n) for n in swapped}
     finally:
-        for parent, child, base in swapped.values():
-            setattr(parent, child, base)
+        for name, base in swapped.items():
+            replace_module(model, name, base)
 
 
 def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **extra) -> dict:
@@ -206,7 +204,7 @@ def exact_match(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, b
     """Fraction of ``n`` held-out examples (seeds disjoint from training) whose greedy answer is exact.
 
     ``adapter_names``: for a model with an adapter bank (:func:`lorakern.attach_adapters`), one adapter name
-    for every example, or ``"auto"`` (routed by the model's router, :mod:`lorakern.dlp`); None: as attached.
+    for every example, or ``"auto"`` (routed by the model's router, :mod:`lorakern.apps.dlp`); None: as attached.
     """
     pairs = task.examples(n, seed)
     max_new = max(len(tokenizer(f" {y}\n", add_special_tokens=False).input_ids) for _, y in pairs) + 1
