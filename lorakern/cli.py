@@ -16,6 +16,9 @@
 Errors (a missing, truncated or malformed file, a bad argument) print one line
 ``lorakern: error: ...`` naming the file and the problem, and exit with status 2;
 ``lorakern --debug ...`` or ``LORAKERN_DEBUG=1`` shows the traceback instead.
+
+Each command imports what it needs inside its function (torch, transformers, the applications): lazy on
+purpose, so that ``lorakern --help`` and ``lorakern info`` start in a fraction of a second.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ A directory holds:
   prefix = module name) and its bias as ``{name}.bias``;
 * ``rest.safetensors`` -- every other parameter and buffer (embeddings, norms, an
   unquantized lm_head), tied tensors stored once.
+
+transformers is imported inside the functions that build models: it is an optional dependency
+(``lorakern[models]``) and slow to import; the kernel library never needs it.
 """
 from __future__ import annotations
 
