@@ -68,9 +68,10 @@ def test_quantize_model_replaces_linears_and_falls_back_on_group():
         ref_logits = model(ids).logits
     lorakern.quantize_model(model, bits=8, group_size=64, progress=False)
     rec = model.lorakern_quantization
-    assert isinstance(model.lm_head, torch.nn.Linear)  # skipped by default
+    assert isinstance(model.lm_head, QuantLinear) and rec["head"]["bits"] == 8  # the head: 8-bit RTN apart
+    assert rec["head"]["group_size"] == 32 and not rec["head"]["tied_embedding"]
     n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
-    assert n_quant == 2 * 7 == len(rec["layers"])
+    assert n_quant - 1 == 2 * 7 == len(rec["layers"])
     assert rec["layers"]["model.layers.0.self_attn.q_proj"] == 32  # 96 is not a multiple of 64
     assert rec["layers"]["model.layers.0.mlp.down_proj"] == 64
     with torch.no_grad():

@@ -40,7 +40,8 @@ def test_gpt2_conv1d_is_quantized(method, tmp_path):
     q = lorakern.quantize_model(copy.deepcopy(model), bits=8, group_size=32, method=method,
                                 calibration=None if method == "rtn" else cal, progress=False)
     rec = q.lorakern_quantization
-    assert len(rec["layers"]) == 8 and rec["avg_bits"] > 8 and rec["kept"] == {"lm_head": "skipped (skip=)"}
+    assert len(rec["layers"]) == 8 and rec["avg_bits"] > 8 and rec["kept"] == {}
+    assert rec["head"]["tied_embedding"] and type(q.transformer.wte).__name__ == "QuantEmbedding"  # GPT-2 ties wte
     kinds = {type(q.transformer.h[0].attn.c_attn), type(q.transformer.h[1].mlp.c_proj)}
     assert kinds <= {QuantLinear, GWQLinear}
     with torch.no_grad():

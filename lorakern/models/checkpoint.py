@@ -5,7 +5,8 @@ A directory holds:
 
 * ``config.json`` (and the tokenizer files, when given) -- Hugging Face's own;
 * ``lorakern_quantization.json`` -- ``{"format": "lorakern.model", "format_version": 1,
-  "modules": {name: "QuantLinear" | "GWQLinear"}, "quantization": {...}}``;
+  "modules": {name: "QuantLinear" | "GWQLinear" | "QuantEmbedding"}, "tied": {embedding: head},
+  "quantization": {...}}`` (a QuantEmbedding tied to a head reads the head's packed rows, stored once);
 * ``quantized.safetensors`` -- every quantized layer (:func:`lorakern.save_quantized`,
   prefix = module name) and its bias as ``{name}.bias``;
 * ``rest.safetensors`` -- every other parameter and buffer (embeddings, norms, an
@@ -29,7 +30,7 @@ from ..formats.linear_like import is_conv1d, linear_shape
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
-from ..nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear, replace_module
+from ..nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantEmbedding, QuantLinear, replace_module
 from .smollm2 import load_smollm2
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
@@ -39,7 +40,7 @@ MODEL_FORMAT_VERSION = 1
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, GWQLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, GWQLinear, QuantEmbedding))}
 
 
 def _refuse_if_adapters(model: nn.Module) -> None:
@@ -84,10 +85,17 @@ def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer
         raise ValueError("the model has no QuantLinear or GWQLinear layers: quantize it first")
     if not hasattr(model, "config"):
         raise TypeError("expected a Hugging Face model (with .config)")
-    weights, extra, kinds = {}, {}, {}
+    weights, extra, kinds, tied = {}, {}, {}, {}
     for name, m in qmods.items():
-        weights[name] = m.weight_gwq if isinstance(m, GWQLinear) else m.quantized_weight
         kinds[name] = type(m).__name__
+        if isinstance(m, QuantEmbedding):
+            head = qmods.get(m.tied_to) if m.tied_to else None
+            if isinstance(head, QuantLinear) and head.qweight is m.qweight:
+                tied[name] = m.tied_to  # the head's packed rows, stored once
+            else:
+                weights[name] = m.quantized_weight
+            continue
+        weights[name] = m.weight_gwq if isinstance(m, GWQLinear) else m.quantized_weight
         if m.bias is not None:
             extra[f"{name}.bias"] = m.bias
     save_quantized(out / "quantized.safetensors", weights, extra_tensors=extra,
@@ -106,7 +114,7 @@ def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "modules": kinds,
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "modules": kinds, "tied": tied,
             "quantization": getattr(model, "lorakern_quantization", {})}
     (out / "lorakern_quantization.json").write_text(json.dumps(meta, indent=1))
     return out
@@ -134,9 +142,17 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
     config = AutoConfig.from_pretrained(d, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     weights, others, _ = load_quantized(d / "quantized.safetensors")
-    if set(weights) != set(kinds):
-        raise FormatError(f"{d}: quantized.safetensors holds {len(weights)} layers, the index lists {len(kinds)}")
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or any(kinds.get(e) != "QuantEmbedding" or kinds.get(h) != "QuantLinear"
+                                         for e, h in tied.items()):
+        raise FormatError(f"{d}: 'tied' must map QuantEmbedding modules to QuantLinear heads, got {tied!r}")
+    if set(weights) != set(kinds) - set(tied):
+        raise FormatError(f"{d}: quantized.safetensors holds {len(weights)} layers, the index lists "
+                          f"{len(set(kinds) - set(tied))}")
+    embeddings = {n: k for n, k in kinds.items() if k == "QuantEmbedding"}
     for name, kind in kinds.items():
+        if kind == "QuantEmbedding":
+            continue  # after the heads they may read
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -152,6 +168,17 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
         else:
             raise FormatError(f"{d}: layer {name!r} is listed as {kind!r} but stored as {type(w).__name__}")
         replace_module(model, name, new)
+    for name in embeddings:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"{d}: layer {name!r} does not exist in this model") from None
+        w = model.get_submodule(tied[name]).quantized_weight if name in tied else weights[name]
+        if not isinstance(old, nn.Embedding) or not isinstance(w, QuantizedWeight) or \
+                (old.num_embeddings, old.embedding_dim) != tuple(w.shape):
+            raise FormatError(f"{d}: {name!r} does not match the model's embedding there")
+        replace_module(model, name, QuantEmbedding(w, dtype=old.weight.dtype, padding_idx=old.padding_idx,
+                                                   tied_to=tied.get(name)))
     if others:
         raise FormatError(f"{d}: unexpected tensors in quantized.safetensors: {sorted(others)[:5]}")
     rest, _ = read_safetensors(d / "rest.safetensors")

@@ -2,7 +2,8 @@
 from .gwq_linear import GWQLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import MultiLoRAContext, MultiLoRALinear
+from .quant_embedding import QuantEmbedding
 from .quant_linear import QuantLinear
 from .swap import replace_module
 
-__all__ = ["GWQLinear", "LoRALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantLinear", "replace_module"]
+__all__ = ["GWQLinear", "LoRALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantEmbedding", "QuantLinear", "replace_module"]

@@ -1,0 +1,85 @@
+"""The decode path: the quantized output head and the tied embedding that reads it, saved and reloaded."""
+import copy
+
+import pytest
+import torch
+
+import lorakern
+from lorakern import testing as oracle
+from lorakern.models import load_quantized_model
+from lorakern.nn import QuantEmbedding, QuantLinear
+from lorakern.ops import reference as ref
+from lorakern.testing import tiny_llama
+
+pytest.importorskip("transformers")
+IDS = torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def tied_llama():
+    return tiny_llama(seed=1, vocab_size=160, hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_head_quantized_and_tied_embedding_reads_its_rows(head_bits):
+    model = tied_llama()
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    q = lorakern.quantize_model(copy.deepcopy(model), bits=4, group_size=64, head_bits=head_bits, progress=False)
+    head, emb = q.lm_head, q.model.embed_tokens
+    assert isinstance(head, QuantLinear) and head.bits == head_bits and isinstance(emb, QuantEmbedding)
+    assert emb.qweight is head.qweight and emb.scales is head.scales and emb.tied_to == "lm_head"
+    assert not q.config.tie_word_embeddings and not any(p.numel() == 160 * 128 for p in q.parameters())
+    w = ref.dequantize(head.qweight, head.scales, head.zeros, head_bits, 64)
+    with torch.no_grad():
+        emb_out = emb(IDS)
+        assert torch.equal(emb_out, w[IDS])  # exactly the table's dequantized rows
+        x = torch.randn(3, 128)
+        y = head(x)
+        model_y = oracle.quant_matmul_int8_act(x, head.qweight, head.scales, head.zeros, head_bits, 64)
+        assert (y.double() - model_y).abs().max() < 1e-3
+        assert (q(IDS).logits - model(IDS).logits).abs().max() < 0.5 * model(IDS).logits.abs().max()
+    rec = q.lorakern_quantization["head"]
+    assert rec == {"name": "lm_head", "bits": head_bits, "group_size": 64, "tied_embedding": True,
+                   "avg_bits": rec["avg_bits"], "embedding": "model.embed_tokens"}
+
+
+def test_8bit_head_costs_little():
+    model = tied_llama()
+    with torch.no_grad():
+        fp_head = lorakern.quantize_model(copy.deepcopy(model), bits=8, group_size=64, head_bits=None, progress=False)
+        q_head = lorakern.quantize_model(copy.deepcopy(model), bits=8, group_size=64, progress=False)
+        a, b = fp_head(IDS).logits, q_head(IDS).logits
+    assert isinstance(fp_head.lm_head, torch.nn.Linear) and isinstance(fp_head.model.embed_tokens, torch.nn.Embedding)
+    assert fp_head.lorakern_quantization["kept"] == {"lm_head": "output head (head_bits=None)"}
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+
+
+def test_skip_keeps_the_head():
+    q = lorakern.quantize_model(tied_llama(), bits=4, group_size=64, skip=["lm_head"], progress=False)
+    assert isinstance(q.lm_head, torch.nn.Linear) and q.model.embed_tokens.weight is q.lm_head.weight
+    assert "head" not in q.lorakern_quantization
+
+
+def test_tied_model_saved_and_reloaded(tmp_path):
+    q = lorakern.quantize_model(tied_llama(), bits=4, group_size=64, progress=False)
+    q.save_pretrained(tmp_path / "q")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "q" / "quantized.safetensors"), "pt") as f:
+        assert not any(k.startswith("model.embed_tokens") for k in f.keys())  # the rows are stored once
+    with safe_open(str(tmp_path / "q" / "rest.safetensors"), "pt") as f:
+        assert not any("embed_tokens" in k or "lm_head" in k for k in f.keys())
+    r = load_quantized_model(tmp_path / "q")
+    assert r.model.embed_tokens.qweight is r.lm_head.qweight
+    with torch.no_grad():
+        assert torch.equal(r(IDS).logits, q(IDS).logits)
+        assert torch.equal(r.generate(IDS, max_new_tokens=4, do_sample=False),
+                           q.generate(IDS, max_new_tokens=4, do_sample=False))
+
+
+def test_quant_embedding_refuses_bad_ids():
+    q = lorakern.quantize_model(tied_llama(), bits=4, group_size=64, progress=False)
+    with pytest.raises(IndexError, match="outside"):
+        q.model.embed_tokens(torch.tensor([[1, 160]]))
+    with pytest.raises(IndexError, match="outside"):
+        q.model.embed_tokens(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="integer"):
+        q.model.embed_tokens(torch.tensor([1.0]))
