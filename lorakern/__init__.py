@@ -14,10 +14,10 @@ from .nn import GWQLinear, LoRALinear, MultiLoRALinear, QuantLinear
 from .multilora import AdapterBank, LoRABatch
 from .adapters import attach_adapters, detach_adapters
 from .quant import quantize_rtn
-from .models import QuantConfig, quantize_model
+from .models import QuantConfig, prepare_decode, quantize_model
 
 __all__ = [
     "AdapterBank", "LoRABatch", "QuantConfig", "MultiLoRALinear", "attach_adapters", "detach_adapters",
     "GWQLinear", "GWQWeight", "LoRALinear", "NativeLibraryError", "QuantLinear", "QuantizedWeight", "SparseOutliers", "active_isa", "available_isas", "detected_isa",
-    "load_quantized", "quantize_model", "quantize_rtn", "save_quantized", "set_isa",
+    "load_quantized", "prepare_decode", "quantize_model", "quantize_rtn", "save_quantized", "set_isa",
 ]

@@ -83,3 +83,52 @@ def test_quant_embedding_refuses_bad_ids():
         q.model.embed_tokens(torch.tensor([-1]))
     with pytest.raises(TypeError, match="integer"):
         q.model.embed_tokens(torch.tensor([1.0]))
+
+
+def _generate(model, **kw):
+    out = model.generate(IDS, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_compiled_decode_matches_eager_with_and_without_adapters(tmp_path):
+    """prepare_decode: static cache + torch.compile of the decode step (fullgraph: a graph break fails the test);
+    the same tokens and logits as eager, a bank of adapters inside the compiled graph, and no recompile storm:
+    the batch's entry and segment counts are dynamic sizes, so once the 0/1-size variants torch specializes
+    on are compiled (one adapter or several, one entry or several), new adapter combinations reuse them."""
+    import torch._dynamo as dynamo
+
+    from lorakern.testing import save_random_peft_adapters
+    model = tied_llama()
+    paths = save_random_peft_adapters(model, tmp_path, {"a": ["q_proj", "v_proj"], "b": ["k_proj", "up_proj", "down_proj"]},
+                                      0.3)
+    q = lorakern.quantize_model(copy.deepcopy(model), bits=4, group_size=64, progress=False)
+    lorakern.attach_adapters(q, paths, dtype=torch.float16)
+    first = (("a", "b"), ("b", "__base__"), ("a", "a"))
+    later = (("b", "a"), ("__base__", "a"), ("b", "b"))
+    with torch.no_grad():
+        lorakern.prepare_decode(q, compile=False)
+        eager = {names: _generate(q, adapter_names=list(names)) for names in first + later}
+        eager_base = _generate(q)
+        lorakern.prepare_decode(q)
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        for names in first + later:
+            if names == later[0]:
+                graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+            c_toks, c_logits = _generate(q, adapter_names=list(names))
+            assert torch.equal(c_toks, eager[names][0]) and (c_logits - eager[names][1]).abs().max() < 1e-4
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs <= 3  # the later combinations: no recompile
+        c_toks, c_logits = _generate(q)  # no adapters: the bank is skipped
+        assert torch.equal(c_toks, eager_base[0]) and (c_logits - eager_base[1]).abs().max() < 1e-4
+        assert (eager[("a", "b")][1] - eager_base[1]).abs().max() > 0.1  # the adapters do change the output
+
+
+def test_compiled_decode_of_a_quantized_tied_model_matches_eager():
+    q = lorakern.quantize_model(tied_llama(), bits=3, group_size=64, progress=False)
+    with torch.no_grad():
+        toks, logits = _generate(lorakern.prepare_decode(q, compile=False))
+        c_toks, c_logits = _generate(lorakern.prepare_decode(q))
+    assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < 1e-4
+    with pytest.raises(TypeError, match="generation_config"):
+        lorakern.prepare_decode(torch.nn.Linear(2, 2))

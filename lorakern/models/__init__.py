@@ -1,8 +1,9 @@
 """Whole models: quantizing one (module swaps above :mod:`lorakern.nn`), quantized model directories,
 and the real model the demo, evaluations and benchmarks use."""
 from .checkpoint import load_model, load_quantized_model, save_quantized_model
+from .decode import prepare_decode
 from .quantize import METHODS, QuantConfig, quantize_model
 from .smollm2 import load_smollm2
 
-__all__ = ["METHODS", "QuantConfig", "load_model", "load_quantized_model", "load_smollm2", "quantize_model",
+__all__ = ["METHODS", "QuantConfig", "load_model", "load_quantized_model", "load_smollm2", "prepare_decode", "quantize_model",
            "save_quantized_model"]

@@ -105,7 +105,7 @@ class LayerBank:
         self.scales = torch.zeros(0, dtype=torch.float32)
         self.version = 0
         self._dev_table = None
-        self._max_rank = None
+        self._max_rank = 0
         self._fields = None
 
     def __deepcopy__(self, memo):
@@ -114,7 +114,7 @@ class LayerBank:
         new = LayerBank.__new__(LayerBank)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            new.__dict__[k] = None if k in ("_dev_table", "_max_rank", "_fields") else copy.deepcopy(v, memo)
+            new.__dict__[k] = None if k in ("_dev_table", "_fields") else copy.deepcopy(v, memo)
         return new
 
     # ---- slots -------------------------------------------------------------------------------------
@@ -130,8 +130,10 @@ class LayerBank:
     def _changed(self):
         self.version += 1
         self._dev_table = None
-        self._max_rank = None
         self._fields = None
+        live = self.table[:, TABLE_COLUMNS.index("kind")] != SlotKind.EMPTY
+        ranks = self.table[live, TABLE_COLUMNS.index("rank")]
+        self._max_rank = int(ranks.max()) if bool(live.any()) else 0
 
     @property
     def num_slots(self) -> int:
@@ -147,11 +149,8 @@ class LayerBank:
         return self.row(slot).rank
 
     def max_rank(self) -> int:
-        """The largest rank among the live adapters (the intermediate's width)."""
-        if self._max_rank is None:
-            live = self.table[:, TABLE_COLUMNS.index("kind")] != SlotKind.EMPTY
-            ranks = self.table[live, TABLE_COLUMNS.index("rank")]
-            self._max_rank = int(ranks.max()) if bool(live.any()) else 0
+        """The largest rank among the live adapters (the intermediate's width); kept up to date by every
+        change, so that reading it inside torch.compile is a constant, never a tensor-to-int conversion."""
         return self._max_rank
 
     def _write(self, slot: int, row: SlotRow, scale: float) -> None:
@@ -251,6 +250,8 @@ class LayerBank:
             if self._fields is None:  # the bank's pointers, checked once per change
                 self._fields = eager_helper("prepared_bank")(*self.op_args())
             return self._fields.multi_lora(self.N, self.K, x, base, batch)
+        if torch.compiler.is_compiling():  # launch hints as constants: no recompile per batch composition
+            return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(), -1, True)
         return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(),
                                              batch.max_count, batch.mixture)
 

@@ -47,7 +47,9 @@ class MultiLoRAContext:
         """The batch for activations of leading shape ``lead`` (``[B, S]``: per-sample batches repeat over S)."""
         if self.batch is None or not self.batch.segments.shape[0]:
             return None
-        b = self._cache.get(lead)
+        # under torch.compile the cache is neither read nor written: a traced write would change what the
+        # next call's guards see and recompile the graph every time
+        b = None if torch.compiler.is_compiling() else self._cache.get(lead)
         if b is None:
             T = math.prod(lead)
             n = self.batch.num_tokens
@@ -58,7 +60,8 @@ class MultiLoRAContext:
             else:
                 raise ValueError(f"lorakern: the adapter batch names {n} samples/tokens, the activations are "
                                  f"{tuple(lead)} (one adapter name per sample, as PEFT's adapter_names)")
-            self._cache[lead] = b
+            if not torch.compiler.is_compiling():
+                self._cache[lead] = b
         return b
 
 
