@@ -66,6 +66,7 @@ def _demo(args) -> int:
 
     def evaluate(name, m, bits, avg_bits):
         ppl = perplexity(m, windows, desc=f"ppl {name}")
+        lorakern.prepare_decode(m, compile=not args.eager_decode)  # static cache (+ compiled decode step)
         tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
         rows.append({"model": name, "bits": bits, "avg_bits": avg_bits, "ppl": ppl, "decode_tok_s": tps})
         print(f"  {name:10} bits/weight {avg_bits:6.2f}   ppl {ppl:8.3f}   decode {tps:6.1f} tok/s", flush=True)
@@ -86,9 +87,10 @@ def _demo(args) -> int:
             rows[-1].update(method=method, group_sizes=sorted(set(rec["layers"].values())),
                             quantize_seconds=rec["seconds"])
             del qm
-    print(f"(quantized: every linear layer but lm_head, group {args.group_size}; layers with in_features=576 use "
-          f"group 64; gwq keeps 1% gradient outliers in fp16, GPTQ for the rest, calibrated on {args.calib} "
-          f"windows of valid.txt. {time.time() - t0:.0f} s in all)")
+    decode = "eager decode" if args.eager_decode else "decode compiled (static cache + torch.compile; compile excluded)"
+    print(f"(quantized: every linear layer, group {args.group_size}; layers with in_features=576 use group 64; the "
+          f"output head (tied to the embedding) 8-bit RTN; gwq keeps 1% gradient outliers in fp16, GPTQ for the "
+          f"rest, calibrated on {args.calib} windows of valid.txt; {decode}. {time.time() - t0:.0f} s in all)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": "SmolLM2-135M-Instruct", "windows": args.windows, "window": args.window,
@@ -242,6 +244,8 @@ def main(argv=None) -> int:
     d.add_argument("--windows", type=int, default=8, help="512-token windows of test.txt (default 8)")
     d.add_argument("--window", type=int, default=512)
     d.add_argument("--decode-tokens", type=int, default=32)
+    d.add_argument("--eager-decode", action="store_true",
+                   help="time decode without torch.compile (skips ~40 s of compilation per model)")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=_demo)
     from lorakern.models.quantize import METHODS

@@ -1,0 +1,346 @@
+"""Decode speed of SmolLM2-135M through transformers' ``generate``: lorakern against transformers and llama.cpp
+in one run, one stream and 64 streams on 64 different adapters.
+
+    python benchmarks/bench_decode.py [--quick] [--json PATH]
+
+Greedy decode of a 32-token prompt (WikiText-2 test text), ``torch.get_num_threads()`` threads (2 here), medians
+of repeats (:func:`lorakern.apps.evaluation.decode_speed`: a warm-up call, then ``generate`` of 1 and of N new
+tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
+
+* batch 1: ``transformers_fp32`` (the fp32 model as transformers runs it), ``lorakern_rtn`` 4- and 3-bit,
+  ``lorakern_gwq`` 4-bit (1% gradient outliers), each eager (``compiled: false``, dynamic cache) and through
+  :func:`lorakern.prepare_decode` (static cache + torch.compile; the compilation is excluded, it happens in the
+  warm-up); prefill throughput of a 512-token prompt (one forward) per model.
+* peer: llama.cpp through ``llama-cpp-python`` on the shipped Q4_1 GGUF and on a Q4_0 GGUF made from it by
+  llama.cpp's own quantizer, same threads, same prompt tokens and token counts (``llama_eval`` + argmax);
+  rows left out, with the reason printed, if the package is missing. The rank-16 LoRA row needs llama.cpp's
+  ``convert_lora_to_gguf.py``, which the wheel does not install: left out, said so.
+* batch 64, 4-bit RTN base, compiled: no adapter; one adapter for all 64 streams; 64 distinct fp16 adapters;
+  64 distinct LoRAQuant-compressed adapters drawn from a bank of 1,000 resident ones (rank 16 on all seven
+  projections of every layer, h = 4 components at 2 bits; random codes: their values do not matter for speed;
+  --quick: 100 resident); and PEFT's mixed batch with 64 distinct fp32 adapters on the fp32 model as the peer.
+
+JSON rows ``{"impl", "bits", "batch", "adapters", "resident_adapters", "compiled", "tokens_per_s",
+"prefill_tokens_per_s", "ttft_ms", "peak_rss_mb"}`` (the process's peak RSS during the row: the kernel's
+high-water mark is reset before it, but what the process already holds -- the fp32 model the variants are
+copied from, earlier rows' leftovers -- is included, so read differences, not absolute values) in benchmarks/results/decode.json, a markdown table and a PNG of tokens/s
+per configuration beside it (quick: decode_quick.*).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+from common import machine_info, write_json
+
+import lorakern
+from lorakern.apps.evaluation import decode_speed, read_wikitext
+from lorakern.formats.lora import LoraLayer
+from lorakern.models import load_smollm2
+from lorakern.models.smollm2 import gguf_path
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the resident-set high-water mark (VmHWM)
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def row(impl, bits, batch, adapters, resident, compiled, tokens_per_s, prefill=None, ttft=None, **extra):
+    r = {"impl": impl, "bits": bits, "batch": batch, "adapters": adapters, "resident_adapters": resident,
+         "compiled": compiled, "tokens_per_s": tokens_per_s, "prefill_tokens_per_s": prefill, "ttft_ms": ttft,
+         "peak_rss_mb": peak_rss_mb(), **extra}
+    pre = f"{prefill:8.0f}" if prefill else "       -"
+    print(f"  {impl:18} {bits!s:>4} b={batch:<3} adapters={adapters!s:<10} resident={resident!s:<5} "
+          f"compiled={compiled!s:<5} {tokens_per_s:8.1f} tok/s  prefill {pre} tok/s  rss {r['peak_rss_mb']:6.0f} MB",
+          flush=True)
+    return r
+
+
+@torch.no_grad()
+def prefill_rate(model, ids512, repeats) -> float:
+    ts = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(ids512)
+        ts.append(time.perf_counter() - t0)
+    return ids512.shape[1] / statistics.median(ts[1:])
+
+
+def batch1_rows(model, tok, ids, ids512, a, rows):
+    from lorakern.quant import calibration_windows, collect_statistics
+    variants = [("transformers_fp32", 32, lambda: copy.deepcopy(model))]
+    variants.append(("lorakern_rtn", 4, lambda: lorakern.quantize_model(copy.deepcopy(model), bits=4, progress=False)))
+    stats = None
+
+    def gwq():
+        nonlocal stats
+        if stats is None:
+            names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+            stats = collect_statistics(model, calibration_windows(tok, 2 if a.quick else 8, 512), names,
+                                       gradients=True, hessians=True, progress=False)
+        return lorakern.quantize_model(copy.deepcopy(model), bits=4, method="gwq", statistics=stats, progress=False)
+    variants.append(("lorakern_gwq", 4, gwq))
+    variants.append(("lorakern_rtn", 3, lambda: lorakern.quantize_model(copy.deepcopy(model), bits=3,
+                                                                          progress=False)))
+    for impl, bits, make in variants:
+        m = make()
+        pre = prefill_rate(m, ids512, a.repeats)
+        for compiled in (False, True):
+            reset_peak_rss()
+            lorakern.prepare_decode(m, compile=compiled)
+            s = decode_speed(m, ids, a.new_tokens, a.repeats)
+            rows.append(row(impl, bits, 1, 0, 0, compiled, s.tokens_per_s, pre, s.ttft_ms))
+        del m
+        torch._dynamo.reset()
+
+
+def llamacpp_rows(ids, ids512, a, rows, tmpdir):
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError as e:
+        print(f"  llama.cpp: left out ({e}); pip install llama-cpp-python (builds llama.cpp, ~12 min on 2 cores)")
+        return
+    src = str(gguf_path())
+    q40 = os.path.join(tmpdir, "smollm2-q4_0.gguf")
+    if not os.path.exists(q40):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True  # from the shipped Q4_1 (llama.cpp's own quantizer, as the issue asks)
+        if llama_cpp.llama_model_quantize(src.encode(), q40.encode(), params) != 0:
+            print("  llama.cpp: Q4_0 quantization failed; that row is left out")
+            q40 = None
+    prompt, long = ids[0].tolist(), ids512[0].tolist()
+    for name, path in (("llamacpp_q4_1", src), ("llamacpp_q4_0", q40)):
+        if path is None:
+            continue
+        reset_peak_rss()
+        llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                              n_ctx=1024, n_batch=512, verbose=False)
+
+        def decode():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t1 = time.perf_counter()
+            for _ in range(a.new_tokens - 1):
+                llm.eval([nxt])
+                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            return (a.new_tokens - 1) / (time.perf_counter() - t1), 1e3 * (t1 - t0)
+
+        def prefill():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(long)
+            return len(long) / (time.perf_counter() - t0)
+        decode()
+        runs = [decode() for _ in range(a.repeats)]
+        pre = statistics.median(prefill() for _ in range(a.repeats))
+        rows.append(row(name, 4, 1, 0, 0, False, statistics.median(r[0] for r in runs), pre,
+                        statistics.median(r[1] for r in runs)))
+        del llm
+    print("  llama.cpp + rank-16 LoRA: left out: convert_lora_to_gguf.py (llama.cpp's converter) is not installed by "
+          "the llama-cpp-python wheel")
+
+
+def dense_adapter(gen, shapes, rank=16):
+    return {n: LoraLayer(torch.randn(rank, K, generator=gen) * 0.02, torch.randn(N, rank, generator=gen) * 0.02, 2.0)
+            for n, (N, K) in shapes.items()}
+
+
+def compressed_adapter(gen, shapes, rank=16, h=4):
+    from lorakern.testing import random_compressed
+    return {n: random_compressed(N, K, rank, h, 2, 64, 64, gen, scale=0.5)
+            for n, (N, K) in shapes.items()}
+
+
+def batch64_rows(model, prompts, a, rows):
+    gen = torch.Generator().manual_seed(0)
+    base = lorakern.quantize_model(copy.deepcopy(model), bits=4, progress=False)
+    shapes = {n: (m.out_features, m.in_features) for n, m in base.named_modules() if n.split(".")[-1] in PROJ}
+    B = prompts.shape[0]
+    n_res = 100 if a.quick else 1000
+
+    def measure(m, adapters, resident, names=None, impl="lorakern_rtn", compiled=True, bits=4):
+        reset_peak_rss()
+        lorakern.prepare_decode(m, compile=compiled)
+        kw = {"adapter_names": names} if names is not None else {}
+        s = decode_speed(m, prompts, a.new_tokens_b64, max(1, a.repeats - 1), **kw)
+        rows.append(row(impl, bits, B, adapters, resident, compiled, s.tokens_per_s, s.prefill_tokens_per_s,
+                        s.ttft_ms))
+        torch._dynamo.reset()
+
+    measure(base, 0, 0)
+    one = copy.deepcopy(base)
+    lorakern.attach_adapters(one, {"a0": dense_adapter(gen, shapes)}, dtype=torch.float16)
+    measure(one, 1, 1, ["a0"] * B)
+    del one
+    fp = copy.deepcopy(base)
+    lorakern.attach_adapters(fp, {f"a{i}": dense_adapter(gen, shapes) for i in range(B)}, dtype=torch.float16)
+    measure(fp, B, B, [f"a{i}" for i in range(B)])
+    del fp
+    cq = copy.deepcopy(base)
+    t0 = time.time()
+    template = compressed_adapter(gen, shapes)  # values do not matter: every resident adapter gets its own rows
+    bank = lorakern.attach_adapters(cq, {"c0": template}, dtype=torch.float16)
+    for i in range(1, n_res):
+        bank.add(f"c{i}", template)
+    resident_bytes = sum(bank.nbytes(n) for n in bank.names)
+    print(f"  {n_res} resident compressed adapters: {resident_bytes / 2**30:.3f} GiB in the bank "
+          f"({resident_bytes / n_res / 2**20:.2f} MiB each), built in {time.time() - t0:.0f} s")
+    pick = torch.randperm(n_res, generator=gen)[:B].tolist()
+    measure(cq, B, n_res, [f"c{i}" for i in pick])
+    rows[-1]["resident_bytes"] = resident_bytes
+    del cq, bank
+    peft_rows(model, prompts, shapes, a, rows, gen)
+
+
+def peft_rows(model, prompts, shapes, a, rows, gen):
+    try:
+        import peft
+    except ImportError as e:
+        print(f"  peft: left out ({e})")
+        return
+    B = prompts.shape[0]
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(PROJ), init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg, adapter_name="a0")
+    for i in range(1, B):
+        pm.add_adapter(f"a{i}", cfg)
+    pm.eval()
+    reset_peak_rss()
+    s = decode_speed(pm, prompts, a.new_tokens_b64, max(1, a.repeats - 1), adapter_names=[f"a{i}" for i in range(B)])
+    rows.append(row("peft", 32, B, B, B, False, s.tokens_per_s, s.prefill_tokens_per_s, s.ttft_ms))
+
+
+def write_outputs(payload, path):
+    write_json(path, payload)
+    md = os.path.splitext(path)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# Decode speed (SmolLM2-135M, {payload['machine']['cpu']}, {payload['machine']['threads']} threads)\n\n")
+        f.write("| impl | bits | batch | adapters | resident | compiled | tokens/s | prefill tok/s | TTFT ms | peak RSS MB |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in payload["rows"]:
+            pre = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
+            ttft = f"{r['ttft_ms']:.0f}" if r["ttft_ms"] else "-"
+            f.write(f"| {r['impl']} | {r['bits']} | {r['batch']} | {r['adapters']} | {r['resident_adapters']} | "
+                    f"{r['compiled']} | {r['tokens_per_s']:.1f} | {pre} | {ttft} | {r['peak_rss_mb']:.0f} |\n")
+        f.write("\n" + "\n".join(f"- {k}: {v}" for k, v in payload["ratios"].items()) + "\n")
+    print(f"wrote {md}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, b in zip(axes, (1, 64)):
+        rs = [r for r in payload["rows"] if r["batch"] == b]
+        labels = [f"{r['impl']} {r['bits']}b" + (f" {r['adapters']}ad/{r['resident_adapters']}" if r["adapters"] else "")
+                  + (" compiled" if r["compiled"] else "") for r in rs]
+        colors = ["tab:orange" if r["impl"].startswith(("llamacpp", "transformers", "peft")) else "tab:blue" for r in rs]
+        ax.barh(range(len(rs)), [r["tokens_per_s"] for r in rs], color=colors)
+        ax.set_yticks(range(len(rs)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s (all streams)")
+        ax.set_title(f"batch {b}" + (" (64 streams)" if b > 1 else " (one stream)"))
+    fig.suptitle(f"SmolLM2-135M decode, {payload['machine']['cpu']}, {payload['machine']['threads']} threads "
+                 "(orange: peers)")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def ratios(rows) -> dict:
+    def get(impl, bits=None, batch=1, compiled=None, adapters=None, resident=None):
+        for r in rows:
+            if r["impl"] == impl and r["batch"] == batch and (bits is None or r["bits"] == bits) and \
+                    (compiled is None or r["compiled"] == compiled) and (adapters is None or r["adapters"] == adapters) \
+                    and (resident is None or r["resident_adapters"] == resident):
+                return r
+        return None
+    out = {}
+    best4 = max((r for r in rows if r["impl"] == "lorakern_rtn" and r["bits"] == 4 and r["batch"] == 1),
+                key=lambda r: r["tokens_per_s"], default=None)
+    q40, q41 = get("llamacpp_q4_0"), get("llamacpp_q4_1")
+    if best4 and q40:
+        out["batch1_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["tokens_per_s"] / q40["tokens_per_s"], 3)
+        out["prefill512_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["prefill_tokens_per_s"] /
+                                                                         q40["prefill_tokens_per_s"], 3)
+    if best4 and q41:
+        out["batch1_4bit_vs_llamacpp_q4_1"] = round(best4["tokens_per_s"] / q41["tokens_per_s"], 3)
+    g4 = get("lorakern_gwq", 4, compiled=True)
+    r4 = get("lorakern_rtn", 4, compiled=True)
+    if g4 and r4:
+        out["gwq4_vs_rtn4_compiled (target >= 0.9)"] = round(g4["tokens_per_s"] / r4["tokens_per_s"], 3)
+    one = get("lorakern_rtn", 4, 64, adapters=1)
+    cq = next((r for r in rows if r["batch"] == 64 and r["resident_adapters"] > 64), None)
+    pf = get("peft", batch=64)
+    if one and cq:
+        out["64_compressed_of_resident_vs_one_adapter (target >= 0.8)"] = round(cq["tokens_per_s"] / one["tokens_per_s"], 3)
+    if cq and pf:
+        out["64_compressed_vs_peft_mixed (target >= 10)"] = round(cq["tokens_per_s"] / pf["tokens_per_s"], 2)
+    if cq and "resident_bytes" in cq:
+        out[f"{cq['resident_adapters']}_resident_compressed_GiB (1000: target <= 1.5 GB)"] = round(
+            cq["resident_bytes"] / 2**30, 3)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, 100 resident adapters (~10 min)")
+    ap.add_argument("--json", help="results (default benchmarks/results/decode.json; quick: decode_quick.json)")
+    ap.add_argument("--skip-batch64", action="store_true", help="one stream only")
+    a = ap.parse_args(argv)
+    a.new_tokens = 32 if a.quick else 128
+    a.new_tokens_b64 = 8 if a.quick else 32
+    a.repeats = 2 if a.quick else 3
+    path = a.json or os.path.join(RESULTS, "decode_quick.json" if a.quick else "decode.json")
+    info = machine_info()
+    print(f"machine: {info}")
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    ids_all = tok(read_wikitext("test", max_chars=400_000), return_tensors="pt").input_ids[0]
+    ids = ids_all[1000:1032].unsqueeze(0)
+    ids512 = ids_all[2000:2512].unsqueeze(0)
+    prompts = torch.stack([ids_all[4000 + 32 * i: 4032 + 32 * i] for i in range(64)])
+    rows = []
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        print("batch 1:")
+        llamacpp_rows(ids, ids512, a, rows, tmp)
+        batch1_rows(model, tok, ids, ids512, a, rows)
+    if not a.skip_batch64:
+        print("batch 64:")
+        batch64_rows(model, prompts, a, rows)
+    payload = {"machine": info, "model": "SmolLM2-135M-Instruct", "prompt_tokens": 32, "new_tokens": a.new_tokens,
+               "new_tokens_batch64": a.new_tokens_b64, "repeats": a.repeats, "rows": rows, "ratios": ratios(rows)}
+    for k, v in payload["ratios"].items():
+        print(f"  {k}: {v}")
+    write_outputs(payload, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
