@@ -189,8 +189,10 @@ def test_quantize_model_methods_and_directory_roundtrip(method, tmp_path):
     qm = lorakern.quantize_model(model, bits=4, group_size=128, method=method, calibration=ids, outliers=0.02,
                                  progress=False)
     rec = qm.lorakern_quantization
-    kinds = {type(m).__name__ for m in qm.modules() if isinstance(m, (lorakern.QuantLinear, lorakern.GWQLinear))}
+    kinds = {type(m).__name__ for n, m in qm.named_modules()
+             if isinstance(m, (lorakern.QuantLinear, lorakern.GWQLinear)) and n != "lm_head"}
     assert kinds == ({"QuantLinear"} if method in ("rtn", "gptq") else {"GWQLinear"})
+    assert type(qm.lm_head).__name__ == "QuantLinear" and rec["head"]["bits"] == 8  # the head: 8-bit RTN
     assert len(rec["layers"]) == 14 and rec["avg_bits"] > 4
     with torch.no_grad():
         logits = qm(ids).logits
@@ -216,12 +218,17 @@ def test_model_directory_rejects_damage(tmp_path):
     with pytest.raises(FormatError, match="not a lorakern model directory"):
         load_quantized_model(tmp_path)
     meta = json.loads((d / "lorakern_quantization.json").read_text())
-    name = next(iter(meta["modules"]))
+    name = next(n for n, k in meta["modules"].items() if k == "GWQLinear")
     meta["modules"][name] = "QuantLinear"
     (d / "lorakern_quantization.json").write_text(json.dumps(meta))
     with pytest.raises(FormatError, match="stored as GWQWeight"):
         load_quantized_model(d)
     meta["modules"][name] = "GWQLinear"
+    if meta["tied"]:  # the tied embedding must name a quantized head
+        emb = next(iter(meta["tied"]))
+        (d / "lorakern_quantization.json").write_text(json.dumps({**meta, "tied": {emb: name}}))
+        with pytest.raises(FormatError, match="'tied' must map"):
+            load_quantized_model(d)
     meta["modules"]["model.layers.9.mlp.up_proj"] = "GWQLinear"
     (d / "lorakern_quantization.json").write_text(json.dumps(meta))
     with pytest.raises(FormatError):

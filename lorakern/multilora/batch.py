@@ -37,8 +37,9 @@ class LoRABatch:
     def __post_init__(self):
         # the entry and segment counts change with every request: let torch.compile treat them as dynamic
         # sizes (one compiled graph for every batch composition, not one per count)
-        for t in (self.tokens, self.weights, self.segments):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        if not torch.compiler.is_compiling():  # (a batch built inside a traced region keeps its sizes)
+            for t in (self.tokens, self.weights, self.segments):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
 
     @property
     def num_entries(self) -> int:

@@ -40,6 +40,11 @@ class QuantEmbedding(FormatBuffers):
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
 
+    def _apply(self, fn, recurse=True):
+        """``.half()`` / ``.to(dtype)`` change the looked-up vectors' dtype (the packed table keeps its own)."""
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return super()._apply(fn, recurse)
+
     @property
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
