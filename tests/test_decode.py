@@ -132,3 +132,22 @@ def test_compiled_decode_of_a_quantized_tied_model_matches_eager():
     assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < 1e-4
     with pytest.raises(TypeError, match="generation_config"):
         lorakern.prepare_decode(torch.nn.Linear(2, 2))
+
+
+def test_a_copy_of_a_compiled_model_does_not_run_the_original(tmp_path):
+    """transformers caches the compiled decode step on the model and deepcopy carries it along: quantizing or
+    attaching adapters to the copy must drop it, or the copy silently runs the original's forward."""
+    from lorakern.testing import save_random_peft_adapters
+    model = tied_llama()
+    with torch.no_grad():
+        lorakern.prepare_decode(model)
+        fp_toks, _ = _generate(model)
+        q = lorakern.quantize_model(copy.deepcopy(model), bits=2, group_size=64, progress=False)
+        assert "_compiled_call" not in q.__dict__
+        want = _generate(lorakern.prepare_decode(copy.deepcopy(q), compile=False))[1]
+        got = _generate(lorakern.prepare_decode(q))[1]
+        assert (got - want).abs().max() < 1e-4
+        paths = save_random_peft_adapters(model, tmp_path, {"a": ["q_proj", "v_proj"]}, 0.5)
+        ad = copy.deepcopy(q)
+        lorakern.attach_adapters(ad, paths, dtype=torch.float32)
+        assert "_compiled_call" not in ad.__dict__

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..formats.linear_like import linear_shape
 from ..models.checkpoint import install_save_pretrained
+from ..models.decode import forget_compiled_call
 from ..multilora.bank import AdapterBank
 from ..nn.lora_linear import LoRALinear
 from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
@@ -76,6 +77,7 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
     for name, (mod, layer) in targets.items():
         wrapped[name] = LoRALinear(mod, layer, dtype=dtype)  # validates shapes before any swap
     install_save_pretrained(model)  # refuses while adapters are attached
+    forget_compiled_call(model)  # its modules change
     old = {}
     for name, new in wrapped.items():
         old[name] = replace_module(model, name, new)
@@ -86,6 +88,7 @@ def detach_adapter(model: nn.Module, old: dict[str, nn.Module]) -> None:
     """Undo :func:`attach_adapter` (``old`` is what it returned)."""
     for name, mod in old.items():
         replace_module(model, name, mod)
+    forget_compiled_call(model)
 
 
 @contextmanager
@@ -140,6 +143,7 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
         bank.add(name, layers)
     ctx = MultiLoRAContext(bank)
     install_save_pretrained(model)  # refuses while adapters are attached
+    forget_compiled_call(model)  # its modules change
     old = {}
     for mname, lb in bank.layers.items():
         base = model.get_submodule(mname)

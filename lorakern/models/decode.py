@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["prepare_decode"]
+__all__ = ["forget_compiled_call", "prepare_decode"]
+
+
+def forget_compiled_call(model: nn.Module) -> None:
+    """Drop the decode step transformers compiled and cached on ``model`` (``_compiled_call``). It is bound to
+    the model object it was made for, and ``copy.deepcopy`` carries it along: a copy that lorakern then
+    quantizes or gives adapters would otherwise keep running the original's compiled forward. Called by
+    :func:`prepare_decode`, :func:`lorakern.quantize_model` and the adapter attach/detach functions."""
+    for k in ("_compiled_call", "_last_compile_config"):
+        model.__dict__.pop(k, None)
 
 
 def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = True, threads: int | None = None):
@@ -31,6 +40,7 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
     gc = getattr(model, "generation_config", None)
     if gc is None:
         raise TypeError("lorakern: prepare_decode needs a transformers model with a generation_config")
+    forget_compiled_call(model)
     if threads is not None:
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"

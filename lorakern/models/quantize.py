@@ -28,6 +28,7 @@ from ..quant.gwq import quantize_dense, quantize_with_outliers
 from ..quant.outliers import SCORES, outlier_scores, select_outliers
 from ..quant.rtn import quantize_rtn
 from .checkpoint import install_save_pretrained
+from .decode import forget_compiled_call
 
 __all__ = ["METHODS", "QuantConfig", "quantize_model"]
 
@@ -193,6 +194,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
     record["avg_bits"] = stored_bits / max(n_weights, 1)
     record["seconds"] = time.time() - t0
     model.lorakern_quantization = record
+    forget_compiled_call(model)  # a compiled decode step of the float model (or of the model it was copied from)
     install_save_pretrained(model)
     return model
 
