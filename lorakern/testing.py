@@ -13,7 +13,7 @@ import torch
 
 from .formats import QuantizedWeight, SparseOutliers, pack_codes, unpack_codes
 from .formats.lora import CompressedLoRA
-from .ops.reference import _shrink, _slices, _expand, dequantize, lora_delta, outliers_dense
+from .ops.reference import dequantize, lora_delta, multi_lora_fp64, multi_lora_slices_fp64, outliers_dense
 from .ops.schemas import check_gwq_matmul, check_lora_mixed, check_multi_lora, check_quant_matmul, \
     check_quant_matmul_lora
 
@@ -103,17 +103,15 @@ def quant_matmul_lora_int8_act(x, qweight, scales, zeros, bits: int, group_size:
 
 def multi_lora_int8_act(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank):
     """Exact model (fp64) of the CPU multi_lora."""
-    check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
-                quantize_activations_int8)
-    return _expand(t, base, bank, table, group_a, group_b, segments, tokens)
+    return multi_lora_fp64(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                           quantize_activations_int8)
 
 
 
 def multi_lora_slices_int8_act(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank):
     """Exact model (fp64) of the CPU multi_lora_slices."""
-    return _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
-                   quantize_activations_int8)
+    return multi_lora_slices_fp64(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
+                                  max_rank, quantize_activations_int8)
 
 
 # ---- random formats and bounds ---------------------------------------------------------------------

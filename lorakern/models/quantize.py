@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.linear_like import is_conv1d, linear_shape, linear_weight
+from ..formats.lora import lora_group_size
 from ..formats.packing import SUPPORTED_GROUP_SIZES
 from ..nn import GWQLinear, QuantEmbedding, QuantLinear, replace_module
 from ..quant.calibration import collect_statistics
@@ -199,6 +200,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
     return model
 
 
+def _group_for(in_features: int, group_size: int) -> int | None:
+    """The largest supported group size <= ``group_size`` dividing ``in_features`` (None: none does)."""
+    try:
+        return lora_group_size(in_features, group_size)
+    except ValueError:
+        return None
+
+
 def _head(model: nn.Module) -> str | None:
     """The module name of the model's output head (transformers' ``get_output_embeddings()``), if linear."""
     get = getattr(model, "get_output_embeddings", None)
@@ -229,8 +238,7 @@ def _targets(model: nn.Module, cfg: QuantConfig, head: str | None) -> tuple[list
         if _skipped(name, cfg.skip):
             kept[name] = "skipped (skip=)"
             continue
-        g = next((g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True)
-                  if g <= cfg.group_size and shape[1] % g == 0), None)
+        g = _group_for(shape[1], cfg.group_size)
         if g is None:
             kept[name] = f"in_features={shape[1]} is not a multiple of any supported group size {SUPPORTED_GROUP_SIZES}"
         else:
@@ -249,8 +257,7 @@ def _quantize_head(model: nn.Module, name: str, cfg: QuantConfig) -> dict:
     QuantEmbedding over the same packed rows. Returns what was done (the record's ``"head"``)."""
     lin = model.get_submodule(name)
     K = lin.in_features
-    g = next((g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True) if g <= cfg.group_size and K % g == 0),
-             None)
+    g = _group_for(K, cfg.group_size)
     if g is None:
         return {"name": name, "kept": f"in_features={K} is not a multiple of any supported group size"}
     emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None

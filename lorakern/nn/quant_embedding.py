@@ -60,9 +60,10 @@ class QuantEmbedding(FormatBuffers):
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"lorakern: QuantEmbedding takes integer token ids, got {ids.dtype}")
         flat = ids.reshape(-1)
-        if not torch.compiler.is_compiling() and flat.numel() and \
-                (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"lorakern: token id outside [0, {self.num_embeddings})")
+        if not torch.compiler.is_compiling() and flat.numel():
+            lo, hi = torch.aminmax(flat)
+            if int(lo) < 0 or int(hi) >= self.num_embeddings:
+                raise IndexError(f"lorakern: token id outside [0, {self.num_embeddings})")
         rows = torch.ops.lorakern.dequantize(self.qweight[flat], self.scales[flat], self.zeros[flat], self.bits,
                                              self.group_size)
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)

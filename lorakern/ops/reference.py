@@ -14,7 +14,7 @@ from .schemas import (check_multi_lora_slices, check_gwq_matmul, check_lora_expa
                       lib)
 
 __all__ = ["bank_factors", "dequantize", "gwq_matmul", "lora_delta", "lora_expand", "lora_mixed", "lora_shrink",
-           "multi_lora", "multi_lora_slices", "outliers_dense", "quant_matmul", "quant_matmul_lora"]
+           "multi_lora", "multi_lora_fp64", "multi_lora_slices", "multi_lora_slices_fp64", "outliers_dense", "quant_matmul", "quant_matmul_lora"]
 
 
 def dequantize(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
@@ -175,12 +175,21 @@ def lora_expand(t, base, bank, table, scales, group_a: int, group_b: int, segmen
 def multi_lora(x, base, bank, table, scales, group_a: int, group_b: int, segments, tokens, weights,
                max_rank: int, max_count: int = -1, mixture: bool = True) -> torch.Tensor:
     """``base + sum over x's entries of w * scale * (x A^T) B^T``: lora_shrink then lora_expand."""
+    return multi_lora_fp64(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights,
+                           max_rank).to(base.dtype)
+
+
+def multi_lora_fp64(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, act=None):
+    """:func:`multi_lora` in fp64 (not cast back). ``act(xs, group_a)``, if given, replaces the activations
+    compressed adapters see (``lorakern.testing`` passes the CPU kernels' int8 quantization)."""
     check_multi_lora(x, base, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank)
-    return _expand(t, base, bank, table, group_a, group_b, segments, tokens).to(base.dtype)
+    t = _shrink(x, bank, table, scales, group_a, group_b, segments, tokens, weights, max_rank, act)
+    return _expand(t, base, bank, table, group_a, group_b, segments, tokens)
 
 
-def _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank, act=None):
+def multi_lora_slices_fp64(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank,
+                           act=None):
+    """:func:`multi_lora_slices` in fp64 (not cast back); ``act`` as in :func:`multi_lora_fp64`."""
     widths = check_multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
                                      max_rank)
     outs, col = [], 0
@@ -196,8 +205,8 @@ def _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, 
 def multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights, max_rank: int,
                       max_count: int = -1, mixture: bool = True) -> torch.Tensor:
     """multi_lora for every slice (its own bank) into its columns of ``base [T, sum N]``."""
-    return _slices(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
-                   max_rank).to(base.dtype)
+    return multi_lora_slices_fp64(x, base, banks, tables, scales, group_a, group_b, segments, tokens, weights,
+                                  max_rank).to(base.dtype)
 
 
 # Any device without a dedicated kernel runs the reference.
