@@ -70,3 +70,27 @@ def test_packages_import_graph_has_no_cycle():
         state[node] = 2
     for node in sorted(graph):
         visit(node, [])
+
+
+REPO = ROOT.parent
+
+
+def test_benchmarks_and_tests_import_no_paths_or_test_modules():
+    """Benchmarks run as scripts (their folder is on the path already); tests share code through
+    lorakern.testing, never by importing another test module."""
+    for p in sorted((REPO / "benchmarks").glob("*.py")):
+        assert "sys.path.insert" not in p.read_text(), p
+    for p in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                assert not node.module.startswith(("test_", "helpers", "conftest")), f"{p}: imports {node.module}"
+
+
+def test_every_op_is_documented():
+    import torch
+    docs = (REPO / "docs" / "formats.md").read_text()
+    ops = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("lorakern::")})
+    assert len(ops) >= 9
+    missing = [op for op in ops if f"`lorakern::{op}`" not in docs]
+    assert not missing, f"ops without a row in docs/formats.md: {missing}"
