@@ -5,7 +5,8 @@
     lorakern quantize --method gwq --bits 4 --outliers 0.01 MODEL OUT_DIR
                     quantize a model (smollm2 or a local HF directory), write a quantized model directory
     lorakern compress-adapter IN_DIR OUT --rho 0.9 --bits-high 2
-                    LoRAQuant-compress a PEFT LoRA adapter into one safetensors file
+                    LoRAQuant-compress a PEFT LoRA adapter (or a MoLA adapter's experts) into one
+                    safetensors file
     lorakern generate-adapter --examples FILE --out DIR
                     ICM-LoRA: write a PEFT adapter for the task the examples show (the generator is trained
                     and cached on first use, or given with --generator)
@@ -134,9 +135,27 @@ def _quantize(args) -> int:
     return 0
 
 
-def _compress_adapter(args) -> int:
-    from lorakern.adapters import compress_adapter, load_peft_adapter, save_compressed_adapter
+def _compress_mola(args) -> int:
+    from lorakern.adapters import compress_mola_adapter, load_mola_adapter, save_compressed_mola
 
+    adapter = load_mola_adapter(args.in_dir)
+    _check_output_file(args.out)
+    c = compress_mola_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size)
+    save_compressed_mola(args.out, c, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
+    pairs = [(d, e) for m in adapter.layers for d, e in zip(adapter.layers[m].experts, c.layers[m].experts)]
+    params = sum(e.rank * sum(e.shape) for _, e in pairs)
+    bits = sum(e.bits_per_param() * e.rank * sum(e.shape) for _, e in pairs) / params
+    err = max(float((e.delta() - d.delta()).norm() / d.delta().norm().clamp_min(1e-30)) for d, e in pairs)
+    print(f"MoLA: {len(c.layers)} layers, {len(pairs)} experts, {params} expert parameters: {bits:.3f} bits per "
+          f"parameter (routers kept fp32); worst relative error of an expert's update {err:.3f} -> {args.out}")
+    return 0
+
+
+def _compress_adapter(args) -> int:
+    from lorakern.adapters import compress_adapter, is_mola_adapter, load_peft_adapter, save_compressed_adapter
+
+    if is_mola_adapter(args.in_dir):
+        return _compress_mola(args)
     adapter = load_peft_adapter(args.in_dir)
     _check_output_file(args.out)
     model = None
@@ -268,8 +287,9 @@ def main(argv=None) -> int:
     q.add_argument("--check", action="store_true", help="reload the directory and compare logits")
     q.add_argument("--eval-windows", type=int, default=0, help="also report test perplexity on this many windows")
     q.set_defaults(fn=_quantize)
-    c = sub.add_parser("compress-adapter", help="LoRAQuant-compress a PEFT LoRA adapter")
-    c.add_argument("in_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    c = sub.add_parser("compress-adapter", help="LoRAQuant-compress a PEFT LoRA adapter or a MoLA adapter's experts")
+    c.add_argument("in_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or MoLA "
+                   "adapter directory (mola_config.json + mola_model.safetensors)")
     c.add_argument("out", help="output .safetensors file")
     c.add_argument("--rho", type=float, default=0.9, help="energy ratio that picks h (default 0.9)")
     c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])

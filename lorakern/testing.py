@@ -17,7 +17,7 @@ from .ops.reference import dequantize, lora_delta, multi_lora_fp64, multi_lora_s
 from .ops.schemas import check_gwq_matmul, check_lora_mixed, check_multi_lora, check_quant_matmul, \
     check_quant_matmul_lora
 
-__all__ = ["save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
+__all__ = ["char_tokenizer", "save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
            "interpreter_bf16_dot_xfail", "lora_mixed_int8_act", "multi_lora_int8_act", "multi_lora_slices_int8_act",
            "quant_matmul_int8_act", "quant_matmul_lora_int8_act", "quantize_activations_int8", "random_compressed",
            "random_outliers", "random_qweight", "terms_bound"]
@@ -181,6 +181,18 @@ def terms_bound(x, w, bias):
 
 
 # ---- tiny models and adapters (need transformers / peft: the test-only extras) ---------------------
+
+def char_tokenizer():
+    """A real (fast) tokenizer with one token per printable ASCII character (id 0 is pad and eos): tiny
+    models can learn the suite tasks' format with it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = ["<pad>"] + [chr(i) for i in range(32, 127)] + ["\n"]
+    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<pad>")
+
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, intermediate_size: int = 96, **config):
     """A random 2-layer Llama (grouped-query attention, 4 heads / 2 KV heads) in eval mode; token ids 0, 1, 2

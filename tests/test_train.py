@@ -8,20 +8,10 @@ import torch
 
 from lorakern.adapters import apply_adapter, load_peft_adapter, save_peft_adapter
 from lorakern.apps.train import SUITE, TrainConfig, exact_match, get_task, train_task_adapter
-from lorakern.apps.train.trainer import _answer_loss, _encode_pairs
+from lorakern.apps.train.trainer import _encode_pairs, answer_loss
+from lorakern.testing import char_tokenizer
 
 peft = pytest.importorskip("peft")
-
-
-def char_tokenizer():
-    """A real (fast) tokenizer with one token per character: tiny models can learn the tasks' format."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    chars = ["<pad>"] + [chr(i) for i in range(32, 127)] + ["\n"]
-    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<pad>")
 
 
 def tiny_llama(vocab):
@@ -65,7 +55,7 @@ def test_tiny_adapter_trains_and_peft_loads_it(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     probe = _encode_pairs(tok, task, task.examples(32, seed=99))
     with torch.no_grad():
-        loss0 = float(_answer_loss(model, *probe))
+        loss0 = float(answer_loss(model, *probe))
     cfg = TrainConfig(rank=4, alpha=8, steps=40, batch_size=16, lr=1e-2, seed=1)
     adapter = train_task_adapter(model, tok, task, cfg, progress=False)
     # the base model is untouched, every projection got an adapter
@@ -73,7 +63,7 @@ def test_tiny_adapter_trains_and_peft_loads_it(tmp_path):
         assert torch.equal(p, before[n]) and p.requires_grad
     assert len(adapter.layers) == 2 * 7
     with apply_adapter(model, adapter), torch.no_grad():
-        loss1 = float(_answer_loss(model, *probe))
+        loss1 = float(answer_loss(model, *probe))
         em = exact_match(model, tok, task, n=20, batch_size=8)
     assert loss1 < 0.9 * loss0, (loss0, loss1)  # measured: 4.55 -> 3.85 (LoRA alone on a random 2-layer model)
     assert 0.0 <= em <= 1.0

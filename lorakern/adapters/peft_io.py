@@ -214,7 +214,8 @@ def compress_adapter(adapter: LoraAdapter, rho: float = 0.9, bits_high: int = 2,
 
 
 def save_compressed_adapter(path: str | os.PathLike, layers: dict[str, CompressedLoRA],
-                            extra_metadata: dict[str, str] | None = None) -> None:
+                            extra_metadata: dict[str, str] | None = None,
+                            extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """One safetensors file: each layer's parts as quantized weights under
     ``{module}.{a_hi,b_hi,a_lo,b_lo}`` and its rank, h, scale and shape in the metadata."""
     weights, index = {}, {}
@@ -226,14 +227,22 @@ def save_compressed_adapter(path: str | os.PathLike, layers: dict[str, Compresse
         index[m] = {"rank": c.rank, "h": c.h, "scale": c.scale, "shape": list(c.shape)}
     meta = {"module": "CompressedLoRA", "lora_layers": json.dumps(index)}
     meta.update(extra_metadata or {})
-    save_quantized(path, weights, extra_metadata=meta)
+    save_quantized(path, weights, extra_tensors=extra_tensors, extra_metadata=meta)
 
 
 def load_compressed_adapter(path: str | os.PathLike) -> dict[str, CompressedLoRA]:
     """Read a file written by :func:`save_compressed_adapter` (every field validated)."""
     weights, others, meta = load_quantized(path)
+    if meta.get("module") == "CompressedMoLA":
+        raise FormatError(f"{path}: a compressed MoLA adapter (read it with lorakern.adapters.load_mola_adapter)")
     if meta.get("module") != "CompressedLoRA" or others:
         raise FormatError(f"{path}: not a compressed LoRA adapter file")
+    return compressed_layers(weights, meta, path)
+
+
+def compressed_layers(weights: dict, meta: dict, path) -> dict[str, CompressedLoRA]:
+    """The :class:`CompressedLoRA` layers of a file's quantized ``weights`` as its ``lora_layers`` metadata lists
+    them (every weight must be used; raises FormatError). Shared by the LoRA and MoLA compressed files."""
     try:
         index = json.loads(meta["lora_layers"])
         if not isinstance(index, dict):

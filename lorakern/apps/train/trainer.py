@@ -21,7 +21,8 @@ from ...adapters.peft_io import LoraAdapter, LoraLayer
 from ...nn.swap import replace_module
 from .tasks import Task
 
-__all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_nll", "exact_match", "peft_config", "train_lm_adapter", "train_task_adapter"]
+__all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_loss", "answer_nll", "encode_examples", "exact_match", "frozen", "mixture_examples",
+           "optimize", "peft_config", "train_lm_adapter", "train_mixture_adapter", "train_task_adapter"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,52 +96,68 @@ def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **e
     return out
 
 
-def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, metadata: dict,
-           on_step=None) -> LoraAdapter:
+@contextmanager
+def frozen(model: nn.Module):
+    """Freeze every parameter of ``model`` (the base of an adapter being trained); restore the
+    ``requires_grad`` flags and the train/eval mode on exit."""
     was_training = model.training
     req = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
     try:
-        with _lora_injected(model, cfg) as mods:
-            params = [p for m in mods.values() for p in (m.A, m.B)]
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
-                * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-            model.train()
-            bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
-            ema = None
-            for step in bar:
-                loss = loss_fn(step)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                v = float(loss.detach())
-                ema = v if ema is None else 0.9 * ema + 0.1 * v
-                bar.set_postfix(loss=f"{ema:.3f}")
-                if on_step is not None:
-                    on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()})
-            adapter = LoraAdapter(peft_config(cfg), metadata=dict(metadata))
-            for name, m in mods.items():
-                adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
+        yield model
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(req[n])
+
+
+def optimize(params: list, cfg: TrainConfig, loss_fn, desc: str, progress: bool, on_step=None) -> None:
+    """The training loop every lorakern trainer shares: AdamW, linear warm-up then cosine decay, gradient
+    clipping at 1.0, ``cfg.steps`` steps of ``loss_fn(step)``, a progress bar with the loss's moving average.
+    ``on_step(step)`` runs after every optimizer step. Raises FloatingPointError when the loss stops being finite."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
+        * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
+    ema = None
+    for step in bar:
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        v = float(loss.detach())
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if on_step is not None:
+            on_step(step)
+
+
+def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, metadata: dict,
+           on_step=None) -> LoraAdapter:
+    torch.manual_seed(cfg.seed)
+    with frozen(model), _lora_injected(model, cfg) as mods:
+        params = [p for m in mods.values() for p in (m.A, m.B)]
+        model.train()
+        optimize(params, cfg, loss_fn, desc, progress, None if on_step is None else
+                 lambda step: on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()}))
+        adapter = LoraAdapter(peft_config(cfg), metadata=dict(metadata))
+        for name, m in mods.items():
+            adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
     return adapter
 
 
-def _encode_pairs(tok, task: Task, pairs):
-    """Token ids of prompt + answer (+ newline) and the answer positions' labels, right-padded."""
+def encode_examples(tok, items):
+    """Token ids of ``prompt + " answer\\n"`` for ``items = [(prompt, answer), ...]``, labels on the answer
+    tokens only (-100 elsewhere), right-padded; returns ``(ids, labels, attention_mask)``."""
     seqs, labels = [], []
-    for x, y in pairs:
-        p = tok(task.prompt(x), add_special_tokens=False).input_ids
+    for prompt, y in items:
+        p = tok(prompt, add_special_tokens=False).input_ids
         a = tok(f" {y}\n", add_special_tokens=False).input_ids
         seqs.append(p + a)
         labels.append([-100] * len(p) + a)
@@ -152,7 +169,24 @@ def _encode_pairs(tok, task: Task, pairs):
     return ids, lab, mask
 
 
-def _answer_loss(model, ids, labels, mask):
+def mixture_examples(tasks, batch_size: int, seed: int) -> list[tuple[str, str]]:
+    """``batch_size`` (prompt, answer) pairs spread evenly over ``tasks`` (the first ones take the remainder),
+    each task's from its own seed ``seed + i``."""
+    items = []
+    q, rem = divmod(batch_size, len(tasks))
+    for i, task in enumerate(tasks):
+        n = q + (i < rem)
+        if n:
+            items += [(task.prompt(x), y) for x, y in task.examples(n, seed + i)]
+    return items
+
+
+def _encode_pairs(tok, task: Task, pairs):
+    """Token ids of prompt + answer (+ newline) and the answer positions' labels, right-padded."""
+    return encode_examples(tok, [(task.prompt(x), y) for x, y in pairs])
+
+
+def answer_loss(model, ids, labels, mask):
     """Next-token cross entropy on the answer tokens only (the LM head runs on those positions alone)."""
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     tgt = labels[:, 1:]
@@ -174,9 +208,27 @@ def train_task_adapter(model, tokenizer, task: Task, cfg: TrainConfig | None = N
 
     def loss_fn(step):
         pairs = task.examples(cfg.batch_size, data_seed + 7919 * cfg.seed + step)
-        return _answer_loss(model, *_encode_pairs(tokenizer, task, pairs))
+        return answer_loss(model, *_encode_pairs(tokenizer, task, pairs))
     return _train(model, cfg, loss_fn, f"train {task.name}", progress,
                   {"lorakern_task": task.name, "lorakern_description": task.description}, on_step)
+
+
+def train_mixture_adapter(model, tokenizer, tasks, cfg: TrainConfig | None = None, progress: bool = True,
+                          data_seed: int = 1_000_003) -> LoraAdapter:
+    """Train one LoRA adapter on a mixture of ``tasks`` (every step's batch spread evenly over them, fresh
+    examples from seeds disjoint from :func:`exact_match`'s). The plain-LoRA peer of MoLA's multi-task
+    training (:func:`lorakern.apps.train.train_mola_adapter`). Returns the adapter; the model is left unchanged."""
+    cfg = cfg or TrainConfig()
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("train_mixture_adapter needs at least one task")
+
+    def loss_fn(step):
+        items = mixture_examples(tasks, cfg.batch_size, data_seed + 7919 * cfg.seed + 101 * step)
+        return answer_loss(model, *encode_examples(tokenizer, items))
+    names = ",".join(t.name for t in tasks)
+    return _train(model, cfg, loss_fn, "train mixture", progress,
+                  {"lorakern_task": names, "lorakern_description": f"mixture of {names}"})
 
 
 def train_lm_adapter(model, tokenizer, text: str, cfg: TrainConfig | None = None, progress: bool = True,
@@ -244,7 +296,7 @@ def answer_nll(model, tokenizer, task: Task, n: int = 100, seed: int = 12345, ba
         for i in range(0, n, batch_size):
             ids, labels, mask = _encode_pairs(tokenizer, task, pairs[i:i + batch_size])
             k = int((labels[:, 1:] != -100).sum())
-            total += float(_answer_loss(model, ids, labels, mask)) * k
+            total += float(answer_loss(model, ids, labels, mask)) * k
             count += k
     finally:
         model.train(was_training)
