@@ -123,6 +123,26 @@ def test_mixture_batch_equals_host_batch(rng):
     assert torch.allclose(lb.apply(x, base, b), lb.apply(x, base, h), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (0, 4, 2), (37, 8, 2), (9, 5, 5), (64, 6, 3)])
+def test_cpp_routing_equals_torch_routing(T, E, k, rng):
+    from lorakern.ops.registry import eager_helper
+    logits = torch.randn(T, E, generator=rng)
+    if T > 3:
+        logits[1] = 0.5   # every expert ties
+        logits[2, :2] = logits[2, 2:4].max()  # partial ties with the maximum
+    seg, tok, w = eager_helper("route_top_k")(logits, k)
+    top, ids = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True)
+    want = mixture_batch(ids[:, :k], top[:, :k] / top[:, :k].sum(-1, keepdim=True), E)
+    assert torch.equal(seg, want.segments) and torch.equal(tok, want.tokens)
+    assert torch.allclose(w, want.weights, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="top_k"):
+        eager_helper("route_top_k")(logits, E + 1)
+    if T:
+        logits[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            eager_helper("route_top_k")(logits, k)
+
+
 def test_triton_interpreter_takes_the_device_batch(rng):
     from lorakern.triton.multi_lora import multi_lora_triton
     layer = random_layer(rng, [4, 8, 2, 16])

@@ -171,6 +171,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("N"), py::arg("K"),
       py::arg("bits"), py::arg("group_size"), py::arg("out"), py::arg("num_threads") = 0);
+  m.def(
+      "route_top_k",
+      [](uintptr_t logits, int64_t T, int64_t E, int64_t k, uintptr_t segments, uintptr_t tokens,
+         uintptr_t weights) {
+        check(lk_route_top_k(reinterpret_cast<const float*>(logits), T, E, k, reinterpret_cast<int64_t*>(segments),
+                             reinterpret_cast<int64_t*>(tokens), reinterpret_cast<float*>(weights)),
+              "lk_route_top_k");
+      },
+      py::arg("logits"), py::arg("T"), py::arg("E"), py::arg("k"), py::arg("segments"), py::arg("tokens"),
+      py::arg("weights"));
   // Named records: Python checks its NamedTuples against these at import (lorakern/_native.py).
   py::dict records;
   records["LoraPartView"] = names(kQWeightFields, kNumQWeightFields);

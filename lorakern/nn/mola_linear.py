@@ -17,6 +17,7 @@ from ..formats.linear_like import linear_shape
 from ..formats.mola import MoLALayer
 from ..multilora.bank import LayerBank
 from ..multilora.batch import LoRABatch
+from ..ops.registry import eager_cpu, eager_helper
 
 __all__ = ["MoLALinear", "mixture_batch", "mola_expert_loop", "route_top_k"]
 
@@ -115,6 +116,7 @@ class MoLALinear(nn.Module):
         device = next((p.device for p in base.parameters()), None) or \
             next((b.device for b in base.buffers()), torch.device("cpu"))
         self.register_buffer("router", layer.router.detach().to(device, torch.float32).contiguous())
+        self._ids = list(range(self.num_experts))
         self.bank = LayerBank(self.out_features, self.in_features, dtype, device)
         for e, ex in enumerate(layer.experts):
             self.bank.set(e, ex)
@@ -124,10 +126,24 @@ class MoLALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return y
-        ids, w = route_top_k(x2, self.router, self.top_k)
-        batch = mixture_batch(ids, w, self.num_experts)
-        out = self.bank.apply(x2, y.reshape(-1, self.out_features).to(x.dtype), batch)
+        out = self.add_experts(x2, y.reshape(-1, self.out_features).to(x.dtype))
         return out.view(y.shape).to(y.dtype)
+
+    def route(self, x2: torch.Tensor) -> LoRABatch:
+        """The :class:`LoRABatch` of the router's top-k choice for ``x2 [T, K]``: one C++ call on eager CPU
+        (``lk_route_top_k``), torch ops elsewhere (any device, torch.compile; the same entries)."""
+        if eager_cpu(x2) and self.bank.device.type == "cpu":
+            T = x2.shape[0]
+            logits = torch.mm(x2 if x2.dtype == torch.float32 else x2.float(), self.router.t())
+            seg, tok, w = eager_helper("route_top_k")(logits, self.top_k)
+            return LoRABatch(T, tok, w, seg, T, self._ids, mixture=self.top_k > 1)
+        ids, w = route_top_k(x2, self.router, self.top_k)
+        return mixture_batch(ids, w, self.num_experts)
+
+    def add_experts(self, x2: torch.Tensor, base2: torch.Tensor) -> torch.Tensor:
+        """``base2 [T, N] + the routed mixture of experts applied to x2 [T, K]`` (one dtype): the adapter part of
+        :meth:`forward`, one multi-adapter kernel call."""
+        return self.bank.apply(x2, base2, self.route(x2))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}"

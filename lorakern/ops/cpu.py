@@ -253,6 +253,32 @@ class PreparedBank:
         return y
 
 
+@helper("route_top_k")
+def route_top_k_cpu(logits: torch.Tensor, k: int):
+    """Top-k routing of a mixture in one C++ call (``lk_route_top_k``): ``logits`` fp32 ``[T, E]`` (CPU) ->
+    ``(segments int64 [E, 3], tokens int64 [T*k], weights fp32 [T*k])``, the entries grouped by expert (every
+    expert has a segment, empty ones too), ties to the lower expert, weights renormalised over the k kept.
+
+    Raises:
+        ValueError: ``k`` outside ``[1, E]``, or non-finite logits."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.device.type != "cpu":
+        raise TypeError(f"lorakern: logits must be fp32 [T, E] on the CPU, got {logits.dtype} {tuple(logits.shape)}")
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"lorakern: top_k={k} must be in [1, {E}]")
+    logits = logits if logits.is_contiguous() else logits.contiguous()
+    segments = torch.empty(E, 3, dtype=torch.int64)
+    tokens = torch.empty(T * k, dtype=torch.int64)
+    weights = torch.empty(T * k, dtype=torch.float32)
+    try:
+        native().route_top_k(logits.data_ptr(), T, E, k, segments.data_ptr(), tokens.data_ptr(), weights.data_ptr())
+    except RuntimeError as e:
+        if "invalid argument" in str(e):
+            raise ValueError("lorakern: router logits contain NaN or Inf") from None
+        raise
+    return segments, tokens, weights
+
+
 @helper("prepared_lora")
 class PreparedLoRA:
     """A compressed adapter validated once, for repeated eager CPU calls (LoRALinear's fast path).

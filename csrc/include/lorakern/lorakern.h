@@ -225,6 +225,14 @@ LK_API lk_status lk_bank_resolve(const lk_bank* bank, int64_t N, int64_t K, cons
                                  int64_t num_segments, int64_t max_rank, lk_lora_slot* slots,
                                  int64_t* segments_out, int64_t* failed);
 
+/* Top-k routing of a mixture (MoLA): per token t, softmax over logits[t, 0:E] (fp32 [T, E], row-major),
+ * the k largest (ties to the lower expert) with their probabilities renormalised to sum 1. Writes the
+ * entries grouped by expert as the multi-adapter kernels take them: segments int64 [E, 3] (expert,
+ * first entry, count; empty experts included), tokens int64 [T*k] (ascending within an expert) and
+ * weights fp32 [T*k]. Non-finite logits or 1 <= k <= E violated: LK_ERR_INVALID_ARG. */
+LK_API lk_status lk_route_top_k(const float* logits, int64_t T, int64_t E, int64_t k, int64_t* segments,
+                                int64_t* tokens, float* weights);
+
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
 
