@@ -17,8 +17,10 @@ extern "C" lk_status lk_route_top_k(const float* logits, int64_t T, int64_t E, i
   for (int64_t t = 0; t < T; ++t) {
     const float* l = logits + t * E;
     float m = l[0];
-    for (int64_t e = 1; e < E; ++e) m = l[e] > m ? l[e] : m;
-    if (!std::isfinite(m)) return LK_ERR_INVALID_ARG;  // NaN / Inf logits: no meaningful routing
+    for (int64_t e = 0; e < E; ++e) {
+      if (!std::isfinite(l[e])) return LK_ERR_INVALID_ARG;  // NaN / Inf logits: no meaningful routing
+      m = l[e] > m ? l[e] : m;
+    }
     double sum = 0.0;
     for (int64_t e = 0; e < E; ++e) sum += std::exp((double)(l[e] - m));
     // the k largest, ties to the lower index: insertion into a sorted list of k (E is small)

@@ -555,6 +555,68 @@ static void check_lora_abi(std::mt19937& rng) {
   std::printf("lora c abi: checked\n");
 }
 
+// lk_route_top_k: against a direct double-precision model (softmax, stable top-k, renormalisation, grouping by
+// expert with tokens ascending); ties, k = E, E = 1, T = 0; non-finite logits and bad k refused.
+static void check_route_top_k(std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 2.f);
+  const int64_t cases[][3] = {{1, 1, 1}, {0, 4, 2}, {37, 8, 2}, {9, 5, 5}, {64, 6, 3}, {3, 7, 1}};
+  for (const auto& c : cases) {
+    const int64_t T = c[0], E = c[1], k = c[2];
+    std::vector<float> logits((size_t)(T * E));
+    for (auto& v : logits) v = nd(rng);
+    if (T > 2) {
+      for (int64_t e = 0; e < E; ++e) logits[(size_t)(E + e)] = 0.5f;  // row 1: every expert ties
+    }
+    std::vector<int64_t> seg((size_t)(3 * E), -7), tok((size_t)(T * k), -7);
+    std::vector<float> w((size_t)(T * k), NAN);
+    CHECK(lk_route_top_k(logits.data(), T, E, k, seg.data(), tok.data(), w.data()) == LK_OK, "route ok");
+    // model: per token the k best (stable), then entries grouped by expert in token order
+    std::vector<std::vector<std::pair<int64_t, double>>> by_expert((size_t)E);
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int64_t> order((size_t)E);
+      for (int64_t e = 0; e < E; ++e) order[(size_t)e] = e;
+      const float* l = &logits[(size_t)(t * E)];
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+      double m = *std::max_element(l, l + E), z = 0, kept = 0;
+      for (int64_t e = 0; e < E; ++e) z += std::exp((double)l[e] - m);
+      for (int64_t j = 0; j < k; ++j) kept += std::exp((double)l[order[(size_t)j]] - m) / z;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = order[(size_t)j];
+        by_expert[(size_t)e].push_back({t, std::exp((double)l[e] - m) / z / kept});
+      }
+    }
+    int64_t at = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      CHECK(seg[(size_t)(3 * e)] == e && seg[(size_t)(3 * e + 1)] == at &&
+                seg[(size_t)(3 * e + 2)] == (int64_t)by_expert[(size_t)e].size(),
+            "route T=%ld E=%ld k=%ld: segment %ld", (long)T, (long)E, (long)k, (long)e);
+      for (const auto& [t, wt] : by_expert[(size_t)e]) {
+        CHECK(tok[(size_t)at] == t && std::fabs(w[(size_t)at] - wt) <= 1e-6 * (1 + wt),
+              "route T=%ld E=%ld k=%ld: entry %ld", (long)T, (long)E, (long)k, (long)at);
+        ++at;
+      }
+    }
+    CHECK(at == T * k, "every entry placed");
+    CHECK(lk_route_top_k(logits.data(), T, E, E + 1, seg.data(), tok.data(), w.data()) == LK_ERR_INVALID_ARG,
+          "k > E refused");
+    CHECK(lk_route_top_k(logits.data(), T, E, 0, seg.data(), tok.data(), w.data()) == LK_ERR_INVALID_ARG,
+          "k = 0 refused");
+    if (T > 0) {
+      logits[0] = NAN;
+      CHECK(lk_route_top_k(logits.data(), T, E, k, seg.data(), tok.data(), w.data()) == LK_ERR_INVALID_ARG,
+            "NaN logits refused");
+      logits[0] = 0.f;
+      logits[(size_t)(T * E - 1)] = NAN;  // not the first value of its row either (when E > 1)
+      CHECK(lk_route_top_k(logits.data(), T, E, k, seg.data(), tok.data(), w.data()) == LK_ERR_INVALID_ARG,
+            "NaN logits refused");
+      logits[(size_t)(T * E - 1)] = -INFINITY;
+      CHECK(lk_route_top_k(logits.data(), T, E, k, seg.data(), tok.data(), w.data()) == LK_ERR_INVALID_ARG,
+            "Inf logits refused");
+    }
+  }
+  CHECK(lk_route_top_k(nullptr, 2, 3, 1, nullptr, nullptr, nullptr) == LK_ERR_INVALID_ARG, "null refused");
+}
+
 // lk_bank_resolve: a dense and a compressed slot decode to the right pointers; every kind of bad row
 // (slot out of range, empty, rows or codes past the slabs, bad bits, rank above max_rank) is refused.
 static void check_bank_resolve() {
@@ -640,6 +702,7 @@ int main() {
   if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
   check_c_abi(rng);
   check_bank_resolve();
+  check_route_top_k(rng);
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
     if (lk_set_isa(isa) == LK_OK) {
       check_lora_abi(rng);
