@@ -32,6 +32,7 @@ from ..models.decode import forget_compiled_call
 from ..nn.mola_linear import MoLALinear
 from ..nn.swap import replace_module
 from ..quant.loraquant import compress_lora
+from .attach import detach_adapter
 from .peft_io import compressed_layers, save_compressed_adapter
 
 __all__ = ["apply_mola", "attach_mola", "compress_mola_adapter", "detach_mola", "is_mola_adapter",
@@ -249,11 +250,8 @@ def attach_mola(model: nn.Module, adapter, dtype: torch.dtype = torch.float16) -
     return {name: replace_module(model, name, new) for name, new in wrapped.items()}
 
 
-def detach_mola(model: nn.Module, old: dict[str, nn.Module]) -> None:
-    """Undo :func:`attach_mola` (``old`` is what it returned)."""
-    for name, mod in old.items():
-        replace_module(model, name, mod)
-    forget_compiled_call(model)
+#: undo :func:`attach_mola` (``old`` is what it returned): the modules go back, as :func:`detach_adapter` does
+detach_mola = detach_adapter
 
 
 @contextmanager
