@@ -263,6 +263,12 @@ def test_mola_routing_on_the_device(rng):
            m.bank.max_rank(), b.max_count, b.mixture)
     want = mola_expert_loop(x, base, layer, 2)
     assert torch.allclose(y.cpu().double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    if HAS_CUDA:  # the module's own forward on the device (routing dispatch included)
+        with torch.no_grad():
+            got = m(dev(x)).cpu().double()
+        want = mola_expert_loop(x, m.base.cpu()(x).detach(), layer, 2)
+        m.base.to(DEV)
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="torch.compile of a model on CUDA needs a GPU")

@@ -54,6 +54,20 @@ def test_kernel_path_matches_expert_loop(isa, ranks, k, bank_dtype, rng):
             assert ((y.double() - want).abs() <= tol).all(), (xdt, float((y.double() - want).abs().max()))
 
 
+def test_half_model_and_bad_calls(rng):
+    layer = random_layer(rng, [4, 4, 4])
+    m = MoLALinear(torch.nn.Linear(K, N), layer, dtype=torch.float16).half()
+    x = torch.randn(5, K, generator=rng).half()
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="route_top_k takes"):
+        route_top_k(torch.randn(2, 3, K), layer.router, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        with torch.no_grad():
+            m(torch.full((2, K), float("nan"), dtype=torch.float16))
+
+
 def test_leading_dims_and_empty(rng):
     layer = random_layer(rng, [4, 4, 4])
     base = torch.nn.Linear(K, N)
@@ -130,9 +144,12 @@ def test_cpp_routing_equals_torch_routing(T, E, k, rng):
     if T > 3:
         logits[1] = 0.5   # every expert ties
         logits[2, :2] = logits[2, 2:4].max()  # partial ties with the maximum
+        logits[3, 0], logits[3, 1] = 9.0, 9.0 + 1e-6  # distinct logits whose probabilities round to one value
     seg, tok, w = eager_helper("route_top_k")(logits, k)
-    top, ids = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True)
-    want = mixture_batch(ids[:, :k], top[:, :k] / top[:, :k].sum(-1, keepdim=True), E)
+    ids, w_ = route_top_k(logits, torch.eye(E), k)  # the torch path on the same logits (x = logits, R = I)
+    want = mixture_batch(ids, w_, E)
+    if T > 3 and E > 1:
+        assert ids[3, 0] == 1  # ranked by logits, not by their (equal) probabilities
     assert torch.equal(seg, want.segments) and torch.equal(tok, want.tokens)
     assert torch.allclose(w, want.weights, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="top_k"):
@@ -150,11 +167,18 @@ def test_triton_interpreter_takes_the_device_batch(rng):
     x = torch.randn(13, K, generator=rng)
     ids, w = route_top_k(x, layer.router, 2)
     b = mixture_batch(ids, w, 4)
-    b.segments[1, 1] = b.segments[1, 1]  # (every expert has a segment, empty ones included)
     base = torch.randn(13, N, generator=rng)
     y = multi_lora_triton(x, base, *m.bank.op_args(), b.segments, b.tokens, b.weights, m.bank.max_rank(),
                           b.max_count, b.mixture)
     want = mola_expert_loop(x, base, rounded(layer, torch.float16), 2)
+    assert torch.allclose(y.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    # an expert nobody chose: its empty segment launches blocks that must add nothing
+    ids = torch.stack([torch.tensor([0, 2, 3])[torch.randperm(3, generator=rng)[:2]] for _ in range(13)])
+    b = mixture_batch(ids, torch.rand(13, 2, generator=rng), 4)
+    assert int(b.segments[1, 2]) == 0
+    y = multi_lora_triton(x, base, *m.bank.op_args(), b.segments, b.tokens, b.weights, m.bank.max_rank(),
+                          b.max_count, b.mixture)
+    want = ref.multi_lora(x, base, *m.bank.op_args(), b.segments, b.tokens, b.weights, m.bank.max_rank()).double()
     assert torch.allclose(y.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 

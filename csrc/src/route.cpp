@@ -22,7 +22,7 @@ extern "C" lk_status lk_route_top_k(const float* logits, int64_t T, int64_t E, i
       m = l[e] > m ? l[e] : m;
     }
     double sum = 0.0;
-    for (int64_t e = 0; e < E; ++e) sum += std::exp((double)(l[e] - m));
+    for (int64_t e = 0; e < E; ++e) sum += std::exp((double)l[e] - (double)m);
     // the k largest, ties to the lower index: insertion into a sorted list of k (E is small)
     int64_t* top = ids.data() + t * k;
     int64_t n = 0;
@@ -35,9 +35,9 @@ extern "C" lk_status lk_route_top_k(const float* logits, int64_t T, int64_t E, i
       if (n < k) ++n;
     }
     double kept = 0.0;
-    for (int64_t j = 0; j < k; ++j) kept += std::exp((double)(l[top[j]] - m)) / sum;
+    for (int64_t j = 0; j < k; ++j) kept += std::exp((double)l[top[j]] - (double)m) / sum;
     for (int64_t j = 0; j < k; ++j) {
-      w[(size_t)(t * k + j)] = (float)((std::exp((double)(l[top[j]] - m)) / sum) / kept);
+      w[(size_t)(t * k + j)] = (float)((std::exp((double)l[top[j]] - (double)m) / sum) / kept);
       ++count[(size_t)top[j]];
     }
   }

@@ -41,7 +41,7 @@ __all__ = ["apply_mola", "attach_mola", "compress_mola_adapter", "detach_mola", 
 FORMAT = "lorakern.mola"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "mola_config.json", "mola_model.safetensors"
-_EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.lora_([AB])\.weight$")
+_EXPERT = re.compile(r"^(.+)\.experts\.(0|[1-9]\d*)\.lora_([AB])\.weight$")  # canonical indices only
 _ROUTER = re.compile(r"^(.+)\.router\.weight$")
 
 
@@ -141,8 +141,9 @@ def _load_dense(d: Path) -> MoLAAdapter:
             if set(ex[e]) != {"A", "B"}:
                 raise FormatError(f"{w_path}: {mod} expert {e} lacks lora_A or lora_B")
             A, B = ex[e]["A"], ex[e]["B"]
-            if A.dim() != 2 or A.shape[0] < 1:
-                raise FormatError(f"{w_path}: {mod} expert {e}: lora_A has shape {tuple(A.shape)}")
+            if A.dim() != 2 or A.shape[0] < 1 or B.dim() != 2:
+                raise FormatError(f"{w_path}: {mod} expert {e}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                                  "are not [r, K] / [N, r]")
             lst.append(LoraLayer(A, B, cfg.alpha / A.shape[0]))
         layers[mod] = MoLALayer(routers[mod], lst)
     return _validated(MoLAAdapter(cfg, layers, dict(meta)), d)
@@ -165,7 +166,7 @@ def _load_compressed(path: Path) -> MoLAAdapter:
     experts = {}
     for key, c in layers_by_key.items():
         mod, _, e = key.rpartition(".experts.")
-        if not mod or not e.isdigit():
+        if not mod or not e.isdigit() or str(int(e)) != e:
             raise FormatError(f"{path}: layer {key!r} is not '<module>.experts.<e>'")
         experts.setdefault(mod, {})[int(e)] = c
     if set(experts) != set(routers):
@@ -217,9 +218,9 @@ def save_compressed_mola(path: str | os.PathLike, adapter: MoLAAdapter, extra_me
                 raise ValueError(f"lorakern: {m} expert {e} is not compressed (compress_mola_adapter first)")
             experts[f"{m}.experts.{e}"] = ex
         routers[f"{m}.router.weight"] = layer.router.detach().float()
-    meta = {"mola_config": json.dumps(_config_dict(adapter)), "module": "CompressedMoLA"}
-    meta.update({k: str(v) for k, v in adapter.metadata.items() if k.startswith("lorakern_")})
+    meta = {k: str(v) for k, v in adapter.metadata.items() if k.startswith("lorakern_")}
     meta.update(extra_metadata or {})
+    meta.update({"mola_config": json.dumps(_config_dict(adapter)), "module": "CompressedMoLA"})  # not overridable
     save_compressed_adapter(path, experts, extra_metadata=meta, extra_tensors=routers)
 
 

@@ -225,8 +225,10 @@ def save_compressed_adapter(path: str | os.PathLike, layers: dict[str, Compresse
             if w is not None:
                 weights[f"{m}.{part}"] = w
         index[m] = {"rank": c.rank, "h": c.h, "scale": c.scale, "shape": list(c.shape)}
-    meta = {"module": "CompressedLoRA", "lora_layers": json.dumps(index)}
-    meta.update(extra_metadata or {})
+    meta = {"module": "CompressedLoRA", **(extra_metadata or {})}  # (a MoLA file names its own module)
+    if "lora_layers" in meta:
+        raise ValueError("lorakern: metadata key 'lora_layers' is the format's own")
+    meta["lora_layers"] = json.dumps(index)
     save_quantized(path, weights, extra_tensors=extra_tensors, extra_metadata=meta)
 
 

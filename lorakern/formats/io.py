@@ -59,6 +59,9 @@ def save_quantized(path: str | os.PathLike, weights: dict[str, QuantizedWeight |
         if k in tensors:
             raise ValueError(f"tensor name {k!r} collides with a quantized weight")
         tensors[k] = t.detach().cpu().contiguous()
+    clash = set(extra_metadata or {}) & set(meta)
+    if clash:
+        raise ValueError(f"lorakern: metadata keys {sorted(clash)} are the format's own")
     meta.update(extra_metadata or {})
     save_file(tensors, str(path), metadata=meta)
 

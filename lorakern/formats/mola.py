@@ -128,7 +128,8 @@ class MoLAConfig:
 
 @dataclass
 class MoLALayer:
-    """One adapted projection ``[N, K]``: ``router`` fp32 ``[E, K]`` (a bias-free Linear(K, E)) and E experts
+    """One adapted projection ``[N, K]``: ``router`` ``[E, K]`` (a bias-free Linear(K, E); floating, served in
+    fp32) and E experts
     (:class:`LoraLayer` with ``A [r_e, K]``, ``B [N, r_e]``, ``scale``; or :class:`CompressedLoRA`)."""
 
     router: torch.Tensor
@@ -154,6 +155,10 @@ class MoLALayer:
         r = self.router
         if not isinstance(r, torch.Tensor) or not r.dtype.is_floating_point or r.dim() != 2:
             raise TypeError(f"lorakern: {where}: the router must be a 2-D floating tensor [E, K]")
+        for i, e in enumerate(self.experts):
+            if isinstance(e, LoraLayer) and (not isinstance(e.A, torch.Tensor) or not isinstance(e.B, torch.Tensor)
+                                             or e.A.dim() != 2 or e.B.dim() != 2):
+                raise ValueError(f"lorakern: {where}: expert {i}'s A and B must be 2-D tensors")
         N, K = self.shape
         if tuple(r.shape) != (len(self.experts), K):
             raise ValueError(f"lorakern: {where}: router {tuple(r.shape)} does not match {len(self.experts)} experts "

@@ -33,15 +33,23 @@ def route_top_k(x: torch.Tensor, router: torch.Tensor, k: int, return_probs: boo
     Returns:
         ``(ids int64 [T, k], weights [T, k])``, plus the full ``probs [T, E]`` with ``return_probs``
         (for a load-balancing loss); differentiable in ``x`` and ``router`` through the weights.
-        Ties go to the lower expert index (a stable sort, on every device).
+        Experts are ranked by their logits, exact ties to the lower index (a stable sort, on every device and in
+        ``lk_route_top_k``). Non-finite logits are refused on the eager CPU path only (elsewhere a check would
+        synchronise the device): there they give NaN weights, as torch's own softmax does.
     """
     E = router.shape[0]
+    if x.dim() != 2 or router.dim() != 2 or x.shape[1] != router.shape[1]:
+        raise ValueError(f"lorakern: route_top_k takes x [T, K] and router [E, K], got {tuple(x.shape)} and "
+                         f"{tuple(router.shape)}")
     if not 1 <= k <= E:
         raise ValueError(f"lorakern: top_k={k} must be in [1, {E}] (the layer's experts)")
     dt = torch.promote_types(torch.promote_types(x.dtype, router.dtype), torch.float32)  # fp32, or fp64 if given
-    probs = torch.softmax(x.to(dt) @ router.to(dt).t(), dim=-1)
-    top, ids = torch.sort(probs, dim=-1, descending=True, stable=True)  # (topk's tie order is unspecified)
-    top, ids = top[:, :k], ids[:, :k]
+    logits = x.to(dt) @ router.to(dt).t()
+    probs = torch.softmax(logits, dim=-1)
+    # rank by the logits (as lk_route_top_k does), not the probabilities: exp() can round two different logits to
+    # one probability; a stable sort sends exact ties to the lower expert (topk's tie order is unspecified)
+    ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    top = probs.gather(-1, ids)
     w = top / top.sum(-1, keepdim=True)
     return (ids, w, probs) if return_probs else (ids, w)
 
@@ -52,7 +60,7 @@ def mixture_batch(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) ->
     only (no ``.item()``, no host copy: the same on CPU, CUDA and under torch.compile). The caller
     guarantees the ids' range (the router's top-k does)."""
     T, k = ids.shape
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     tokens = torch.div(order, k, rounding_mode="floor")
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
@@ -93,7 +101,8 @@ class MoLALinear(nn.Module):
         top_k: experts per token (capped at the layer's expert count).
         dtype: storage dtype of dense experts in the bank (fp16 by default; compressed experts keep their codes).
 
-    ``forward(x [..., K]) -> [..., N]`` in x's dtype; the router runs in fp32.
+    ``forward(x [..., K]) -> [..., N]`` in the base's output dtype; the router runs in fp32 (its buffer stays
+    usable after ``.half()``). Moving the model does not move the expert bank: detach, move, attach.
 
     Raises:
         ValueError: the layer does not fit ``base`` or is malformed.
@@ -132,9 +141,13 @@ class MoLALinear(nn.Module):
     def route(self, x2: torch.Tensor) -> LoRABatch:
         """The :class:`LoRABatch` of the router's top-k choice for ``x2 [T, K]``: one C++ call on eager CPU
         (``lk_route_top_k``), torch ops elsewhere (any device, torch.compile; the same entries)."""
+        if self.bank.device.type != x2.device.type or self.router.device.type != x2.device.type:
+            raise RuntimeError(f"lorakern: MoLA experts are on {self.bank.device}, router on {self.router.device}, "
+                               f"activations on {x2.device}: detach the MoLA adapter, move the model, attach it again")
         if eager_cpu(x2) and self.bank.device.type == "cpu":
             T = x2.shape[0]
-            logits = torch.mm(x2 if x2.dtype == torch.float32 else x2.float(), self.router.t())
+            router = self.router if self.router.dtype == torch.float32 else self.router.float()  # (after .half())
+            logits = torch.mm(x2 if x2.dtype == torch.float32 else x2.float(), router.t())
             seg, tok, w = eager_helper("route_top_k")(logits, self.top_k)
             return LoRABatch(T, tok, w, seg, T, self._ids, mixture=self.top_k > 1)
         ids, w = route_top_k(x2, self.router, self.top_k)

@@ -274,7 +274,7 @@ def route_top_k_cpu(logits: torch.Tensor, k: int):
         native().route_top_k(logits.data_ptr(), T, E, k, segments.data_ptr(), tokens.data_ptr(), weights.data_ptr())
     except RuntimeError as e:
         if "invalid argument" in str(e):
-            raise ValueError("lorakern: router logits contain NaN or Inf") from None
+            raise ValueError("lorakern: router logits contain NaN or Inf (or more than 2^20 experts)") from None
         raise
     return segments, tokens, weights
 

@@ -34,7 +34,9 @@ class MoLATrainConfig(TrainConfig):
     """:class:`TrainConfig` plus MoLA's fields: ``allocation`` (a name of
     :data:`~lorakern.formats.mola.ALLOCATIONS`, ``"a-b-c-d"``, group counts or per-layer counts; see
     :func:`~lorakern.formats.mola.allocate_experts`), ``top_k`` and ``aux_loss_coef`` (0 disables the
-    load-balancing loss). ``rank`` and ``alpha`` are every expert's."""
+    load-balancing loss). ``rank`` and ``alpha`` are every expert's. With ``top_k = 1`` (or a layer of one
+    expert) the renormalised weight is always 1, so the task loss gives the router no gradient: it then learns
+    only through the load-balancing term."""
 
     allocation: object = "2-4-6-8"
     top_k: int = 2
@@ -78,10 +80,13 @@ class TrainableMoLA(nn.Module):
         dense = torch.zeros(x2.shape[0], self.E, dtype=w.dtype, device=x.device).scatter(1, ids, w)
         cols = dense.repeat_interleave(self.r, dim=1) * self.scale  # each expert's rank columns, its weight
         delta = ((x2.to(self.A.dtype) @ self.A.t()) * cols.to(self.A.dtype)) @ self.B.t()
-        if self.training:
-            frac = torch.zeros(self.E, device=x.device).index_add_(
-                0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device)) / ids.numel()
-            self.aux = self.E * (frac * probs.mean(0)).sum()
+        if self.training:  # every position of the batch counts (padding and prompt tokens too)
+            if ids.numel():
+                frac = torch.zeros(self.E, device=x.device).index_add_(
+                    0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device)) / ids.numel()
+                self.aux = self.E * (frac * probs.mean(0)).sum()
+            else:
+                self.aux = self.router.sum() * 0
         return y + delta.view(*y.shape).to(y.dtype)
 
     def to_layer(self) -> MoLALayer:
