@@ -8,6 +8,7 @@ Every impl adds the adapter part to a given base output (the base matmul is the 
 * ``mola``: what :class:`lorakern.nn.MoLALinear` runs on the CPU (``add_experts``): the router's fp32
   matmul, one C++ call for softmax / stable top-2 / renormalisation / grouping by expert
   (``lk_route_top_k``), one ``multi_lora`` call over the layer's fp16 expert bank (the C++ kernel).
+* ``mola_loraquant``: the same with LoRAQuant-compressed experts (rho 0.9, 2-bit high part; int8 activations).
 * ``expert_loop``: the same router, then MoLA's reference code: a Python loop over experts, each adding
   ``w * s * (x[rows] A^T) B^T`` to the tokens that chose it (torch fp32, its fast CPU dtype).
 * ``single_lora``: one rank-8 LoRA for every token through the same kernel (fp16 bank, no router).
@@ -36,6 +37,7 @@ from common import Case, copies_for, machine_info, run_interleaved, summary, wri
 from lorakern.formats.lora import LoraLayer
 from lorakern.formats.mola import MoLALayer
 from lorakern.multilora import LayerBank, LoRABatch
+from lorakern.quant import compress_lora
 from lorakern.nn import MoLALinear
 from lorakern.nn.mola_linear import mola_expert_loop
 
@@ -85,6 +87,17 @@ def layer_cell(N, K, T, gen, min_total, rounds):
     shared = torch.nn.Linear(K, N, bias=False)  # (not called: the base output is given)
     objs = copies(lambda: MoLALinear(shared, layer, TOP_K), mola_bytes)
     add("mola", run_mola, objs, mola_bytes, rel_err(run_mola(objs[0]), want16))
+
+    # mola_loraquant: the same with LoRAQuant-compressed experts (rho 0.9, 2-bit high part)
+    from lorakern.formats.lora import lora_group_size
+    cl = MoLALayer(layer.router, [compress_lora(e.B, e.A, rho=0.9, bits_high=2, scale=e.scale,
+                                                group_size=min(lora_group_size(N), lora_group_size(K)))
+                                  for e in layer.experts])
+    deq = MoLALayer(layer.router, [LoraLayer(*(lambda f: (f[1], f[0]))(c.factors()), c.scale) for c in cl.experts])
+    want_q = mola_expert_loop(x, base, deq, TOP_K)
+    q_bytes = int(sum(e.bits_per_param() * e.rank * (N + K) for e in cl.experts) // 8) + E * K * 4
+    objs = copies(lambda: MoLALinear(shared, cl, TOP_K), q_bytes)
+    add("mola_loraquant", run_mola, objs, q_bytes, rel_err(run_mola(objs[0]), want_q))
 
     # expert_loop: MoLA's reference code (fp32)
     loop_bytes = E * R * (N + K) * 4 + E * K * 4
@@ -165,13 +178,14 @@ def markdown(payload) -> str:
     out = [f"# MoLA speed\n\nMachine: {m['cpu']}, {m['threads']} threads, lorakern ISA {m['lorakern_isa']}, "
            f"torch {m['torch']}, {m['date']}. E = {E} experts of rank {R}, top-{TOP_K}; adapter part only "
            "(base output given). Medians (ms) over interleaved rounds.\n",
-           "| N x K | T | mola | expert_loop | single_lora | single_lora_torch | mola / single_lora | loop / mola |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| N x K | T | mola | mola_loraquant | expert_loop | single_lora | single_lora_torch | mola / single_lora | "
+           "loop / mola |", "|---|---|---|---|---|---|---|---|---|"]
     cells = {}
     for r in payload["rows"]:
         cells.setdefault((r["N"], r["K"], r["T"]), {})[r["impl"]] = r["median_ms"]
     for (N, K, T), c in cells.items():
-        out.append(f"| {N} x {K} | {T} | {c['mola']:.3f} | {c['expert_loop']:.3f} | {c['single_lora']:.3f} | "
+        out.append(f"| {N} x {K} | {T} | {c['mola']:.3f} | {c['mola_loraquant']:.3f} | {c['expert_loop']:.3f} | "
+                   f"{c['single_lora']:.3f} | "
                    f"{c['single_lora_torch']:.3f} | {c['mola'] / c['single_lora']:.2f} | "
                    f"{c['expert_loop'] / c['mola']:.1f} |")
     if payload.get("model_rows"):
@@ -196,7 +210,7 @@ def main(argv=None):
     for N, K in ((576, 576), (4096, 4096)):
         for T in ((1, 64) if a.quick else (1, 16, 64)):
             rows += layer_cell(N, K, T, gen, min_total, rounds)
-            c = {r["impl"]: r["median_ms"] for r in rows[-4:]}
+            c = {r["impl"]: r["median_ms"] for r in rows[-5:]}
             print(f"{N}x{K} T={T}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in c.items()), flush=True)
     payload = {"machine": machine_info(), "rows": rows,
                "model_rows": [] if a.no_model else model_rows(16 if a.quick else 64, 2 if a.quick else 3)}
