@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 
 import torch
@@ -134,7 +135,7 @@ def layer_cell(N, K, T, gen, min_total, rounds):
     return rows
 
 
-def model_rows(new_tokens, repeats):
+def model_rows(new_tokens, repeats, rounds=3):
     """SmolLM2 RTN-4: MoLA 2-4-6-8 (random rank-8 experts) against one plain rank-8 LoRA, batch-1 decode."""
     from lorakern.adapters import attach_adapter, attach_mola, detach_adapter, detach_mola
     from lorakern.apps.evaluation import decode_speed
@@ -157,7 +158,7 @@ def model_rows(new_tokens, repeats):
     ids = tok("The history of the city of Rome begins with a small settlement on the banks of the river Tiber, "
               "where shepherds", return_tensors="pt").input_ids[:, :32]
     rows = []
-    for label in ("none", "lora_r8", "mola_2-4-6-8", "lora_r8", "mola_2-4-6-8"):  # twice, interleaved
+    for label in ("none", "lora_r8", "mola_2-4-6-8") * rounds:  # interleaved rounds (the machine drifts)
         if label == "lora_r8":
             old = attach_adapter(model, plain, dtype=torch.float16)
         elif label.startswith("mola"):
@@ -168,6 +169,7 @@ def model_rows(new_tokens, repeats):
         elif label.startswith("mola"):
             detach_mola(model, old)
         rows.append({"model": "SmolLM2-135M RTN-4 g32", "adapter": label, "batch": 1, "prompt_tokens": ids.shape[1],
+                     "round": len(rows) // 3,
                      "new_tokens": new_tokens, "tokens_per_s": s.tokens_per_s, "ttft_ms": s.ttft_ms})
         print(f"model {label}: {s.tokens_per_s:.1f} tok/s", flush=True)
     return rows
@@ -189,10 +191,17 @@ def markdown(payload) -> str:
                    f"{c['single_lora_torch']:.3f} | {c['mola'] / c['single_lora']:.2f} | "
                    f"{c['expert_loop'] / c['mola']:.1f} |")
     if payload.get("model_rows"):
-        out += ["", "Whole model, batch-1 greedy decode through `generate` (eager), tokens/s (each config run twice, "
-                "interleaved):", "", "| adapter | tokens/s |", "|---|---|"]
+        by = {}
         for r in payload["model_rows"]:
-            out.append(f"| {r['adapter']} | {r['tokens_per_s']:.1f} |")
+            by.setdefault(r["adapter"], []).append(r["tokens_per_s"])
+        out += ["", "Whole model (SmolLM2-135M, RTN 4-bit g32 base; random rank-8 experts on all seven projections), "
+                "batch-1 greedy decode through `generate` (eager), tokens/s: median of interleaved rounds "
+                "(each round: none, LoRA, MoLA), and every round's figure:", "",
+                "| adapter | median tokens/s | rounds | vs none |", "|---|---|---|---|"]
+        none = statistics.median(by["none"])
+        for a, v in by.items():
+            out.append(f"| {a} | {statistics.median(v):.1f} | {', '.join(f'{t:.1f}' for t in v)} | "
+                       f"{statistics.median(v) / none:.2f} |")
     return "\n".join(out) + "\n"
 
 
