@@ -5,8 +5,9 @@
 (``benchmarks/gpu_check.sh`` sets the environment and runs it from the repository root.) It builds nothing:
 the CUDA path is Triton, compiled at first call; the C++ extension is not needed.
 
-1. ``tests/test_cuda.py`` under pytest with ``TRITON_INTERPRET=0`` (a subprocess writing JUnit XML): counts of
-   passed / failed / skipped tests and each failure's name and first line.
+1. ``tests/test_cuda.py`` under pytest with ``TRITON_INTERPRET=0`` (a subprocess writing JUnit XML; 8 workers
+   through pytest-xdist where it is installed, as on the device image): counts of passed / failed / skipped
+   tests and each failure's name and first line.
 2. Each op at decode and prefill sizes (M = 1, 16, 128) on 4096 x 4096 and 11008 x 4096 layers:
    ``quant_matmul`` (4-bit and 3-bit, group 128), ``gwq_matmul`` (4-bit + 1% fp16 outliers), ``lora_mixed``
    (a LoRAQuant adapter of rank 16 and 64 on 4096 x 4096), ``multi_lora`` (64 distinct fp16 rank-16 adapters
@@ -73,11 +74,23 @@ def parse_junit(path) -> dict:
     return {"passed": passed, "failed": failed, "skipped": skipped, "failures": failures}
 
 
-def run_tests(junit_path: Path, timeout: int = 420) -> dict:
+def pytest_command(junit_path: Path, workers: int | None = None, extra=()) -> list[str]:
+    """The pytest command line for the CUDA tests: JUnit output, and ``-n workers`` through pytest-xdist when it
+    is installed (each kernel variant compiles once per worker; in parallel the compiles fit the time budget)."""
+    import importlib.util
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
+           f"--junitxml={junit_path}", *extra]
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]
+    return cmd
+
+
+def run_tests(junit_path: Path, timeout: int = 420, extra=()) -> dict:
     """tests/test_cuda.py under pytest with TRITON_INTERPRET=0; the parsed report (a timeout counts as a failure)."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
-           f"--junitxml={junit_path}"]
+    cmd = pytest_command(junit_path, extra=extra)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -227,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--test-timeout", type=int, default=420, help="seconds for the CUDA tests (default 420)")
+    ap.add_argument("--pytest-args", nargs="*", default=[], help="more pytest arguments, e.g. -k quant_matmul")
     a = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "0")
     if os.environ["TRITON_INTERPRET"] == "1":
@@ -255,7 +269,7 @@ def main(argv=None) -> int:
     payload["measured_copy_GBps"] = 2 * buf.numel() * 4 / (ms * 1e-3) / 1e9
     del buf, dst
     if not a.skip_tests:
-        rep = run_tests(out.with_suffix(".junit.xml"), a.test_timeout)
+        rep = run_tests(out.with_suffix(".junit.xml"), a.test_timeout, a.pytest_args)
         payload.update(tests_passed=rep["passed"], tests_failed=rep["failed"], tests_skipped=rep["skipped"],
                        failures=rep["failures"], tests_seconds=rep.get("seconds"))
         print(f"CUDA tests: {rep['passed']} passed, {rep['failed']} failed, {rep['skipped']} skipped", flush=True)

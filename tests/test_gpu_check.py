@@ -82,3 +82,11 @@ def test_timing_code_runs_at_small_shapes_on_the_cpu(gc):
                    ("gwq_matmul", "lorakern_4bit_1pct"), ("lora", "torch_fp16"), ("lora_mixed", "lorakern_loraquant"),
                    ("multi_lora", "torch_gather_bmm"), ("multi_lora", "lorakern_fp16_bank")}
     assert len(rows) == len(calls) and all(r["bytes"] > 0 and r["roofline_ms"] > 0 for r in rows)
+
+
+def test_pytest_command(gc, tmp_path):
+    import importlib.util
+    cmd = gc.pytest_command(tmp_path / "r.xml", workers=8, extra=["-k", "quant"])
+    assert cmd[1:3] == ["-m", "pytest"] and f"--junitxml={tmp_path / 'r.xml'}" in cmd and cmd[-2:] != ["-n", "1"]
+    assert ("-n" in cmd) == (importlib.util.find_spec("xdist") is not None)
+    assert "-n" not in gc.pytest_command(tmp_path / "r.xml", workers=1)
