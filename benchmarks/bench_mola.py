@@ -18,7 +18,8 @@ Each impl rotates through copies of its weights (>= 256 MiB, --quick 64 MiB, <= 
 caches cannot serve them; interleaved rounds, medians and quartiles; every output checked against the fp64
 loop (``max_rel_err``). Then the whole SmolLM2-135M (RTN 4-bit base, batch 1, greedy, 32-token prompt,
 64 new tokens, eager generate): a random MoLA 2-4-6-8 adapter of rank-8 experts on all seven projections
-against one plain rank-8 LoRA on the same projections (``attach_adapter``, the fused single-adapter path).
+against one plain rank-8 LoRA on the same projections (``attach_adapter``: LoRALinear with its default fp32
+factors); the MoLA experts are fp16 in the bank (``attach_mola``'s default).
 
 Rows: ``{"impl", "N", "K", "T", "median_ms", "p25_ms", "p75_ms", "max_rel_err", ...}`` and model rows
 ``{"model", "adapter", "tokens_per_s", ...}``. Writes benchmarks/results/mola_speed.json
@@ -160,7 +161,7 @@ def model_rows(new_tokens, repeats, rounds=3):
     rows = []
     for label in ("none", "lora_r8", "mola_2-4-6-8") * rounds:  # interleaved rounds (the machine drifts)
         if label == "lora_r8":
-            old = attach_adapter(model, plain, dtype=torch.float16)
+            old = attach_adapter(model, plain)  # LoRALinear, its default fp32 factors (torch matmuls)
         elif label.startswith("mola"):
             old = attach_mola(model, mola, dtype=torch.float16)
         s = decode_speed(model, ids, new_tokens, repeats)
