@@ -88,27 +88,26 @@ def pytest_command(junit_path: Path, workers: int | None = None, extra=()) -> li
 
 
 def run_tests(junit_path: Path, timeout: int = 420, extra=()) -> dict:
-    """tests/test_cuda.py under pytest with TRITON_INTERPRET=0; the parsed report (a timeout counts as a failure)."""
+    """tests/test_cuda.py under pytest with TRITON_INTERPRET=0; the parsed report (a timeout, or a run that wrote
+    no report, counts as one more failure)."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = pytest_command(junit_path, extra=extra)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        tail = (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired as e:
-        tail = f"pytest timed out after {timeout} s"
-        out = parse_junit(junit_path) if junit_path.is_file() else {"passed": 0, "failed": 0, "skipped": 0,
-                                                                       "failures": []}
-        out["failed"] += 1
-        out["failures"].append({"test": "tests/test_cuda.py", "message": tail})
-        out["seconds"] = time.perf_counter() - t0
-        return out
-    if not junit_path.is_file():
-        return {"passed": 0, "failed": 1, "skipped": 0, "seconds": time.perf_counter() - t0,
-                "failures": [{"test": "tests/test_cuda.py", "message": tail[-300:]}]}
-    out = parse_junit(junit_path)
-    out["seconds"] = time.perf_counter() - t0
+        proc = subprocess.run(pytest_command(junit_path, extra=extra), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        tail, problem = (proc.stdout + proc.stderr)[-3000:], None
+    except subprocess.TimeoutExpired:
+        tail = problem = f"pytest timed out after {timeout} s"
     print(tail, flush=True)
+    if junit_path.is_file():
+        out = parse_junit(junit_path)
+    else:
+        out = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+        problem = problem or tail[-300:]
+    if problem:
+        out["failed"] += 1
+        out["failures"].append({"test": "tests/test_cuda.py", "message": problem})
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 from .formats import QuantizedWeight, SparseOutliers, pack_codes, unpack_codes
-from .formats.lora import CompressedLoRA
+from .formats.lora import CompressedLoRA, LoraLayer
+from .multilora import AdapterBank
 from .ops.reference import dequantize, lora_delta, multi_lora_fp64, multi_lora_slices_fp64, outliers_dense
 from .ops.schemas import check_gwq_matmul, check_lora_mixed, check_multi_lora, check_quant_matmul, \
     check_quant_matmul_lora
 
 __all__ = ["char_tokenizer", "save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
-           "interpreter_bf16_dot_xfail", "lora_mixed_int8_act", "multi_lora_int8_act", "multi_lora_slices_int8_act",
+           "interpreter_bf16_dot_xfail", "outlier_terms", "random_bank", "lora_mixed_int8_act", "multi_lora_int8_act", "multi_lora_slices_int8_act",
            "quant_matmul_int8_act", "quant_matmul_lora_int8_act", "quantize_activations_int8", "random_compressed",
            "random_outliers", "random_qweight", "terms_bound"]
 
@@ -166,6 +167,29 @@ def random_compressed(N, K, r, h, bits_hi, ga, gb, gen, scale=1.5) -> Compressed
                  a_lo=random_qweight(r - h, K, 1, ga, gen) if h < r else None,
                  b_lo=random_qweight(r - h, N, 1, gb, gen) if h < r else None)
     return CompressedLoRA(**parts, shape=(N, K), rank=r, h=h, scale=scale)
+
+
+def random_bank(gen, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdccd", dtype=torch.float16, N=192, K=320, ga=64, gb=64):
+    """An :class:`~lorakern.multilora.AdapterBank` with one layer ``"l"`` ``[N, K]`` and adapters ``a0, a1, ...`` of
+    mixed ranks, dense (``'d'``, stored in ``dtype``) and compressed (``'c'``: 2, 3, then 4 high bits), scale 0.5 + i.
+    The defaults are multiples of the compressed groups (64) with N not a multiple of the 128-column tile."""
+    bank = AdapterBank({"l": (N, K)}, dtype=dtype)
+    nc = 0
+    for i, (r, kind) in enumerate(zip(ranks, kinds)):
+        if kind == "c":
+            layer = random_compressed(N, K, r, r // 2, (2, 3, 4)[nc % 3], ga, gb, gen, scale=0.5 + i)
+            nc += 1
+        else:
+            layer = LoraLayer(torch.randn(r, K, generator=gen) * 0.2, torch.randn(N, r, generator=gen) * 0.2, 0.5 + i)
+        bank.add(f"a{i}", {"l": layer})
+    return bank
+
+
+def outlier_terms(x, o: SparseOutliers):
+    """``|x| @ |S|^T`` and the longest row of the outliers S: bounds the fp32 rounding of the sparse sums."""
+    S = o.to_dense().abs()
+    longest = int((o.row_ptr[1:] - o.row_ptr[:-1]).max()) if o.shape[0] else 0
+    return x.reshape(-1, o.shape[1]).float().abs() @ S.t(), longest
 
 
 def terms_bound(x, w, bias):

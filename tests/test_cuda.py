@@ -17,8 +17,8 @@ import torch
 from lorakern.formats.lora import LoraLayer
 from lorakern.multilora import AdapterBank
 from lorakern.ops import reference as ref
-from lorakern.testing import (DOT_EPS, EPS, OUTLIER_PATTERNS, fp_bound, random_compressed, random_outliers,
-                              random_qweight, tiny_llama)
+from lorakern.testing import (DOT_EPS, EPS, OUTLIER_PATTERNS, fp_bound, outlier_terms, random_bank, random_compressed,
+                              random_outliers, random_qweight, tiny_llama)
 
 HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 EMULATE = not HAS_CUDA and os.environ.get("LORAKERN_CUDA_TESTS_EMULATE") == "1"
@@ -85,12 +85,6 @@ def test_quant_matmul(bits, G, dtype, rng):
         assert ((y.cpu().float() - want).abs() <= tol).all(), (M, N, K)
 
 
-def _outlier_terms(x, o):
-    S = o.to_dense().abs()
-    longest = int((o.row_ptr[1:] - o.row_ptr[:-1]).max()) if o.shape[0] else 0
-    return x.reshape(-1, o.shape[1]).float().abs() @ S.t(), longest
-
-
 @pytest.mark.parametrize("pattern", OUTLIER_PATTERNS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gwq_matmul(pattern, dtype, rng):
@@ -103,7 +97,7 @@ def test_gwq_matmul(pattern, dtype, rng):
         y = op("gwq_matmul", dev(x), *dev(w.qweight, w.scales, w.zeros), bits, G,
                *dev(o.row_ptr, o.col_idx, o.values), dev(bias))
         want = ref.gwq_matmul(x, w.qweight, w.scales, w.zeros, bits, G, o.row_ptr, o.col_idx, o.values, bias).float()
-        st, longest = _outlier_terms(x, o)
+        st, longest = outlier_terms(x, o)
         tol = (fp_bound(x, w, 2 * DOT_EPS[dtype]) + (longest + 2) * 2.0**-23 * st + DOT_EPS[dtype] * want.abs() + 1e-5)
         assert ((y.cpu().float() - want).abs() <= tol).all()
 
@@ -151,19 +145,6 @@ def test_lora_mixed_and_quant_matmul_lora(bits_hi, dtype, rng):
 N_B, K_B = 192, 320
 
 
-def make_bank(rng, dtype=torch.float16, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdccd"):
-    bank = AdapterBank({"l": (N_B, K_B)}, dtype=dtype)
-    nc = 0
-    for i, (r, kind) in enumerate(zip(ranks, kinds)):
-        if kind == "c":
-            layer = random_compressed(N_B, K_B, r, r // 2, (2, 3, 4)[nc % 3], 64, 64, rng, scale=0.5 + i)
-            nc += 1
-        else:
-            layer = LoraLayer(torch.randn(r, K_B, generator=rng) * 0.2, torch.randn(N_B, r, generator=rng) * 0.2, 0.5 + i)
-        bank.add(f"a{i}", {"l": layer})
-    return bank
-
-
 def bank_args(lb):
     slabs, table, scales, ga, gb = lb.op_args()
     return dev_list(slabs), dev(table), dev(scales), ga, gb
@@ -183,7 +164,7 @@ def bank_tolerance(x, lb, b, model, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mapping", ["one", "distinct", "random", "mixture"])
 def test_multi_lora_shrink_expand(bank_dtype, dtype, mapping, rng):
-    bank = make_bank(rng, dtype=bank_dtype)
+    bank = random_bank(rng, dtype=bank_dtype)
     lb = bank.layers["l"]
     for T in (1, 37, 130):
         if mapping == "one":
@@ -231,7 +212,7 @@ def test_multi_lora_slices(rng):
 
 def test_multi_lora_bad_tables_read_nothing_out_of_bounds(rng):
     """A removed slot or a hostile offset adds nothing on the GPU path (no out-of-bounds access)."""
-    bank = make_bank(rng)
+    bank = random_bank(rng)
     lb = bank.layers["l"]
     b = bank.batch(torch.tensor([1, 2, 3]))
     bank.remove("a2")

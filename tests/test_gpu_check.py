@@ -90,3 +90,13 @@ def test_pytest_command(gc, tmp_path):
     assert cmd[1:3] == ["-m", "pytest"] and f"--junitxml={tmp_path / 'r.xml'}" in cmd and cmd[-2:] != ["-n", "1"]
     assert ("-n" in cmd) == (importlib.util.find_spec("xdist") is not None)
     assert "-n" not in gc.pytest_command(tmp_path / "r.xml", workers=1)
+
+
+def test_a_run_without_a_report_counts_as_a_failure(gc, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setattr(gc, "pytest_command", lambda junit, extra=(): [sys.executable, "-c", "print('boom')"])
+    r = gc.run_tests(tmp_path / "none.xml", timeout=60)
+    assert r["failed"] == 1 and r["passed"] == 0 and "boom" in r["failures"][0]["message"]
+    monkeypatch.setattr(gc, "pytest_command", lambda junit, extra=(): [sys.executable, "-c", "import time; time.sleep(5)"])
+    r = gc.run_tests(tmp_path / "none.xml", timeout=1)
+    assert r["failed"] == 1 and "timed out" in r["failures"][0]["message"]

@@ -10,17 +10,10 @@ from lorakern.ops import reference as ref
 from lorakern import testing as oracle
 from lorakern.triton.gwq_matmul import gwq_matmul_triton
 
-from lorakern.testing import OUTLIER_PATTERNS, fp_bound, int8_act_bound, random_outliers, random_qweight
+from lorakern.testing import OUTLIER_PATTERNS, fp_bound, int8_act_bound, outlier_terms, random_outliers, random_qweight
 from lorakern.testing import EPS, terms_bound
 from lorakern.testing import DOT_EPS, interpreter_bf16_dot_xfail
 INTERPRETER_BF16_DOT = interpreter_bf16_dot_xfail()
-
-
-def outlier_terms(x, o: SparseOutliers):
-    """|x| @ |S|^T and the longest row: bounds the fp32 rounding of the sparse sums."""
-    S = o.to_dense().abs()
-    longest = int((o.row_ptr[1:] - o.row_ptr[:-1]).max()) if o.shape[0] else 0
-    return x.reshape(-1, o.shape[1]).float().abs() @ S.t(), longest
 
 
 def check_gwq(x, w, o, bias, y):
@@ -65,7 +58,7 @@ def test_gwq_every_output_written(isa, M):
     x = torch.randn(M, K)
     y = torch.full((M, N), float("nan"))
     native().gwq_matmul(x.data_ptr(), 0, M, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), N, K, 4,
-                        G, o.row_ptr.data_ptr(), o.col_idx.data_ptr(), o.values.data_ptr(), o.nnz, 0, y.data_ptr(), 2)
+                        G, 0, o.row_ptr.data_ptr(), o.col_idx.data_ptr(), o.values.data_ptr(), o.nnz, y.data_ptr(), 2)
     check_gwq(x, w, o, None, y)
 
 

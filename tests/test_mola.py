@@ -298,6 +298,10 @@ def test_attach_checks_and_save_pretrained_refused(trained, tmp_path):
             attach_mola(model, ad)
         with pytest.raises(ValueError, match="adapters attached"):
             model.save_pretrained(tmp_path / "m")
+        from lorakern.adapters import attach_adapter
+        n = "model.layers.0.self_attn.q_proj"
+        with pytest.raises(ValueError, match="already carries an adapter"):  # no LoRA stacked on a MoLA layer
+            attach_adapter(model, {n: LoraLayer(torch.zeros(2, 64), torch.zeros(64, 2), 1.0)})
     finally:
         detach_mola(model, old)
     assert not any(isinstance(m, MoLALinear) for m in model.modules())

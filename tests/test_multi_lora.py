@@ -8,24 +8,10 @@ from lorakern.multilora import AdapterBank, LoRABatch
 from lorakern.ops import reference as ref
 from lorakern import testing as oracle
 
-from lorakern.testing import random_compressed
+from lorakern.testing import random_bank, random_compressed
 from lorakern.testing import EPS
 
 N, K = 192, 320  # multiples of the compressed groups (64), N not a multiple of the 128-column tile
-
-
-def make_bank(rng, ranks=(8, 16, 5, 64, 16, 1), kinds="dcdccd", dtype=torch.float16, N=N, K=K, ga=64, gb=64):
-    """A bank of adapters of mixed ranks, dense ('d') and compressed ('c': 2, 3, then 4 high bits)."""
-    bank = AdapterBank({"l": (N, K)}, dtype=dtype)
-    nc = 0
-    for i, (r, kind) in enumerate(zip(ranks, kinds)):
-        if kind == "c":
-            layer = random_compressed(N, K, r, r // 2, (2, 3, 4)[nc % 3], ga, gb, rng, scale=0.5 + i)
-            nc += 1
-        else:
-            layer = LoraLayer(torch.randn(r, K, generator=rng) * 0.2, torch.randn(N, r, generator=rng) * 0.2, 0.5 + i)
-        bank.add(f"a{i}", {"l": layer})
-    return bank
 
 
 def mapping(kind, T, n, rng):
@@ -68,7 +54,7 @@ def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
     """groups 64: N = 192 (a ragged last column tile); 128: N = 384, K = 256, where every compressed width
     (2, 3, 4 bits and the 1-bit planes) is expanded straight from its codes for one or two entries."""
     n_, k_ = (N, K) if groups == 64 else (384, 256)
-    bank = make_bank(rng, dtype=dtype if dtype != torch.float32 else torch.float16, N=n_, K=k_, ga=groups, gb=groups)
+    bank = random_bank(rng, dtype=dtype if dtype != torch.float32 else torch.float16, N=n_, K=k_, ga=groups, gb=groups)
     lb = bank.layers["l"]
     for T in (1, 7, 37):
         b = bank.batch(mapping(kind, T, 6, rng))
@@ -86,7 +72,7 @@ def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_mixtures_match_reference(isa, k, rng):
-    bank = make_bank(rng, dtype=torch.bfloat16)
+    bank = random_bank(rng, dtype=torch.bfloat16)
     lb = bank.layers["l"]
     T = 29
     ids = torch.randint(-1, 6, (T, k), generator=rng)
@@ -108,7 +94,7 @@ def test_mixtures_match_reference(isa, k, rng):
 
 def test_dense_fp32_bank_matches_fp64(isa, rng):
     """Dense adapters never see int8 activations: the kernel is the exact product up to fp32 rounding."""
-    bank = make_bank(rng, kinds="dddddd", dtype=torch.float32)
+    bank = random_bank(rng, kinds="dddddd", dtype=torch.float32)
     lb = bank.layers["l"]
     for ids in (mapping("random", 41, 6, rng), torch.zeros(70, dtype=torch.int64)):  # 70 tokens: split entries
         check_dense_exact(lb, bank.batch(ids), rng)
@@ -143,7 +129,7 @@ def test_ragged_shapes(isa, rng):
 
 
 def test_bank_add_remove_reuses_rows_and_keeps_others(rng):
-    bank = make_bank(rng)
+    bank = random_bank(rng)
     lb = bank.layers["l"]
     x, base = torch.randn(6, K, generator=rng), torch.randn(6, N, generator=rng)
     keep = bank.batch(["a0", "a1", "a3", "a4", "a5", "__base__"])
@@ -190,7 +176,7 @@ def test_batch_metadata(rng):
 
 
 def test_bad_batches_are_refused(rng):
-    bank = make_bank(rng)
+    bank = random_bank(rng)
     lb = bank.layers["l"]
     with pytest.raises(IndexError, match="out of range"):
         bank.batch(torch.tensor([0, 6]))
@@ -244,7 +230,7 @@ def test_bad_batches_are_refused(rng):
 
 
 def test_opcheck_multi_lora(rng):
-    bank = make_bank(rng)
+    bank = random_bank(rng)
     lb = bank.layers["l"]
     b = bank.batch(mapping("random", 5, 6, rng))
     x, base = torch.randn(5, K, generator=rng), torch.randn(5, N, generator=rng)
@@ -274,7 +260,7 @@ def triton_tolerance(x, lb, b, model, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
                                    pytest.param(torch.bfloat16, marks=INTERPRETER_BF16_DOT)])
 def test_multi_lora_triton_matches_reference(kind, dtype, rng):
-    bank = make_bank(rng, dtype=torch.float16)
+    bank = random_bank(rng, dtype=torch.float16)
     lb = bank.layers["l"]
     for T in (1, 37):
         b = bank.batch(mapping(kind, T, 6, rng))
@@ -295,7 +281,7 @@ def test_multi_lora_triton_matches_reference(kind, dtype, rng):
 
 
 def test_multi_lora_triton_mixtures_and_split_k(rng):
-    bank = make_bank(rng, dtype=torch.bfloat16, N=128, K=2048)  # K >= 2048 and few tokens: split-K
+    bank = random_bank(rng, dtype=torch.bfloat16, N=128, K=2048)  # K >= 2048 and few tokens: split-K
     lb = bank.layers["l"]
     x, base = torch.randn(5, 2048, generator=rng), torch.randn(5, 128, generator=rng)
     ids = torch.randint(-1, 6, (5, 3), generator=rng)
@@ -322,7 +308,7 @@ def test_multi_lora_triton_ragged_dense(rng):
 
 def test_multi_lora_triton_is_memory_safe_on_bad_tables(rng):
     """A removed slot or a hostile offset adds nothing on the GPU path (no out-of-bounds access)."""
-    bank = make_bank(rng, dtype=torch.float16)
+    bank = random_bank(rng, dtype=torch.float16)
     lb = bank.layers["l"]
     b = bank.batch(torch.tensor([1, 2, 3]))
     bank.remove("a2")
@@ -411,7 +397,7 @@ def test_slices_triton(rng):
 def test_bank_copy_owns_its_memory(rng):
     """A deep copy must not keep the original's cached slab pointers (LayerBank.apply's fast path)."""
     import copy
-    bank = make_bank(rng)
+    bank = random_bank(rng)
     lb = bank.layers["l"]
     b = bank.batch(torch.tensor([0, 1, 3]))
     x, base = torch.randn(3, K, generator=rng), torch.randn(3, N, generator=rng)

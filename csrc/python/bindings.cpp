@@ -138,8 +138,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gwq_matmul",
       [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-         int64_t N, int64_t K, int bits, int group_size, uintptr_t row_ptr, uintptr_t col_idx,
-         uintptr_t values, int64_t nnz, uintptr_t bias, uintptr_t y, int num_threads) {
+         int64_t N, int64_t K, int bits, int group_size, uintptr_t bias, uintptr_t row_ptr, uintptr_t col_idx,
+         uintptr_t values, int64_t nnz, uintptr_t y, int num_threads) {
         const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
         const lk_outliers o{reinterpret_cast<const int32_t*>(row_ptr),
                             reinterpret_cast<const uint16_t*>(col_idx),
@@ -154,8 +154,8 @@ PYBIND11_MODULE(_C, m) {
         check(s, "lk_gwq_matmul");
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"),
-      py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"),
-      py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("nnz"), py::arg("bias"),
+      py::arg("zeros"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"),
+      py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("nnz"),
       py::arg("y"), py::arg("num_threads") = 0);
   m.def(
       "dequantize",

@@ -10,6 +10,7 @@ from ..formats.linear_like import linear_shape
 from ..models.checkpoint import install_save_pretrained
 from ..models.decode import forget_compiled_call
 from ..multilora.bank import AdapterBank
+from ..nn import ADAPTER_MODULES
 from ..nn.lora_linear import LoRALinear
 from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
 from ..nn.swap import replace_module
@@ -47,6 +48,24 @@ def _layers(adapter, model=None) -> dict:
     raise TypeError(f"expected a LoraAdapter or a dict of module name -> layer, got {type(adapter).__name__}")
 
 
+def adapter_target(model: nn.Module, name: str, what: str = "the adapter") -> nn.Module:
+    """The module ``name`` of ``model`` an adapter (LoRA, a bank, MoLA) is to wrap.
+
+    Raises:
+        ValueError: the model has no such module, it already carries an adapter (:data:`~lorakern.nn.ADAPTER_MODULES`),
+            or it is not linear (``nn.Linear``, transformers' ``Conv1D``, lorakern's quantized layers).
+    """
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"lorakern: {what}: the model has no module {name!r} (an adapter for another model?)") from None
+    if isinstance(mod, ADAPTER_MODULES):
+        raise ValueError(f"lorakern: {what}: {name} already carries an adapter ({type(mod).__name__}); detach it first")
+    if linear_shape(mod) is None:
+        raise ValueError(f"lorakern: {what}: {name} is a {type(mod).__name__}, not a linear layer")
+    return mod
+
+
 def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Replace each adapted module of ``model`` by a :class:`LoRALinear` around it.
 
@@ -64,41 +83,42 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
     layers = _layers(adapter, model)
     targets = {}
     for name, layer in layers.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no module {name!r} (adapter for another model?)") from None
-        if isinstance(mod, LoRALinear):
-            raise ValueError(f"{name} already carries an adapter; detach it first")
-        if linear_shape(mod) is None:
-            raise ValueError(f"{name} is a {type(mod).__name__}, not a linear layer")
-        targets[name] = (mod, layer)
+        targets[name] = (adapter_target(model, name), layer)
     wrapped = {}
     for name, (mod, layer) in targets.items():
         wrapped[name] = LoRALinear(mod, layer, dtype=dtype)  # validates shapes before any swap
-    install_save_pretrained(model)  # refuses while adapters are attached
-    forget_compiled_call(model)  # its modules change
-    old = {}
-    for name, new in wrapped.items():
-        old[name] = replace_module(model, name, new)
-    return old
+    return swap_in(model, wrapped)
+
+
+def swap_in(model: nn.Module, wrapped: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put adapter-carrying modules (built and checked by the caller) in place; returns the modules they
+    replace, for :func:`detach_adapter`. The model's ``save_pretrained`` then refuses while they are attached,
+    and transformers' cached compiled step is dropped (its modules change)."""
+    install_save_pretrained(model)
+    forget_compiled_call(model)
+    return {name: replace_module(model, name, new) for name, new in wrapped.items()}
 
 
 def detach_adapter(model: nn.Module, old: dict[str, nn.Module]) -> None:
-    """Undo :func:`attach_adapter` (``old`` is what it returned)."""
+    """Undo :func:`attach_adapter` (``old`` is what it returned; also what :func:`swap_in` returned)."""
     for name, mod in old.items():
         replace_module(model, name, mod)
     forget_compiled_call(model)
 
 
 @contextmanager
-def apply_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32):
-    """``with apply_adapter(model, adapter): ...`` runs the model with the adapter attached."""
-    old = attach_adapter(model, adapter, dtype)
+def attached(attach, model: nn.Module, adapter, dtype: torch.dtype):
+    """``attach(model, adapter, dtype)`` for the ``with`` block, :func:`detach_adapter` after it."""
+    old = attach(model, adapter, dtype)
     try:
         yield model
     finally:
         detach_adapter(model, old)
+
+
+def apply_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32):
+    """``with apply_adapter(model, adapter): ...`` runs the model with the adapter attached."""
+    return attached(attach_adapter, model, adapter, dtype)
 
 
 def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch.float16, device=None):
@@ -126,14 +146,7 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     shapes = {}
     for name, layers in loaded.items():
         for mname in layers:
-            try:
-                mod = model.get_submodule(mname)
-            except AttributeError:
-                raise ValueError(f"lorakern: adapter {name!r}: the model has no module {mname!r}") from None
-            if isinstance(mod, (LoRALinear, MultiLoRALinear)) or linear_shape(mod) is None:
-                raise ValueError(f"lorakern: adapter {name!r}: {mname} is a {type(mod).__name__}, not a plain "
-                                 "linear layer")
-            shapes[mname] = linear_shape(mod)
+            shapes[mname] = linear_shape(adapter_target(model, mname, f"adapter {name!r}"))
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     bank = ModelAdapterBank(model, dict(sorted(shapes.items())), dtype=dtype, device=device)
@@ -142,12 +155,8 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     for name, layers in loaded.items():
         bank.add(name, layers)
     ctx = MultiLoRAContext(bank)
-    install_save_pretrained(model)  # refuses while adapters are attached
-    forget_compiled_call(model)  # its modules change
-    old = {}
-    for mname, lb in bank.layers.items():
-        base = model.get_submodule(mname)
-        old[mname] = replace_module(model, mname, MultiLoRALinear(base, lb, ctx))
+    old = swap_in(model, {mname: MultiLoRALinear(model.get_submodule(mname), lb, ctx)
+                          for mname, lb in bank.layers.items()})
     fwd, gen = model.forward, getattr(model, "generate", None)
 
     def resolve(adapter_names, args, kwargs):

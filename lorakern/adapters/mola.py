@@ -17,22 +17,19 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..formats.io import FormatError, load_quantized, read_safetensors
 from ..formats.lora import CompressedLoRA, LoraLayer
 from ..formats.mola import MoLAAdapter, MoLAConfig, MoLALayer
-from ..models.checkpoint import install_save_pretrained
-from ..models.decode import forget_compiled_call
 from ..nn.mola_linear import MoLALinear
-from ..nn.swap import replace_module
 from ..quant.loraquant import compress_lora
-from .attach import detach_adapter
+from .attach import adapter_target, attached, detach_adapter, swap_in
 from .peft_io import compressed_layers, save_compressed_adapter
 
 __all__ = ["apply_mola", "attach_mola", "compress_mola_adapter", "detach_mola", "is_mola_adapter",
@@ -51,11 +48,11 @@ def is_mola_adapter(path) -> bool:
     if p.is_dir():
         return (p / CONFIG_FILE).is_file()
     if p.is_file() and p.suffix == ".safetensors":
-        try:
-            _, meta = read_safetensors(p)
-        except FormatError:
+        try:  # the header alone, no tensor read
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                return "mola_config" in (f.metadata() or {})
+        except Exception:  # safetensors raises SafetensorError / OSError on a damaged file: not a MoLA file
             return False
-        return "mola_config" in meta
     return False
 
 
@@ -129,24 +126,30 @@ def _load_dense(d: Path) -> MoLAAdapter:
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
         else:
             raise FormatError(f"{w_path}: unexpected tensor {name!r}")
+
+    def expert(mod, e, ab):
+        if set(ab) != {"A", "B"}:
+            raise FormatError(f"{w_path}: {mod} expert {e} lacks lora_A or lora_B")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or A.shape[0] < 1 or B.dim() != 2:
+            raise FormatError(f"{w_path}: {mod} expert {e}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                              "are not [r, K] / [N, r]")
+        return LoraLayer(A, B, cfg.alpha / A.shape[0])
+    return _validated(MoLAAdapter(cfg, _layers(routers, experts, w_path, expert), dict(meta)), d)
+
+
+def _layers(routers: dict, experts: dict, where, expert) -> dict:
+    """``{module: MoLALayer}`` from a file's routers and ``{module: {e: item}}`` experts (``expert(module, e, item)``
+    makes each one): every module has both, experts numbered 0..E-1. Raises FormatError."""
     if set(experts) != set(routers):
-        raise FormatError(f"{w_path}: modules with experts {sorted(set(experts) - set(routers))[:3]} lack a router, "
+        raise FormatError(f"{where}: modules with experts {sorted(set(experts) - set(routers))[:3]} lack a router, "
                           f"or routers {sorted(set(routers) - set(experts))[:3]} lack experts")
     layers = {}
     for mod, ex in experts.items():
         if sorted(ex) != list(range(len(ex))):
-            raise FormatError(f"{w_path}: {mod}: experts {sorted(ex)} are not numbered 0..{len(ex) - 1}")
-        lst = []
-        for e in range(len(ex)):
-            if set(ex[e]) != {"A", "B"}:
-                raise FormatError(f"{w_path}: {mod} expert {e} lacks lora_A or lora_B")
-            A, B = ex[e]["A"], ex[e]["B"]
-            if A.dim() != 2 or A.shape[0] < 1 or B.dim() != 2:
-                raise FormatError(f"{w_path}: {mod} expert {e}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
-                                  "are not [r, K] / [N, r]")
-            lst.append(LoraLayer(A, B, cfg.alpha / A.shape[0]))
-        layers[mod] = MoLALayer(routers[mod], lst)
-    return _validated(MoLAAdapter(cfg, layers, dict(meta)), d)
+            raise FormatError(f"{where}: {mod}: experts {sorted(ex)} are not numbered 0..{len(ex) - 1}")
+        layers[mod] = MoLALayer(routers[mod], [expert(mod, e, ex[e]) for e in range(len(ex))])
+    return layers
 
 
 def _load_compressed(path: Path) -> MoLAAdapter:
@@ -169,15 +172,8 @@ def _load_compressed(path: Path) -> MoLAAdapter:
         if not mod or not e.isdigit() or str(int(e)) != e:
             raise FormatError(f"{path}: layer {key!r} is not '<module>.experts.<e>'")
         experts.setdefault(mod, {})[int(e)] = c
-    if set(experts) != set(routers):
-        raise FormatError(f"{path}: routers and experts name different modules")
-    layers = {}
-    for mod, ex in experts.items():
-        if sorted(ex) != list(range(len(ex))):
-            raise FormatError(f"{path}: {mod}: experts {sorted(ex)} are not numbered 0..{len(ex) - 1}")
-        layers[mod] = MoLALayer(routers[mod], [ex[e] for e in range(len(ex))])
     keep = {k: v for k, v in meta.items() if k.startswith("lorakern_")}
-    return _validated(MoLAAdapter(cfg, layers, keep), path)
+    return _validated(MoLAAdapter(cfg, _layers(routers, experts, path, lambda mod, e, c: c), keep), path)
 
 
 def load_mola_adapter(path: str | os.PathLike) -> MoLAAdapter:
@@ -239,27 +235,15 @@ def attach_mola(model: nn.Module, adapter, dtype: torch.dtype = torch.float16) -
     adapter.validate()
     wrapped = {}
     for name, layer in adapter.layers.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"lorakern: the model has no module {name!r} (MoLA adapter for another model?)") from None
-        if isinstance(mod, MoLALinear):
-            raise ValueError(f"lorakern: {name} already carries a MoLA layer; detach it first")
-        wrapped[name] = MoLALinear(mod, layer, adapter.config.top_k, dtype=dtype)
-    install_save_pretrained(model)
-    forget_compiled_call(model)
-    return {name: replace_module(model, name, new) for name, new in wrapped.items()}
+        wrapped[name] = MoLALinear(adapter_target(model, name, "the MoLA adapter"), layer, adapter.config.top_k,
+                                   dtype=dtype)
+    return swap_in(model, wrapped)
 
 
 #: undo :func:`attach_mola` (``old`` is what it returned): the modules go back, as :func:`detach_adapter` does
 detach_mola = detach_adapter
 
 
-@contextmanager
 def apply_mola(model: nn.Module, adapter, dtype: torch.dtype = torch.float16):
     """``with apply_mola(model, adapter): ...`` runs the model with the MoLA adapter attached."""
-    old = attach_mola(model, adapter, dtype)
-    try:
-        yield model
-    finally:
-        detach_mola(model, old)
+    return attached(attach_mola, model, adapter, dtype)

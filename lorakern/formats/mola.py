@@ -155,9 +155,13 @@ class MoLALayer:
         r = self.router
         if not isinstance(r, torch.Tensor) or not r.dtype.is_floating_point or r.dim() != 2:
             raise TypeError(f"lorakern: {where}: the router must be a 2-D floating tensor [E, K]")
-        for i, e in enumerate(self.experts):
-            if isinstance(e, LoraLayer) and (not isinstance(e.A, torch.Tensor) or not isinstance(e.B, torch.Tensor)
-                                             or e.A.dim() != 2 or e.B.dim() != 2):
+        for i, e in enumerate(self.experts):  # the kinds first: `shape` reads expert 0
+            if isinstance(e, CompressedLoRA):
+                continue
+            if not isinstance(e, LoraLayer):
+                raise TypeError(f"lorakern: {where}: expert {i} is a {type(e).__name__}")
+            if not isinstance(e.A, torch.Tensor) or not isinstance(e.B, torch.Tensor) or e.A.dim() != 2 \
+                    or e.B.dim() != 2:
                 raise ValueError(f"lorakern: {where}: expert {i}'s A and B must be 2-D tensors")
         N, K = self.shape
         if tuple(r.shape) != (len(self.experts), K):
@@ -170,11 +174,8 @@ class MoLALayer:
                 if tuple(e.shape) != (N, K):
                     raise ValueError(f"lorakern: {where}: expert {i} is for {tuple(e.shape)}, expert 0 for {(N, K)}")
                 continue
-            if not isinstance(e, LoraLayer):
-                raise TypeError(f"lorakern: {where}: expert {i} is a {type(e).__name__}")
             A, B = e.A, e.B
-            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != K or B.shape[0] != N or A.shape[0] != B.shape[1] \
-                    or A.shape[0] < 1:
+            if A.shape[1] != K or B.shape[0] != N or A.shape[0] != B.shape[1] or A.shape[0] < 1:
                 raise ValueError(f"lorakern: {where}: expert {i} A {tuple(A.shape)} / B {tuple(B.shape)} does not "
                                  f"fit {(N, K)}")
             if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):

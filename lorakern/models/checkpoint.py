@@ -30,7 +30,7 @@ from ..formats.linear_like import is_conv1d, linear_shape
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
-from ..nn import GWQLinear, LoRALinear, MoLALinear, MultiLoRALinear, QuantEmbedding, QuantLinear, replace_module
+from ..nn import ADAPTER_MODULES, GWQLinear, QuantEmbedding, QuantLinear, replace_module
 from .smollm2 import load_smollm2
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
@@ -44,7 +44,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _refuse_if_adapters(model: nn.Module) -> None:
-    if any(isinstance(m, (LoRALinear, MultiLoRALinear, MoLALinear)) for m in model.modules()):
+    if any(isinstance(m, ADAPTER_MODULES) for m in model.modules()):
         raise ValueError("lorakern: the model has adapters attached; detach them first (detach_adapters / "
                          "detach_adapter / detach_mola) and save the model and the adapters apart "
                          "(save_peft_adapter, save_compressed_adapter, save_mola_adapter)")

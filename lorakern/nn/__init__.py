@@ -7,4 +7,7 @@ from .quant_embedding import QuantEmbedding
 from .quant_linear import QuantLinear
 from .swap import replace_module
 
-__all__ = ["GWQLinear", "LoRALinear", "MoLALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantEmbedding", "QuantLinear", "replace_module"]
+#: the modules that carry adapters around a linear layer (an adapter never wraps one of them again)
+ADAPTER_MODULES = (LoRALinear, MultiLoRALinear, MoLALinear)
+
+__all__ = ["ADAPTER_MODULES", "GWQLinear", "LoRALinear", "MoLALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantEmbedding", "QuantLinear", "replace_module"]

@@ -56,22 +56,16 @@ def _matmul_run(fn, extra, x, qweight, scales, zeros, bits, group_size, bias, N,
 @kernel("gwq_matmul", "cpu", eager=True)
 def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
     N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
-    x2, qweight, scales, zeros, b = _prepare(x, K, qweight, scales, zeros, bias)
     row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.contiguous()
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype)
-    if M and N:
-        try:
-            native().gwq_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, qweight.data_ptr(), scales.data_ptr(),
-                                zeros.data_ptr(), N, K, bits, group_size, row_ptr.data_ptr(), col_idx.data_ptr(),
-                                values.data_ptr(), values.shape[0], b.data_ptr() if b is not None else 0,
-                                y.data_ptr(), torch.get_num_threads())
-        except RuntimeError as e:
-            if "invalid argument" in str(e):
-                raise ValueError("lorakern: gwq_matmul: the outlier CSR is inconsistent (row_ptr must start at 0, "
-                                 "not decrease and end at nnz; every column must be < K)") from None
-            raise
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+    try:
+        return _matmul_run(native().gwq_matmul, (row_ptr.data_ptr(), col_idx.data_ptr(), values.data_ptr(),
+                                                 values.shape[0]), x, qweight, scales, zeros, bits, group_size, bias,
+                           N, K)
+    except RuntimeError as e:
+        if "invalid argument" in str(e):
+            raise ValueError("lorakern: gwq_matmul: the outlier CSR is inconsistent (row_ptr must start at 0, "
+                             "not decrease and end at nnz; every column must be < K)") from None
+        raise
 
 
 @kernel("dequantize", "cpu")

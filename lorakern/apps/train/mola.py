@@ -14,7 +14,6 @@ is added to the task loss.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +22,9 @@ from torch import nn
 from ...formats.lora import LoraLayer
 from ...formats.mola import MoLAAdapter, MoLAConfig, MoLALayer, allocate_experts, layer_index
 from ...nn.mola_linear import route_top_k
-from ...nn.swap import replace_module
-from .trainer import TrainConfig, answer_loss, encode_examples, frozen, mixture_examples, optimize
+from .trainer import TrainConfig, answer_loss, encode_examples, frozen, injected, mixture_examples, optimize
 
-__all__ = ["MoLATrainConfig", "TrainableMoLA", "train_mola_adapter"]
+__all__ = ["MoLATrainConfig", "TrainableMoLA", "mola_targets", "train_mola_adapter"]
 
 
 @dataclass
@@ -117,29 +115,21 @@ def _has_layer(name: str) -> bool:
         return False
 
 
-@contextmanager
-def mola_injected(model: nn.Module, cfg: MoLATrainConfig):
-    """Swap every target ``nn.Linear`` inside a decoder layer for a :class:`TrainableMoLA` with that layer's
-    expert count; restore the model on exit. Yields ``({name: module}, experts_per_layer)``."""
+def mola_targets(model: nn.Module, cfg: MoLATrainConfig) -> tuple[list[str], list[int]]:
+    """The target ``nn.Linear`` names inside the model's decoder layers and the experts of every layer.
+
+    Raises:
+        ValueError: no target inside a decoder layer, or a target in a layer the allocation does not cover."""
     counts = allocate_experts(cfg.allocation, _num_layers(model))
-    gen = torch.Generator().manual_seed(cfg.seed)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets
              and _has_layer(n)]
     if not names:
         raise ValueError(f"lorakern: no nn.Linear named {cfg.targets} inside the model's decoder layers")
-    swapped = {}
-    try:
-        for name in names:
-            li = layer_index(name)
-            if li >= len(counts):
-                raise ValueError(f"lorakern: {name} is in layer {li}, the allocation covers {len(counts)} layers")
-            base = model.get_submodule(name)
-            swapped[name] = replace_module(model, name, TrainableMoLA(base, counts[li], cfg.rank, cfg.alpha,
-                                                                      cfg.top_k, gen))
-        yield {n: model.get_submodule(n) for n in swapped}, counts
-    finally:
-        for name, base in swapped.items():
-            replace_module(model, name, base)
+    for name in names:
+        if layer_index(name) >= len(counts):
+            raise ValueError(f"lorakern: {name} is in layer {layer_index(name)}, the allocation covers "
+                             f"{len(counts)} layers")
+    return names, counts
 
 
 def train_mola_adapter(model, tokenizer, tasks, cfg: MoLATrainConfig | None = None, progress: bool = True,
@@ -160,7 +150,11 @@ def train_mola_adapter(model, tokenizer, tasks, cfg: MoLATrainConfig | None = No
     if not tasks:
         raise ValueError("train_mola_adapter needs at least one task")
     torch.manual_seed(cfg.seed)
-    with frozen(model), mola_injected(model, cfg) as (mods, counts):
+    names, counts = mola_targets(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    make = lambda name, base: TrainableMoLA(base, counts[layer_index(name)], cfg.rank, cfg.alpha,  # noqa: E731
+                                            cfg.top_k, gen)
+    with frozen(model), injected(model, names, make) as mods:
         params = [p for m in mods.values() for p in (m.router, m.A, m.B)]
 
         def loss_fn(step):

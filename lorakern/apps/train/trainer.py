@@ -21,7 +21,7 @@ from ...adapters.peft_io import LoraAdapter, LoraLayer
 from ...nn.swap import replace_module
 from .tasks import Task
 
-__all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_loss", "answer_nll", "encode_examples", "exact_match", "frozen", "mixture_examples",
+__all__ = ["DEFAULT_TARGETS", "TrainConfig", "answer_loss", "answer_nll", "encode_examples", "exact_match", "frozen", "injected", "mixture_examples",
            "optimize", "peft_config", "train_lm_adapter", "train_mixture_adapter", "train_task_adapter"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,18 +72,24 @@ def _target_names(model: nn.Module, targets) -> list[str]:
 
 
 @contextmanager
-def _lora_injected(model: nn.Module, cfg: TrainConfig):
-    """Swap the target Linears for trainable LoRA wrappers; restore them on exit."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def injected(model: nn.Module, names, make):
+    """Swap each module ``name`` of ``model`` for ``make(name, module)`` (a trainable wrapper around it) and
+    yield ``{name: wrapper}``; the original modules go back on exit, also when a ``make`` fails."""
     swapped = {}
-    for name in _target_names(model, cfg.targets):
-        base = model.get_submodule(name)
-        swapped[name] = replace_module(model, name, _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
     try:
+        for name in names:
+            swapped[name] = replace_module(model, name, make(name, model.get_submodule(name)))
         yield {n: model.get_submodule(n) for n in swapped}
     finally:
         for name, base in swapped.items():
             replace_module(model, name, base)
+
+
+def _lora_injected(model: nn.Module, cfg: TrainConfig):
+    """The target Linears as trainable LoRA wrappers for the ``with`` block (:func:`injected`)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return injected(model, _target_names(model, cfg.targets),
+                    lambda name, base: _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
 
 
 def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **extra) -> dict:
