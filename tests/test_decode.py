@@ -151,3 +151,70 @@ def test_a_copy_of_a_compiled_model_does_not_run_the_original(tmp_path):
         ad = copy.deepcopy(q)
         lorakern.attach_adapters(ad, paths, dtype=torch.float32)
         assert "_compiled_call" not in ad.__dict__
+
+
+def _quantized(method="rtn", bias=False):
+    model = tiny_llama(seed=3, vocab_size=160, hidden_size=128, intermediate_size=256, attention_bias=bias,
+                       mlp_bias=bias)
+    kw = dict(method="magnitude", dense="rtn", outliers=0.02) if method == "gwq" else {}
+    return lorakern.quantize_model(model, bits=4, group_size=64, progress=False, **kw)
+
+
+def _count_calls(model, ids):
+    counts = {"n": 0}
+    hooks = [m.register_forward_hook(lambda *_: counts.__setitem__("n", counts["n"] + 1))
+             for m in model.modules() if isinstance(m, (QuantLinear, lorakern.nn.GWQLinear))]
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    return counts["n"], logits
+
+
+@pytest.mark.parametrize("method,bias", [("rtn", False), ("rtn", True), ("gwq", False)])
+def test_fused_projections_are_bit_identical(method, bias):
+    """q/k/v and gate/up stacked into one layer each: the same rows through the same kernel, so the logits and
+    generated tokens are bitwise those of the separate layers, with 3 fewer calls per decoder layer; unfusing
+    gives back the very codes, outliers and biases."""
+    from lorakern.models import fuse_projections, unfuse_projections
+    from lorakern.models.fuse import is_fused
+    q = _quantized(method, bias)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    n_sep, logits = _count_calls(q, IDS)
+    toks = q.generate(IDS, max_new_tokens=5, do_sample=False)
+    assert fuse_projections(q) == 4  # 2 layers x (attention, MLP)
+    attn = q.model.layers[0].self_attn
+    assert is_fused(attn) and not hasattr(attn, "q_proj") and attn.lorakern_split == [128, 64, 64]
+    assert type(attn.qkv_proj) is (lorakern.nn.GWQLinear if method == "gwq" else QuantLinear)
+    n_fused, fused_logits = _count_calls(q, IDS)
+    assert n_sep - n_fused == 3 * 2 and torch.equal(fused_logits, logits)
+    assert torch.equal(q.generate(IDS, max_new_tokens=5, do_sample=False), toks)
+    assert unfuse_projections(q) == 4 and not any(is_fused(m) for m in q.modules())
+    after = q.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fused_model_saves_attaches_and_compiles(tmp_path):
+    """A fused (prepare_decode) model saves as separate layers, reloads equal, stays fused after saving; an
+    adapter attached to a fused projection unfuses that layer only and gives the unfused model's output;
+    compiled decode of the fused model gives the eager tokens."""
+    from lorakern.models.fuse import is_fused
+    from lorakern.testing import save_random_peft_adapters
+    q = _quantized()
+    with torch.no_grad():
+        want = q(IDS).logits
+        lorakern.prepare_decode(q, compile=False)
+        assert sum(is_fused(m) for m in q.modules()) == 4
+        q.save_pretrained(tmp_path / "q")
+        assert sum(is_fused(m) for m in q.modules()) == 4
+        r = load_quantized_model(tmp_path / "q")
+        assert not any(is_fused(m) for m in r.modules()) and torch.equal(r(IDS).logits, want)
+        toks, logits = _generate(q)
+        c_toks, c_logits = _generate(lorakern.prepare_decode(q))
+        assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < 1e-4
+        paths = save_random_peft_adapters(tiny_llama(seed=3, vocab_size=160, hidden_size=128, intermediate_size=256),
+                                          tmp_path, {"a": ["v_proj"]}, 0.3)
+        lorakern.attach_adapters(q, paths, dtype=torch.float32)
+        lorakern.attach_adapters(r, paths, dtype=torch.float32)
+        assert not is_fused(q.model.layers[0].self_attn) and is_fused(q.model.layers[0].mlp)
+        assert torch.equal(q(IDS).logits, r(IDS).logits)

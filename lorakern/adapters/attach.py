@@ -9,6 +9,7 @@ from torch import nn
 from ..formats.linear_like import linear_shape
 from ..models.checkpoint import install_save_pretrained
 from ..models.decode import forget_compiled_call
+from ..models.fuse import is_fused, unfuse_projections
 from ..multilora.bank import AdapterBank
 from ..nn import ADAPTER_MODULES
 from ..nn.lora_linear import LoRALinear
@@ -55,7 +56,10 @@ def adapter_target(model: nn.Module, name: str, what: str = "the adapter") -> nn
         ValueError: the model has no such module, it already carries an adapter (:data:`~lorakern.nn.ADAPTER_MODULES`),
             or it is not linear (``nn.Linear``, transformers' ``Conv1D``, lorakern's quantized layers).
     """
+    parent = name.rpartition(".")[0]
     try:
+        if parent and is_fused(model.get_submodule(parent)):  # prepare_decode fused it: give the layers back
+            unfuse_projections(model.get_submodule(parent))
         mod = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"lorakern: {what}: the model has no module {name!r} (an adapter for another model?)") from None

@@ -31,6 +31,7 @@ from ..formats.io import FormatError, load_quantized, read_safetensors, save_qua
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
 from ..nn import ADAPTER_MODULES, GWQLinear, QuantEmbedding, QuantLinear, replace_module
+from .fuse import unfused
 from .smollm2 import load_smollm2
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
@@ -78,6 +79,11 @@ def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer
         TypeError: not a Hugging Face model.
     """
     _refuse_if_adapters(model)
+    with unfused(model):  # the directory stores q/k/v and gate/up apart, as the model's config names them
+        return _save_quantized_model(model, out_dir, tokenizer)
+
+
+def _save_quantized_model(model: nn.Module, out_dir, tokenizer) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qmods = _quantized_modules(model)

@@ -18,7 +18,8 @@ def forget_compiled_call(model: nn.Module) -> None:
         model.__dict__.pop(k, None)
 
 
-def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = True, threads: int | None = None):
+def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = True, threads: int | None = None,
+                   fuse: bool = True):
     """Set ``model`` up so that ``model.generate(...)`` decodes fast; returns the model.
 
     * KV cache: transformers' static cache (``generation_config.cache_implementation = "static"``): fixed
@@ -27,6 +28,10 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       allowed on CPU here; ``mode="default"``: CUDA graphs do not apply to CPU tensors). The first call pays the
       compilation (about 40 s for SmolLM2-135M on 2 cores); later calls with the same batch size and cache
       length reuse it. ``fullgraph=True`` makes any graph break an error instead of a silent slow path.
+    * ``fuse=True``: each attention layer's q/k/v and each gated MLP's gate/up projections become one
+      quantized matmul (:func:`lorakern.models.fuse.fuse_projections`: bit-identical outputs, 3 fewer kernel
+      calls per decoder layer; layers with adapters stay apart). Attaching an adapter to a fused projection,
+      or saving the model, gives the separate layers back by itself.
     * ``threads``: ``torch.set_num_threads`` (lorakern's C++ kernels use the same count); None keeps torch's
       choice, one thread per physical core.
 
@@ -41,6 +46,9 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
     if gc is None:
         raise TypeError("lorakern: prepare_decode needs a transformers model with a generation_config")
     forget_compiled_call(model)
+    if fuse:
+        from .fuse import fuse_projections  # (fuse imports this module)
+        fuse_projections(model)
     if threads is not None:
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"
