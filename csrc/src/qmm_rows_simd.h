@@ -15,7 +15,7 @@ namespace lk {
 namespace {
 
 // Isa::tile<BITS, G, MR>(p, prow, m0, sf, out): out[i] = sum_g sf[g] * (codes . xhat) for rows m0 + i.
-// Isa::dot(a, b, n): fp32 dot product. Isa::scales(sp, zp, ng, sf, szf): sf = s, szf = s * z.
+// Isa::dot(a, b, n): fp32 dot product. Isa::kCentred8: the 8-bit tile multiplies q - 128, not q. Isa::scales(sp, zp, ng, sf, szf): sf = s, szf = s * z.
 template <int BITS, int G, class Isa>
 void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
@@ -25,6 +25,8 @@ void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
     Isa::scales(p.scales + n * ng, p.zeros + n * ng, ng, sf.data(), szf.data());
+    if constexpr (BITS == 8 && Isa::kCentred8)  // the tile summed (q - 128) x: s z x -> s (z - 128) x
+      for (int64_t g = 0; g < ng; ++g) szf[g] -= 128.f * sf[g];
     const uint8_t* prow = p.qw + n * rb;
     const float b = p.bias ? p.bias[n] : 0.f;
     float out[4];

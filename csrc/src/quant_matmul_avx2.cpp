@@ -89,15 +89,16 @@ inline __m256i dot_block(const __m256i* c, const int8_t* xp, int t) {
       s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c[t * CPB + j],
                                                        _mm256_loadu_si256((const __m256i*)(xp + 32 * (t * CPB + j)))));
     return _mm256_madd_epi16(s16, ones);
-  } else {  // 8-bit codes would saturate vpmaddubsw: split into nibbles.
-    const __m256i F = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi16(16);
+  } else {  // 8-bit codes would saturate vpmaddubsw: centre them, q' = q - 128 (s8), and use
+    // |q'| (u8, <= 128) times x with q''s sign: pairs <= 2 * 128 * 127 < 2^15. The row loop moves the
+    // 128 into the zero point (kCentred8).
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
     __m256i acc = _mm256_setzero_si256();
     for (int j = t * CPB; j < (t + 1) * CPB; ++j) {
       const __m256i x = _mm256_loadu_si256((const __m256i*)(xp + 32 * j));
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), F);
-      const __m256i lo = _mm256_and_si256(c[j], F);
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), sixteen));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x), ones));
+      const __m256i q = _mm256_xor_si256(c[j], bias);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)),
+                                                    ones));
     }
     return acc;
   }
@@ -149,6 +150,7 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
 
 // The hooks of the shared row loop (qmm_rows_simd.h).
 struct Avx2 {
+  static constexpr bool kCentred8 = true;  // 8-bit tiles multiply q - 128 (dot_block)
   template <int BITS, int G, int MR>
   static void tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf, float* out) {
     row_tile<BITS, G, MR>(p, prow, m0, sf, out);

@@ -174,6 +174,7 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
 
 // The hooks of the shared row loop (qmm_rows_simd.h).
 struct Avx512 {
+  static constexpr bool kCentred8 = false;  // dpbusd takes u8 codes whole
   template <int BITS, int G, int MR>
   static void tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const float* sf, float* out) {
     row_tile<BITS, G, MR>(p, prow, m0, sf, out);
