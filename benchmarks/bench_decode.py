@@ -13,8 +13,12 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
   warm-up); prefill throughput of a 512-token prompt (one forward) per model.
 * peer: llama.cpp through ``llama-cpp-python`` on the shipped Q4_1 GGUF and on a Q4_0 GGUF made from it by
   llama.cpp's own quantizer, same threads, same prompt tokens and token counts (``llama_eval`` + argmax);
-  rows left out, with the reason printed, if the package is missing. The rank-16 LoRA row needs llama.cpp's
-  ``convert_lora_to_gguf.py``, which the wheel does not install: left out, said so.
+  rows left out, with the reason printed, if the package is missing. With one rank-16 LoRA adapter (all seven
+  projections, random values: speed only) on the Q4_0 model: the PEFT adapter is converted by llama.cpp's own
+  ``convert_lora_to_gguf.py``, which the wheel does not install; it is taken from the source distribution of
+  the installed version (``--llama-cpp-sdist PATH``, else ``pip download --no-binary`` into
+  ~/.cache/lorakern/llama_cpp_src); if that fails the row is left out, said so. lorakern's matching row is
+  RTN-4 with the same rank-16 adapter (fp32 factors, ``attach_adapter``), compiled.
 * batch 64, 4-bit RTN base, compiled: no adapter; one adapter for all 64 streams; 64 distinct fp16 adapters;
   64 distinct LoRAQuant-compressed adapters drawn from a bank of 1,000 resident ones (rank 16 on all seven
   projections of every layer, h = 4 components at 2 bits; random codes: their values do not matter for speed;
@@ -32,6 +36,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -39,6 +44,7 @@ import torch
 from common import machine_info, write_json
 
 import lorakern
+from lorakern.adapters import attach_adapter
 from lorakern.apps.evaluation import decode_speed, read_wikitext
 from lorakern.formats.lora import LoraLayer
 from lorakern.models import load_smollm2
@@ -85,7 +91,7 @@ def prefill_rate(model, ids512, repeats) -> float:
     return ids512.shape[1] / statistics.median(ts[1:])
 
 
-def batch1_rows(model, tok, ids, ids512, a, rows):
+def batch1_rows(model, tok, ids, ids512, a, rows, peft16):
     from lorakern.quant import calibration_windows, collect_statistics
     variants = [("transformers_fp32", 32, lambda: copy.deepcopy(model))]
     variants.append(("lorakern_rtn", 4, lambda: lorakern.quantize_model(copy.deepcopy(model), bits=4, progress=False)))
@@ -101,19 +107,26 @@ def batch1_rows(model, tok, ids, ids512, a, rows):
     variants.append(("lorakern_gwq", 4, gwq))
     variants.append(("lorakern_rtn", 3, lambda: lorakern.quantize_model(copy.deepcopy(model), bits=3,
                                                                           progress=False)))
-    for impl, bits, make in variants:
+
+    def with_lora():  # the rank-16 adapter llama.cpp's LoRA row runs (fp32 factors, LoRALinear)
+        m = lorakern.quantize_model(copy.deepcopy(model), bits=4, progress=False)
+        attach_adapter(m, peft16)
+        return m
+    variants.append(("lorakern_rtn", 4, with_lora, 1))
+    for impl, bits, make, *n_ad in variants:
+        n_ad = n_ad[0] if n_ad else 0
         m = make()
         pre = prefill_rate(m, ids512, a.repeats)
-        for compiled in (False, True):
+        for compiled in (False, True) if not n_ad else (True,):
             reset_peak_rss()
             lorakern.prepare_decode(m, compile=compiled)
             s = decode_speed(m, ids, a.new_tokens, a.repeats)
-            rows.append(row(impl, bits, 1, 0, 0, compiled, s.tokens_per_s, pre, s.ttft_ms))
+            rows.append(row(impl, bits, 1, n_ad, n_ad, compiled, s.tokens_per_s, pre, s.ttft_ms))
         del m
         torch._dynamo.reset()
 
 
-def llamacpp_rows(ids, ids512, a, rows, tmpdir):
+def llamacpp_rows(peft_dir, ids, ids512, a, rows, tmpdir):
     try:
         import llama_cpp
         import numpy as np
@@ -130,12 +143,14 @@ def llamacpp_rows(ids, ids512, a, rows, tmpdir):
             print("  llama.cpp: Q4_0 quantization failed; that row is left out")
             q40 = None
     prompt, long = ids[0].tolist(), ids512[0].tolist()
-    for name, path in (("llamacpp_q4_1", src), ("llamacpp_q4_0", q40)):
+    lora = llamacpp_lora(peft_dir, a, tmpdir) if q40 else None
+    for name, path, lora_path in (("llamacpp_q4_1", src, None), ("llamacpp_q4_0", q40, None),
+                                  ("llamacpp_q4_0", q40 if lora else None, lora)):
         if path is None:
             continue
         reset_peak_rss()
         llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                              n_ctx=1024, n_batch=512, verbose=False)
+                              n_ctx=1024, n_batch=512, verbose=False, lora_path=lora_path)
 
         def decode():
             llm.reset()
@@ -156,11 +171,64 @@ def llamacpp_rows(ids, ids512, a, rows, tmpdir):
         decode()
         runs = [decode() for _ in range(a.repeats)]
         pre = statistics.median(prefill() for _ in range(a.repeats))
-        rows.append(row(name, 4, 1, 0, 0, False, statistics.median(r[0] for r in runs), pre,
+        n_ad = 1 if lora_path else 0
+        rows.append(row(name, 4, 1, n_ad, n_ad, False, statistics.median(r[0] for r in runs), pre,
                         statistics.median(r[1] for r in runs)))
         del llm
-    print("  llama.cpp + rank-16 LoRA: left out: convert_lora_to_gguf.py (llama.cpp's converter) is not installed by "
-          "the llama-cpp-python wheel")
+
+
+def llamacpp_converter(a) -> str | None:
+    """llama.cpp's vendored source tree (its ``convert_lora_to_gguf.py``, ``conversion/`` and ``gguf-py/``) from
+    the llama-cpp-python source distribution of the installed version; None (reason printed) if unreachable."""
+    import glob
+    import subprocess
+    import tarfile
+
+    import llama_cpp
+    root = os.path.join(os.path.expanduser("~"), ".cache", "lorakern", "llama_cpp_src", llama_cpp.__version__)
+    tree = os.path.join(root, "llama.cpp")
+    if os.path.exists(os.path.join(tree, "convert_lora_to_gguf.py")):
+        return tree
+    sdist = a.llama_cpp_sdist
+    if sdist is None:
+        os.makedirs(root, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={llama_cpp.__version__}", "-d", root], capture_output=True, text=True)
+        found = glob.glob(os.path.join(root, "llama_cpp_python-*.tar.gz"))
+        if r.returncode or not found:
+            print(f"  llama.cpp + LoRA: left out: the source distribution could not be fetched ({r.stderr[-200:]})")
+            return None
+        sdist = found[0]
+    keep = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tf:
+        members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name
+                   and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(keep) and (m.isfile() or m.isdir())]
+        if not members:
+            print(f"  llama.cpp + LoRA: left out: {sdist} holds no convert_lora_to_gguf.py")
+            return None
+        for m in members:
+            m.name = "llama.cpp/" + m.name.split("/vendor/llama.cpp/", 1)[1]
+        tf.extractall(root, members=members, filter="data")
+    return tree
+
+
+def llamacpp_lora(peft_dir, a, tmpdir) -> str | None:
+    """The rank-16 PEFT adapter as llama.cpp's GGUF LoRA (f16, llama.cpp's converter); None if not possible."""
+    import subprocess
+
+    from lorakern.data.cache import cache_dir
+    tree = llamacpp_converter(a)
+    if tree is None:
+        return None
+    out = os.path.join(tmpdir, "lora16.gguf")
+    env = {**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")}
+    r = subprocess.run([sys.executable, os.path.join(tree, "convert_lora_to_gguf.py"), "--base",
+                        str(cache_dir() / "smollm2-135m-instruct"),
+                        "--outfile", out, "--outtype", "f16", str(peft_dir)], capture_output=True, text=True, env=env)
+    if r.returncode or not os.path.exists(out):
+        print(f"  llama.cpp + LoRA: left out: convert_lora_to_gguf.py failed: {r.stderr[-400:]}")
+        return None
+    return out
 
 
 def dense_adapter(gen, shapes, rank=16):
@@ -281,9 +349,13 @@ def ratios(rows) -> dict:
                 return r
         return None
     out = {}
-    best4 = max((r for r in rows if r["impl"] == "lorakern_rtn" and r["bits"] == 4 and r["batch"] == 1),
-                key=lambda r: r["tokens_per_s"], default=None)
-    q40, q41 = get("llamacpp_q4_0"), get("llamacpp_q4_1")
+    best4 = max((r for r in rows if r["impl"] == "lorakern_rtn" and r["bits"] == 4 and r["batch"] == 1
+                 and not r["adapters"]), key=lambda r: r["tokens_per_s"], default=None)
+    q40, q41 = get("llamacpp_q4_0", adapters=0), get("llamacpp_q4_1", adapters=0)
+    q40_lora, rtn_lora = get("llamacpp_q4_0", adapters=1), get("lorakern_rtn", 4, adapters=1)
+    if q40_lora and rtn_lora:
+        out["batch1_4bit_rank16_lora_vs_llamacpp_q4_0_lora"] = round(rtn_lora["tokens_per_s"] /
+                                                                     q40_lora["tokens_per_s"], 3)
     if best4 and q40:
         out["batch1_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["tokens_per_s"] / q40["tokens_per_s"], 3)
         out["prefill512_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["prefill_tokens_per_s"] /
@@ -291,7 +363,7 @@ def ratios(rows) -> dict:
     if best4 and q41:
         out["batch1_4bit_vs_llamacpp_q4_1"] = round(best4["tokens_per_s"] / q41["tokens_per_s"], 3)
     g4 = get("lorakern_gwq", 4, compiled=True)
-    r4 = get("lorakern_rtn", 4, compiled=True)
+    r4 = get("lorakern_rtn", 4, compiled=True, adapters=0)
     if g4 and r4:
         out["gwq4_vs_rtn4_compiled (target >= 0.9)"] = round(g4["tokens_per_s"] / r4["tokens_per_s"], 3)
     one = get("lorakern_rtn", 4, 64, adapters=1)
@@ -312,6 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, 100 resident adapters (~10 min)")
     ap.add_argument("--json", help="results (default benchmarks/results/decode.json; quick: decode_quick.json)")
     ap.add_argument("--skip-batch64", action="store_true", help="one stream only")
+    ap.add_argument("--llama-cpp-sdist", help="llama-cpp-python's source distribution (.tar.gz), for llama.cpp's "
+                    "LoRA converter (default: pip download of the installed version)")
     a = ap.parse_args(argv)
     a.new_tokens = 32 if a.quick else 128
     a.new_tokens_b64 = 8 if a.quick else 32
@@ -329,8 +403,12 @@ def main(argv=None) -> int:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         print("batch 1:")
-        llamacpp_rows(ids, ids512, a, rows, tmp)
-        batch1_rows(model, tok, ids, ids512, a, rows)
+        from pathlib import Path
+
+        from lorakern.testing import save_random_peft_adapters
+        peft16 = save_random_peft_adapters(model, Path(tmp), {"lora16": list(PROJ)}, 0.01, rank=lambda i: 16)["lora16"]
+        llamacpp_rows(peft16, ids, ids512, a, rows, tmp)
+        batch1_rows(model, tok, ids, ids512, a, rows, peft16)
     if not a.skip_batch64:
         print("batch 64:")
         batch64_rows(model, prompts, a, rows)

@@ -112,7 +112,7 @@ def main(argv=None):
                 "lorakern_mixed": Case("lorakern_mixed", lambda i: preps[i].lora_mixed(x, base0), na, adapter_bytes),
                 "lorakern_mixed_c_abi": Case(
                     "lorakern_mixed_c_abi",
-                    lambda i: nat.lora_mixed(x.data_ptr(), 0, M, preps[i].fields, SCALE, base0.data_ptr(),
+                    lambda i: nat.lora_mixed(x.data_ptr(), 0, M, preps[i].record, base0.data_ptr(),
                                              yout.data_ptr(), torch.get_num_threads()), na),
                 "lorakern_mixed_checked": Case("lorakern_mixed_checked",
                                                lambda i: lora_mixed_cpu(x, base0, ads[i], 2, ga, gb, SCALE), na),

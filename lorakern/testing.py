@@ -9,6 +9,8 @@ benchmarks' correctness checks; not needed at run time.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .formats import QuantizedWeight, SparseOutliers, pack_codes, unpack_codes
@@ -233,6 +235,7 @@ def save_random_peft_adapters(model, root, targets: dict, std: float, rank=lambd
     """Save one PEFT LoRA adapter per ``{name: target modules}`` under ``root/name`` with random B
     (N(0, std), seeded by the adapter's position i) and rank ``rank(i)``, lora_alpha 8; returns
     ``{name: directory}``."""
+    root = Path(root)
     import copy
 
     import peft

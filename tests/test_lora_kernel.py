@@ -91,20 +91,20 @@ def test_quant_matmul_lora_cpu_matches_reference(isa, bits, dtype, rng):
 @pytest.mark.parametrize("M", [1, 5, 40])
 def test_lora_every_output_written(isa, M, rng):
     """Poison the output with NaN and call the C++ kernels directly."""
-    from lorakern.ops.cpu import _lora_parts  # the LoraPartView records the binding takes
+    from lorakern.ops.cpu import _lora_record  # the lk_lora record the binding takes
     N, K = 192, 256
     c = random_compressed(N, K, 12, 5, 2, 128, 64, rng)
     ga, gb = c.group_sizes
-    fields, _keep = _lora_parts(c.op_tensors(), 2, ga, gb, N, K)
+    record, _rank, _keep = _lora_record(c.op_tensors(), 2, ga, gb, N, K, c.scale)
     x = torch.randn(M, K, generator=rng)
     base = torch.randn(M, N, generator=rng)
     y = torch.full((M, N), float("nan"))
-    native().lora_mixed(x.data_ptr(), 0, M, fields, c.scale, base.data_ptr(), y.data_ptr(), 2)
+    native().lora_mixed(x.data_ptr(), 0, M, record, base.data_ptr(), y.data_ptr(), 2)
     assert torch.isfinite(y).all()
     w = random_qweight(N, K, 4, 128, rng)
     y = torch.full((M, N), float("nan"))
     native().quant_matmul_lora(x.data_ptr(), 0, M, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
-                               N, K, 4, 128, 0, fields, c.scale, y.data_ptr(), 2)
+                               N, K, 4, 128, 0, record, y.data_ptr(), 2)
     assert torch.isfinite(y).all()
 
 

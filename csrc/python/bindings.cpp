@@ -191,11 +191,15 @@ PYBIND11_MODULE(_C, m) {
                                        py::make_tuple("DENSE", (int)LK_SLOT_DENSE),
                                        py::make_tuple("COMPRESSED", (int)LK_SLOT_COMPRESSED));
   m.attr("RECORDS") = records;
+  // A compressed adapter as the core reads it (lk_lora: its four LoraPartView parts and the scale), built once
+  // from Python and passed by reference: no per-call conversion of the parts.
+  py::class_<lk_lora>(m, "LoraRecord")
+      .def(py::init([](const std::vector<std::vector<int64_t>>& parts, float scale) { return lora_of(parts, scale); }),
+           py::arg("parts"), py::arg("scale"))
+      .def_readonly("scale", &lk_lora::scale);
   m.def(
       "lora_mixed",
-      [](int64_t x, int x_dtype, int64_t M, const std::vector<std::vector<int64_t>>& parts, float scale,
-         int64_t base, int64_t y, int num_threads) {
-        const lk_lora l = lora_of(parts, scale);
+      [](int64_t x, int x_dtype, int64_t M, const lk_lora& l, int64_t base, int64_t y, int num_threads) {
         lk_status s;
         {
           py::gil_scoped_release nogil;
@@ -204,15 +208,13 @@ PYBIND11_MODULE(_C, m) {
         }
         check(s, "lk_lora_mixed");
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("parts"), py::arg("scale"), py::arg("base"),
-      py::arg("y"), py::arg("num_threads") = 0);
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("lora"), py::arg("base"), py::arg("y"),
+      py::arg("num_threads") = 0);
   m.def(
       "quant_matmul_lora",
       [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N,
-         int64_t K, int bits, int group_size, uintptr_t bias, const std::vector<std::vector<int64_t>>& parts,
-         float scale, uintptr_t y, int num_threads) {
+         int64_t K, int bits, int group_size, uintptr_t bias, const lk_lora& l, uintptr_t y, int num_threads) {
         const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
-        const lk_lora l = lora_of(parts, scale);
         lk_status s;
         {
           py::gil_scoped_release nogil;
@@ -223,8 +225,8 @@ PYBIND11_MODULE(_C, m) {
         check(s, "lk_quant_matmul_lora");
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-      py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("parts"),
-      py::arg("scale"), py::arg("y"), py::arg("num_threads") = 0);
+      py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("lora"),
+      py::arg("y"), py::arg("num_threads") = 0);
   m.def(
       "lora_shrink",
       [](int64_t x, int x_dtype, int64_t T, int64_t K, int64_t N, const std::vector<int64_t>& bank, int64_t segments,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "lorakern/lorakern.h"
 
 namespace lk {
 namespace {
@@ -25,11 +26,39 @@ inline void dequant_group(const uint8_t* gp, int bits, int G, float s, float z, 
   }
 }
 
+// Decode (M <= kExpandDirectM): no tile; each part's codes are decoded in registers straight into the
+// output (Isa::axpy_qpart, as the multi-adapter expand does for a slot with few tokens), when its layout
+// allows. Returns false (nothing done) otherwise.
+constexpr int64_t kExpandDirectM = 2;
+
+template <class Isa>
+bool expand_direct(const LoraExpand& e, int64_t g0, int64_t g1) {
+  const int G = e.G;
+  const int64_t c0 = g0 * G, c1 = g1 * G, r = e.part[0].rows + e.part[1].rows;
+  if (e.M > kExpandDirectM || r > 256) return false;
+  for (const ExpandPart& p : e.part)
+    if (p.rows && !Isa::qpart_layout(p.bits, G, c0, c1, p.rows)) return false;
+  float coef[256];
+  for (int64_t m = 0; m < e.M; ++m) {
+    float* y = e.y + m * e.N + c0;
+    if (e.yin && e.yin != e.y)
+      for (int64_t c = 0; c < c1 - c0; ++c) y[c] = e.yin[m * e.N + c0 + c];
+    for (const ExpandPart& p : e.part) {
+      if (!p.rows) continue;
+      for (int64_t i = 0; i < p.rows; ++i) coef[i] = e.scale * p.t[m * p.ld + i];
+      const lk_qweight w{p.qw, p.scales, p.zeros, p.rows, e.N, p.bits, G};
+      Isa::axpy_qpart(y, coef, w, c0, c1);
+    }
+  }
+  return true;
+}
+
 template <class Isa>
 void expand_groups(const LoraExpand& e, int64_t g0, int64_t g1) {
   const int G = e.G;
   const int64_t r = e.part[0].rows + e.part[1].rows;
   if (r == 0 || g1 <= g0) return;
+  if (expand_direct<Isa>(e, g0, g1)) return;
   const int64_t ng = e.N / G;
   std::vector<float> W((size_t)(r * G)), coef((size_t)r);
   for (int64_t g = g0; g < g1; ++g) {

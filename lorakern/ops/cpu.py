@@ -79,9 +79,15 @@ def dequantize_cpu(qweight, scales, zeros, bits, group_size):
     return out
 
 
+def _lora_record(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int, scale: float):
+    """The adapter as the C++ core's ``lk_lora`` (``_C.LoraRecord``: four :class:`LoraPartView` and the scale),
+    its rank, and the contiguous tensors it points into (kept alive by the caller)."""
+    views, keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
+    return native().LoraRecord(views, float(scale)), _rank(views), keep
+
+
 def _lora_parts(adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int):
-    """The four :class:`LoraPartView` the C++ binding takes (``lk_lora``), and the contiguous tensors they
-    point into (kept alive by the caller)."""
+    """The four :class:`LoraPartView` of ``lk_lora``, and the contiguous tensors they point into."""
     views, keep = [], []
     shapes = LoraParts(a_hi=(bits_hi, group_a, K), b_hi=(bits_hi, group_b, N), a_lo=(1, group_a, K),
                        b_lo=(1, group_b, N))
@@ -100,22 +106,22 @@ def _rank(views) -> int:
 @kernel("lora_mixed", "cpu")
 def lora_mixed_cpu(x, base, adapter, bits_hi, group_a, group_b, scale):
     N, K = check_lora_mixed(x, base, adapter, bits_hi, group_a, group_b, scale)
-    fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
-    return _lora_mixed_run(x, base, N, K, fields, scale)
+    record, rank, _keep = _lora_record(adapter, bits_hi, group_a, group_b, N, K, scale)
+    return _lora_mixed_run(x, base, N, K, record, rank)
 
 
-def _lora_mixed_run(x, base, N, K, fields, scale):
+def _lora_mixed_run(x, base, N, K, record, rank):
     x2 = x.reshape(-1, K)
     b2 = base.reshape(-1, N)
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     b2 = b2 if b2.is_contiguous() else b2.contiguous()
     M = x2.shape[0]
-    if not _rank(fields):  # rank 0: nothing to add (the C ABI cannot even tell N)
+    if not rank:  # rank 0: nothing to add (the C ABI cannot even tell N)
         return b2.clone().view(base.shape)
     y = torch.empty((M, N), dtype=x.dtype)
     if M and N:
-        native().lora_mixed(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, fields, float(scale), b2.data_ptr(),
-                            y.data_ptr(), torch.get_num_threads())
+        native().lora_mixed(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, record, b2.data_ptr(), y.data_ptr(),
+                            torch.get_num_threads())
     return y.view(base.shape)
 
 
@@ -124,13 +130,13 @@ def quant_matmul_lora_cpu(x, qweight, scales, zeros, bits, group_size, bias, ada
                           scale):
     N, K = check_quant_matmul_lora(x, qweight, scales, zeros, bits, group_size, bias, adapter, bits_hi, group_a,
                                    group_b, scale)
-    fields, _keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
-    return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, fields, scale)
+    record, _rank_, _keep = _lora_record(adapter, bits_hi, group_a, group_b, N, K, scale)
+    return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, record)
 
 
-def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, fields, scale):
-    return _matmul_run(native().quant_matmul_lora, (fields, float(scale)), x, qweight, scales, zeros, bits,
-                       group_size, bias, N, K)
+def _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, record):
+    return _matmul_run(native().quant_matmul_lora, (record,), x, qweight, scales, zeros, bits, group_size, bias,
+                       N, K)
 
 
 def bank_view(bank, table, scales, group_a, group_b) -> BankView:
@@ -277,7 +283,7 @@ def route_top_k_cpu(logits: torch.Tensor, k: int):
 class PreparedLoRA:
     """A compressed adapter validated once, for repeated eager CPU calls (LoRALinear's fast path).
 
-    Holds the 12 tensors (contiguous) and the field list the C++ binding takes. Each call
+    Holds the 12 tensors (contiguous) and the record the C++ binding takes (``LoraRecord``). Each call
     then checks only the activations (and the base weight, which QuantLinear checks anyway).
     ``matches(tensors)`` says whether it was built from these very tensor objects.
     """
@@ -287,8 +293,7 @@ class PreparedLoRA:
         _check_scale(scale)
         self.source = list(adapter)
         self.N, self.K, self.scale = N, K, float(scale)
-        self.fields, self._keep = _lora_parts(adapter, bits_hi, group_a, group_b, N, K)
-        self.rank = _rank(self.fields)
+        self.record, self.rank, self._keep = _lora_record(adapter, bits_hi, group_a, group_b, N, K, scale)
 
     def matches(self, adapter) -> bool:
         return len(adapter) == len(self.source) and all(a is b for a, b in zip(adapter, self.source))
@@ -307,20 +312,19 @@ class PreparedLoRA:
                 and x.is_contiguous() and base.is_contiguous() and self.rank):  # the decode case, lean
             y = torch.empty_like(base)
             if x.shape[0]:
-                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.fields, self.scale, base.data_ptr(),
-                                    y.data_ptr(), torch.get_num_threads())
+                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, base.data_ptr(), y.data_ptr(),
+                                    torch.get_num_threads())
             return y
         self._check_x(x)
         if base.dtype != x.dtype or base.shape[:-1] != x.shape[:-1] or base.shape[-1] != self.N:
             raise ValueError(f"lorakern: base {tuple(base.shape)} {base.dtype} does not match x {tuple(x.shape)} "
                              f"{x.dtype} and N={self.N}")
-        return _lora_mixed_run(x, base, self.N, self.K, self.fields, self.scale)
+        return _lora_mixed_run(x, base, self.N, self.K, self.record, self.rank)
 
     def quant_matmul_lora(self, x, qweight, scales, zeros, bits, group_size, bias):
         """``x W^T (+ bias) + adapter(x)`` in one call."""
         N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
         if (N, K) != (self.N, self.K):
             raise ValueError(f"lorakern: the adapter is for a {(self.N, self.K)} layer, the weight is {(N, K)}")
-        return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, self.fields,
-                                      self.scale)
+        return _quant_matmul_lora_run(x, qweight, scales, zeros, bits, group_size, bias, N, K, self.record)
 
