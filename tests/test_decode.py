@@ -13,6 +13,11 @@ from lorakern.testing import tiny_llama
 
 pytest.importorskip("transformers")
 IDS = torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(5))
+# Compiled vs eager logits: inductor reorders the fp32 arithmetic around the kernels (norms, rotary, residuals),
+# and a last-bit change of an activation can move its int8 code across a rounding boundary (one step, ~1% of the
+# block's max): up to ~1e-3 on these logits of magnitude ~1. A wrong compiled path (an adapter missing or
+# misrouted) moves them by > 0.1 (asserted where adapters are used).
+COMPILED_ATOL = 1e-2
 
 
 def tied_llama():
@@ -117,10 +122,10 @@ def test_compiled_decode_matches_eager_with_and_without_adapters(tmp_path):
             if names == later[0]:
                 graphs = dynamo.utils.counters["stats"]["unique_graphs"]
             c_toks, c_logits = _generate(q, adapter_names=list(names))
-            assert torch.equal(c_toks, eager[names][0]) and (c_logits - eager[names][1]).abs().max() < 1e-4
+            assert torch.equal(c_toks, eager[names][0]) and (c_logits - eager[names][1]).abs().max() < COMPILED_ATOL
         assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs <= 3  # the later combinations: no recompile
         c_toks, c_logits = _generate(q)  # no adapters: the bank is skipped
-        assert torch.equal(c_toks, eager_base[0]) and (c_logits - eager_base[1]).abs().max() < 1e-4
+        assert torch.equal(c_toks, eager_base[0]) and (c_logits - eager_base[1]).abs().max() < COMPILED_ATOL
         assert (eager[("a", "b")][1] - eager_base[1]).abs().max() > 0.1  # the adapters do change the output
 
 
@@ -129,7 +134,7 @@ def test_compiled_decode_of_a_quantized_tied_model_matches_eager():
     with torch.no_grad():
         toks, logits = _generate(lorakern.prepare_decode(q, compile=False))
         c_toks, c_logits = _generate(lorakern.prepare_decode(q))
-    assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < 1e-4
+    assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < COMPILED_ATOL
     with pytest.raises(TypeError, match="generation_config"):
         lorakern.prepare_decode(torch.nn.Linear(2, 2))
 
@@ -146,7 +151,7 @@ def test_a_copy_of_a_compiled_model_does_not_run_the_original(tmp_path):
         assert "_compiled_call" not in q.__dict__
         want = _generate(lorakern.prepare_decode(copy.deepcopy(q), compile=False))[1]
         got = _generate(lorakern.prepare_decode(q))[1]
-        assert (got - want).abs().max() < 1e-4
+        assert (got - want).abs().max() < COMPILED_ATOL
         paths = save_random_peft_adapters(model, tmp_path, {"a": ["q_proj", "v_proj"]}, 0.5)
         ad = copy.deepcopy(q)
         lorakern.attach_adapters(ad, paths, dtype=torch.float32)
@@ -211,7 +216,7 @@ def test_fused_model_saves_attaches_and_compiles(tmp_path):
         assert not any(is_fused(m) for m in r.modules()) and torch.equal(r(IDS).logits, want)
         toks, logits = _generate(q)
         c_toks, c_logits = _generate(lorakern.prepare_decode(q))
-        assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < 1e-4
+        assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < COMPILED_ATOL
         paths = save_random_peft_adapters(tiny_llama(seed=3, vocab_size=160, hidden_size=128, intermediate_size=256),
                                           tmp_path, {"a": ["v_proj"]}, 0.3)
         lorakern.attach_adapters(q, paths, dtype=torch.float32)

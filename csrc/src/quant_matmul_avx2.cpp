@@ -200,10 +200,11 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 }  // namespace
 
 // The expand of one compressed part straight from its codes, for one output row: y[c0:c1] +=
-// sum_i coef[i] * s_i * (q_i - z_i), 32 columns at a time in registers; per chunk the zero-point term
-// sum_i coef[i] s_i z_i is one subtraction. Layouts whose 32-column chunk is one contiguous run of
-// bytes: 1-bit planes, and 2/4/8-bit groups with G * bits / 8 >= 32 (3-bit: G = 128). Returns false
-// (nothing done) for the others.
+// sum_i coef[i] * s_i * (q_i - z_i), 32 columns at a time in registers. Each term is formed as
+// (coef[i] s_i) * (q - z_i), q - z_i exact in fp32, so the error is that of the terms (as in the
+// dequantized tile), not of coef s q and coef s z apart (which cancel when q is near z: 8-bit codes).
+// Layouts whose 32-column chunk is one contiguous run of bytes: 1-bit planes, and 2/4/8-bit groups
+// with G * bits / 8 >= 32 (3-bit: G = 128). Returns false (nothing done) for the others.
 bool qpart_layout_avx2(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
   const int W = bits == 3 ? G / 4 : G * bits / 8;  // bytes of the (low) strided part per group
   return (bits == 1 || W >= 32) && c0 % 32 == 0 && c1 % 32 == 0 && rows <= 256;
@@ -221,15 +222,16 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
                               _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
   const __m256i mask8 = _mm256_set1_epi8((char)((1 << (bits == 3 ? 2 : (bits == 8 ? 8 : bits))) - 1));
   const int bb = bits == 3 ? 2 : bits;
-  float cs[256];  // coef * scale of each row for the current group (rows <= 256: checked by the caller)
+  // per row for the current group (rows <= 256: checked by the caller): coef * scale and the zero; 1-bit
+  // rows: the term for code 1 and for code 0
+  float cs[256], zs[256];
   for (int64_t cg = c0; cg < c1;) {  // one group (or the part of it inside [c0, c1)) at a time
     const int64_t g = cg / G, cend = std::min(c1, (g + 1) * G);
-    float off = 0.f;
     for (int64_t i = 0; i < p.N; ++i) {
-      cs[i] = coef[i] * _cvtsh_ss(p.scales[i * ng + g]);
-      off += cs[i] * _cvtsh_ss(p.zeros[i * ng + g]);
+      const float c = coef[i] * _cvtsh_ss(p.scales[i * ng + g]), z = _cvtsh_ss(p.zeros[i * ng + g]);
+      cs[i] = bits == 1 ? c * (1.f - z) : c;
+      zs[i] = bits == 1 ? c * (0.f - z) : z;
     }
-    const __m256 offv = _mm256_set1_ps(off);
     for (int64_t c = cg; c < cend; c += 32) {
       const int i0 = (int)(c % G);
       float* yc = y + (c - c0);
@@ -241,9 +243,9 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
           uint32_t w;
           std::memcpy(&w, gp + i0 / 8, 4);
           const __m256i v = _mm256_set1_epi32((int)w);
-          const __m256 csv = _mm256_broadcast_ss(cs + i);
+          const __m256 one = _mm256_broadcast_ss(cs + i), zero = _mm256_broadcast_ss(zs + i);
           for (int m = 0; m < 4; ++m)  // bit 8m + k -> sign of lane k
-            acc[m] = _mm256_add_ps(acc[m], _mm256_blendv_ps(_mm256_setzero_ps(), csv,
+            acc[m] = _mm256_add_ps(acc[m], _mm256_blendv_ps(zero, one,
                                                              _mm256_castsi256_ps(_mm256_sllv_epi32(v, to_sign[m]))));
         }
       } else {
@@ -262,13 +264,15 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
             q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
           }
           const __m128i lo = _mm256_castsi256_si128(q8), hi = _mm256_extracti128_si256(q8, 1);
-          acc[0] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), acc[0]);
-          acc[1] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), acc[1]);
-          acc[2] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), acc[2]);
-          acc[3] = _mm256_fmadd_ps(csv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), acc[3]);
+          const __m256 zv = _mm256_broadcast_ss(zs + i);
+          const auto qz = [&](__m128i b) { return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), zv); };
+          acc[0] = _mm256_fmadd_ps(csv, qz(lo), acc[0]);
+          acc[1] = _mm256_fmadd_ps(csv, qz(_mm_srli_si128(lo, 8)), acc[1]);
+          acc[2] = _mm256_fmadd_ps(csv, qz(hi), acc[2]);
+          acc[3] = _mm256_fmadd_ps(csv, qz(_mm_srli_si128(hi, 8)), acc[3]);
         }
       }
-      for (int m = 0; m < 4; ++m) _mm256_storeu_ps(yc + 8 * m, _mm256_sub_ps(acc[m], offv));
+      for (int m = 0; m < 4; ++m) _mm256_storeu_ps(yc + 8 * m, acc[m]);
     }
     cg = cend;
   }
