@@ -161,8 +161,14 @@ def test_a_copy_of_a_compiled_model_does_not_run_the_original(tmp_path):
 def _quantized(method="rtn", bias=False):
     model = tiny_llama(seed=3, vocab_size=160, hidden_size=128, intermediate_size=256, attention_bias=bias,
                        mlp_bias=bias)
-    kw = dict(method="magnitude", dense="rtn", outliers=0.02) if method == "gwq" else {}
-    return lorakern.quantize_model(model, bits=4, group_size=64, progress=False, **kw)
+    kw = dict(method="magnitude", dense="rtn", outliers=0.02) if method in ("gwq", "mixed") else {}
+    q = lorakern.quantize_model(model, bits=4, group_size=64, progress=False, **kw)
+    if method == "mixed":  # one projection of each fused group without outliers: rows with none in the stack
+        for layer in q.model.layers:
+            for parent, name in ((layer.self_attn, "k_proj"), (layer.mlp, "up_proj")):
+                g = getattr(parent, name)
+                setattr(parent, name, QuantLinear(g.weight_gwq.dense, g.bias))
+    return q
 
 
 def _count_calls(model, ids):
@@ -176,7 +182,7 @@ def _count_calls(model, ids):
     return counts["n"], logits
 
 
-@pytest.mark.parametrize("method,bias", [("rtn", False), ("rtn", True), ("gwq", False)])
+@pytest.mark.parametrize("method,bias", [("rtn", False), ("rtn", True), ("gwq", False), ("mixed", True)])
 def test_fused_projections_are_bit_identical(method, bias):
     """q/k/v and gate/up stacked into one layer each: the same rows through the same kernel, so the logits and
     generated tokens are bitwise those of the separate layers, with 3 fewer calls per decoder layer; unfusing
@@ -190,7 +196,7 @@ def test_fused_projections_are_bit_identical(method, bias):
     assert fuse_projections(q) == 4  # 2 layers x (attention, MLP)
     attn = q.model.layers[0].self_attn
     assert is_fused(attn) and not hasattr(attn, "q_proj") and attn.lorakern_split == [128, 64, 64]
-    assert type(attn.qkv_proj) is (lorakern.nn.GWQLinear if method == "gwq" else QuantLinear)
+    assert type(attn.qkv_proj) is (QuantLinear if method == "rtn" else lorakern.nn.GWQLinear)
     n_fused, fused_logits = _count_calls(q, IDS)
     assert n_sep - n_fused == 3 * 2 and torch.equal(fused_logits, logits)
     assert torch.equal(q.generate(IDS, max_new_tokens=5, do_sample=False), toks)
