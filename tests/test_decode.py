@@ -167,7 +167,7 @@ def _quantized(method="rtn", bias=False):
         for layer in q.model.layers:
             for parent, name in ((layer.self_attn, "k_proj"), (layer.mlp, "up_proj")):
                 g = getattr(parent, name)
-                setattr(parent, name, QuantLinear(g.weight_gwq.dense, g.bias))
+                setattr(parent, name, QuantLinear(g.weight_gwq.dense, None))  # and without a bias
     return q
 
 
@@ -203,6 +203,14 @@ def test_fused_projections_are_bit_identical(method, bias):
     assert unfuse_projections(q) == 4 and not any(is_fused(m) for m in q.modules())
     after = q.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    import pickle
+    fuse_projections(q)
+    mlp = q.model.layers[1].mlp
+    # the fused classes are found by name (torch cannot pickle the outliers' uint16 columns: RTN layers only)
+    again = pickle.loads(pickle.dumps(mlp)) if method == "rtn" else copy.deepcopy(mlp)
+    h = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        assert is_fused(again) and torch.equal(again(h), mlp(h))
 
 
 def test_fused_model_saves_attaches_and_compiles(tmp_path):
@@ -229,3 +237,23 @@ def test_fused_model_saves_attaches_and_compiles(tmp_path):
         lorakern.attach_adapters(r, paths, dtype=torch.float32)
         assert not is_fused(q.model.layers[0].self_attn) and is_fused(q.model.layers[0].mlp)
         assert torch.equal(q(IDS).logits, r(IDS).logits)
+
+
+def test_lora_linear_copies_after_its_eager_call():
+    """LoRALinear caches a PreparedLoRA (a C record of addresses) at its first eager CPU call; copies and pickles
+    rebuild it from the copied tensors, so the copy reads its own adapter, not the original's."""
+    import pickle
+
+    from lorakern.nn import LoRALinear
+    from lorakern.testing import random_compressed, random_qweight
+    gen = torch.Generator().manual_seed(7)
+    layer = LoRALinear(QuantLinear(random_qweight(64, 128, 4, 64, gen)), random_compressed(64, 128, 8, 2, 2, 64, 64, gen))
+    x = torch.randn(3, 128, generator=gen)
+    with torch.no_grad():
+        y = layer(x)
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert torch.equal(other(x), y)
+            for name in other.format_buffer_names():  # the copy's own adapter memory
+                if "lora" in name and getattr(other, name).dtype == torch.float16:
+                    getattr(other, name).mul_(2)
+            assert not torch.equal(other(x), y)

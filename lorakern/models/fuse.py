@@ -70,6 +70,7 @@ def _mlp_forward(self, x):
 def _fusable_classes() -> dict[type, tuple[tuple[str, ...], str, object]]:
     """Module class -> (the projections it reads, the fused module's name, the fused forward)."""
     import importlib
+    import inspect
     out = {}
     for mod, attn, mlp in (("llama", "LlamaAttention", "LlamaMLP"), ("gemma3", None, "Gemma3MLP"),
                            ("mistral", None, "MistralMLP"), ("qwen2", None, "Qwen2MLP")):
@@ -77,7 +78,9 @@ def _fusable_classes() -> dict[type, tuple[tuple[str, ...], str, object]]:
             m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
         except ImportError:
             continue
-        if attn and hasattr(m, attn):
+        if attn and hasattr(m, attn) and "cache" in inspect.signature(getattr(m, attn).forward).parameters:
+            # the fused forward is transformers 5.x's (``cache=``, ``cache.update(..., kwargs=)``); older
+            # versions keep their attention unfused
             out[getattr(m, attn)] = (_QKV, "qkv_proj", _attention_forward)
         if hasattr(m, mlp):
             out[getattr(m, mlp)] = (_GATE_UP, "gate_up_proj", _mlp_forward)
@@ -89,9 +92,19 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 def _fused_class(cls: type, forward) -> type:
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": forward, "__doc__": f"{cls.__name__} with its projections fused (lorakern.models.fuse)."})
+        name = f"Fused{cls.__name__}"
+        _FUSED_CLASSES[cls] = type(name, (cls,), {
+            "forward": forward, "__doc__": f"{cls.__name__} with its projections fused (lorakern.models.fuse).",
+            "__module__": __name__, "__qualname__": name})
     return _FUSED_CLASSES[cls]
+
+
+def __getattr__(name: str):
+    """``Fused<Class>`` by name (pickle finds a fused layer's class here, in any process)."""
+    for cls, (_, _, forward) in _fusable_classes().items():
+        if name == f"Fused{cls.__name__}":
+            return _fused_class(cls, forward)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_fused(module: nn.Module) -> bool:
@@ -135,15 +148,15 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
     return GWQLinear(GWQWeight(dense, outliers), bias)
 
 
-def _split(fused_layer: nn.Module, widths: list[int], kinds: list[type]) -> list[nn.Module]:
-    """The separate layers back from a stacked one (rows in order; each of its original type)."""
+def _split(fused_layer: nn.Module, widths: list[int], kinds: list[type], has_bias: list[bool]) -> list[nn.Module]:
+    """The separate layers back from a stacked one (rows in order; each of its original type and bias)."""
     out, n0 = [], 0
     bias = fused_layer.bias
-    for width, kind in zip(widths, kinds):
+    for width, kind, with_bias in zip(widths, kinds, has_bias):
         rows = slice(n0, n0 + width)
         dense = QuantizedWeight(fused_layer.qweight[rows].clone(), fused_layer.scales[rows].clone(),
                                 fused_layer.zeros[rows].clone(), fused_layer.bits, fused_layer.group_size)
-        b = bias[rows].clone() if bias is not None else None
+        b = bias[rows].clone() if bias is not None and with_bias else None
         if kind is GWQLinear:
             rp = fused_layer.row_ptr[n0: n0 + width + 1]
             j0, j1 = int(rp[0]), int(rp[-1])
@@ -178,6 +191,7 @@ def fuse_projections(model: nn.Module) -> int:
             continue
         module.lorakern_split = [l.out_features for l in layers]
         module.lorakern_kinds = [type(l) for l in layers]
+        module.lorakern_bias = [l.bias is not None for l in layers]
         for n in names:
             delattr(module, n)
         setattr(module, fused_name, stacked)
@@ -191,32 +205,40 @@ def fuse_projections(model: nn.Module) -> int:
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections` on every fused layer of ``model`` (or on ``model`` itself when it is a
     fused layer); returns how many layers were unfused."""
+    return len(_unfuse(model))
+
+
+def _unfuse(model: nn.Module) -> list[nn.Module]:
     classes = _fusable_classes()
-    count = 0
+    done = []
     for module in list(model.modules()):
         if not is_fused(module):
             continue
         base = type(module).__mro__[1]
         names, fused_name, _ = classes[base]
-        parts = _split(getattr(module, fused_name), module.lorakern_split, module.lorakern_kinds)
+        parts = _split(getattr(module, fused_name), module.lorakern_split, module.lorakern_kinds,
+                       module.lorakern_bias)
         delattr(module, fused_name)
         for n, layer in zip(names, parts):
             setattr(module, n, layer)
-        del module.lorakern_split, module.lorakern_kinds
+        del module.lorakern_split, module.lorakern_kinds, module.lorakern_bias
         module.__class__ = base
-        count += 1
-    if count:
+        done.append(module)
+    if done:
         forget_compiled_call(model)
-    return count
+    return done
 
 
 @contextmanager
 def unfused(model: nn.Module):
-    """The model with its projections separate inside the block, fused again after it (when they were)."""
-    n = unfuse_projections(model)
+    """The model with its projections separate inside the block; the layers that were fused are fused again
+    after it."""
+    done = _unfuse(model)
     try:
         yield model
     finally:
-        if n:
-            fuse_projections(model)
+        for module in done:
+            fuse_projections(module)
+        if done:
+            forget_compiled_call(model)
 

@@ -291,9 +291,13 @@ class PreparedLoRA:
     def __init__(self, adapter, bits_hi: int, group_a: int, group_b: int, N: int, K: int, scale: float):
         check_lora(adapter, bits_hi, group_a, group_b, N, K, torch.device("cpu"))
         _check_scale(scale)
+        self._args = (bits_hi, group_a, group_b, N, K, float(scale))
         self.source = list(adapter)
         self.N, self.K, self.scale = N, K, float(scale)
         self.record, self.rank, self._keep = _lora_record(adapter, bits_hi, group_a, group_b, N, K, scale)
+
+    def __reduce__(self):  # the C record holds addresses: copies and pickles rebuild it from the tensors
+        return type(self), (self.source, *self._args)
 
     def matches(self, adapter) -> bool:
         return len(adapter) == len(self.source) and all(a is b for a, b in zip(adapter, self.source))
