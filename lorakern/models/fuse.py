@@ -20,6 +20,7 @@ saving a model do it themselves; :func:`lorakern.prepare_decode` fuses).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -67,6 +68,7 @@ def _mlp_forward(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
+@functools.cache
 def _fusable_classes() -> dict[type, tuple[tuple[str, ...], str, object]]:
     """Module class -> (the projections it reads, the fused module's name, the fused forward)."""
     import importlib
@@ -112,10 +114,6 @@ def is_fused(module: nn.Module) -> bool:
     return type(module) in _FUSED_CLASSES.values()
 
 
-def _any_fused(model: nn.Module) -> bool:
-    return any(is_fused(m) for m in model.modules())
-
-
 def _stack(layers: list[nn.Module]) -> nn.Module | None:
     """One layer holding ``layers``' rows in order, or None when they cannot share a call."""
     if not all(type(l) in (QuantLinear, GWQLinear) for l in layers):
@@ -133,26 +131,23 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
                           for l in layers])
     if all(type(l) is QuantLinear for l in layers):
         return QuantLinear(dense, bias)
-    row_ptr, cols, vals, nnz = [torch.zeros(1, dtype=torch.int32, device=first.qweight.device)], [], [], 0
-    for l in layers:
-        if type(l) is GWQLinear:
-            row_ptr.append(l.row_ptr[1:] + nnz)
-            cols.append(l.col_idx)
-            vals.append(l.values)
-            nnz += l.nnz
-        else:  # a plain quantized layer: rows without outliers
-            row_ptr.append(torch.full((l.out_features,), nnz, dtype=torch.int32, device=first.qweight.device))
-    outliers = SparseOutliers(torch.cat(row_ptr), torch.cat(cols) if cols else torch.zeros(0, dtype=torch.uint16),
-                              torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float16),
+    parts = [l.weight_gwq.outliers if type(l) is GWQLinear else SparseOutliers.empty(l.out_features, l.in_features,
+                                                                                       l.qweight.device)
+             for l in layers]
+    offsets = torch.tensor([0] + [o.nnz for o in parts], device=first.qweight.device).cumsum(0).to(torch.int32)
+    row_ptr = torch.cat([parts[0].row_ptr[:1]] + [o.row_ptr[1:] + off for o, off in zip(parts, offsets)])
+    outliers = SparseOutliers(row_ptr,
+                              torch.cat([o.col_idx for o in parts]), torch.cat([o.values for o in parts]),
                               (dense.qweight.shape[0], first.in_features))
     return GWQLinear(GWQWeight(dense, outliers), bias)
 
 
-def _split(fused_layer: nn.Module, widths: list[int], kinds: list[type], has_bias: list[bool]) -> list[nn.Module]:
-    """The separate layers back from a stacked one (rows in order; each of its original type and bias)."""
+def _split(fused_layer: nn.Module, widths: list[int], parts: list[tuple[type, bool]]) -> list[nn.Module]:
+    """The separate layers back from a stacked one (rows in order; each of its original type, with a bias only
+    where it had one)."""
     out, n0 = [], 0
     bias = fused_layer.bias
-    for width, kind, with_bias in zip(widths, kinds, has_bias):
+    for width, (kind, with_bias) in zip(widths, parts):
         rows = slice(n0, n0 + width)
         dense = QuantizedWeight(fused_layer.qweight[rows].clone(), fused_layer.scales[rows].clone(),
                                 fused_layer.zeros[rows].clone(), fused_layer.bits, fused_layer.group_size)
@@ -189,9 +184,8 @@ def fuse_projections(model: nn.Module) -> int:
         stacked = _stack(layers)
         if stacked is None:
             continue
-        module.lorakern_split = [l.out_features for l in layers]
-        module.lorakern_kinds = [type(l) for l in layers]
-        module.lorakern_bias = [l.bias is not None for l in layers]
+        module.lorakern_split = [l.out_features for l in layers]  # the forward's split
+        module.lorakern_parts = [(type(l), l.bias is not None) for l in layers]  # what unfusing gives back
         for n in names:
             delattr(module, n)
         setattr(module, fused_name, stacked)
@@ -216,12 +210,11 @@ def _unfuse(model: nn.Module) -> list[nn.Module]:
             continue
         base = type(module).__mro__[1]
         names, fused_name, _ = classes[base]
-        parts = _split(getattr(module, fused_name), module.lorakern_split, module.lorakern_kinds,
-                       module.lorakern_bias)
+        parts = _split(getattr(module, fused_name), module.lorakern_split, module.lorakern_parts)
         delattr(module, fused_name)
         for n, layer in zip(names, parts):
             setattr(module, n, layer)
-        del module.lorakern_split, module.lorakern_kinds, module.lorakern_bias
+        del module.lorakern_split, module.lorakern_parts
         module.__class__ = base
         done.append(module)
     if done:
