@@ -108,6 +108,23 @@ class SparseOutliers:
         return cls(torch.zeros(N + 1, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.uint16, device=device),
                    torch.zeros(0, dtype=torch.float16, device=device), (N, K))
 
+    @classmethod
+    def vstack(cls, parts: list["SparseOutliers"]) -> "SparseOutliers":
+        """The outliers of layers stacked row-wise (fused q/k/v, gate/up): ``[sum of N, K]``, parts in order.
+
+        Raises:
+            ValueError: no parts, or parts with different K.
+        """
+        if not parts or len({o.shape[1] for o in parts}) != 1:
+            raise ValueError(f"lorakern: vstack needs one or more outlier sets with one K, got "
+                             f"{[o.shape for o in parts]}")
+        if len(parts) == 1:
+            return parts[0]
+        offsets = torch.tensor([0] + [o.nnz for o in parts], device=parts[0].device).cumsum(0).to(torch.int32)
+        row_ptr = torch.cat([parts[0].row_ptr[:1]] + [o.row_ptr[1:] + off for o, off in zip(parts, offsets)])
+        return cls(row_ptr, torch.cat([o.col_idx for o in parts]), torch.cat([o.values for o in parts]),
+                   (sum(o.shape[0] for o in parts), parts[0].shape[1]))
+
     def rows(self) -> torch.Tensor:
         """Row index (int64) of every stored value."""
         counts = (self.row_ptr[1:].to(torch.int64) - self.row_ptr[:-1].to(torch.int64))

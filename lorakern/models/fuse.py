@@ -134,11 +134,7 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
     parts = [l.weight_gwq.outliers if type(l) is GWQLinear else SparseOutliers.empty(l.out_features, l.in_features,
                                                                                        l.qweight.device)
              for l in layers]
-    offsets = torch.tensor([0] + [o.nnz for o in parts], device=first.qweight.device).cumsum(0).to(torch.int32)
-    row_ptr = torch.cat([parts[0].row_ptr[:1]] + [o.row_ptr[1:] + off for o, off in zip(parts, offsets)])
-    outliers = SparseOutliers(row_ptr,
-                              torch.cat([o.col_idx for o in parts]), torch.cat([o.values for o in parts]),
-                              (dense.qweight.shape[0], first.in_features))
+    outliers = SparseOutliers.vstack(parts)
     return GWQLinear(GWQWeight(dense, outliers), bias)
 
 

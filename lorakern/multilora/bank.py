@@ -117,6 +117,48 @@ class LayerBank:
             new.__dict__[k] = None if k in ("_dev_table", "_fields") else copy.deepcopy(v, memo)
         return new
 
+    @classmethod
+    def from_padded(cls, a: torch.Tensor, bt: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor | float = 1.0
+                    ) -> "LayerBank":
+        """A bank over slot-major, rank-padded dense adapters (vLLM's stacked LoRA slots), in one copy.
+
+        Args:
+            a: ``[S, R, K]`` A of each slot, rows past the slot's rank ignored.
+            bt: ``[S, R, N]`` B^T of each slot (same dtype, one of float32/float16/bfloat16).
+            ranks: int ``[S]``, each in ``[0, R]`` (0: the slot adds nothing to this layer).
+            scales: the slots' scales (a float, or fp32 ``[S]``).
+
+        Slot ``s`` uses rows ``[s*R, s*R + ranks[s])`` of the slabs. The bank is for reading: adding or
+        clearing slots afterwards is not supported (rebuild it instead).
+
+        Raises:
+            ValueError / TypeError: shapes, dtypes or ranks that do not fit.
+        """
+        if a.dim() != 3 or bt.dim() != 3 or a.shape[:2] != bt.shape[:2] or a.dtype != bt.dtype:
+            raise ValueError(f"lorakern: from_padded needs A [S, R, K] and B^T [S, R, N] of one dtype, got "
+                             f"{a.dtype} {tuple(a.shape)} / {bt.dtype} {tuple(bt.shape)}")
+        S, R, K = a.shape
+        N = bt.shape[2]
+        ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
+        if tuple(ranks.shape) != (S,) or bool((ranks < 0).any()) or bool((ranks > R).any()):
+            raise ValueError(f"lorakern: ranks must be {S} integers in [0, {R}], got {ranks.tolist()}")
+        lb = cls(N, K, a.dtype, a.device)
+        lb.dense.tensors = [a.reshape(S * R, K).contiguous(), bt.reshape(S * R, N).contiguous()]
+        lb.dense.used = S * R
+        table = torch.zeros(S, len(TABLE_COLUMNS), dtype=torch.int64)
+        table[:, TABLE_COLUMNS.index("kind")] = int(SlotKind.DENSE)
+        table[:, TABLE_COLUMNS.index("rank")] = ranks
+        table[:, TABLE_COLUMNS.index("row")] = torch.arange(S, dtype=torch.int64) * R
+        lb.table = table
+        if isinstance(scales, (int, float)):
+            lb.scales = torch.full((S,), float(scales), dtype=torch.float32)
+        else:
+            lb.scales = torch.as_tensor(scales, dtype=torch.float32).cpu().clone()
+            if tuple(lb.scales.shape) != (S,):
+                raise ValueError(f"lorakern: scales must be a float or [{S}], got {tuple(lb.scales.shape)}")
+        lb._changed()
+        return lb
+
     # ---- slots -------------------------------------------------------------------------------------
     def _ensure_slot(self, slot: int) -> None:
         if slot >= self.table.shape[0]:

@@ -1,0 +1,1 @@
+"""Integrations with inference stacks (vLLM). Each imports its stack lazily: lorakern never needs them."""

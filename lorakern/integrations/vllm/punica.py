@@ -1,0 +1,198 @@
+"""vLLM's LoRA backend ("punica wrapper") on lorakern's multi-adapter kernels.
+
+vLLM keeps every LoRA layer's adapters in stacked slot tensors, one per output slice:
+A ``[max_loras, 1, max_rank, K]`` and B ``[max_loras, 1, N_slice, max_rank]`` (ranks zero-padded, alpha/r
+folded into B). This wrapper turns each layer's slots into lorakern :class:`~lorakern.multilora.LayerBank`\\ s
+(one copy, with each slot's true rank) when vLLM writes a slot (``tensor._version`` changes: an adapter
+loaded or evicted), never per step, and applies all slices of a fused layer (q/k/v, gate/up) in one
+``torch.ops.lorakern.multi_lora_slices`` call. A token without an adapter (index -1) gets none, also when
+every slot is full (stock vLLM's CPU path reads the last slot for it).
+
+Which method does what:
+
+* ``add_lora_linear`` (every linear layer; the hot path): lorakern's kernels.
+* ``add_lora_logits`` (an adapter on lm_head): lorakern's kernels over the vocabulary; free when no loaded
+  adapter touches lm_head (every slot then has rank 0 and the call returns at once).
+* ``add_shrink`` / ``add_expand`` (called directly only by vLLM's fully-sharded tensor-parallel layers) and
+  ``add_lora_embedding`` (adapters that add vocabulary): exact plain-torch per-slot products, with -1 tokens
+  left alone. lorakern has no kernel for a bare shrink into vLLM's buffers or for the embedding's expand.
+* fused-MoE LoRA and ``apply_lora_full_linear``: not supported; they raise ``NotImplementedError`` naming
+  themselves.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from ...multilora.bank import LayerBank, apply_slices
+from ...multilora.batch import LoRABatch
+
+__all__ = ["LorakernPunicaWrapper", "slot_ranks"]
+
+
+def slot_ranks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int64 ``[S]``: each slot's rank with vLLM's zero padding cut off (the last component whose A row and
+    B column are both non-zero, plus one; 0 for an empty slot). ``a`` ``[S, R, K]``, ``b`` ``[S, N, R]``."""
+    live = (a.abs().amax(dim=2) > 0) & (b.abs().amax(dim=1) > 0)  # [S, R]
+    idx = torch.arange(1, a.shape[1] + 1, device=a.device)
+    return (live * idx).amax(dim=1).to(torch.int64).cpu() if a.shape[1] else torch.zeros(a.shape[0], dtype=torch.int64)
+
+
+class _LayerSlots:
+    """The banks of one LoRA layer, rebuilt when vLLM writes one of its slot tensors."""
+
+    def __init__(self, a_stacked: tuple, b_stacked: tuple):
+        self.a, self.b = a_stacked, b_stacked
+        self.versions = None
+        self.banks: list[LayerBank] = []
+        self.scale = None
+        self.max_rank = 0
+
+    def refresh(self, scale: float) -> list[LayerBank]:
+        versions = tuple(t._version for t in (*self.a, *self.b))
+        if versions != self.versions or scale != self.scale:
+            banks = []
+            for a, b in zip(self.a, self.b):
+                a3, b3 = a[:, 0], b[:, 0]  # [S, R, K], [S, N, R]
+                ranks = slot_ranks(a3, b3)
+                banks.append(LayerBank.from_padded(a3, b3.transpose(1, 2), ranks, float(scale)))
+            self.banks, self.versions, self.scale = banks, versions, scale
+            self.max_rank = max(lb.max_rank() for lb in banks)
+        return self.banks
+
+
+def _batch(indices: torch.Tensor, num_slots: int) -> LoRABatch | None:
+    """The LoRABatch of per-token slot indices (-1: none); None when no token has an adapter."""
+    ids = indices.to("cpu", torch.int64)
+    if ids.numel() == 0 or not bool((ids >= 0).any()):
+        return None
+    return LoRABatch.from_ids(ids, num_slots=num_slots, device=indices.device)
+
+
+def _fit(batch: LoRABatch, rows: int) -> LoRABatch:
+    """The batch for ``rows`` tokens (vLLM may pad the activations past the tokens it mapped)."""
+    if batch.num_tokens == rows:
+        return batch
+    if batch.num_tokens > rows:
+        raise ValueError(f"lorakern: the LoRA mapping has {batch.num_tokens} tokens, the activations {rows} rows")
+    return LoRABatch(rows, batch.tokens, batch.weights, batch.segments, batch.max_count, batch.ids, batch.mixture)
+
+
+class LorakernPunicaWrapper(PunicaWrapperCPU):
+    """vLLM's punica wrapper on lorakern's kernels (see the module docstring). One instance serves every LoRA
+    layer of a model; per-layer state is keyed on the layer's stacked A tensor."""
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._layers: dict[int, _LayerSlots] = {}
+        self._num_slots = 0
+        self._token_batch: LoRABatch | None = None
+        self._sampler_batch: LoRABatch | None = None
+
+    # ---- metadata (once per step, shared by every layer) ---------------------------------------------
+    def update_metadata(self, mapping, lora_index_to_id, max_loras: int, vocab_size: int, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self._num_slots = max_loras
+        self._token_batch = _batch(self.token_lora_indices, max_loras)
+        self._sampler_batch = _batch(self.sampler_indices, max_loras)
+
+    def _slots(self, a_stacked, b_stacked, scale: float) -> _LayerSlots:
+        key = id(a_stacked[0])
+        st = self._layers.get(key)
+        if st is None or st.a[0] is not a_stacked[0]:
+            st = self._layers[key] = _LayerSlots(tuple(a_stacked), tuple(b_stacked))
+        st.refresh(scale)
+        return st
+
+    # ---- the hot path --------------------------------------------------------------------------------
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked, scale: float,
+                        output_slices, *, buffer=None, **kwargs) -> None:
+        """``y[:, slice i] += scale · x A_i[slot]^T B_i[slot]^T`` per token (slot -1: nothing), all slices in one
+        call; in place into ``y`` ``[T, sum(output_slices)]``."""
+        if self._token_batch is None:
+            return
+        if len(lora_a_stacked) != len(lora_b_stacked) or len(lora_b_stacked) != len(output_slices):
+            raise ValueError("lorakern: one A and one B per output slice expected")
+        st = self._slots(lora_a_stacked, lora_b_stacked, scale)
+        if st.max_rank == 0:  # no loaded adapter touches this layer
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        batch = _fit(self._token_batch, x2.shape[0])
+        if x2.dtype != y2.dtype:
+            x2 = x2.to(y2.dtype)
+        if len(st.banks) == 1:
+            out = st.banks[0].apply(x2, y2, batch)
+        else:
+            out = apply_slices(st.banks, x2, y2, batch)
+        y2.copy_(out)
+
+    def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                        lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs) -> None:
+        """``y += scale · x A[slot]^T B[slot]^T`` per sampled row (an adapter on lm_head), by the sampler's
+        indices; returns at once when no loaded adapter targets lm_head."""
+        if self._sampler_batch is None:
+            return
+        st = self._slots((lora_a_stacked,), (lora_b_stacked,), scale)
+        if st.max_rank == 0:
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        lb = st.banks[0]
+        batch = _fit(self._sampler_batch, x2.shape[0])
+        n = min(lb.N, y2.shape[1])  # vLLM may pad the vocabulary differently from the adapter
+        if n == lb.N == y2.shape[1]:
+            y2.copy_(lb.apply(x2.to(y2.dtype), y2, batch))
+        else:
+            base = torch.zeros(y2.shape[0], lb.N, dtype=y2.dtype, device=y2.device)
+            y2[:, :n] += lb.apply(x2.to(y2.dtype), base, batch)[:, :n]
+
+    # ---- exact plain-torch paths (not on the hot path; see the module docstring) ----------------------
+    def _per_slot(self, indices: torch.Tensor, rows: int):
+        """``(slot, row indices)`` for every slot used by the first ``rows`` tokens."""
+        ids = indices[:rows]
+        for s in torch.unique(ids).tolist():
+            if s >= 0:
+                yield s, (ids == s).nonzero(as_tuple=True)[0]
+
+    def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs) -> None:
+        """``y[i] = scale · x A_i[slot]^T`` per token (slot -1: left as is), for each slice i."""
+        x = x.reshape(-1, x.shape[-1])
+        for i, a in enumerate(lora_a_stacked):
+            for s, rows in self._per_slot(self.token_lora_indices, x.shape[0]):
+                y[i][rows] = (scale * (x[rows].to(a.dtype) @ a[s, 0].t())).to(y[i].dtype)
+
+    def add_expand(self, y: torch.Tensor, x, lora_b_stacked, output_slices, offset_start: int = 0, add_inputs=True,
+                   **kwargs) -> None:
+        """``y[:, slice i] (+)= x[i] B_i[slot]^T`` per token (slot -1: left as is)."""
+        y2 = y.view(-1, y.shape[-1])
+        off = offset_start
+        for i, (b, n) in enumerate(zip(lora_b_stacked, output_slices)):
+            for s, rows in self._per_slot(self.token_lora_indices, y2.shape[0]):
+                upd = (x[i][rows].to(b.dtype) @ b[s, 0, :n].t()).to(y2.dtype)
+                if add_inputs:
+                    y2[rows, off: off + n] += upd
+                else:
+                    y2[rows, off: off + n] = upd
+            off += n
+
+    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                           add_inputs: bool = True, **kwargs) -> None:
+        """``y (+)= x B[slot]^T`` per token (x: the A rows vLLM gathered; slot -1: left as is)."""
+        y2 = y.view(-1, y.shape[-1])
+        n = min(lora_b_stacked.shape[2], y2.shape[1])
+        for s, rows in self._per_slot(self.token_lora_indices, y2.shape[0]):
+            upd = (x[rows].to(lora_b_stacked.dtype) @ lora_b_stacked[s, 0, :n].t()).to(y2.dtype)
+            if add_inputs:
+                y2[rows, :n] += upd
+            else:
+                y2[rows, :n] = upd
+
+    def apply_lora_full_linear(self, *args, **kwargs):
+        raise NotImplementedError("lorakern: apply_lora_full_linear (request-routed full linear weights) is not "
+                                  "supported by lorakern's LoRA backend")
+
+    def add_lora_fused_moe(self, *args, **kwargs):
+        raise NotImplementedError("lorakern: LoRA on fused-MoE layers (add_lora_fused_moe) is not supported by "
+                                  "lorakern's LoRA backend")
