@@ -157,7 +157,9 @@ def _compress_adapter(args) -> int:
     if is_mola_adapter(args.in_dir):
         return _compress_mola(args)
     adapter = load_peft_adapter(args.in_dir)
-    _check_output_file(args.out)
+    as_dir = not str(args.out).endswith(".safetensors")  # a directory vLLM serves (adapter_config.json beside it)
+    if not as_dir:
+        _check_output_file(args.out)
     model = None
     if args.model:
         _check_model_arg(args.model)
@@ -165,7 +167,12 @@ def _compress_adapter(args) -> int:
         model, _ = load_model(args.model)
     layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
                               model=model)
-    save_compressed_adapter(args.out, layers, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
+    meta = {"rho": str(args.rho), "bits_high": str(args.bits_high)}
+    if as_dir:
+        from lorakern.adapters import save_compressed_adapter_dir
+        save_compressed_adapter_dir(args.out, layers, adapter.config, extra_metadata=meta)
+    else:
+        save_compressed_adapter(args.out, layers, extra_metadata=meta)
     params = sum(c.rank * sum(c.shape) for c in layers.values())
     bits = sum(c.bits_per_param() * c.rank * sum(c.shape) for c in layers.values()) / params
     hs = [c.h for c in layers.values()]
@@ -290,7 +297,8 @@ def main(argv=None) -> int:
     c = sub.add_parser("compress-adapter", help="LoRAQuant-compress a PEFT LoRA adapter or a MoLA adapter's experts")
     c.add_argument("in_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or MoLA "
                    "adapter directory (mola_config.json + mola_model.safetensors)")
-    c.add_argument("out", help="output .safetensors file")
+    c.add_argument("out", help="output .safetensors file, or a directory (any other name): adapter_config.json and "
+                   "lorakern_compressed.safetensors, which vLLM with lorakern's plugin serves compressed")
     c.add_argument("--rho", type=float, default=0.9, help="energy ratio that picks h (default 0.9)")
     c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])
     c.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])

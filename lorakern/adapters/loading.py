@@ -1,12 +1,12 @@
 """One entry point for an adapter given as a path or an object: a PEFT directory, a compressed
-adapter file (or a directory holding one), a :class:`LoraAdapter` or a ``{module: layer}`` dict."""
+adapter file (or a directory holding one, as ``lorakern compress-adapter IN OUT_DIR`` writes), a :class:`LoraAdapter` or a ``{module: layer}`` dict."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from ..formats.io import FormatError
-from .peft_io import LoraAdapter, load_compressed_adapter, load_peft_adapter
+from .peft_io import COMPRESSED_DIR_FILE, LoraAdapter, load_compressed_adapter, load_peft_adapter
 
 __all__ = ["load_adapter"]
 
@@ -21,6 +21,8 @@ def load_adapter(adapter):
     """
     if isinstance(adapter, (str, os.PathLike)):
         p = Path(adapter)
+        if (p / COMPRESSED_DIR_FILE).is_file():  # a compressed adapter directory (save_compressed_adapter_dir)
+            return load_compressed_adapter(p)
         if (p / "adapter_config.json").is_file():
             return load_peft_adapter(p)
         if p.is_file():

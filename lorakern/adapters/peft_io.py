@@ -35,7 +35,7 @@ from ..quant.loraquant import compress_lora
 from .peft_config import LORAKERN_METADATA_KEYS, check_config, pattern_value, target_matches
 
 __all__ = ["LoraAdapter", "LoraLayer", "check_base_weights", "compress_adapter", "load_compressed_adapter", "load_peft_adapter",
-           "save_compressed_adapter", "save_peft_adapter"]
+           "save_compressed_adapter", "save_compressed_adapter_dir", "save_peft_adapter", "COMPRESSED_DIR_FILE"]
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _BASE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?:\.base_layer)?\.weight$")  # after the checks below
@@ -232,8 +232,26 @@ def save_compressed_adapter(path: str | os.PathLike, layers: dict[str, Compresse
     save_quantized(path, weights, extra_tensors=extra_tensors, extra_metadata=meta)
 
 
+COMPRESSED_DIR_FILE = "lorakern_compressed.safetensors"
+
+
+def save_compressed_adapter_dir(path: str | os.PathLike, layers: dict[str, CompressedLoRA], config: dict,
+                                extra_metadata: dict[str, str] | None = None) -> Path:
+    """A compressed adapter as a directory: the PEFT ``adapter_config.json`` (``config``) beside
+    ``lorakern_compressed.safetensors`` (:func:`save_compressed_adapter`). vLLM with lorakern's plugin serves such a
+    directory (``LoRARequest(name, id, path)``) without expanding it; :func:`load_compressed_adapter` reads it."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_compressed_adapter(out / COMPRESSED_DIR_FILE, layers, extra_metadata=extra_metadata)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
+    return out
+
+
 def load_compressed_adapter(path: str | os.PathLike) -> dict[str, CompressedLoRA]:
-    """Read a file written by :func:`save_compressed_adapter` (every field validated)."""
+    """Read a file written by :func:`save_compressed_adapter`, or a directory written by
+    :func:`save_compressed_adapter_dir` (every field validated)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, COMPRESSED_DIR_FILE)
     weights, others, meta = load_quantized(path)
     if meta.get("module") == "CompressedMoLA":
         raise FormatError(f"{path}: a compressed MoLA adapter (read it with lorakern.adapters.load_mola_adapter)")

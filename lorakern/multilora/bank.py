@@ -125,11 +125,12 @@ class LayerBank:
         Args:
             a: ``[S, R, K]`` A of each slot, rows past the slot's rank ignored.
             bt: ``[S, R, N]`` B^T of each slot (same dtype, one of float32/float16/bfloat16).
-            ranks: int ``[S]``, each in ``[0, R]`` (0: the slot adds nothing to this layer).
+            ranks: int ``[S]``, each in ``[-1, R]`` (0: the slot adds nothing to this layer; -1: the slot is left
+                empty, for :meth:`set` to fill, e.g. with a compressed adapter).
             scales: the slots' scales (a float, or fp32 ``[S]``).
 
-        Slot ``s`` uses rows ``[s*R, s*R + ranks[s])`` of the slabs. The bank is for reading: adding or
-        clearing slots afterwards is not supported (rebuild it instead).
+        Slot ``s`` uses rows ``[s*R, s*R + ranks[s])`` of the dense slabs. Only the empty slots may be
+        :meth:`set` afterwards, and only with compressed adapters (the dense slabs have no free rows).
 
         Raises:
             ValueError / TypeError: shapes, dtypes or ranks that do not fit.
@@ -140,15 +141,16 @@ class LayerBank:
         S, R, K = a.shape
         N = bt.shape[2]
         ranks = torch.as_tensor(ranks, dtype=torch.int64).cpu()
-        if tuple(ranks.shape) != (S,) or bool((ranks < 0).any()) or bool((ranks > R).any()):
-            raise ValueError(f"lorakern: ranks must be {S} integers in [0, {R}], got {ranks.tolist()}")
+        if tuple(ranks.shape) != (S,) or bool((ranks < -1).any()) or bool((ranks > R).any()):
+            raise ValueError(f"lorakern: ranks must be {S} integers in [-1, {R}], got {ranks.tolist()}")
         lb = cls(N, K, a.dtype, a.device)
         lb.dense.tensors = [a.reshape(S * R, K).contiguous(), bt.reshape(S * R, N).contiguous()]
         lb.dense.used = S * R
+        lb.dense.free = []
         table = torch.zeros(S, len(TABLE_COLUMNS), dtype=torch.int64)
-        table[:, TABLE_COLUMNS.index("kind")] = int(SlotKind.DENSE)
-        table[:, TABLE_COLUMNS.index("rank")] = ranks
-        table[:, TABLE_COLUMNS.index("row")] = torch.arange(S, dtype=torch.int64) * R
+        table[:, TABLE_COLUMNS.index("kind")] = torch.where(ranks >= 0, int(SlotKind.DENSE), int(SlotKind.EMPTY))
+        table[:, TABLE_COLUMNS.index("rank")] = ranks.clamp_min(0)
+        table[:, TABLE_COLUMNS.index("row")] = torch.where(ranks >= 0, torch.arange(S, dtype=torch.int64) * R, 0)
         lb.table = table
         if isinstance(scales, (int, float)):
             lb.scales = torch.full((S,), float(scales), dtype=torch.float32)

@@ -7,8 +7,9 @@ builds a model. It registers:
   loads with ``quantization="lorakern"`` (RTN / GPTQ codes at 2-8 bits, GWQ outliers), fused q/k/v and
   gate/up included; a full-precision checkpoint can be quantized at load time;
 * lorakern's LoRA backend (:mod:`.punica`): vLLM's per-token multi-adapter products on lorakern's kernels,
-  replacing vLLM's CPU "punica wrapper" (``CpuPlatform.get_punica_wrapper``). ``LORAKERN_VLLM_LORA=0`` keeps
-  vLLM's own.
+  replacing vLLM's CPU "punica wrapper" (``CpuPlatform.get_punica_wrapper``), and compressed (LoRAQuant) adapters
+  kept compressed in vLLM's adapter cache and slots (:mod:`.adapters`). ``LORAKERN_VLLM_LORA=0`` keeps vLLM's own
+  LoRA path.
 
 ``VLLM_PLUGINS=""`` (or a list without ``lorakern``) turns the plugin off for a process tree.
 
@@ -41,5 +42,8 @@ def register() -> None:
     if os.environ.get("LORAKERN_VLLM_LORA", "1") != "0":
         from vllm.platforms.cpu import CpuPlatform
 
+        from . import adapters
+
         CpuPlatform.get_punica_wrapper = classmethod(lambda cls: PUNICA_WRAPPER)
+        adapters.install()
     _registered = True

@@ -40,7 +40,8 @@ def slot_ranks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerSlots:
-    """The banks of one LoRA layer, rebuilt when vLLM writes one of its slot tensors."""
+    """The banks of one LoRA layer, rebuilt when vLLM writes one of its slot tensors or lorakern places a
+    compressed adapter in one of its slots."""
 
     def __init__(self, a_stacked: tuple, b_stacked: tuple):
         self.a, self.b = a_stacked, b_stacked
@@ -48,15 +49,22 @@ class _LayerSlots:
         self.banks: list[LayerBank] = []
         self.scale = None
         self.max_rank = 0
+        self.compressed: dict[int, list] = {}  # slot -> the CompressedLoRA (or None) of each slice
+        self.generation = 0  # bumped by every change of `compressed`
 
     def refresh(self, scale: float) -> list[LayerBank]:
-        versions = tuple(t._version for t in (*self.a, *self.b))
+        versions = (*(t._version for t in (*self.a, *self.b)), self.generation)
         if versions != self.versions or scale != self.scale:
             banks = []
-            for a, b in zip(self.a, self.b):
+            for i, (a, b) in enumerate(zip(self.a, self.b)):
                 a3, b3 = a[:, 0], b[:, 0]  # [S, R, K], [S, N, R]
                 ranks = slot_ranks(a3, b3)
-                banks.append(LayerBank.from_padded(a3, b3.transpose(1, 2), ranks, float(scale)))
+                for slot in self.compressed:
+                    ranks[slot] = -1
+                lb = LayerBank.from_padded(a3, b3.transpose(1, 2), ranks, float(scale))
+                for slot, parts in self.compressed.items():
+                    lb.set(slot, parts[i])  # a compressed layer (its own scale), or None: rank 0
+                banks.append(lb)
             self.banks, self.versions, self.scale = banks, versions, scale
             self.max_rank = max(lb.max_rank() for lb in banks)
         return self.banks
@@ -86,6 +94,7 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         self._layers: dict[int, _LayerSlots] = {}
+        self._pending: dict[int, dict] = {}  # compressed-slot changes not yet applied, by layer
         self._num_slots = 0
         self._token_batch: LoRABatch | None = None
         self._sampler_batch: LoRABatch | None = None
@@ -98,12 +107,23 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
         self._sampler_batch = _batch(self.sampler_indices, max_loras)
 
     def _slots(self, a_stacked, b_stacked, scale: float) -> _LayerSlots:
+        st = self._pending.pop(id(a_stacked[0]), None)
         key = id(a_stacked[0])
-        st = self._layers.get(key)
-        if st is None or st.a[0] is not a_stacked[0]:
-            st = self._layers[key] = _LayerSlots(tuple(a_stacked), tuple(b_stacked))
-        st.refresh(scale)
-        return st
+        cur = self._layers.get(key)
+        if cur is None or cur.a[0] is not a_stacked[0]:
+            cur = self._layers[key] = _LayerSlots(tuple(a_stacked), tuple(b_stacked))
+        if st is not None:  # compressed slots set before the layer's first call
+            cur.compressed.update(st)
+            cur.compressed = {k: v for k, v in cur.compressed.items() if v is not None}
+            cur.generation += 1
+        cur.refresh(scale)
+        return cur
+
+    def set_compressed(self, a_stacked0: torch.Tensor, slot: int, parts: list | None) -> None:
+        """Record that ``slot`` of the layer whose first stacked A is ``a_stacked0`` holds these compressed layers
+        (one :class:`~lorakern.formats.lora.CompressedLoRA` or None per output slice), or (``parts=None``) a dense
+        adapter vLLM wrote into the slot itself. Called by :func:`lorakern.integrations.vllm.adapters.activate_adapter`."""
+        self._pending.setdefault(id(a_stacked0), {})[slot] = parts
 
     # ---- the hot path --------------------------------------------------------------------------------
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked, scale: float,
