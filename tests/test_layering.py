@@ -7,7 +7,7 @@ import lorakern
 
 # bottom to top; a package may import its own floor's packages and the floors below
 FLOORS = (("_native", "formats", "data"), ("ops", "triton"), ("quant",), ("multilora",), ("nn",), ("models",),
-          ("adapters",), ("testing",), ("apps.evaluation", "apps.train", "apps.dlp", "apps.icm"), ("cli", "__main__"))
+          ("adapters",), ("testing",), ("apps.evaluation", "apps.train", "apps.dlp", "apps.icm", "integrations"), ("cli", "__main__"))
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 ROOT = pathlib.Path(lorakern.__file__).parent
 
