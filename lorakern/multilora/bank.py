@@ -291,13 +291,17 @@ class LayerBank:
         directly for eager CPU calls (the bank's pointers prepared once per change), otherwise
         ``torch.ops.lorakern.multi_lora``."""
         if eager_cpu(x) and self.device.type == "cpu":
-            if self._fields is None:  # the bank's pointers, checked once per change
-                self._fields = eager_helper("prepared_bank")(*self.op_args())
-            return self._fields.multi_lora(self.N, self.K, x, base, batch)
+            return self.prepared().multi_lora(self.N, self.K, x, base, batch)
         if torch.compiler.is_compiling():  # launch hints as constants: no recompile per batch composition
             return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(), -1, True)
         return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(),
                                              batch.max_count, batch.mixture)
+
+    def prepared(self):
+        """The bank's pointers for eager CPU calls (``lorakern.ops.cpu.PreparedBank``), checked once per change."""
+        if self._fields is None:
+            self._fields = eager_helper("prepared_bank")(*self.op_args())
+        return self._fields
 
     def nbytes(self, slot: int) -> int:
         """Bytes of adapter weights the slot holds (dense: A and B; compressed: codes, scales, zeros)."""
@@ -456,6 +460,10 @@ def apply_slices(banks: list, x: torch.Tensor, base: torch.Tensor, batch) -> tor
     """Several layers that read the same input (q/k/v of different widths) in one call:
     ``base [T, sum of N]`` plus each bank's adapters in its own columns (``torch.ops.lorakern.multi_lora_slices``).
     ``banks``: LayerBanks of one AdapterBank (the batch's ids mean the same adapter in each)."""
+    if eager_cpu(x) and all(lb.device.type == "cpu" for lb in banks):  # pointers prepared once per bank change
+        return eager_helper("multi_lora_slices_prepared")([lb.prepared() for lb in banks], [lb.N for lb in banks],
+                                                          banks[0].K, x, base, batch,
+                                                          max(lb.max_rank() for lb in banks))
     args = [lb.op_args() for lb in banks]
     return torch.ops.lorakern.multi_lora_slices(
         x, base, [t for a in args for t in a[0]], [a[1] for a in args], [a[2] for a in args],

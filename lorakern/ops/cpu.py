@@ -253,6 +253,27 @@ class PreparedBank:
         return y
 
 
+@helper("multi_lora_slices_prepared")
+def multi_lora_slices_prepared(prepared: list, widths: list, K: int, x, base, batch, max_rank: int):
+    """``multi_lora_slices`` over :class:`PreparedBank`\ s (one per output slice, each built once per bank change):
+    ``base [T, sum(widths)]`` plus each slice's adapters in its own columns, for repeated eager CPU calls (the
+    fused q/k/v and gate/up of vLLM's LoRA layers); only the activations and the batch's sizes are checked here."""
+    code = _DTYPE_CODE.get(x.dtype)
+    if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
+            or base.shape[0] != x.shape[0] or base.shape[1] != sum(widths) or batch.num_tokens != x.shape[0]):
+        raise ValueError(f"lorakern: multi_lora_slices: x must be [T, {K}] (fp32/fp16/bf16) and base must be "
+                         f"{x.dtype} [T, {sum(widths)}] (slices {list(widths)}) with T = the batch's "
+                         f"{batch.num_tokens} tokens; got x {tuple(x.shape)} {x.dtype}, base {tuple(base.shape)} "
+                         f"{base.dtype}")
+    x = x if x.is_contiguous() else x.contiguous()
+    base = base if base.is_contiguous() else base.contiguous()
+    y = torch.empty_like(base)
+    _batch_errors(native().multi_lora_slices, x.data_ptr(), code, x.shape[0], K, [p.view for p in prepared],
+                  list(widths), *_batch_args(batch.segments, batch.tokens, batch.weights), max_rank, base.data_ptr(),
+                  y.data_ptr(), base.shape[1])
+    return y
+
+
 @helper("route_top_k")
 def route_top_k_cpu(logits: torch.Tensor, k: int):
     """Top-k routing of a mixture in one C++ call (``lk_route_top_k``): ``logits`` fp32 ``[T, E]`` (CPU) ->
