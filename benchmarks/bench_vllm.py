@@ -15,8 +15,8 @@ bound (``VLLM_CPU_OMP_THREADS_BIND=0-1``), fp32 activations, greedy, ``ignore_eo
   cache (the 1,000 ids load 64 distinct compressed files, so the resident memory is that of 1,000 adapters).
 
 Adapters are random (Gaussian A, B scaled to a realistic update size; speed does not depend on their values).
-Each row: requests x generated tokens over the wall time of ``LLM.generate`` (median of the timed repeats after a
-warm-up batch, with the spread), start-up seconds (engine construction, adapter loading not included), and the
+Each row: requests x generated tokens over the wall time of ``LLM.generate`` (median of 2 timed repeats after a
+warm-up batch, with min and max), start-up seconds (engine construction, adapter loading not included), and the
 peak RSS of the whole process tree (main process, engine core, worker). Results: benchmarks/results/vllm.json and
 vllm.png.
 """
@@ -192,11 +192,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="16 requests x 16 tokens, 8 distinct adapters of 64 resident")
     ap.add_argument("--json", default=None, help="default benchmarks/results/vllm.json (quick: vllm_quick.json)")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --json file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("child_out", nargs="?", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         Path(a.child_out).write_text(json.dumps(child(json.loads(a.child))))
+        return 0
+    if a.plot_only:
+        out = a.json or str(HERE / "results" / ("vllm_quick.json" if a.quick else "vllm.json"))
+        plot(json.loads(Path(out).read_text())["rows"], out.replace(".json", ".png"))
         return 0
     try:
         import vllm  # noqa: F401
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     R, T = (16, 16) if a.quick else (64, 64)
     many, resident = (8, 64) if a.quick else (64, 1000)
     paths = prepare(max(many, 8), many)
-    base = dict(requests=R, tokens=T, prompt_len=32, repeats=2 if a.quick else 3, resident=0, paths=[])
+    base = dict(requests=R, tokens=T, prompt_len=32, repeats=2, resident=0, paths=[])
     configs = [
         ("stock_fp32", False, dict(model=paths["fp32"], quantized=False, compile=True, adapters=0), 32, 0, False),
         ("stock_fp32_lora8", False, dict(model=paths["fp32"], quantized=False, compile=False, adapters=8,
@@ -277,7 +282,7 @@ def plot(rows: list, path: str) -> None:
     ax.barh(names, vals, xerr=err, color=colors)
     ax.invert_yaxis()
     ax.set_xlabel("generated tokens / s (median, min-max)")
-    ax.set_title("vLLM CPU engine, SmolLM2-135M: stock (grey) vs lorakern plugin (blue)")
+    ax.set_title("vLLM CPU, SmolLM2-135M: stock (grey) vs lorakern plugin (blue)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
