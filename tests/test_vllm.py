@@ -215,7 +215,7 @@ class TestQuantizedCompiled:
 class TestGWQ:
     @pytest.fixture(scope="class")
     def llm(self, gwq_dir):
-        llm = engine(gwq_dir, quantization="lorakern")
+        llm = engine(gwq_dir)  # no flag: config.json's quantization_config names lorakern
         yield llm
         close(llm)
 

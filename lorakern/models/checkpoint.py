@@ -3,7 +3,8 @@ QuantLinear / GWQLinear, saved and loaded without pickles.
 
 A directory holds:
 
-* ``config.json`` (and the tokenizer files, when given) -- Hugging Face's own;
+* ``config.json`` (and the tokenizer files, when given) -- Hugging Face's own, with ``quantization_config =
+  {"quant_method": "lorakern", ...}`` (vLLM picks lorakern's method from it);
 * ``lorakern_quantization.json`` -- ``{"format": "lorakern.model", "format_version": 1,
   "modules": {name: "QuantLinear" | "GWQLinear" | "QuantEmbedding"}, "tied": {embedding: head},
   "quantization": {...}}`` (a QuantEmbedding tied to a head reads the head's packed rows, stored once);
@@ -118,12 +119,22 @@ def _save_quantized_model(model: nn.Module, out_dir, tokenizer) -> Path:
         rest[k] = t.detach().cpu().contiguous()
     save_file(rest, str(out / "rest.safetensors"), metadata={"format": MODEL_FORMAT})
     model.config.save_pretrained(out)
+    _mark_config(out / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "modules": kinds, "tied": tied,
             "quantization": getattr(model, "lorakern_quantization", {})}
     (out / "lorakern_quantization.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def _mark_config(path: Path) -> None:
+    """Name lorakern in config.json's ``quantization_config`` (in the file only): vLLM then picks lorakern's
+    quantization method with no flag (lorakern.integrations.vllm), and transformers' ``from_pretrained`` says the
+    directory is not one of its formats instead of building a model without weights."""
+    cfg = json.loads(path.read_text())
+    cfg["quantization_config"] = {"quant_method": "lorakern", "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION}
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -100,13 +100,19 @@ class LorakernConfig(QuantizationConfig):
         self.meta = meta
         self.load_bits, self.load_group_size = load_bits, load_group_size
         self.specs: dict[str, LayerSpec] | None = None  # filled by maybe_update_config for a directory
-        if meta is not None:
-            kinds = meta.get("modules", {})
-            bad = sorted(n for n, k in kinds.items() if k == "QuantEmbedding")
-            if bad:
-                raise ValueError(f"lorakern: {bad[0]} is a quantized embedding (a quantized output head tied to the "
-                                 "input embedding); lorakern's vLLM plugin serves quantized linear layers with a "
-                                 "full-precision head: quantize with `lorakern quantize --skip lm_head` (the default)")
+        if meta is not None and "modules" in meta:
+            self._check_modules(meta)
+
+    @staticmethod
+    def _check_modules(meta: dict) -> None:
+        kinds = meta.get("modules")
+        if not isinstance(kinds, dict):
+            raise FormatError(f"lorakern: {CONFIG_FILE} has no 'modules' table")
+        bad = sorted(n for n, k in kinds.items() if k == "QuantEmbedding")
+        if bad:
+            raise ValueError(f"lorakern: {bad[0]} is a quantized embedding (a quantized output head tied to the "
+                             "input embedding); lorakern's vLLM plugin serves quantized linear layers with a "
+                             "full-precision head: quantize with `lorakern quantize --skip lm_head` (the default)")
 
     def __repr__(self):
         src = "directory" if self.meta is not None else f"RTN {self.load_bits}-bit g{self.load_group_size} at load"
@@ -130,7 +136,9 @@ class LorakernConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "LorakernConfig":
-        if config.get("format") == "lorakern.model":  # lorakern_quantization.json of a quantized directory
+        # lorakern_quantization.json of a quantized directory (--quantization lorakern), or config.json's
+        # quantization_config naming it (no flag): the full table is read in maybe_update_config
+        if config.get("format") == "lorakern.model":
             return cls(meta=config)
         # config.json's quantization_config (quant_method "lorakern") or a dict given at load time
         return cls(meta=None, load_bits=int(config.get("bits", 4)), load_group_size=int(config.get("group_size", 32)))
@@ -147,6 +155,12 @@ class LorakernConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         if self.meta is None:
             return
+        if "modules" not in self.meta:  # config.json's short record: the table is in lorakern_quantization.json
+            try:
+                self.meta = json.loads(open(os.path.join(model_name, CONFIG_FILE)).read())
+            except (OSError, json.JSONDecodeError) as e:
+                raise FormatError(f"{model_name}: config.json names lorakern but {CONFIG_FILE} is unreadable ({e})") from None
+            self._check_modules(self.meta)
         path = os.path.join(model_name, WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise FormatError(f"{model_name}: lorakern_quantization.json but no {WEIGHTS_FILE}")
