@@ -223,6 +223,22 @@ class TestGWQ:
         check_teacher_forced(llm, gwq_dir, smollm2[1])
 
 
+class TestQuantizeAtLoad:
+    """A full-precision checkpoint quantized (RTN-4 g32) while vLLM loads it: the same model as lorakern's RTN-4 g32
+    directory of it (fused rows quantize exactly as the separate layers do)."""
+
+    @pytest.fixture(scope="class")
+    def llm(self, fp_dir):
+        import json
+        llm = engine(fp_dir, quantization="lorakern",
+                     hf_overrides={"quantization_config_dict_json": json.dumps({"bits": 4, "group_size": 32})})
+        yield llm
+        close(llm)
+
+    def test_logprobs_match_lorakern_rtn(self, llm, rtn_dir, smollm2):
+        check_teacher_forced(llm, rtn_dir, smollm2[1])
+
+
 class TestLoRA:
     """The fp32 base (exact tokens: no activation quantization anywhere) with lorakern's LoRA backend."""
 
