@@ -160,6 +160,12 @@ def _compress_adapter(args) -> int:
     as_dir = not str(args.out).endswith(".safetensors")  # a directory vLLM serves (adapter_config.json beside it)
     if not as_dir:
         _check_output_file(args.out)
+    else:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out}: exists and is not an empty directory (a compressed adapter directory is "
+                                  "written fresh; name a .safetensors file to write a single file)")
+        _check_output_file(out / "adapter_config.json")
     model = None
     if args.model:
         _check_model_arg(args.model)

@@ -407,3 +407,35 @@ def test_bank_copy_owns_its_memory(rng):
         t.zero_()  # the original's adapters are gone; the copy must not notice
     assert torch.equal(lb2.apply(x, base, b), y)
     assert torch.equal(lb.apply(x, base, b), base)
+
+
+def test_padded_banks_and_the_prepared_slices_path_check_everything():
+    """LayerBank.from_padded (vLLM's stacked slots) copies its input and refuses dense writes; the eager slices path
+    checks every bank's K and the batch's tensors before the C++ core runs."""
+    from lorakern.formats.lora import LoraLayer
+    from lorakern.multilora import LoRABatch
+    from lorakern.multilora.bank import LayerBank
+
+    g = torch.Generator().manual_seed(5)
+    a, bt = torch.randn(2, 4, 64, generator=g), torch.randn(2, 4, 32, generator=g)
+    lb1 = LayerBank.from_padded(a, bt, torch.tensor([4, 2]))
+    lb2 = LayerBank.from_padded(torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 16, generator=g),
+                                torch.tensor([4, 2]))
+    b = LoRABatch.from_ids(torch.tensor([0, 1, -1]), num_slots=2)
+    x, base = torch.randn(3, 64, generator=g), torch.randn(3, 48, generator=g)
+    with pytest.raises(ValueError, match="slice 1 takes K=8"):
+        apply_slices([lb1, lb2], x, base, b)
+    want = base[:, :32].clone()
+    for t, s in enumerate([0, 1]):
+        r = (4, 2)[s]
+        want[t] += x[t] @ a[s, :r].t() @ bt[s, :r]
+    y = lb1.apply(x, base[:, :32].contiguous(), b)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    a.zero_()  # the bank holds its own copy
+    assert torch.equal(lb1.apply(x, base[:, :32].contiguous(), b), y)
+    lb1.clear(0)
+    with pytest.raises(ValueError, match="from_padded"):
+        lb1.set(0, LoraLayer(torch.randn(2, 64), torch.randn(32, 2), 1.0))
+    bad = LoRABatch(3, b.tokens, b.weights.double(), b.segments, b.max_count, b.ids)
+    with pytest.raises(TypeError, match="weights"):
+        apply_slices([lb2, lb2], torch.randn(3, 8), torch.randn(3, 32), bad)

@@ -451,8 +451,13 @@ def test_backend_compressed_slots_logits_and_direct_products():
     logits = logits0.clone()
     w.add_lora_logits(logits, x, la[0], lb[0], 1.0)
     torch.testing.assert_close(logits, _reference(logits0, x, la, lb, slots, (200,)), atol=1e-4, rtol=1e-4)
-    # add_shrink / add_expand (vLLM's fully-sharded layers call them directly)
+    # add_shrink / add_expand (vLLM's fully-sharded layers call them directly): plain torch on vLLM's tensors, so a
+    # batch using a compressed slot is refused; with dense slots only they are exact
     buf = tuple(torch.zeros(T, R) for _ in widths)
+    with pytest.raises(NotImplementedError, match="compressed"):
+        w.add_shrink(buf, x, a, 1.0)
+    w = LorakernPunicaWrapper(64, 16, "cpu")
+    w.update_metadata(mapping, slot_ids, S, 1000)
     w.add_shrink(buf, x, a, 1.0)
     y = y0.clone()
     w.add_expand(y, buf, b, widths)

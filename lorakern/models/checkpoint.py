@@ -129,9 +129,9 @@ def _save_quantized_model(model: nn.Module, out_dir, tokenizer) -> Path:
 
 
 def _mark_config(path: Path) -> None:
-    """Name lorakern in config.json's ``quantization_config`` (in the file only): vLLM then picks lorakern's
-    quantization method with no flag (lorakern.integrations.vllm), and transformers' ``from_pretrained`` says the
-    directory is not one of its formats instead of building a model without weights."""
+    """Name lorakern in config.json's ``quantization_config``: vLLM then picks lorakern's quantization method with no
+    flag (lorakern.integrations.vllm). transformers only warns about the unknown method and keeps the dict in the
+    config (a model loaded back by :func:`load_quantized_model` carries it and writes it again)."""
     cfg = json.loads(path.read_text())
     cfg["quantization_config"] = {"quant_method": "lorakern", "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION}
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

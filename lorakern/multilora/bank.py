@@ -107,6 +107,7 @@ class LayerBank:
         self._dev_table = None
         self._max_rank = 0
         self._fields = None
+        self._padded = False
 
     def __deepcopy__(self, memo):
         """A copy with its own slabs; the caches (raw pointers into these slabs) are not copied."""
@@ -144,7 +145,9 @@ class LayerBank:
         if tuple(ranks.shape) != (S,) or bool((ranks < -1).any()) or bool((ranks > R).any()):
             raise ValueError(f"lorakern: ranks must be {S} integers in [-1, {R}], got {ranks.tolist()}")
         lb = cls(N, K, a.dtype, a.device)
-        lb.dense.tensors = [a.reshape(S * R, K).contiguous(), bt.reshape(S * R, N).contiguous()]
+        lb.dense.tensors = [a.reshape(S * R, K).clone(memory_format=torch.contiguous_format),
+                            bt.reshape(S * R, N).clone(memory_format=torch.contiguous_format)]
+        lb._padded = True  # the dense slabs have no free rows: set() takes compressed adapters only
         lb.dense.used = S * R
         lb.dense.free = []
         table = torch.zeros(S, len(TABLE_COLUMNS), dtype=torch.int64)
@@ -217,6 +220,9 @@ class LayerBank:
         self._changed()
 
     def _set_dense(self, slot, ad):
+        if self._padded:
+            raise ValueError("lorakern: a bank built by from_padded takes only compressed adapters in its empty slots "
+                             "(rebuild it to change dense ones)")
         A, B, scale = ad.A, ad.B, float(ad.scale)
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.K or B.shape[0] != self.N or A.shape[0] != B.shape[1]:
             raise ValueError(f"lorakern: adapter A {tuple(A.shape)} / B {tuple(B.shape)} does not fit a "
@@ -461,9 +467,7 @@ def apply_slices(banks: list, x: torch.Tensor, base: torch.Tensor, batch) -> tor
     ``base [T, sum of N]`` plus each bank's adapters in its own columns (``torch.ops.lorakern.multi_lora_slices``).
     ``banks``: LayerBanks of one AdapterBank (the batch's ids mean the same adapter in each)."""
     if eager_cpu(x) and all(lb.device.type == "cpu" for lb in banks):  # pointers prepared once per bank change
-        return eager_helper("multi_lora_slices_prepared")([lb.prepared() for lb in banks], [lb.N for lb in banks],
-                                                          banks[0].K, x, base, batch,
-                                                          max(lb.max_rank() for lb in banks))
+        return eager_helper("multi_lora_slices_prepared")(banks, x, base, batch)
     args = [lb.op_args() for lb in banks]
     return torch.ops.lorakern.multi_lora_slices(
         x, base, [t for a in args for t in a[0]], [a[1] for a in args], [a[2] for a in args],

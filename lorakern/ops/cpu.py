@@ -13,7 +13,7 @@ from .._native import native
 from ..formats.bank import BankView
 from ..formats.lora import LoraPartView, LoraParts
 from .registry import helper, kernel
-from .schemas import (_check_scale, check_gwq_matmul, check_lora, check_lora_expand, check_lora_mixed,
+from .schemas import (_check_batch, _check_scale, check_gwq_matmul, check_lora, check_lora_expand, check_lora_mixed,
                       check_lora_shrink, check_multi_lora, check_multi_lora_slices, check_quant_matmul,
                       check_quant_matmul_lora, check_qweight)
 
@@ -249,15 +249,30 @@ class PreparedBank:
         base = base if base.is_contiguous() else base.contiguous()
         y = torch.empty_like(base)
         _batch_errors(native().multi_lora, x.data_ptr(), code, x.shape[0], K, N, self.view,
-                      *_batch_args(batch.segments, batch.tokens, batch.weights), -1, base.data_ptr(), y.data_ptr())
+                      *_batch_args(*_batch_tensors(batch, x.device)), -1, base.data_ptr(), y.data_ptr())
         return y
 
 
+def _batch_tensors(batch, device) -> tuple:
+    """A LoRABatch's (segments, tokens, weights), checked (dtypes, shapes, device) and contiguous."""
+    _check_batch(batch.segments, batch.tokens, batch.weights, device)
+    return tuple(t if t.is_contiguous() else t.contiguous() for t in (batch.segments, batch.tokens, batch.weights))
+
+
 @helper("multi_lora_slices_prepared")
-def multi_lora_slices_prepared(prepared: list, widths: list, K: int, x, base, batch, max_rank: int):
+def multi_lora_slices_prepared(banks: list, x, base, batch):
     """``multi_lora_slices`` over :class:`PreparedBank`\ s (one per output slice, each built once per bank change):
-    ``base [T, sum(widths)]`` plus each slice's adapters in its own columns, for repeated eager CPU calls (the
-    fused q/k/v and gate/up of vLLM's LoRA layers); only the activations and the batch's sizes are checked here."""
+    ``base [T, sum of N]`` plus each slice's adapters in its own columns, for repeated eager CPU calls (the
+    fused q/k/v and gate/up of vLLM's LoRA layers). ``banks``: LayerBanks (their pointers prepared once per change);
+    every bank's K, the widths, the activations and the batch are checked here (O(1)), the C++ core checks every
+    slot, segment and token."""
+    K = x.shape[-1] if x.dim() else -1
+    bad = [i for i, lb in enumerate(banks) if lb.K != K]
+    if bad:
+        raise ValueError(f"lorakern: multi_lora_slices: slice {bad[0]} takes K={banks[bad[0]].K}, x has {K} features")
+    widths = [lb.N for lb in banks]
+    prepared = [lb.prepared() for lb in banks]
+    max_rank = max(lb.max_rank() for lb in banks)
     code = _DTYPE_CODE.get(x.dtype)
     if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
             or base.shape[0] != x.shape[0] or base.shape[1] != sum(widths) or batch.num_tokens != x.shape[0]):
@@ -269,7 +284,7 @@ def multi_lora_slices_prepared(prepared: list, widths: list, K: int, x, base, ba
     base = base if base.is_contiguous() else base.contiguous()
     y = torch.empty_like(base)
     _batch_errors(native().multi_lora_slices, x.data_ptr(), code, x.shape[0], K, [p.view for p in prepared],
-                  list(widths), *_batch_args(batch.segments, batch.tokens, batch.weights), max_rank, base.data_ptr(),
+                  widths, *_batch_args(*_batch_tensors(batch, x.device)), max_rank, base.data_ptr(),
                   y.data_ptr(), base.shape[1])
     return y
 

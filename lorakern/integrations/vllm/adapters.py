@@ -32,6 +32,9 @@ from ...formats.lora import CompressedLoRA
 __all__ = ["compress_settings", "from_local_checkpoint", "activate_adapter", "install"]
 
 ENV = "LORAKERN_VLLM_COMPRESS"
+# (module, group along K, group along N) of the first compressed adapter loaded in this process: a layer's bank holds
+# compressed adapters of one pair of group sizes, so a later adapter with others is refused when it loads
+_GROUPS: dict[str, tuple[int, int]] = {}
 _orig_from_local_checkpoint = LoRAModel.from_local_checkpoint.__func__
 _orig_activate = LoRAModelManager.activate_adapter
 
@@ -81,11 +84,22 @@ def from_local_checkpoint(cls, lora_dir: str, expected_lora_modules, peft_helper
     else:
         return _orig_from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper,
                                            lora_model_id=lora_model_id, **kwargs)
+    if kwargs.get("weights_mapper") is not None:
+        raise NotImplementedError(f"lorakern: {lora_dir}: compressed adapters for models whose LoRA module names vLLM "
+                                  "remaps (a weights_mapper) are not supported")
+    skip = kwargs.get("skip_prefixes") or []
+    layers = {m: c for m, c in layers.items() if not (skip and LoRAModel._should_skip_module(m, skip))}
     expected = set(expected_lora_modules)
     unknown = sorted({m.rsplit(".", 1)[-1] for m in layers} - expected)
     if unknown:
         raise ValueError(f"lorakern: the compressed adapter {lora_dir} targets {unknown}, which this model's LoRA "
                          f"layers do not include ({sorted(expected)})")
+    for m, c in layers.items():
+        want = _GROUPS.setdefault(m, c.group_sizes)
+        if c.group_sizes != want:
+            raise ValueError(f"lorakern: {lora_dir}: layer {m} is compressed with groups {c.group_sizes}, the adapters "
+                             f"already loaded use {want}; compress every adapter of one engine with the same "
+                             "--group-size (LORAKERN_VLLM_COMPRESS too)")
     loras = {m: _placeholder(c, m) for m, c in layers.items()}
     return cls(lora_model_id, peft_helper.r, loras)
 

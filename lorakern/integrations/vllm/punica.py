@@ -176,8 +176,19 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
             if s >= 0:
                 yield s, (ids == s).nonzero(as_tuple=True)[0]
 
+    def _refuse_compressed(self, a_stacked0: torch.Tensor, what: str) -> None:
+        """These plain-torch paths read vLLM's tensors only: a batch using a compressed slot is refused."""
+        key = id(a_stacked0)
+        slots = set(self._layers[key].compressed) if key in self._layers else set()
+        slots |= {s for s, v in self._pending.get(key, {}).items() if v is not None}
+        used = set(self.token_lora_indices.tolist()) & slots
+        if used:
+            raise NotImplementedError(f"lorakern: {what} with a compressed adapter (slot {min(used)}) is not supported "
+                                      "(vLLM's fully-sharded LoRA layers and vocabulary-extending adapters)")
+
     def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs) -> None:
         """``y[i] = scale · x A_i[slot]^T`` per token (slot -1: left as is), for each slice i."""
+        self._refuse_compressed(lora_a_stacked[0], "add_shrink")
         x = x.reshape(-1, x.shape[-1])
         for i, a in enumerate(lora_a_stacked):
             for s, rows in self._per_slot(self.token_lora_indices, x.shape[0]):

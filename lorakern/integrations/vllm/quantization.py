@@ -1,5 +1,5 @@
 """The ``lorakern`` quantization method for vLLM: lorakern's packed low-bit layers (RTN / GPTQ codes at
-1-8 bits, GWQ's CSR fp16 outliers) run by ``torch.ops.lorakern.quant_matmul`` / ``gwq_matmul`` inside vLLM.
+2, 3, 4 or 8 bits, GWQ's CSR fp16 outliers) run by ``torch.ops.lorakern.quant_matmul`` / ``gwq_matmul`` inside vLLM.
 
 Two ways in:
 
