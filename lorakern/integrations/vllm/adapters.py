@@ -84,9 +84,14 @@ def from_local_checkpoint(cls, lora_dir: str, expected_lora_modules, peft_helper
     else:
         return _orig_from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper,
                                            lora_model_id=lora_model_id, **kwargs)
-    if kwargs.get("weights_mapper") is not None:
-        raise NotImplementedError(f"lorakern: {lora_dir}: compressed adapters for models whose LoRA module names vLLM "
-                                  "remaps (a weights_mapper) are not supported")
+    mapper = kwargs.get("weights_mapper")
+    if mapper is not None:  # the model's checkpoint-to-vLLM renames, as vLLM applies them to PEFT names
+        mapped = {}
+        for m, c in layers.items():
+            new = mapper.map_name(m)
+            if new is not None:
+                mapped[new] = c
+        layers = mapped
     skip = kwargs.get("skip_prefixes") or []
     layers = {m: c for m, c in layers.items() if not (skip and LoRAModel._should_skip_module(m, skip))}
     expected = set(expected_lora_modules)
