@@ -55,6 +55,13 @@ def close(llm: LLM) -> None:
     gc.collect()
 
 
+def serving(model_dir, **kw):
+    """A class fixture's body: an engine for the class's tests, shut down after them."""
+    llm = engine(model_dir, **kw)
+    yield llm
+    close(llm)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tok = load_model("smollm2")
@@ -190,9 +197,7 @@ def check_teacher_forced(llm, qdir, tok):
 class TestQuantizedEager:
     @pytest.fixture(scope="class")
     def llm(self, rtn_dir):
-        llm = engine(rtn_dir, quantization="lorakern")
-        yield llm
-        close(llm)
+        yield from serving(rtn_dir, quantization="lorakern")
 
     def test_greedy_matches_lorakern(self, llm, rtn_dir, smollm2):
         check_quantized_greedy(llm, rtn_dir, smollm2[1])
@@ -204,9 +209,7 @@ class TestQuantizedEager:
 class TestQuantizedCompiled:
     @pytest.fixture(scope="class")
     def llm(self, rtn_dir):
-        llm = engine(rtn_dir, quantization="lorakern", enforce_eager=False)
-        yield llm
-        close(llm)
+        yield from serving(rtn_dir, quantization="lorakern", enforce_eager=False)
 
     def test_greedy_matches_lorakern(self, llm, rtn_dir, smollm2):
         check_quantized_greedy(llm, rtn_dir, smollm2[1])
@@ -215,9 +218,7 @@ class TestQuantizedCompiled:
 class TestGWQ:
     @pytest.fixture(scope="class")
     def llm(self, gwq_dir):
-        llm = engine(gwq_dir)  # no flag: config.json's quantization_config names lorakern
-        yield llm
-        close(llm)
+        yield from serving(gwq_dir)  # no flag: config.json's quantization_config names lorakern
 
     def test_logprobs_match_lorakern(self, llm, gwq_dir, smollm2):
         check_teacher_forced(llm, gwq_dir, smollm2[1])
@@ -230,10 +231,8 @@ class TestQuantizeAtLoad:
     @pytest.fixture(scope="class")
     def llm(self, fp_dir):
         import json
-        llm = engine(fp_dir, quantization="lorakern",
-                     hf_overrides={"quantization_config_dict_json": json.dumps({"bits": 4, "group_size": 32})})
-        yield llm
-        close(llm)
+        yield from serving(fp_dir, quantization="lorakern",
+                                  hf_overrides={"quantization_config_dict_json": json.dumps({"bits": 4, "group_size": 32})})
 
     def test_logprobs_match_lorakern_rtn(self, llm, rtn_dir, smollm2):
         check_teacher_forced(llm, rtn_dir, smollm2[1])
@@ -244,9 +243,7 @@ class TestLoRA:
 
     @pytest.fixture(scope="class")
     def llm(self, fp_dir):
-        llm = engine(fp_dir, enable_lora=True, max_loras=2, max_cpu_loras=4, max_lora_rank=16)
-        yield llm
-        close(llm)
+        yield from serving(fp_dir, enable_lora=True, max_loras=2, max_cpu_loras=4, max_lora_rank=16)
 
     @pytest.fixture(scope="class")
     def peft_reference(self, smollm2, adapters):

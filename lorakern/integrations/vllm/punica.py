@@ -107,17 +107,17 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
         self._sampler_batch = _batch(self.sampler_indices, max_loras)
 
     def _slots(self, a_stacked, b_stacked, scale: float) -> _LayerSlots:
-        st = self._pending.pop(id(a_stacked[0]), None)
         key = id(a_stacked[0])
-        cur = self._layers.get(key)
-        if cur is None or cur.a[0] is not a_stacked[0]:
-            cur = self._layers[key] = _LayerSlots(tuple(a_stacked), tuple(b_stacked))
-        if st is not None:  # compressed slots set before the layer's first call
-            cur.compressed.update(st)
-            cur.compressed = {k: v for k, v in cur.compressed.items() if v is not None}
-            cur.generation += 1
-        cur.refresh(scale)
-        return cur
+        st = self._layers.get(key)
+        if st is None or st.a[0] is not a_stacked[0]:
+            st = self._layers[key] = _LayerSlots(tuple(a_stacked), tuple(b_stacked))
+        pending = self._pending.pop(key, None)
+        if pending is not None:  # compressed slots set (or cleared: None) since the layer's last call
+            st.compressed.update(pending)
+            st.compressed = {k: v for k, v in st.compressed.items() if v is not None}
+            st.generation += 1
+        st.refresh(scale)
+        return st
 
     def set_compressed(self, a_stacked0: torch.Tensor, slot: int, parts: list | None) -> None:
         """Record that ``slot`` of the layer whose first stacked A is ``a_stacked0`` holds these compressed layers
