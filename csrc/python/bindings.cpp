@@ -158,6 +158,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("nnz"),
       py::arg("y"), py::arg("num_threads") = 0);
   m.def(
+      "quant_matmul_grad_input",
+      [](uintptr_t dy, int dy_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N,
+         int64_t K, int bits, int group_size, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t values, int64_t nnz,
+         uintptr_t dx, int num_threads) {
+        const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
+        const lk_outliers o{reinterpret_cast<const int32_t*>(row_ptr), reinterpret_cast<const uint16_t*>(col_idx),
+                            reinterpret_cast<const uint16_t*>(values), nnz};
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_quant_matmul_grad_input(reinterpret_cast<const void*>(dy), (lk_dtype)dy_dtype, M, &w,
+                                         row_ptr ? &o : nullptr, reinterpret_cast<void*>(dx), num_threads);
+        }
+        check(s, "lk_quant_matmul_grad_input");
+      },
+      py::arg("dy"), py::arg("dy_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("row_ptr"), py::arg("col_idx"),
+      py::arg("values"), py::arg("nnz"), py::arg("dx"), py::arg("num_threads") = 0);
+  m.def(
+      "quant_matmul_qalora",
+      [](uintptr_t x, int x_dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N,
+         int64_t K, int bits, int group_size, uintptr_t bias, uintptr_t a, uintptr_t bt, int64_t rank, float scale,
+         uintptr_t y, int num_threads) {
+        const lk_qweight w = make_qweight(qweight, scales, zeros, N, K, bits, group_size);
+        const lk_qalora q{reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(bt), rank, scale};
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_quant_matmul_qalora(reinterpret_cast<const void*>(x), (lk_dtype)x_dtype, M, &w,
+                                     reinterpret_cast<const float*>(bias), &q, reinterpret_cast<void*>(y),
+                                     num_threads);
+        }
+        check(s, "lk_quant_matmul_qalora");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group_size"), py::arg("bias"), py::arg("a"),
+      py::arg("bt"), py::arg("rank"), py::arg("scale"), py::arg("y"), py::arg("num_threads") = 0);
+  m.def(
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t N, int64_t K, int bits,
          int group_size, uintptr_t out, int num_threads) {

@@ -703,6 +703,87 @@ static void check_bank_resolve() {
   std::printf("bank resolve: checked\n");
 }
 
+// lk_quant_matmul_grad_input (with and without outliers) against a double model dy @ (W + S) with W from
+// lk_dequantize; lk_quant_matmul_qalora against lk_quant_matmul plus the adapter on the same pooled int8
+// activations (xsum, read back through lk_quant_matmul of a weight that is 1 on one group). Outputs are
+// NaN-poisoned first.
+static void check_grad_and_qalora(std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int pattern : {0, 3}) {
+    Problem p = make_problem(rng, 1, 131, 192, 3, 64);  // rows cross the 128-row tile
+    add_outliers(p, rng, pattern);
+    const lk_qweight w{p.qw.data(), p.scales.data(), p.zeros.data(), p.N, p.K, p.bits, p.G};
+    const lk_outliers o{p.row_ptr.data(), p.col.data(), p.val.data(), (int64_t)p.col.size()};
+    std::vector<float> wd((size_t)(p.N * p.K));
+    CHECK(lk_dequantize(&w, wd.data(), 2) == LK_OK, "dequantize");
+    if (pattern)
+      for (int64_t n = 0; n < p.N; ++n)
+        for (int32_t j = p.row_ptr[n]; j < p.row_ptr[n + 1]; ++j)
+          wd[(size_t)(n * p.K + p.col[j])] += lk::half_to_float(p.val[j]);
+    for (int64_t M : {1, 2, 5}) {
+      std::vector<float> dy((size_t)(M * p.N)), dx((size_t)(M * p.K), NAN);
+      for (float& v : dy) v = nd(rng);
+      CHECK(lk_quant_matmul_grad_input(dy.data(), LK_F32, M, &w, pattern ? &o : nullptr, dx.data(), 2) == LK_OK,
+            "grad_input");
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < p.K; ++k) {
+          double e = 0, a = 0;
+          for (int64_t n = 0; n < p.N; ++n) {
+            e += (double)dy[(size_t)(m * p.N + n)] * wd[(size_t)(n * p.K + k)];
+            a += std::fabs((double)dy[(size_t)(m * p.N + n)] * wd[(size_t)(n * p.K + k)]);
+          }
+          const float got = dx[(size_t)(m * p.K + k)];
+          CHECK(std::isfinite(got) && std::fabs(got - e) <= 200 * 6e-8 * a + 1e-6,
+                "grad_input isa %d pattern %d M=%lld: %g vs %g", (int)lk_active_isa(), pattern, (long long)M, got, e);
+        }
+    }
+    if (pattern) {  // a column out of range is refused, never read or written
+      std::vector<uint16_t> bad = p.col;
+      bad[0] = (uint16_t)p.K;
+      const lk_outliers ob{p.row_ptr.data(), bad.data(), p.val.data(), (int64_t)bad.size()};
+      std::vector<float> dy((size_t)p.N, 1.f), dx((size_t)p.K);
+      CHECK(lk_quant_matmul_grad_input(dy.data(), LK_F32, 1, &w, &ob, dx.data(), 2) == LK_ERR_INVALID_ARG,
+            "bad CSR refused");
+    }
+  }
+  // QA-LoRA fused = quant_matmul + scale/G * (xsum A^T) B^T. xsum (the pooled int8 activations) is what
+  // quant_matmul gives for a weight of scale 1, codes 0 and zero -1 in one group: w = 1 there.
+  Problem p = make_problem(rng, 3, 40, 128, 4, 32);
+  const int64_t ng = p.K / p.G, r = 5;
+  const lk_qweight w{p.qw.data(), p.scales.data(), p.zeros.data(), p.N, p.K, p.bits, p.G};
+  std::vector<float> a((size_t)(r * ng)), bt((size_t)(r * p.N));
+  for (float& v : a) v = nd(rng);
+  for (float& v : bt) v = 0.1f * nd(rng);
+  const lk_qalora q{a.data(), bt.data(), r, 1.5f};
+  std::vector<uint8_t> ones_q((size_t)(ng * lk::row_bytes(p.K, 4)), 0);
+  std::vector<uint16_t> ones_s((size_t)(ng * ng), 0), ones_z((size_t)(ng * ng), 0);
+  for (int64_t g = 0; g < ng; ++g) {  // row g: 1 on group g only
+    ones_s[(size_t)(g * ng + g)] = lk::float_to_half(1.f);
+    ones_z[(size_t)(g * ng + g)] = lk::float_to_half(-1.f);
+  }
+  const lk_qweight ones{ones_q.data(), ones_s.data(), ones_z.data(), ng, p.K, 4, p.G};
+  std::vector<float> base((size_t)(p.M * p.N)), xsum((size_t)(p.M * ng)), y((size_t)(p.M * p.N), NAN);
+  CHECK(lk_quant_matmul(p.x.data(), LK_F32, p.M, &w, p.bias.data(), base.data(), 2) == LK_OK, "base");
+  CHECK(lk_quant_matmul(p.x.data(), LK_F32, p.M, &ones, nullptr, xsum.data(), 2) == LK_OK, "xsum");
+  CHECK(lk_quant_matmul_qalora(p.x.data(), LK_F32, p.M, &w, p.bias.data(), &q, y.data(), 2) == LK_OK, "qalora");
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = 0; n < p.N; ++n) {
+      double e = base[(size_t)(m * p.N + n)], mag = std::fabs(e);
+      for (int64_t j = 0; j < r; ++j) {
+        double t = 0;
+        for (int64_t g = 0; g < ng; ++g) t += (double)a[(size_t)(j * ng + g)] * xsum[(size_t)(m * ng + g)];
+        e += 1.5 / p.G * t * bt[(size_t)(j * p.N + n)];
+        mag += std::fabs(1.5 / p.G * t * bt[(size_t)(j * p.N + n)]);
+      }
+      const float got = y[(size_t)(m * p.N + n)];
+      CHECK(std::isfinite(got) && std::fabs(got - e) <= 1e-5 * (mag + 1.0), "qalora isa %d: %g vs %g",
+            (int)lk_active_isa(), got, e);
+    }
+  const lk_qalora bad{a.data(), nullptr, r, 1.5f};
+  CHECK(lk_quant_matmul_qalora(p.x.data(), LK_F32, p.M, &w, nullptr, &bad, y.data(), 2) == LK_ERR_INVALID_ARG,
+        "qalora without B refused");
+}
+
 int main() {
   // Fresh inputs every run; LORAKERN_TEST_SEED reproduces one.
   const char* env_seed = std::getenv("LORAKERN_TEST_SEED");
@@ -741,6 +822,7 @@ int main() {
     if (lk_set_isa(isa) == LK_OK) {
       check_lora_abi(rng);
       check_multi_lora_abi(rng);
+      check_grad_and_qalora(rng);
     }
   if (g_failures) {
     std::printf("%d failures\n", g_failures);

@@ -13,11 +13,13 @@ from .._native import native
 from ..formats.bank import BankView
 from ..formats.lora import LoraPartView, LoraParts
 from .registry import helper, kernel
-from .schemas import (_check_batch, _check_scale, check_gwq_matmul, check_lora, check_lora_expand, check_lora_mixed,
+from .schemas import (_check_batch, _check_scale, check_grad_input, check_outliers, check_quant_matmul_qalora,
+                      check_gwq_matmul, check_lora, check_lora_expand, check_lora_mixed,
                       check_lora_shrink, check_multi_lora, check_multi_lora_slices, check_quant_matmul,
                       check_quant_matmul_lora, check_qweight)
 
-__all__ = ["PreparedBank", "PreparedLoRA", "bank_view", "dequantize_cpu", "gwq_matmul_cpu", "lora_expand_cpu",
+__all__ = ["PreparedBank", "PreparedLoRA", "bank_view", "dequantize_cpu", "grad_input_cpu", "gwq_matmul_cpu",
+           "gwq_matmul_grad_input_cpu", "quant_matmul_grad_input_cpu", "quant_matmul_qalora_cpu", "lora_expand_cpu",
            "lora_mixed_cpu", "lora_shrink_cpu", "multi_lora_cpu", "multi_lora_slices_cpu", "quant_matmul_cpu",
            "quant_matmul_lora_cpu"]
 
@@ -66,6 +68,53 @@ def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx
             raise ValueError("lorakern: gwq_matmul: the outlier CSR is inconsistent (row_ptr must start at 0, "
                              "not decrease and end at nnz; every column must be < K)") from None
         raise
+
+
+def grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K, outliers=None):
+    """``grad [..., N] @ (W + S)`` through ``lk_quant_matmul_grad_input`` (arguments validated by the caller)."""
+    g2 = grad.reshape(-1, N)
+    g2 = g2 if g2.is_contiguous() else g2.contiguous()
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    M = g2.shape[0]
+    dx = torch.empty((M, K), dtype=grad.dtype)
+    if M:
+        if outliers is None:
+            csr, nnz = (0, 0, 0), 0
+        else:
+            row_ptr, col_idx, values = (t.contiguous() for t in outliers)
+            csr, nnz = (row_ptr.data_ptr(), col_idx.data_ptr(), values.data_ptr()), values.shape[0]
+        try:
+            native().quant_matmul_grad_input(g2.data_ptr(), _DTYPE_CODE[grad.dtype], M, qweight.data_ptr(),
+                                             scales.data_ptr(), zeros.data_ptr(), N, K, bits, group_size, *csr, nnz,
+                                             dx.data_ptr(), torch.get_num_threads())
+        except RuntimeError as e:
+            if "invalid argument" in str(e) and outliers is not None:
+                raise ValueError("lorakern: gwq_matmul_grad_input: the outlier CSR is inconsistent (row_ptr must "
+                                 "start at 0, not decrease and end at nnz; every column must be < K)") from None
+            raise
+    return dx.view(*grad.shape[:-1], K)
+
+
+@kernel("quant_matmul_grad_input", "cpu")
+def quant_matmul_grad_input_cpu(grad, qweight, scales, zeros, bits, group_size):
+    N, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    return grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K)
+
+
+@kernel("gwq_matmul_grad_input", "cpu")
+def gwq_matmul_grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values):
+    N, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
+    return grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K, (row_ptr, col_idx, values))
+
+
+@kernel("quant_matmul_qalora", "cpu", eager=True)
+def quant_matmul_qalora_cpu(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale):
+    N, K, r = check_quant_matmul_qalora(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale)
+    A = A if A.dtype == torch.float32 and A.is_contiguous() else A.to(torch.float32).contiguous()
+    Bt = Bt if Bt.dtype == torch.float32 and Bt.is_contiguous() else Bt.to(torch.float32).contiguous()
+    return _matmul_run(native().quant_matmul_qalora, (A.data_ptr(), Bt.data_ptr(), r, float(scale)), x, qweight,
+                       scales, zeros, bits, group_size, bias, N, K)
 
 
 @kernel("dequantize", "cpu")

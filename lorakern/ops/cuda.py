@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from .registry import kernel
-from .schemas import check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
+from .schemas import check_grad_input, check_outliers, check_quant_matmul_qalora, check_multi_lora_slices, check_lora_expand, check_lora_shrink, check_multi_lora, check_gwq_matmul, check_lora_mixed, check_quant_matmul, check_quant_matmul_lora, check_qweight
 
-__all__ = ["multi_lora_slices_cuda", "lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
+__all__ = ["gwq_matmul_grad_input_cuda", "quant_matmul_grad_input_cuda", "quant_matmul_qalora_cuda",
+           "multi_lora_slices_cuda", "lora_expand_cuda", "lora_shrink_cuda", "multi_lora_cuda", "quant_matmul_cuda", "gwq_matmul_cuda", "dequantize_cuda", "lora_mixed_cuda", "quant_matmul_lora_cuda"]
 
 
 @kernel("quant_matmul", "cuda")
@@ -25,6 +26,28 @@ def gwq_matmul_cuda(x, qweight, scales, zeros, bits, group_size, row_ptr, col_id
     check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
     from ..triton.gwq_matmul import gwq_matmul_triton
     return gwq_matmul_triton(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+
+
+@kernel("quant_matmul_grad_input", "cuda")
+def quant_matmul_grad_input_cuda(grad, qweight, scales, zeros, bits, group_size):
+    check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    from ..triton.grad_input import grad_input_triton
+    return grad_input_triton(grad, qweight, scales, zeros, bits, group_size)
+
+
+@kernel("gwq_matmul_grad_input", "cuda")
+def gwq_matmul_grad_input_cuda(grad, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values):
+    N, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
+    from ..triton.grad_input import grad_input_triton
+    return grad_input_triton(grad, qweight, scales, zeros, bits, group_size, (row_ptr, col_idx, values))
+
+
+@kernel("quant_matmul_qalora", "cuda")
+def quant_matmul_qalora_cuda(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale):
+    check_quant_matmul_qalora(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale)
+    from ..triton.quant_matmul import quant_matmul_qalora_triton
+    return quant_matmul_qalora_triton(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale)
 
 
 @kernel("dequantize", "cuda")

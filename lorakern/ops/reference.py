@@ -10,10 +10,11 @@ import torch
 from ..formats.bank import BankSlabs, SlotKind, SlotRow, compressed_code_bytes
 from ..formats.outliers import SparseOutliers
 from ..formats.packing import unpack_codes
-from .schemas import (check_multi_lora_slices, check_gwq_matmul, check_lora_expand, check_lora_mixed, check_lora_shrink, check_multi_lora, check_quant_matmul, check_quant_matmul_lora, check_qweight,
+from .schemas import (check_grad_input, check_outliers, check_quant_matmul_qalora, check_multi_lora_slices, check_gwq_matmul, check_lora_expand, check_lora_mixed, check_lora_shrink, check_multi_lora, check_quant_matmul, check_quant_matmul_lora, check_qweight,
                       lib)
 
-__all__ = ["bank_factors", "dequantize", "gwq_matmul", "lora_delta", "lora_expand", "lora_mixed", "lora_shrink",
+__all__ = ["bank_factors", "dense_weight", "dequantize", "gwq_matmul", "gwq_matmul_grad_input", "qalora_pool",
+           "quant_matmul_grad_input", "quant_matmul_qalora", "lora_delta", "lora_expand", "lora_mixed", "lora_shrink",
            "multi_lora", "multi_lora_fp64", "multi_lora_slices", "multi_lora_slices_fp64", "outliers_dense", "quant_matmul", "quant_matmul_lora"]
 
 
@@ -48,6 +49,46 @@ def gwq_matmul(x, qweight, scales, zeros, bits: int, group_size: int, row_ptr, c
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def dense_weight(qweight, scales, zeros, bits: int, group_size: int, outliers=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The effective ``[N, K]`` weight ``dequantize(W) (+ S)`` in ``dtype`` (float64: exact; ``outliers`` =
+    ``(row_ptr, col_idx, values)``)."""
+    w = dequantize(qweight, scales, zeros, bits, group_size).to(dtype)
+    if outliers is not None:
+        w = w + outliers_dense(*outliers, *w.shape).to(dtype)
+    return w
+
+
+def quant_matmul_grad_input(grad, qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
+    """``grad @ dequantize(W)`` in fp32, cast to grad's dtype: quant_matmul's gradient with respect to x."""
+    check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    return (grad.float() @ dequantize(qweight, scales, zeros, bits, group_size)).to(grad.dtype)
+
+
+def gwq_matmul_grad_input(grad, qweight, scales, zeros, bits: int, group_size: int, row_ptr, col_idx,
+                          values) -> torch.Tensor:
+    """``grad @ (dequantize(W) + S)`` in fp32, cast to grad's dtype: gwq_matmul's gradient with respect to x."""
+    N, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
+    w = dense_weight(qweight, scales, zeros, bits, group_size, (row_ptr, col_idx, values))
+    return (grad.float() @ w).to(grad.dtype)
+
+
+def qalora_pool(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """QA-LoRA's input pooling: the mean of ``x [..., K]`` over each group of ``group_size`` features,
+    ``[..., K / group_size]`` (arXiv 2309.14717, Eq. 3; PEFT's ``use_qalora`` multiplies this by K / G)."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size).mean(-1)
+
+
+def quant_matmul_qalora(x, qweight, scales, zeros, bits: int, group_size: int, bias, A, Bt,
+                        scale: float) -> torch.Tensor:
+    """``x @ W^T (+ bias) + scale * (pool_G(x) A^T) Bt`` in fp32 (exact pooling), cast to x's dtype."""
+    check_quant_matmul_qalora(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale)
+    y = quant_matmul(x.float(), qweight, scales, zeros, bits, group_size, bias)
+    y = y + scale * (qalora_pool(x.float(), group_size) @ A.float().t()) @ Bt.float()
     return y.to(x.dtype)
 
 
@@ -213,6 +254,9 @@ def multi_lora_slices(x, base, banks, tables, scales, group_a, group_b, segments
 lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
 lib.impl("dequantize", dequantize, "CompositeExplicitAutograd")
 lib.impl("gwq_matmul", gwq_matmul, "CompositeExplicitAutograd")
+lib.impl("quant_matmul_grad_input", quant_matmul_grad_input, "CompositeExplicitAutograd")
+lib.impl("gwq_matmul_grad_input", gwq_matmul_grad_input, "CompositeExplicitAutograd")
+lib.impl("quant_matmul_qalora", quant_matmul_qalora, "CompositeExplicitAutograd")
 lib.impl("lora_mixed", lora_mixed, "CompositeExplicitAutograd")
 lib.impl("quant_matmul_lora", quant_matmul_lora, "CompositeExplicitAutograd")
 lib.impl("lora_shrink", lora_shrink, "CompositeExplicitAutograd")

@@ -28,6 +28,11 @@ def eager_cpu(x: torch.Tensor) -> bool:
     return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _needs_grad(x: torch.Tensor, args) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+
+
 def kernel(op: str, device: str, eager: bool = False):
     """Decorator: register ``fn`` as ``lorakern::op``'s kernel for ``device`` (``eager=True``: also the
     eager fast path of :func:`call`)."""
@@ -56,8 +61,9 @@ def eager_helper(name: str):
 
 
 def call(op: str, x: torch.Tensor, *args):
-    """``torch.ops.lorakern.<op>(x, *args)``, through the eager fast path when :func:`eager_cpu` (x)."""
-    fn = _EAGER.get(op) if eager_cpu(x) else None
+    """``torch.ops.lorakern.<op>(x, *args)``, through the eager fast path when :func:`eager_cpu` (x) and no
+    argument needs a gradient (autograd lives behind the dispatcher)."""
+    fn = _EAGER.get(op) if eager_cpu(x) and not _needs_grad(x, args) else None
     if fn is not None:
         return fn(x, *args)
     return getattr(torch.ops.lorakern, op)(x, *args)

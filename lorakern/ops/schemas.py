@@ -10,7 +10,7 @@ import torch
 
 from ..formats.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-__all__ = ["lib", "check_bank", "check_multi_lora_slices", "check_lora_expand", "check_lora_shrink", "check_multi_lora", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
+__all__ = ["lib", "check_bank", "check_grad_input", "check_quant_matmul_qalora", "check_multi_lora_slices", "check_lora_expand", "check_lora_shrink", "check_multi_lora", "check_gwq_matmul", "check_lora", "check_lora_mixed", "check_outliers", "check_quant_matmul",
            "check_quant_matmul_lora", "check_qweight", "ACT_DTYPES", "LORA_PARTS"]
 
 lib = torch.library.Library("lorakern", "DEF")
@@ -26,6 +26,16 @@ lib.define(
     "gwq_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
     "Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias=None) -> Tensor"
 )
+
+# Gradients with respect to x of quant_matmul / gwq_matmul (their autograd formulas, lorakern.ops.autograd):
+# grad [..., N] -> [..., K] = grad @ (W + S), W the exact dequantized weight.
+lib.define("quant_matmul_grad_input(Tensor grad, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
+           "int group_size) -> Tensor")
+lib.define("gwq_matmul_grad_input(Tensor grad, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
+           "int group_size, Tensor row_ptr, Tensor col_idx, Tensor values) -> Tensor")
+# QA-LoRA (arXiv 2309.14717) unmerged: quant_matmul plus scale * (pool_G(x) A^T) B^T, A [r, K / G], B^T [r, N].
+lib.define("quant_matmul_qalora(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+           "Tensor? bias, Tensor A, Tensor Bt, float scale) -> Tensor")
 
 # A compressed (LoRAQuant) adapter travels as 12 tensors, three per part (packed codes, fp16 scales, fp16
 # zeros): A_hi [h, K], B'^T_hi [h, N], A_lo [r-h, K], B'^T_lo [r-h, N]. Empty parts have 0 rows.
@@ -102,6 +112,36 @@ def check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias) -> tup
         if bias.device != x.device:
             raise ValueError(f"lorakern: bias is on {bias.device} but x is on {x.device}")
     return N, K
+
+
+def check_grad_input(grad, qweight, scales, zeros, bits, group_size) -> tuple[int, int]:
+    """Validate a ``*_grad_input`` op's gradient and weight; return (N, K)."""
+    N, K = check_qweight(qweight, scales, zeros, bits, group_size)
+    if grad.dtype not in ACT_DTYPES:
+        raise TypeError(f"lorakern: grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    if grad.dim() < 1 or grad.shape[-1] != N:
+        raise ValueError(f"lorakern: grad has shape {tuple(grad.shape)}, expected last dimension N={N}")
+    if grad.device != qweight.device:
+        raise ValueError(f"lorakern: grad is on {grad.device} but the weight is on {qweight.device}")
+    return N, K
+
+
+def check_quant_matmul_qalora(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale) -> tuple[int, int, int]:
+    """Validate quant_matmul_qalora's arguments; return (N, K, rank)."""
+    N, K = check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+    for name, t in (("A", A), ("Bt", Bt)):
+        if not t.dtype.is_floating_point or t.dim() != 2:
+            raise TypeError(f"lorakern: QA-LoRA {name} must be a 2-D floating tensor, got {t.dtype} {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"lorakern: QA-LoRA {name} is on {t.device} but x is on {x.device}")
+    r = A.shape[0]
+    if A.shape[1] != K // group_size:
+        raise ValueError(f"lorakern: QA-LoRA A must have K / group_size = {K // group_size} columns (one per "
+                         f"quantization group), got {tuple(A.shape)}")
+    if tuple(Bt.shape) != (r, N):
+        raise ValueError(f"lorakern: QA-LoRA Bt must have shape {(r, N)}, got {tuple(Bt.shape)}")
+    _check_scale(scale)
+    return N, K, r
 
 
 def check_outliers(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, N: int, K: int,
@@ -313,6 +353,25 @@ def _quant_matmul_lora_fake(x, qweight, scales, zeros, bits, group_size, bias, a
 @torch.library.register_fake("lorakern::gwq_matmul")
 def _gwq_matmul_fake(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias=None):
     N, _ = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("lorakern::quant_matmul_grad_input")
+def _quant_matmul_grad_input_fake(grad, qweight, scales, zeros, bits, group_size):
+    _, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    return grad.new_empty((*grad.shape[:-1], K))
+
+
+@torch.library.register_fake("lorakern::gwq_matmul_grad_input")
+def _gwq_matmul_grad_input_fake(grad, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values):
+    N, K = check_grad_input(grad, qweight, scales, zeros, bits, group_size)
+    check_outliers(row_ptr, col_idx, values, N, K, qweight.device)
+    return grad.new_empty((*grad.shape[:-1], K))
+
+
+@torch.library.register_fake("lorakern::quant_matmul_qalora")
+def _quant_matmul_qalora_fake(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale):
+    N, _, _ = check_quant_matmul_qalora(x, qweight, scales, zeros, bits, group_size, bias, A, Bt, scale)
     return x.new_empty((*x.shape[:-1], N))
 
 

@@ -41,6 +41,19 @@ def jobs(quick: bool = False):
         for cfg in CONFIGS:
             for dt in (("fp16", "bf16", "fp32") if bits == 4 else ("fp16",)):
                 out.append(("gwq_matmul", dict(bits=bits, G=128, config=cfg, dtype=dt)))
+    # training on a quantized base: the gradient kernel; unmerged QA-LoRA: quant_matmul with the pooled adapter
+    from .grad_input import CONFIGS as GRAD_CONFIGS
+    for bits in ((4, 2) if quick else (1, 2, 3, 4, 8)):
+        for cfg in GRAD_CONFIGS:
+            for dt in (("fp16", "bf16", "fp32") if bits == 4 else ("fp16",)):
+                out.append(("grad_input", dict(bits=bits, G=64, config=cfg, dtype=dt)))
+    for bits in ((4,) if quick else (2, 3, 4)):
+        for R in (16, 64):
+            for cfg in (("decode", "large") if quick else CONFIGS):
+                if cfg == "large" and R > 16:
+                    continue  # launch_matmul runs "medium" there
+                for dt in (("fp16", "bf16", "fp32") if (bits, R) == (4, 16) else ("fp16",)):
+                    out.append(("qalora_matmul", dict(bits=bits, G=64, config=cfg, dtype=dt, R=R)))
     # compressed LoRA: shrink per part (high bits, and the 1-bit low part), expand over both parts
     ranks = (16,) if quick else (16, 64)
     for bits in ((2, 1) if quick else (1, 2, 3, 4, 8)):
@@ -95,19 +108,33 @@ def compile_one(args):
 
         from . import quant_matmul as qm
         bits, G = params["bits"], params["G"]
-        if kernel in ("quant_matmul", "gwq_matmul"):
+        if kernel in ("quant_matmul", "gwq_matmul", "qalora_matmul"):
             cfg = dict(qm.CONFIGS[params["config"]])
             dt = params["dtype"]
             sig = {"x_ptr": _DT[dt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp32",
                    "y_ptr": _DT[dt], "rp_ptr": "*i32", "col_ptr": "*u16", "val_ptr": "*fp16", "nnz": "i32",
+                   "a_ptr": "*fp32", "bt_ptr": "*fp32", "rank": "i32", "qa_scale": "fp32",
                    "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32",
                    "stride_xm": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "HAS_OUTLIERS": "constexpr",
                    "BITS": "constexpr", "G": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                   "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+                   "BLOCK_K": "constexpr", "DOT_FP32": "constexpr", "HAS_QALORA": "constexpr",
+                   "BLOCK_R": "constexpr"}
             const = {"HAS_BIAS": True, "HAS_OUTLIERS": kernel == "gwq_matmul", "BITS": bits, "G": G,
                      "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": qm.BLOCK_K,
-                     "DOT_FP32": dt == "fp32"}
+                     "DOT_FP32": dt == "fp32", "HAS_QALORA": kernel == "qalora_matmul",
+                     "BLOCK_R": qm.qalora_block_r(params.get("R", 16))}
             fn, opts = qm.quant_matmul_kernel, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        elif kernel == "grad_input":
+            from . import grad_input as gi
+            cfg = dict(gi.CONFIGS[params["config"]])
+            dt = params["dtype"]
+            sig = {"g_ptr": _DT[dt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "dx_ptr": _DT[dt],
+                   "M": "i32", "N": "i32", "K": "i32", "row_bytes": "i32", "stride_gm": "i32", "stride_dm": "i32",
+                   "BITS": "constexpr", "G": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                   "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"}
+            const = {"BITS": bits, "G": G, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                     "BLOCK_K": gi.BLOCK_K, "DOT_FP32": dt == "fp32"}
+            fn, opts = gi.grad_input_kernel, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         elif kernel == "lora_shrink":
             from . import lora_mixed as lm
             dt = params["dtype"]

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .kernels import load_codes, load_weights
 
-__all__ = ["CONFIGS", "pick_config", "launch_matmul", "quant_matmul_triton", "dequantize_triton",
+__all__ = ["CONFIGS", "pick_config", "launch_matmul", "qalora_block_r", "quant_matmul_qalora_triton",
+           "quant_matmul_triton", "dequantize_triton",
            "quant_matmul_kernel", "dequantize_kernel"]
 
 # name -> launch parameters (BLOCK_K = 32 divides every group size). Chosen so that no
@@ -46,10 +47,11 @@ def pick_config(M: int) -> str:
 
 @triton.jit
 def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, col_ptr, val_ptr, nnz,
+                        a_ptr, bt_ptr, rank, qa_scale,
                         M, N, K, row_bytes, stride_xm, stride_ym,
                         HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_FP32: tl.constexpr):
+                        DOT_FP32: tl.constexpr, HAS_QALORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,8 +63,15 @@ def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, col_p
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     qw_rows = qw_ptr + (pid_n * BLOCK_N).to(tl.int64) * row_bytes  # 64-bit offset once per tile
     offs_nl = tl.arange(0, BLOCK_N)
+    if HAS_QALORA:  # QA-LoRA: t = pool_G(x) A^T accumulated from the same activation tiles
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+        if HAS_QALORA:  # this tile's part of its group's sum, times the group's column of A
+            a_g = tl.load(a_ptr + offs_r * ng + k0 // G, mask=r_mask, other=0.0).to(tl.float32)
+            t += tl.sum(x.to(tl.float32), axis=1)[:, None] * a_g[None, :]
         w = load_weights(qw_rows, s_ptr, z_ptr, offs_nl, offs_n, tl.arange(0, BLOCK_K), k0, row_bytes, n_mask, ng,
                          BITS, G)
         if DOT_FP32:  # fp32 activations: 3xTF32 on tensor cores, about fp32 accuracy
@@ -85,6 +94,10 @@ def quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, col_p
             xg = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + c[None, :],
                          mask=m_mask[:, None] & live[None, :], other=0.0)
             acc += xg.to(tl.float32) * v[None, :]
+    if HAS_QALORA:  # acc += (scale / G) * t @ B^T[:, offs_n]
+        bt = tl.load(bt_ptr + offs_r[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.dot(t * (qa_scale / G), bt, input_precision="tf32x3")
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -108,9 +121,10 @@ def dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, row_bytes,
 
 
 def launch_matmul(x, qweight, scales, zeros, bits: int, group_size: int, bias=None, outliers=None,
-                  config: str | None = None):
+                  config: str | None = None, qalora=None):
     """Launch quant_matmul_kernel; ``outliers = (row_ptr, col_idx, values)`` adds
-    the CSR outliers (gwq_matmul). Arguments are assumed validated."""
+    the CSR outliers (gwq_matmul), ``qalora = (A, Bt, scale)`` an unmerged QA-LoRA adapter.
+    Arguments are assumed validated."""
     N = qweight.shape[0]
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()
@@ -118,7 +132,10 @@ def launch_matmul(x, qweight, scales, zeros, bits: int, group_size: int, bias=No
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.view(*x.shape[:-1], N)
-    cfg = dict(CONFIGS[config or pick_config(M)])
+    name = config or pick_config(M)
+    if qalora is not None and name == "large" and qalora_block_r(qalora[0].shape[0]) > 16:
+        name = "medium"  # a [128, R > 16] fp32 accumulator for t spills registers
+    cfg = dict(CONFIGS[name])
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     b = bias.to(torch.float32).contiguous() if bias is not None else y  # dummy pointer when absent
     if outliers is not None:
@@ -126,12 +143,32 @@ def launch_matmul(x, qweight, scales, zeros, bits: int, group_size: int, bias=No
         nnz = v.shape[0]
     else:
         rp, ci, v, nnz = y, y, y, 0  # dummies, never read
+    if qalora is not None:
+        A, Bt, qscale = qalora
+        A, Bt = A.to(torch.float32).contiguous(), Bt.to(torch.float32).contiguous()
+        rank, BR = A.shape[0], qalora_block_r(A.shape[0])
+    else:
+        A, Bt, rank, qscale, BR = y, y, 0, 0.0, 16  # dummies, never read
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     quant_matmul_kernel[grid](
-        x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), b, y, rp, ci, v, nnz, M, N, K,
-        qweight.shape[1], x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, HAS_OUTLIERS=outliers is not None,
-        BITS=bits, G=group_size, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK_K, DOT_FP32=x.dtype == torch.float32, **cfg)
+        x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), b, y, rp, ci, v, nnz, A, Bt, rank,
+        float(qscale), M, N, K, qweight.shape[1], x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        HAS_OUTLIERS=outliers is not None, BITS=bits, G=group_size, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK_K,
+        DOT_FP32=x.dtype == torch.float32, HAS_QALORA=qalora is not None, BLOCK_R=BR, **cfg)
     return y.view(*x.shape[:-1], N)
+
+
+def qalora_block_r(rank: int) -> int:
+    """The padded rank of a QA-LoRA adapter in the fused kernel: a power of two, at least 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def quant_matmul_qalora_triton(x, qweight, scales, zeros, bits: int, group_size: int, bias, A, Bt, scale: float,
+                               config: str | None = None):
+    """Launch quant_matmul with an unmerged QA-LoRA adapter: the pooled shrink accumulated from the activation
+    tiles of the K loop, the expand one ``tl.dot`` in the epilogue. Arguments are assumed validated
+    (lorakern.ops.schemas.check_quant_matmul_qalora)."""
+    return launch_matmul(x, qweight, scales, zeros, bits, group_size, bias, None, config, (A, Bt, scale))
 
 
 def quant_matmul_triton(x, qweight, scales, zeros, bits: int, group_size: int, bias=None,

@@ -233,6 +233,30 @@ LK_API lk_status lk_bank_resolve(const lk_bank* bank, int64_t N, int64_t K, cons
 LK_API lk_status lk_route_top_k(const float* logits, int64_t T, int64_t E, int64_t k, int64_t* segments,
                                 int64_t* tokens, float* weights);
 
+/* dx[M, K] = dy[M, N] @ (W + outliers): the gradient of lk_quant_matmul / lk_gwq_matmul with respect to
+ * x (training an adapter on a quantized base). W is the exact dequantized weight (the activations'
+ * int8 rounding in the forward pass is passed straight through), dequantized in fp32 tiles, never whole.
+ * dy and dx have dtype dy_dtype; outliers (nullable) are validated whole first (LK_ERR_INVALID_ARG). */
+LK_API lk_status lk_quant_matmul_grad_input(const void* dy, lk_dtype dy_dtype, int64_t M,
+                                            const lk_qweight* w, const lk_outliers* outliers, void* dx,
+                                            int num_threads);
+
+/* A QA-LoRA adapter (arXiv 2309.14717) of a layer W[N, K] quantized in groups of G along K: its input is
+ * x average-pooled over those groups. a: fp32 A [rank, K / G]; bt: fp32 B^T [rank, N]; both row-major. */
+typedef struct {
+  const float* a;
+  const float* bt;
+  int64_t rank;
+  float scale; /* alpha / rank */
+} lk_qalora;
+
+/* y[M, N] = x @ W^T (+ bias) + scale * (pool_G(x) A^T) B^T in one call (unmerged QA-LoRA decode). The
+ * pooled input is the per-group mean of the int8-quantized activations the base pass uses, so the result
+ * equals the merged layer (zeros z - scale * (B A)^T / (G s)) before the merged zeros' fp16 rounding. */
+LK_API lk_status lk_quant_matmul_qalora(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
+                                        const float* bias, const lk_qalora* adapter, void* y,
+                                        int num_threads);
+
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
 
