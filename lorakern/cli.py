@@ -263,6 +263,26 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) <= 600 else msg[:597] + "..."
 
 
+def _merge_qalora(args) -> int:
+    from .adapters import load_peft_adapter
+    from .adapters.qalora import is_qalora, merge_qalora_adapter
+    from .models.checkpoint import load_quantized_model, save_quantized_model
+    from transformers import AutoTokenizer
+
+    adapter = load_peft_adapter(args.adapter_dir)
+    if not is_qalora(adapter):
+        raise ValueError(f"{args.adapter_dir} is not a QA-LoRA adapter (its adapter_config.json lacks use_qalora: true)")
+    model = load_quantized_model(args.base_dir)
+    names = merge_qalora_adapter(model, adapter)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.base_dir, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    out = save_quantized_model(model, args.out_dir, tok)
+    print(f"merged {len(names)} layers of {args.adapter_dir} into {args.base_dir}'s zeros -> {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (2 on an error, see the module docstring)."""
     ap = argparse.ArgumentParser(prog="lorakern", description="lorakern: kernels for low-bit LLMs with many LoRA adapters")
@@ -311,6 +331,12 @@ def main(argv=None) -> int:
     c.add_argument("--model", default=None, help="base model ('smollm2' or a local HF directory) to check the "
                    "base-weight copies PEFT saves beside an adapter on lm_head against")
     c.set_defaults(fn=_compress_adapter)
+    mq = sub.add_parser("merge-qalora", help="fold a QA-LoRA adapter into a quantized model's zeros (a plain "
+                                              "quantized model directory, no adapter cost)")
+    mq.add_argument("base_dir", help="quantized model directory (lorakern quantize) with the adapter's group size")
+    mq.add_argument("adapter_dir", help="PEFT adapter directory with use_qalora=true (lorakern's or PEFT's)")
+    mq.add_argument("out_dir", help="output quantized model directory")
+    mq.set_defaults(fn=_merge_qalora)
     g = sub.add_parser("generate-adapter", help="ICM-LoRA: generate a PEFT adapter from task examples")
     g.add_argument("--examples", required=True,
                    help='JSON file: {"instruction": "...", "examples": [{"input": ..., "output": ...}, ...]}; '

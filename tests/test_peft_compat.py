@@ -141,7 +141,6 @@ def plain_adapter(tmp_path):
     ("use_dora", True, "DoRA"),
     ("lora_bias", True, "bias on lora_B"),
     ("bias", "all", "base-layer biases"),
-    ("use_qalora", True, "QA-LoRA"),
     ("modules_to_save", ["lm_head"], "modules_to_save"),
     ("trainable_token_indices", [1, 2], "trainable tokens"),
     ("layer_replication", [[0, 2], [1, 2]], "layer replication"),

@@ -17,6 +17,7 @@ from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
 from ..nn.swap import replace_module
 from .loading import load_adapter
 from .peft_io import LoraAdapter, check_base_weights
+from .qalora import is_qalora, qalora_wrappers, refuse_qalora
 
 __all__ = ["ModelAdapterBank", "apply_adapter", "attach_adapter", "attach_adapters", "detach_adapter",
            "detach_adapters"]
@@ -32,7 +33,9 @@ class ModelAdapterBank(AdapterBank):
         self._model = model
 
     def adapter_layers(self, adapter, name: str) -> dict:
-        return super().adapter_layers(load_adapter(adapter), name)
+        adapter = load_adapter(adapter)
+        refuse_qalora(adapter, f"adapter {name!r}")
+        return super().adapter_layers(adapter, name)
 
     def check_base_weights(self, adapter: LoraAdapter, name: str) -> None:
         check_base_weights(self._model, adapter, f"adapter {name!r}")
@@ -71,7 +74,8 @@ def adapter_target(model: nn.Module, name: str, what: str = "the adapter") -> nn
 
 
 def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Replace each adapted module of ``model`` by a :class:`LoRALinear` around it.
+    """Replace each adapted module of ``model`` by a :class:`LoRALinear` around it (a
+    :class:`~lorakern.nn.QALoRALinear` for a QA-LoRA adapter: ``use_qalora`` in its config).
 
     ``adapter`` is a :class:`LoraAdapter` (floating point; stored in ``dtype``), a dict
     ``{module name: LoraLayer | CompressedLoRA}`` (e.g. from
@@ -84,10 +88,13 @@ def attach_adapter(model: nn.Module, adapter, dtype: torch.dtype = torch.float32
             ``Conv1D``, lorakern's layers) or already carries an adapter, shapes that do not fit,
             or base-weight copies that differ from the model's (:func:`check_base_weights`).
     """
+    adapter = load_adapter(adapter)
     layers = _layers(adapter, model)
     targets = {}
     for name, layer in layers.items():
         targets[name] = (adapter_target(model, name), layer)
+    if is_qalora(adapter):  # QALoRALinear: A on group-pooled inputs
+        return swap_in(model, qalora_wrappers(adapter, {n: mod for n, (mod, _) in targets.items()}))
     wrapped = {}
     for name, (mod, layer) in targets.items():
         wrapped[name] = LoRALinear(mod, layer, dtype=dtype)  # validates shapes before any swap
@@ -143,6 +150,7 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     loaded = {}
     for name, a in adapters.items():
         a = load_adapter(a)
+        refuse_qalora(a, f"adapter {name!r}")
         if isinstance(a, LoraAdapter):
             check_base_weights(model, a, f"adapter {name!r}")
             a = a.layers

@@ -5,7 +5,8 @@ treats a non-default value:
 
 * ``"ok"``: it does not change the adapter's forward once the weights are saved (metadata, which
   modules were targeted, initialisation that leaves the base model alone, dropout, ...), or
-  lorakern implements it (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``);
+  lorakern implements it (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+  ``use_qalora`` with ``qalora_group_size``: :mod:`lorakern.adapters.qalora`);
 * a string: the name of the PEFT feature that changes the math and that lorakern does not
   implement; an adapter that uses it is refused by :func:`check_config` with that name.
 
@@ -34,6 +35,7 @@ FIELDS: dict[str, str] = {
     "revision": OK, "inference_mode": OK, "runtime_config": OK,
     # what lorakern implements
     "r": OK, "lora_alpha": OK, "use_rslora": OK, "rank_pattern": OK, "alpha_pattern": OK,
+    "use_qalora": OK,  # QA-LoRA: group-pooled inputs (lorakern.adapters.qalora)
     # targeting (the saved tensors already say which modules carry an adapter)
     "target_modules": OK, "exclude_modules": OK, "layers_to_transform": OK, "layers_pattern": OK,
     # training only / initialisation that leaves the base weights alone (checked in check_config)
@@ -43,7 +45,6 @@ FIELDS: dict[str, str] = {
     # features that change the forward: refused by name
     "use_dora": "DoRA (weight-decomposed LoRA, use_dora=True)",
     "alora_invocation_tokens": "activated LoRA (aLoRA: the adapter acts only from its invocation tokens on)",
-    "use_qalora": "QA-LoRA (PEFT's use_qalora: the adapter reads group-pooled inputs)",
     "lora_bias": "a bias on lora_B (lora_bias=True)",
     "bias": "trained base-layer biases (bias='all' or 'lora_only')",
     "modules_to_save": "modules_to_save (full copies of whole modules trained with the adapter)",

@@ -33,6 +33,7 @@ from ..formats.io import FormatError, load_quantized, read_safetensors, save_qua
 from ..formats.lora import CompressedLoRA, LoraAdapter, LoraLayer
 from ..quant.loraquant import compress_lora
 from .peft_config import LORAKERN_METADATA_KEYS, check_config, pattern_value, target_matches
+from .qalora import check_qalora_config, refuse_qalora
 
 __all__ = ["LoraAdapter", "LoraLayer", "check_base_weights", "compress_adapter", "load_compressed_adapter", "load_peft_adapter",
            "save_compressed_adapter", "save_compressed_adapter_dir", "save_peft_adapter", "COMPRESSED_DIR_FILE"]
@@ -96,6 +97,7 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise FormatError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
     check_config(cfg, str(cfg_path))
+    qalora = check_qalora_config(cfg, str(cfg_path)) is not None
     tensors, st_meta = read_safetensors(w_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
@@ -136,7 +138,10 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
             raise FormatError(f"{w_path}: {module}: NaN or Inf in the LoRA weights")
         alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        adapter.layers[module] = LoraLayer(A.float(), B.float(), scale)
+        A = A.float()
+        if qalora:  # PEFT's QA-LoRA multiplies the pooled mean by in_features / G = A's columns; lorakern's A
+            A = A * A.shape[1]  # acts on the mean itself
+        adapter.layers[module] = LoraLayer(A, B.float(), scale)
     return adapter
 
 
@@ -181,8 +186,10 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
+    qalora = bool(cfg.get("use_qalora"))
     for module, layer in adapter.layers.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = layer.A.detach().contiguous().cpu()
+        A = layer.A.detach() / layer.A.shape[1] if qalora else layer.A.detach()  # PEFT's QA-LoRA convention
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"base_model.model.{module}.lora_B.weight"] = layer.B.detach().contiguous().cpu()
     for module, w in adapter.base_weights.items():
         tensors[f"base_model.model.{module}.base_layer.weight"] = w.detach().contiguous().cpu()
@@ -201,8 +208,10 @@ def compress_adapter(adapter: LoraAdapter, rho: float = 0.9, bits_high: int = 2,
     adapter on ``lm_head``) is compressed only after they are checked against ``model``.
 
     Raises:
-        ValueError: base-weight copies and no ``model``, or copies that differ from ``model``'s weights.
+        ValueError: base-weight copies and no ``model``, or copies that differ from ``model``'s weights; a
+            QA-LoRA adapter (its A acts on group-pooled inputs; merge it instead).
     """
+    refuse_qalora(adapter, "compress_adapter")
     if adapter.base_weights:
         if model is None:
             raise ValueError(f"lorakern: the adapter carries copies of base weights ({sorted(adapter.base_weights)}); "

@@ -3,11 +3,12 @@ from .gwq_linear import GWQLinear
 from .lora_linear import LoRALinear
 from .mola_linear import MoLALinear
 from .multi_lora_linear import MultiLoRAContext, MultiLoRALinear
+from .qalora_linear import QALoRALinear
 from .quant_embedding import QuantEmbedding
 from .quant_linear import QuantLinear
 from .swap import replace_module
 
 #: the modules that carry adapters around a linear layer (an adapter never wraps one of them again)
-ADAPTER_MODULES = (LoRALinear, MultiLoRALinear, MoLALinear)
+ADAPTER_MODULES = (LoRALinear, MultiLoRALinear, MoLALinear, QALoRALinear)
 
-__all__ = ["ADAPTER_MODULES", "GWQLinear", "LoRALinear", "MoLALinear", "MultiLoRAContext", "MultiLoRALinear", "QuantEmbedding", "QuantLinear", "replace_module"]
+__all__ = ["ADAPTER_MODULES", "GWQLinear", "LoRALinear", "MoLALinear", "MultiLoRAContext", "MultiLoRALinear", "QALoRALinear", "QuantEmbedding", "QuantLinear", "replace_module"]

@@ -1,7 +1,9 @@
 """A small LoRA trainer for the adapter suite (CPU, minutes per adapter).
 
 LoRA on every attention and MLP projection (q/k/v/o/gate/up/down) of a LLaMA-style
-Hugging Face model, PEFT's initialisation (A Kaiming-uniform, B zero), AdamW,
+Hugging Face model, full precision or quantized by lorakern (QLoRA-style: gradients flow through
+``quant_matmul`` / ``gwq_matmul`` to the activations; ``TrainConfig(qalora=True)`` trains QA-LoRA,
+arXiv 2309.14717), PEFT's initialisation (A Kaiming-uniform, B zero), AdamW,
 fixed seeds, a progress bar. The result is a :class:`~lorakern.adapters.LoraAdapter`
 with a PEFT config, saved with :func:`~lorakern.adapters.save_peft_adapter` in the
 format PEFT itself loads.
@@ -18,6 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...adapters.peft_io import LoraAdapter, LoraLayer
+from ...formats.linear_like import linear_shape
+from ...nn.gwq_linear import GWQLinear
+from ...nn.quant_linear import QuantLinear
 from ...nn.swap import replace_module
 from .tasks import Task
 
@@ -44,6 +49,11 @@ class TrainConfig:
     warmup: int = 10
     seed: int = 0
     seq_len: int = 256  # language-modelling windows
+    #: QA-LoRA (arXiv 2309.14717): A reads the input average-pooled over the base's quantization groups, so the
+    #: trained adapter merges into a quantized base's zeros (lorakern.adapters.merge_qalora_adapter)
+    qalora: bool = False
+    #: the pooling group size (default: each target layer's quantization group size)
+    qalora_group_size: int | None = None
 
     def __post_init__(self):
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.alpha <= 0 or self.lr <= 0:
@@ -64,10 +74,38 @@ class _TrainableLoRA(nn.Module):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
 
+class _TrainableQALoRA(nn.Module):
+    """``base(x) + scale * (pool_G(x) A^T) B^T``, trained in PEFT's parametrisation (``use_qalora``: the pooled
+    mean times ``in / G``, A ``[r, in / G]`` initialised as PEFT's ``nn.Linear(in / G, r)``, B zero);
+    :meth:`layer` gives lorakern's A (on the mean itself)."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, gen: torch.Generator, group_size: int):
+        super().__init__()
+        K = linear_shape(base)[1]
+        if group_size < 1 or K % group_size:
+            raise ValueError(f"lorakern: QA-LoRA group size {group_size} does not divide in_features={K}")
+        self.base, self.scale, self.group_size, self.ng = base, scale, group_size, K // group_size
+        bound = 1.0 / math.sqrt(self.ng)
+        self.A = nn.Parameter((torch.rand(rank, self.ng, generator=gen) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(linear_shape(base)[0], rank))
+
+    def forward(self, x):
+        pooled = x.reshape(*x.shape[:-1], self.ng, self.group_size).mean(-1) * self.ng
+        return self.base(x) + (pooled @ self.A.t() @ self.B.t()) * self.scale
+
+    def layer(self) -> LoraLayer:
+        return LoraLayer(self.A.detach() * self.ng, self.B.detach().clone(), self.scale)
+
+
+def _is_target(m: nn.Module) -> bool:
+    """A layer LoRA trains on: ``nn.Linear`` or lorakern's quantized layers (gradients flow through their ops)."""
+    return isinstance(m, (nn.Linear, QuantLinear, GWQLinear))
+
+
 def _target_names(model: nn.Module, targets) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    names = [n for n, m in model.named_modules() if _is_target(m) and n.split(".")[-1] in targets]
     if not names:
-        raise ValueError(f"no nn.Linear named {targets} in the model")
+        raise ValueError(f"no linear or quantized layer named {targets} in the model")
     return names
 
 
@@ -86,10 +124,18 @@ def injected(model: nn.Module, names, make):
 
 
 def _lora_injected(model: nn.Module, cfg: TrainConfig):
-    """The target Linears as trainable LoRA wrappers for the ``with`` block (:func:`injected`)."""
+    """The target layers as trainable LoRA (or QA-LoRA) wrappers for the ``with`` block (:func:`injected`)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    return injected(model, _target_names(model, cfg.targets),
-                    lambda name, base: _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen))
+
+    def make(name, base):
+        if not cfg.qalora:
+            return _TrainableLoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen)
+        G = cfg.qalora_group_size or getattr(base, "group_size", None)
+        if G is None:
+            raise ValueError(f"lorakern: {name} is a {type(base).__name__} with no quantization group size; give "
+                             "TrainConfig.qalora_group_size")
+        return _TrainableQALoRA(base, cfg.rank, cfg.alpha / cfg.rank, gen, G)
+    return injected(model, _target_names(model, cfg.targets), make)
 
 
 def peft_config(cfg: TrainConfig, base_model: str = "SmolLM2-135M-Instruct", **extra) -> dict:
@@ -152,9 +198,17 @@ def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, metadata
         model.train()
         optimize(params, cfg, loss_fn, desc, progress, None if on_step is None else
                  lambda step: on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()}))
-        adapter = LoraAdapter(peft_config(cfg), metadata=dict(metadata))
+        extra = {}
+        if cfg.qalora:
+            sizes = {m.group_size for m in mods.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"lorakern: the target layers have different quantization group sizes {sorted(sizes)}; "
+                                 "a QA-LoRA adapter has one (TrainConfig.qalora_group_size)")
+            extra = {"use_qalora": True, "qalora_group_size": sizes.pop()}
+        adapter = LoraAdapter(peft_config(cfg, **extra), metadata=dict(metadata))
         for name, m in mods.items():
-            adapter.layers[name] = LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale)
+            adapter.layers[name] = (m.layer() if cfg.qalora else
+                                    LoraLayer(m.A.detach().clone(), m.B.detach().clone(), m.scale))
     return adapter
 
 
