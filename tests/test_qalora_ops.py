@@ -63,6 +63,30 @@ def test_gwq_grad_input_matches_exact(isa, pattern, dtype, rng):
     assert ((dx.double() - exact).abs() <= 2 * _grad_tol(g, w_abs, dtype)).all()
 
 
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_input_tiled_gemm_path(outliers, dtype, rng):
+    """From GRAD_GEMM_MIN_ROWS rows on, W is dequantized in row tiles and multiplied with torch's GEMM: the same
+    gradient (N = 300 crosses the 256-row tiles)."""
+    from lorakern.ops.cpu import GRAD_GEMM_MIN_ROWS
+    w = random_qweight(300, 128, 4, 32, rng)
+    csr = None
+    if outliers:
+        o = random_outliers(300, 128, "5pct", rng)
+        csr = (o.row_ptr, o.col_idx, o.values)
+    g = torch.randn(GRAD_GEMM_MIN_ROWS + 7, 300, generator=rng).to(dtype)
+    op = torch.ops.lorakern.gwq_matmul_grad_input if outliers else torch.ops.lorakern.quant_matmul_grad_input
+    dx = op(g, w.qweight, w.scales, w.zeros, 4, 32, *(csr or ()))
+    assert dx.dtype == dtype and dx.shape == (GRAD_GEMM_MIN_ROWS + 7, 128)
+    w_abs = w.dequantize().abs() + (ref.outliers_dense(*csr, 300, 128).abs() if csr else 0)
+    assert ((dx.double() - _exact_grad(g, w, csr)).abs() <= 2 * _grad_tol(g, w_abs, dtype)).all()
+    if outliers:
+        bad = o.col_idx.clone()
+        bad[5] = 128
+        with pytest.raises(ValueError, match="CSR"):
+            op(g, w.qweight, w.scales, w.zeros, 4, 32, o.row_ptr, bad, o.values)
+
+
 def test_gwq_grad_input_refuses_a_damaged_csr(rng):
     w = random_qweight(8, 64, 4, 64, rng)
     o = random_outliers(8, 64, "one_per_row", rng)

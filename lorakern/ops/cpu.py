@@ -18,7 +18,7 @@ from .schemas import (_check_batch, _check_scale, check_grad_input, check_outlie
                       check_lora_shrink, check_multi_lora, check_multi_lora_slices, check_quant_matmul,
                       check_quant_matmul_lora, check_qweight)
 
-__all__ = ["PreparedBank", "PreparedLoRA", "bank_view", "dequantize_cpu", "grad_input_cpu", "gwq_matmul_cpu",
+__all__ = ["GRAD_GEMM_MIN_ROWS", "GRAD_GEMM_TILE_ROWS", "PreparedBank", "PreparedLoRA", "bank_view", "dequantize_cpu", "grad_input_cpu", "gwq_matmul_cpu",
            "gwq_matmul_grad_input_cpu", "quant_matmul_grad_input_cpu", "quant_matmul_qalora_cpu", "lora_expand_cpu",
            "lora_mixed_cpu", "lora_shrink_cpu", "multi_lora_cpu", "multi_lora_slices_cpu", "quant_matmul_cpu",
            "quant_matmul_lora_cpu"]
@@ -70,12 +70,23 @@ def gwq_matmul_cpu(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx
         raise
 
 
+#: from this many gradient rows on, grad_input dequantizes row tiles of W and multiplies them with torch's GEMM
+GRAD_GEMM_MIN_ROWS = 64
+GRAD_GEMM_TILE_ROWS = 256
+
+
 def grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K, outliers=None):
-    """``grad [..., N] @ (W + S)`` through ``lk_quant_matmul_grad_input`` (arguments validated by the caller)."""
+    """``grad [..., N] @ (W + S)`` (arguments validated by the caller). Up to :data:`GRAD_GEMM_MIN_ROWS` rows:
+    ``lk_quant_matmul_grad_input``. From there on (training batches): W is dequantized by the C++ core in tiles
+    of :data:`GRAD_GEMM_TILE_ROWS` rows (never whole; the tile's outliers added), each multiplied in with torch's
+    GEMM (MKL/oneDNN), which a register-tiled GEMM of our own would only match."""
     g2 = grad.reshape(-1, N)
     g2 = g2 if g2.is_contiguous() else g2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     M = g2.shape[0]
+    if M >= GRAD_GEMM_MIN_ROWS and N:
+        return _grad_input_tiled_gemm(g2, qweight, scales, zeros, bits, group_size, N, K, outliers).to(
+            grad.dtype).view(*grad.shape[:-1], K)
     dx = torch.empty((M, K), dtype=grad.dtype)
     if M:
         if outliers is None:
@@ -93,6 +104,33 @@ def grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K, outlier
                                  "start at 0, not decrease and end at nnz; every column must be < K)") from None
             raise
     return dx.view(*grad.shape[:-1], K)
+
+
+def _grad_input_tiled_gemm(g2, qweight, scales, zeros, bits, group_size, N, K, outliers):
+    if outliers is not None:  # the C++ path validates the CSR itself; here, before any index is used
+        row_ptr, col_idx, values = (t.contiguous() for t in outliers)
+        nnz = values.shape[0]
+        if (int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr.diff() < 0).any())
+                or (nnz and int(col_idx.to(torch.int32).max()) >= K)):
+            raise ValueError("lorakern: gwq_matmul_grad_input: the outlier CSR is inconsistent (row_ptr must "
+                             "start at 0, not decrease and end at nnz; every column must be < K)")
+    g32 = g2.float()
+    dx = torch.zeros((g2.shape[0], K), dtype=torch.float32)
+    rb, ng, R = qweight.shape[1], K // group_size, GRAD_GEMM_TILE_ROWS
+    tile = torch.empty((min(R, N), K), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    for n0 in range(0, N, R):
+        n1 = min(N, n0 + R)
+        t = tile[: n1 - n0]
+        native().dequantize(qweight.data_ptr() + n0 * rb, scales.data_ptr() + 2 * n0 * ng,
+                            zeros.data_ptr() + 2 * n0 * ng, n1 - n0, K, bits, group_size, t.data_ptr(), threads)
+        if outliers is not None:
+            j0, j1 = int(row_ptr[n0]), int(row_ptr[n1])
+            if j1 > j0:
+                rows = torch.repeat_interleave(torch.arange(n1 - n0), row_ptr[n0: n1 + 1].diff().long())
+                t.index_put_((rows, col_idx[j0:j1].long()), values[j0:j1].float(), accumulate=True)
+        dx.addmm_(g32[:, n0:n1], t)
+    return dx
 
 
 @kernel("quant_matmul_grad_input", "cpu")
