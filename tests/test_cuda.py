@@ -102,6 +102,42 @@ def test_gwq_matmul(pattern, dtype, rng):
         assert ((y.cpu().float() - want).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_input(outliers, dtype, rng):
+    """quant_matmul / gwq_matmul's gradient kernel (training on a quantized base), every tile config."""
+    for bits, G, M in ((4, 128, 3), (3, 64, 37), (2, 32, 130)):
+        N, K = 75, 2 * G
+        w = random_qweight(N, K, bits, G, rng)
+        o = random_outliers(N, K, "5pct", rng)
+        csr = (o.row_ptr, o.col_idx, o.values) if outliers else ()
+        g = torch.randn(M, N, generator=rng).to(dtype)
+        name = "gwq_matmul_grad_input" if outliers else "quant_matmul_grad_input"
+        dx = op(name, dev(g), *dev(w.qweight, w.scales, w.zeros), bits, G, *[dev(t) for t in csr])
+        assert dx.dtype == dtype and dx.shape == (M, K)
+        want = getattr(ref, name)(g.float(), w.qweight, w.scales, w.zeros, bits, G, *csr).double()
+        w_abs = w.dequantize().abs() + (ref.outliers_dense(*csr, N, K).abs() if outliers else 0)
+        tol = 4 * DOT_EPS[dtype] * (g.double().abs() @ w_abs.double()) + DOT_EPS[dtype] * want.abs() + 1e-5
+        assert ((dx.cpu().double() - want).abs() <= tol).all(), (bits, G, M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quant_matmul_qalora(dtype, rng):
+    """The fused unmerged QA-LoRA op (pooled shrink in the K loop, expand in the epilogue) at several ranks."""
+    for M, r, G in ((1, 16, 64), (9, 5, 32), (70, 40, 128)):
+        N, K = 67, 3 * G
+        w = random_qweight(N, K, 4, G, rng)
+        x = torch.randn(M, K, generator=rng).to(dtype)
+        A, Bt, bias = torch.randn(r, K // G, generator=rng), torch.randn(r, N, generator=rng) * 0.1, torch.randn(N)
+        y = op("quant_matmul_qalora", dev(x), *dev(w.qweight, w.scales, w.zeros), 4, G, dev(bias), dev(A), dev(Bt),
+               0.5)
+        want = ref.quant_matmul_qalora(x, w.qweight, w.scales, w.zeros, 4, G, bias, A, Bt, 0.5).double()
+        terms = (x.double().abs() @ w.dequantize().double().abs().t()
+                 + 0.5 * (ref.qalora_pool(x.double().abs(), G) @ A.double().abs().t()) @ Bt.double().abs())
+        tol = 4 * DOT_EPS[dtype] * terms + DOT_EPS[dtype] * want.abs() + 1e-5
+        assert ((y.cpu().double() - want).abs() <= tol).all(), (M, r, G)
+
+
 def test_gwq_damaged_csr_reads_nothing_out_of_bounds():
     w = random_qweight(8, 128, 4, 128)
     o = random_outliers(8, 128, "5pct")

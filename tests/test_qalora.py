@@ -256,3 +256,31 @@ def test_merge_qalora_cli_errors(qmodel, tmp_path):
                                                                       torch.randn(64, 2, generator=g), 1.0)})
     save_peft_adapter(plain, tmp_path / "plain")
     assert cli(["merge-qalora", str(tmp_path / "base"), str(tmp_path / "plain"), str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gwq"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qalora_trains_and_merges_on_every_base(method, bits):
+    """QA-LoRA on RTN, GPTQ and GWQ (outliers: gradients through gwq_matmul) bases at 2, 3 and 4 bits."""
+    from lorakern.apps.train.trainer import TrainConfig, _train
+    model = tiny_llama()
+    cal = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, QuantConfig(method=method, bits=bits, group_size=32), calibration=cal, progress=False)
+    losses = []
+
+    def loss_fn(step):
+        logits = model(input_ids=IDS[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0], IDS[0, 1:])
+        losses.append(float(loss))
+        return loss
+    adapter = _train(model, TrainConfig(rank=4, alpha=8, steps=15, lr=3e-2, qalora=True, warmup=1), loss_fn,
+                     "qalora", False, {})
+    assert losses[-1] < losses[0] - 0.1
+    with torch.no_grad():
+        base = model(IDS).logits
+        old = attach_adapter(model, adapter)
+        unmerged = model(IDS).logits
+        detach_adapter(model, old)
+        merge_qalora_adapter(model, adapter)
+        merged = model(IDS).logits
+    assert (merged - unmerged).abs().max() < 0.05 * (unmerged - base).abs().max()
