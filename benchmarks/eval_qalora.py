@@ -11,7 +11,8 @@ RTN by default), each form is scored on the same held-out examples:
   quantized base, folded into its fp16 zeros (``merge_qalora_adapter``): a plain quantized model;
 * ``qalora_unmerged``: the same adapter kept beside the base (``QALoRALinear``, one fused op per layer);
 * ``lora_merged_requant`` (ii): a LoRA adapter trained on the same quantized base, merged into the dequantized
-  weights and re-quantized with the base's quantizer, bits and groups (the usual lossy path);
+  weights and re-quantized by RTN at the base's bits and groups (the usual lossy path; with ``--quantizer gptq``
+  the base is GPTQ's and the re-quantization still RTN: GPTQ would need calibration of the merged model);
 * ``lora_unmerged`` (iii): that LoRA kept unmerged on the quantized base (fp16 factors);
 * ``lora_fp16`` (iv): LoRA trained on the full-precision base, fp16 factors (the upper bound; ``base_bits`` 32);
 * ``base``: the quantized base alone (and the fp32 base, ``base_bits`` 32).
@@ -289,11 +290,22 @@ def main(argv=None) -> int:
     def metric(model, task):
         return evaluate_adapter_metric(model, tok, task, a.eval_examples)
 
-    fp16_adapters = {}
-    for t in names:
+    qbases = {bits: quantized_base(fp, tok, bits, a, root / f"base{bits}") for bits in bits_list}
+    rss = {} if a.no_rss else measure_rss(root / f"base{bits_list[0]}", 3)
+    log(f"training peak RSS: {rss}")
+
+    def report():  # after every task: the run can be stopped and resumed (trained adapters are cached)
+        summ = summary(rows, bits_list)
+        write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
+                              "rows": rows, "summary": summ, "train_peak_rss": rss})
+        Path(out_path).with_suffix(".md").write_text(
+            markdown(rows, bits_list, names, rss, machine, a.quantizer) + "\n```\n" + json.dumps(summ, indent=2)
+            + "\n```\n")
+        return summ
+
+    for t in names:  # task by task, every base: a stopped run leaves whole tasks
         add(t, 32, "base", metric(fp, t), 32.0)
         ad, sec = trained(fp, tok, t, a, False, root / "fp32" / t)
-        fp16_adapters[t] = ad
         with apply_adapter(fp, ad, dtype=torch.float16):
             add(t, 32, "lora_fp16", metric(fp, t), 32.0 + adapter_bits(ad) / nweights, train_seconds=sec)
         if 32 not in decode:
@@ -301,10 +313,8 @@ def main(argv=None) -> int:
             attach_adapter(withad, ad, dtype=torch.float16)
             timed(32, {"base": fp, "lora_fp16": withad})
             del withad
-    for bits in bits_list:
-        qbase = quantized_base(fp, tok, bits, a, root / f"base{bits}")
-        base_bits = bits + 32.0 / GROUP
-        for t in names:
+        for bits in bits_list:
+            qbase, base_bits = qbases[bits], bits + 32.0 / GROUP
             add(t, bits, "base", metric(qbase, t), base_bits)
             qa, qsec = trained(qbase, tok, t, a, True, root / f"q{bits}" / t / "qalora")
             merged = copy.deepcopy(qbase)
@@ -324,13 +334,7 @@ def main(argv=None) -> int:
                 timed(bits, {"base": qbase, "qalora_merged": merged, "lora_merged_requant": requant,
                              "qalora_unmerged": unq, "lora_unmerged": unl})
                 del unq, unl
-    rss = {} if a.no_rss else measure_rss(root / f"base{bits_list[0]}", 3)
-    summ = summary(rows, bits_list)
-    log(f"summary {summ}; rss {rss}")
-    write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
-                          "rows": rows, "summary": summ, "train_peak_rss": rss})
-    Path(out_path).with_suffix(".md").write_text(markdown(rows, bits_list, names, rss, machine, a.quantizer) +
-                                                 "\n```\n" + json.dumps(summ, indent=2) + "\n```\n")
+        log(f"after {t}: {report()}")
     return 0
 
 

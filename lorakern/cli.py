@@ -7,6 +7,9 @@
     lorakern compress-adapter IN_DIR OUT --rho 0.9 --bits-high 2
                     LoRAQuant-compress a PEFT LoRA adapter (or a MoLA adapter's experts) into one
                     safetensors file
+    lorakern merge-qalora BASE_DIR ADAPTER_DIR OUT_DIR
+                    fold a QA-LoRA adapter (use_qalora) into a quantized model's fp16 zeros: a plain quantized
+                    model directory
     lorakern generate-adapter --examples FILE --out DIR
                     ICM-LoRA: write a PEFT adapter for the task the examples show (the generator is trained
                     and cached on first use, or given with --generator)

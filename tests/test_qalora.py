@@ -75,6 +75,18 @@ def test_merged_kernel_equals_fused_unmerged_kernel(isa, rng):
     assert ((y_unmerged.double() - y_merged.double()).abs() <= bound + 1e-4).all()
 
 
+def test_fused_forward_follows_in_place_changes_of_B(rng):
+    base, A, B = _layer(rng)
+    m = QALoRALinear(base, A, B, 1.0)
+    x = torch.randn(3, 128, generator=rng)
+    with torch.no_grad():
+        before = m(x)
+        m.load_state_dict({**m.state_dict(), "lora_B": torch.zeros_like(B)})
+        assert torch.equal(m(x), base(x)) and not torch.equal(before, base(x))
+        m.lora_B.copy_(B)
+        assert torch.equal(m(x), before)
+
+
 def test_merge_into_gwq_keeps_outliers(rng):
     w = random_qweight(40, 64, 4, 32, rng)
     o = random_outliers(40, 64, "5pct", rng)
@@ -212,6 +224,8 @@ def test_train_qalora_on_quantized_base_then_merge(qmodel, tmp_path):
         return loss
     adapter = _train(model, cfg, loss_fn, "qalora", False, {})
     assert losses[-1] < 0.9 * losses[0]
+    # B starts at zero: the first layer's moved only if gradients flowed back through the quantized layers above
+    assert adapter.layers["model.layers.0.mlp.up_proj"].B.abs().max() > 0
     assert adapter.config["use_qalora"] and adapter.config["qalora_group_size"] == 32
     with torch.no_grad():
         base = model(IDS).logits

@@ -8,11 +8,12 @@
 //
 // lk_quant_matmul_qalora: y = x @ W^T (+ bias) + scale * (pool_G(x) A^T) B^T in one call. The pooled input
 //   is the per-group sum of the int8-quantized activations that the base kernel computes anyway (xsum / G),
-//   so the unmerged adapter gives exactly what the merged zeros z' = z - scale * (B A)^T / (G s) give, up to
+//   so the unmerged adapter gives exactly what the merged zeros z' = z - scale * (B A) / (G s) give, up to
 //   z''s fp16 rounding.
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <new>
 #include <vector>
@@ -65,22 +66,28 @@ lk_status lk_quant_matmul_grad_input(const void* dy, lk_dtype dy_dtype, int64_t 
     const int64_t ng = K / G, rb = lk::row_bytes(K, w->bits);
     const auto ex = lk::active_kernels().lora_expand;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(lk::threads_for(num_threads), ng));
+    std::atomic<int> no_memory{0};
     if (N > 0) {
 #pragma omp parallel num_threads(nt)
       {
         const int tid = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t g0 = ng * tid / T, g1 = ng * (tid + 1) / T;  // this thread's column groups
-        for (int64_t n0 = 0; n0 < N && g1 > g0; n0 += kRowChunk) {
-          const int64_t nb = std::min(kRowChunk, N - n0);
-          const lk::LoraExpand e{M, K, G,
-                                 {{w->qweight + n0 * rb, w->scales + n0 * ng, w->zeros + n0 * ng, nb, w->bits,
-                                   dy32 + n0, N},
-                                  {nullptr, nullptr, nullptr, 0, 1, nullptr, 0}},
-                                 1.0f, dx32, nullptr};
-          ex(e, g0, g1);
+        try {  // an exception must not leave the parallel region (the expand allocates its tile)
+          for (int64_t n0 = 0; n0 < N && g1 > g0; n0 += kRowChunk) {
+            const int64_t nb = std::min(kRowChunk, N - n0);
+            const lk::LoraExpand e{M, K, G,
+                                   {{w->qweight + n0 * rb, w->scales + n0 * ng, w->zeros + n0 * ng, nb, w->bits,
+                                     dy32 + n0, N},
+                                    {nullptr, nullptr, nullptr, 0, 1, nullptr, 0}},
+                                   1.0f, dx32, nullptr};
+            ex(e, g0, g1);
+          }
+        } catch (const std::bad_alloc&) {
+          no_memory.store(1);
         }
       }
     }
+    if (no_memory.load()) return LK_ERR_ALLOC;
     if (outliers && outliers->nnz > 0) {
       const int32_t* rp = outliers->row_ptr;
       const uint16_t* col = outliers->col_idx;

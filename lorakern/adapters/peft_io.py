@@ -156,7 +156,8 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
     metadata (:attr:`LoraAdapter.metadata`) goes into the safetensors metadata, not the config.
 
     Raises:
-        ValueError: no layers, or a layer's scale is not a positive finite number.
+        ValueError: no layers, or a layer's scale is not a positive finite number; ``use_qalora`` without a
+            positive integer ``qalora_group_size`` (FormatError).
     """
     if not adapter.layers:
         raise ValueError("lorakern: the adapter has no layers to save")
@@ -186,7 +187,7 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    qalora = bool(cfg.get("use_qalora"))
+    qalora = check_qalora_config(cfg, "save_peft_adapter") is not None  # a QA-LoRA config names its group size
     for module, layer in adapter.layers.items():
         A = layer.A.detach() / layer.A.shape[1] if qalora else layer.A.detach()  # PEFT's QA-LoRA convention
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().cpu()

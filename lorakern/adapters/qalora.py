@@ -13,6 +13,7 @@ from torch import nn
 
 from ..formats.io import FormatError
 from ..formats.lora import LoraAdapter
+from ..models.fuse import is_fused, unfuse_projections
 from ..nn.gwq_linear import GWQLinear
 from ..nn.qalora_linear import QALoRALinear
 from ..nn.quant_linear import QuantLinear
@@ -74,7 +75,10 @@ def merge_qalora_adapter(model: nn.Module, adapter: LoraAdapter) -> list[str]:
     G = qalora_group_size(adapter)
     merged = {}
     for name, layer in adapter.layers.items():
+        parent = name.rpartition(".")[0]
         try:
+            if parent and is_fused(model.get_submodule(parent)):  # prepare_decode fused it: the layers back
+                unfuse_projections(model.get_submodule(parent))
             mod = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"lorakern: the model has no module {name!r} (an adapter for another model?)") from None

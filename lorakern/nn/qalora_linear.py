@@ -55,8 +55,8 @@ class QALoRALinear(nn.Module):
         self.base = base
         self.rank, self.scale = A.shape[0], float(scale)
         dev = next((t.device for t in (*base.parameters(), *base.buffers())), torch.device("cpu"))
-        self.register_buffer("lora_A", A.detach().to(dev, torch.float32).contiguous())
-        self.register_buffer("lora_B", B.detach().to(dev, torch.float32).contiguous())
+        self.register_buffer("lora_A", A.detach().to(dev, torch.float32, copy=True).contiguous())  # own copies
+        self.register_buffer("lora_B", B.detach().to(dev, torch.float32, copy=True).contiguous())
         self._bt = None  # B^T contiguous, built once for the fused op
         #: run base and adapter as one fused op where possible (False: the adapter in torch on the exact input)
         self.fused = True
@@ -73,11 +73,14 @@ class QALoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
             b = self.base
-            bt = self._bt
-            if bt is None or bt.device != x.device or torch.compiler.is_compiling():
-                bt = self.lora_B.t().contiguous()
-                if not torch.compiler.is_compiling():
-                    self._bt = bt
+            B = self.lora_B
+            if torch.compiler.is_compiling():
+                bt = B.t().contiguous()
+            else:  # B^T built once, again whenever B changes (in place too: its version counter moves)
+                key = (B.data_ptr(), B._version, B.device)
+                if self._bt is None or self._bt[0] != key:
+                    self._bt = (key, B.t().contiguous())
+                bt = self._bt[1]
             return ops.quant_matmul_qalora(x, b.qweight, b.scales, b.zeros, b.bits, b.group_size, b.bias,
                                            self.lora_A, bt, self.scale)
         t = qalora_pool(x, self.group_size) @ self.lora_A.to(x.dtype).t()

@@ -43,7 +43,7 @@ def _backward(ctx, grad):
             grads[0] = torch.ops.lorakern.quant_matmul_grad_input(grad, qweight, scales, zeros, ctx.bits,
                                                                   ctx.group_size)
     if nargs > bias_index and ctx.needs_input_grad[bias_index]:
-        grads[bias_index] = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        grads[bias_index] = grad.float().sum(tuple(range(grad.dim() - 1))).to(ctx.bias_dtype)
     return tuple(grads)
 
 

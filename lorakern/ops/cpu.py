@@ -80,11 +80,13 @@ def grad_input_cpu(grad, qweight, scales, zeros, bits, group_size, N, K, outlier
     ``lk_quant_matmul_grad_input``. From there on (training batches): W is dequantized by the C++ core in tiles
     of :data:`GRAD_GEMM_TILE_ROWS` rows (never whole; the tile's outliers added), each multiplied in with torch's
     GEMM (MKL/oneDNN), which a register-tiled GEMM of our own would only match."""
+    if grad.numel() == 0:  # no rows, or a layer with N = 0 outputs
+        return torch.zeros((*grad.shape[:-1], K), dtype=grad.dtype)
     g2 = grad.reshape(-1, N)
     g2 = g2 if g2.is_contiguous() else g2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     M = g2.shape[0]
-    if M >= GRAD_GEMM_MIN_ROWS and N:
+    if M >= GRAD_GEMM_MIN_ROWS:
         return _grad_input_tiled_gemm(g2, qweight, scales, zeros, bits, group_size, N, K, outliers).to(
             grad.dtype).view(*grad.shape[:-1], K)
     dx = torch.empty((M, K), dtype=grad.dtype)

@@ -19,6 +19,8 @@ from .kernels import load_weights
 __all__ = ["CONFIGS", "grad_input_kernel", "grad_input_triton", "pick_config"]
 
 BLOCK_K = 32
+#: the outliers' [rows of dy, nnz] fp32 temporary is kept under this many elements (256 MiB)
+OUTLIER_CHUNK_ELEMENTS = 1 << 26
 # name -> launch parameters, picked by M (rows of the gradient)
 CONFIGS = {
     "small": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),   # M <= 16
@@ -64,10 +66,10 @@ def grad_input_triton(grad, qweight, scales, zeros, bits: int, group_size: int, 
     Arguments are assumed validated (lorakern.ops.schemas.check_grad_input)."""
     N = qweight.shape[0]
     K = qweight.shape[1] * 8 // bits
+    if grad.numel() == 0:
+        return torch.zeros((*grad.shape[:-1], K), dtype=grad.dtype, device=grad.device)
     g2 = grad.reshape(-1, N).contiguous()
     M = g2.shape[0]
-    if M == 0 or N == 0:
-        return torch.zeros((*grad.shape[:-1], K), dtype=grad.dtype, device=grad.device)
     cfg = dict(CONFIGS[config or pick_config(M)])
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     dense_dtype = grad.dtype if outliers is None else torch.float32
@@ -83,6 +85,9 @@ def grad_input_triton(grad, qweight, scales, zeros, bits: int, group_size: int, 
         rows = torch.searchsorted(row_ptr[1:].contiguous(), j, right=True).clamp_(max=N - 1)  # entry j's row
         cols = col_idx.long()
         live = (cols < K).float()  # a damaged CSR is masked, never indexed out of bounds
-        dx.index_add_(1, cols.clamp(max=K - 1), g2[:, rows].float() * (values.float() * live))
+        vals, cols = values.float() * live, cols.clamp(max=K - 1)
+        step = max(1, OUTLIER_CHUNK_ELEMENTS // max(1, nnz))  # rows of dy per [rows, nnz] temporary
+        for m0 in range(0, M, step):
+            dx[m0:m0 + step].index_add_(1, cols, g2[m0:m0 + step, rows].float() * vals)
         dx = dx.to(grad.dtype)
     return dx.view(*grad.shape[:-1], K)

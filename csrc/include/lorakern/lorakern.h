@@ -252,7 +252,7 @@ typedef struct {
 
 /* y[M, N] = x @ W^T (+ bias) + scale * (pool_G(x) A^T) B^T in one call (unmerged QA-LoRA decode). The
  * pooled input is the per-group mean of the int8-quantized activations the base pass uses, so the result
- * equals the merged layer (zeros z - scale * (B A)^T / (G s)) before the merged zeros' fp16 rounding. */
+ * equals the merged layer (zeros z - scale * (B A) / (G s)) before the merged zeros' fp16 rounding. */
 LK_API lk_status lk_quant_matmul_qalora(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweight* w,
                                         const float* bias, const lk_qalora* adapter, void* y,
                                         int num_threads);

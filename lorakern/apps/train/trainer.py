@@ -58,6 +58,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.alpha <= 0 or self.lr <= 0:
             raise ValueError(f"invalid training config {self}")
+        if self.qalora_group_size is not None and (not isinstance(self.qalora_group_size, int)
+                                                   or self.qalora_group_size < 1):
+            raise ValueError(f"qalora_group_size must be a positive integer or None, got {self.qalora_group_size!r}")
 
 
 class _TrainableLoRA(nn.Module):
@@ -196,8 +199,9 @@ def _train(model, cfg: TrainConfig, loss_fn, desc: str, progress: bool, metadata
     with frozen(model), _lora_injected(model, cfg) as mods:
         params = [p for m in mods.values() for p in (m.A, m.B)]
         model.train()
-        optimize(params, cfg, loss_fn, desc, progress, None if on_step is None else
-                 lambda step: on_step(step, {n: (m.A.detach(), m.B.detach()) for n, m in mods.items()}))
+        optimize(params, cfg, loss_fn, desc, progress, None if on_step is None else  # A as the adapter stores it
+                 lambda step: on_step(step, {n: ((m.layer().A if cfg.qalora else m.A.detach()), m.B.detach())
+                                             for n, m in mods.items()}))
         extra = {}
         if cfg.qalora:
             sizes = {m.group_size for m in mods.values()}
