@@ -22,7 +22,7 @@ trained adapter. Metric: exact match of greedy answers on ``--eval-examples`` he
 sqrt(p (1 - p) / n): <= 0.05 at n = 100), or WikiText-2 test perplexity on 4 windows of 512 tokens for the LM
 adapter. ``avg_bits``: stored bits per weight of the decoder's projections (codes + fp16 scale and zero per
 group of 32 = bits + 1; an unmerged adapter's fp16 factors added; 32 for the fp32 base). ``decode_ms``: time per
-generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generate``, median of 3 rounds
+generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generate``, median of 5 rounds
 interleaved over the forms of one base (the first task's adapters). Also measured: the peak RSS of training on
 the 4-bit base (loaded from its quantized directory) and on the fp32 base, each in a fresh process.
 
@@ -124,7 +124,7 @@ def adapter_bits(adapter) -> float:
     return 16.0 * n
 
 
-def decode_ms(models: dict, tok, repeats: int = 3) -> dict:
+def decode_ms(models: dict, tok, repeats: int = 5) -> dict:
     """ms per generated token of each model, interleaved rounds, median."""
     ids = tok("The history of the city of London begins with", return_tensors="pt").input_ids[:, :16]
     times = {k: [] for k in models}
@@ -185,7 +185,8 @@ def markdown(rows, bits_list, names, rss, machine, quantizer) -> str:
            f"{machine['lorakern_isa']})", ""]
     for bits in bits_list:
         out += [f"## {bits}-bit base ({quantizer.upper()}, groups of {GROUP})", "",
-                "| task | " + " | ".join(METHODS) + " | lora_fp16 (fp32 base) |",
+                "| task | " + " | ".join(m if m != "lora_fp16" else "lora_fp16 (fp32 base)" for m in METHODS)
+                + " | fp32 base |",
                 "|---|" + "---|" * (len(METHODS) + 1)]
         for t in names:
             cells = []
@@ -200,8 +201,8 @@ def markdown(rows, bits_list, names, rss, machine, quantizer) -> str:
                            and r["decode_ms"] is not None), None) for m in METHODS if m != "lora_fp16"}
         out += ["", "avg bits: " + ", ".join(f"{m} {v:.3f}" for m, v in bits_row.items() if v is not None),
                 "decode ms/token: " + ", ".join(f"{m} {v:.2f}" for m, v in ms_row.items() if v is not None), ""]
-    out.append("The last column is the fp32 base without adapter; lora_fp16 is LoRA on the fp32 base. Exact "
-               "match: higher is better; perplexity (wikitext): lower is better.")
+    out.append("lora_fp16 is LoRA on the fp32 base (the same in every section); the last column is the fp32 base "
+               "without adapter. Exact match: higher is better; perplexity (wikitext): lower is better.")
     if rss:
         out += ["", "Peak RSS of training (fresh process, 16-example batches): " +
                 ", ".join(f"{k}: {v.get('peak_rss_mb', float('nan')):.0f} MB" for k, v in rss.items())]
