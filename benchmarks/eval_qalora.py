@@ -252,11 +252,27 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-examples", type=int, default=None, help="default 100 (quick 50)")
     ap.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite the markdown table and summary from the JSON's rows (e.g. of a stopped run)")
     ap.add_argument("--_rss-probe", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.steps = a.steps or (30 if a.quick else 120)
     if a._rss_probe:
         rss_probe(a._rss_probe[0], a._rss_probe[1], min(a.steps, 3))
+        return 0
+    if a.report:
+        path = a.json or f"benchmarks/results/qalora{'_quick' if a.quick else ''}.json"
+        data = json.loads(Path(path).read_text())
+        rows, st = data["rows"], data["settings"]
+        done = [t for t in st["tasks"] if all(any(r["task"] == t and r["base_bits"] == b and r["method"] == m
+                                                  for r in rows) for b in st["bits"] for m in METHODS[:-2])]
+        data["summary"] = summary([r for r in rows if r["task"] in done], st["bits"])
+        data["complete_tasks"] = done
+        write_json(path, data)
+        Path(path).with_suffix(".md").write_text(
+            markdown(rows, st["bits"], st["tasks"], data.get("train_peak_rss", {}), data["machine"], st["quantizer"])
+            + f"\nComplete tasks (every base and form): {', '.join(done) or 'none'}; the summary counts only them.\n"
+            + "\n```\n" + json.dumps(data["summary"], indent=2) + "\n```\n")
         return 0
     a.batch_size = a.batch_size or (8 if a.quick else 16)
     a.eval_examples = a.eval_examples or (50 if a.quick else 100)
