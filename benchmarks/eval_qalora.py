@@ -267,6 +267,11 @@ def main(argv=None) -> int:
         done = [t for t in st["tasks"] if all(any(r["task"] == t and r["base_bits"] == b and r["method"] == m
                                                   for r in rows) for b in st["bits"] for m in METHODS[:-2])]
         data["summary"] = summary([r for r in rows if r["task"] in done], st["bits"])
+        if not data.get("train_peak_rss") and not a.no_rss:  # a run stopped before its report: measure again
+            key = f"{st['quantizer']}_g{GROUP}_r{RANK}_s{st['steps']}_b{st['batch_size']}"
+            qdir = cache_dir() / "qalora_eval" / key / f"base{st['bits'][0]}"
+            if (qdir / "lorakern_quantization.json").is_file():
+                data["train_peak_rss"] = measure_rss(qdir, 3)
         data["complete_tasks"] = done
         write_json(path, data)
         Path(path).with_suffix(".md").write_text(
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
                      "decode_ms": decode.get(bits, {}).get(method), **extra})
         log(f"{task} {bits}-bit {method}: {name} {metric:.4g}")
         write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
-                              "rows": rows})
+                              "rows": rows, "train_peak_rss": rss})
 
     def metric(model, task):
         return evaluate_adapter_metric(model, tok, task, a.eval_examples)
