@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import statistics
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ from common import machine_info, write_json
 from lorakern.adapters import apply_adapter, attach_adapter, detach_adapter, load_peft_adapter, save_peft_adapter
 from lorakern.adapters.qalora import merge_qalora_adapter
 from lorakern.apps.train import TrainConfig, get_task, train_lm_adapter, train_task_adapter
-from lorakern.apps.train.suite import LM_ADAPTER, evaluate_adapter_metric, metric_info, suite_names
+from lorakern.apps.train.suite import LM_ADAPTER, default_config, evaluate_adapter_metric, metric_info, suite_names
 from lorakern.data import read_wikitext
 from lorakern.data.cache import cache_dir
 from lorakern.models import QuantConfig, load_smollm2, quantize_model
@@ -67,10 +68,11 @@ def log(msg: str) -> None:
 
 
 def train_config(name: str, a, qalora: bool) -> TrainConfig:
+    """The suite's settings for ``name`` with this run's budget (the LM adapter: half the steps, its own batch)."""
+    cfg = default_config(name)
     if name == LM_ADAPTER:
-        return TrainConfig(rank=RANK, alpha=ALPHA, steps=max(10, a.steps // 2), batch_size=4, lr=5e-4, seq_len=256,
-                           qalora=qalora)
-    return TrainConfig(rank=RANK, alpha=ALPHA, steps=a.steps, batch_size=a.batch_size, lr=1e-3, qalora=qalora)
+        return replace(cfg, rank=RANK, alpha=ALPHA, steps=max(10, a.steps // 2), qalora=qalora)
+    return replace(cfg, rank=RANK, alpha=ALPHA, steps=a.steps, batch_size=a.batch_size, qalora=qalora)
 
 
 def trained(model, tok, name: str, a, qalora: bool, where: Path):

@@ -129,6 +129,19 @@ def qmodel():
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 12, 1, 30]])
 
 
+def _train_on_ids(model, cfg):
+    """Train ``cfg``'s adapter on next-token prediction of IDS; returns (adapter, the loss at every step)."""
+    from lorakern.apps.train.trainer import _train
+    losses = []
+
+    def loss_fn(step):
+        logits = model(input_ids=IDS[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0], IDS[0, 1:])
+        losses.append(float(loss.detach()))
+        return loss
+    return _train(model, cfg, loss_fn, "tiny", False, {}), losses
+
+
 def _peft_qalora(model, tmp_path, seed=0):
     """A PEFT use_qalora adapter on lorakern's QuantLinear layers (PEFT's GPTQ LoRA layer, registered for
     QuantLinear as a custom module), randomised, saved; returns (directory, peft model)."""
@@ -212,17 +225,9 @@ def test_bad_qalora_configs_and_places(qmodel, tmp_path):
 def test_train_qalora_on_quantized_base_then_merge(qmodel, tmp_path):
     """Training lowers the loss through the quantized ops; the merged model equals the unmerged one within the
     merge bound; merge-qalora writes a plain quantized directory that reloads to the same logits."""
-    from lorakern.apps.train.trainer import TrainConfig, _train
+    from lorakern.apps.train.trainer import TrainConfig
     model = copy.deepcopy(qmodel)
-    cfg = TrainConfig(rank=4, alpha=8, steps=30, lr=3e-2, qalora=True, warmup=1)
-    losses = []
-
-    def loss_fn(step):
-        logits = model(input_ids=IDS[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits[0], IDS[0, 1:])
-        losses.append(float(loss))
-        return loss
-    adapter = _train(model, cfg, loss_fn, "qalora", False, {})
+    adapter, losses = _train_on_ids(model, TrainConfig(rank=4, alpha=8, steps=30, lr=3e-2, qalora=True, warmup=1))
     assert losses[-1] < 0.9 * losses[0]
     # B starts at zero: the first layer's moved only if gradients flowed back through the quantized layers above
     assert adapter.layers["model.layers.0.mlp.up_proj"].B.abs().max() > 0
@@ -248,16 +253,9 @@ def test_train_qalora_on_quantized_base_then_merge(qmodel, tmp_path):
 
 
 def test_qlora_style_lora_on_quantized_base(qmodel):
-    from lorakern.apps.train.trainer import TrainConfig, _train
+    from lorakern.apps.train.trainer import TrainConfig
     model = copy.deepcopy(qmodel)
-    losses = []
-
-    def loss_fn(step):
-        logits = model(input_ids=IDS[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits[0], IDS[0, 1:])
-        losses.append(float(loss))
-        return loss
-    adapter = _train(model, TrainConfig(rank=4, alpha=8, steps=30, lr=3e-2, warmup=1), loss_fn, "lora", False, {})
+    adapter, losses = _train_on_ids(model, TrainConfig(rank=4, alpha=8, steps=30, lr=3e-2, warmup=1))
     assert losses[-1] < 0.9 * losses[0]
     assert "use_qalora" not in adapter.config and len(adapter.layers) == 7 * 2
 
@@ -276,19 +274,11 @@ def test_merge_qalora_cli_errors(qmodel, tmp_path):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_qalora_trains_and_merges_on_every_base(method, bits):
     """QA-LoRA on RTN, GPTQ and GWQ (outliers: gradients through gwq_matmul) bases at 2, 3 and 4 bits."""
-    from lorakern.apps.train.trainer import TrainConfig, _train
+    from lorakern.apps.train.trainer import TrainConfig
     model = tiny_llama()
     cal = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     quantize_model(model, QuantConfig(method=method, bits=bits, group_size=32), calibration=cal, progress=False)
-    losses = []
-
-    def loss_fn(step):
-        logits = model(input_ids=IDS[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits[0], IDS[0, 1:])
-        losses.append(float(loss))
-        return loss
-    adapter = _train(model, TrainConfig(rank=4, alpha=8, steps=15, lr=3e-2, qalora=True, warmup=1), loss_fn,
-                     "qalora", False, {})
+    adapter, losses = _train_on_ids(model, TrainConfig(rank=4, alpha=8, steps=15, lr=3e-2, qalora=True, warmup=1))
     assert losses[-1] < losses[0] - 0.1
     with torch.no_grad():
         base = model(IDS).logits

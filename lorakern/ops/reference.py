@@ -45,7 +45,7 @@ def gwq_matmul(x, qweight, scales, zeros, bits: int, group_size: int, row_ptr, c
                bias=None) -> torch.Tensor:
     """``x @ (dequantize(W) + S)^T (+ bias)`` in fp32, cast to x.dtype."""
     N, K = check_gwq_matmul(x, qweight, scales, zeros, bits, group_size, row_ptr, col_idx, values, bias)
-    w = dequantize(qweight, scales, zeros, bits, group_size) + outliers_dense(row_ptr, col_idx, values, N, K)
+    w = dense_weight(qweight, scales, zeros, bits, group_size, (row_ptr, col_idx, values))
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()

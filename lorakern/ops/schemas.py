@@ -95,15 +95,20 @@ def check_qweight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return N, K
 
 
+def _check_activation(t, name: str, width: int, wname: str, device) -> None:
+    """``t [..., width]`` in fp32/fp16/bf16 on the weight's device (x of the matmuls, grad of their gradients)."""
+    if t.dtype not in ACT_DTYPES:
+        raise TypeError(f"lorakern: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() < 1 or t.shape[-1] != width:
+        raise ValueError(f"lorakern: {name} has shape {tuple(t.shape)}, expected last dimension {wname}={width}")
+    if t.device != device:
+        raise ValueError(f"lorakern: {name} is on {t.device} but the weight is on {device}")
+
+
 def check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias) -> tuple[int, int]:
     """Validate quant_matmul's arguments; return (N, K)."""
     N, K = check_qweight(qweight, scales, zeros, bits, group_size)
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"lorakern: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"lorakern: x has shape {tuple(x.shape)}, expected last dimension K={K}")
-    if x.device != qweight.device:
-        raise ValueError(f"lorakern: x is on {x.device} but the weight is on {qweight.device}")
+    _check_activation(x, "x", K, "K", qweight.device)
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != N:
             raise ValueError(f"lorakern: bias must have shape ({N},), got {tuple(bias.shape)}")
@@ -117,12 +122,7 @@ def check_quant_matmul(x, qweight, scales, zeros, bits, group_size, bias) -> tup
 def check_grad_input(grad, qweight, scales, zeros, bits, group_size) -> tuple[int, int]:
     """Validate a ``*_grad_input`` op's gradient and weight; return (N, K)."""
     N, K = check_qweight(qweight, scales, zeros, bits, group_size)
-    if grad.dtype not in ACT_DTYPES:
-        raise TypeError(f"lorakern: grad must be float32, float16 or bfloat16, got {grad.dtype}")
-    if grad.dim() < 1 or grad.shape[-1] != N:
-        raise ValueError(f"lorakern: grad has shape {tuple(grad.shape)}, expected last dimension N={N}")
-    if grad.device != qweight.device:
-        raise ValueError(f"lorakern: grad is on {grad.device} but the weight is on {qweight.device}")
+    _check_activation(grad, "grad", N, "N", qweight.device)
     return N, K
 
 

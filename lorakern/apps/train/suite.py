@@ -20,7 +20,7 @@ from ...data.cache import cache_dir
 from .tasks import SUITE, get_task
 from .trainer import TrainConfig, exact_match, train_lm_adapter, train_task_adapter
 
-__all__ = ["LM_ADAPTER", "adapter_dir", "ensure_suite", "evaluate_adapter_metric", "metric_info", "suite_names",
+__all__ = ["LM_ADAPTER", "adapter_dir", "default_config", "ensure_suite", "evaluate_adapter_metric", "metric_info", "suite_names",
            "train_suite_adapter"]
 
 LM_ADAPTER = "wikitext"
@@ -52,7 +52,8 @@ def evaluate_adapter_metric(model, tokenizer, name: str, n: int = EVAL_EXAMPLES,
     return exact_match(model, tokenizer, get_task(name), n=n, progress=progress)
 
 
-def _default_config(name: str) -> TrainConfig:
+def default_config(name: str) -> TrainConfig:
+    """The suite's training settings for adapter ``name`` (the LM adapter trains on 256-token windows)."""
     if name == LM_ADAPTER:
         return TrainConfig(steps=60, batch_size=4, lr=5e-4, seq_len=256)
     return TrainConfig(steps=120, batch_size=16, lr=1e-3)
@@ -61,7 +62,7 @@ def _default_config(name: str) -> TrainConfig:
 def train_suite_adapter(model, tokenizer, name: str, cfg: TrainConfig | None = None, root: Path | None = None,
                         progress: bool = True, eval_examples: int = EVAL_EXAMPLES) -> tuple[LoraAdapter, dict]:
     """Train one suite adapter, measure its metric before and after, save it; returns (adapter, record)."""
-    cfg = cfg or _default_config(name)
+    cfg = cfg or default_config(name)
     before = evaluate_adapter_metric(model, tokenizer, name, eval_examples)
     t0 = time.perf_counter()
     if name == LM_ADAPTER:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ...adapters.peft_io import LoraAdapter, LoraLayer
 from ...formats.linear_like import linear_shape
+from ...ops.reference import qalora_pool
 from ...nn.gwq_linear import GWQLinear
 from ...nn.quant_linear import QuantLinear
 from ...nn.swap import replace_module
@@ -93,7 +94,7 @@ class _TrainableQALoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(linear_shape(base)[0], rank))
 
     def forward(self, x):
-        pooled = x.reshape(*x.shape[:-1], self.ng, self.group_size).mean(-1) * self.ng
+        pooled = qalora_pool(x, self.group_size) * self.ng
         return self.base(x) + (pooled @ self.A.t() @ self.B.t()) * self.scale
 
     def layer(self) -> LoraLayer:
