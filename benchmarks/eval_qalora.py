@@ -26,7 +26,8 @@ generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generat
 interleaved over the forms of one base (the first task's adapters). Also measured: the peak RSS of training on
 the 4-bit base (loaded from its quantized directory) and on the fp32 base, each in a fresh process.
 
-Trained adapters are cached under ``$LORAKERN_CACHE/qalora_eval/<settings>/`` so an interrupted run resumes.
+Trained adapters are cached under ``$LORAKERN_CACHE/qalora_eval/<settings>/`` so an interrupted run resumes;
+``--resume`` also keeps the complete tasks' rows, decode times and peak RSS from the JSON.
 Rows ``{"task", "base_bits", "method", "metric", "metric_name", "higher_is_better", "avg_bits", "decode_ms"}``
 go to benchmarks/results/qalora.json (quick: qalora_quick.json) with a markdown table beside it.
 """
@@ -254,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-examples", type=int, default=None, help="default 100 (quick 50)")
     ap.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the JSON's complete tasks (rows, decode times, peak RSS) from a stopped run with the "
+                         "same settings and run only the rest")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite the markdown table and summary from the JSON's rows (e.g. of a stopped run)")
     ap.add_argument("--_rss-probe", nargs=2, help=argparse.SUPPRESS)
@@ -315,7 +319,23 @@ def main(argv=None) -> int:
         return evaluate_adapter_metric(model, tok, task, a.eval_examples)
 
     qbases = {bits: quantized_base(fp, tok, bits, a, root / f"base{bits}") for bits in bits_list}
-    rss = {} if a.no_rss else measure_rss(root / f"base{bits_list[0]}", 3)
+    rss, done = None, []
+    if a.resume and Path(out_path).is_file():
+        old = json.loads(Path(out_path).read_text())
+        same = ("steps", "batch_size", "eval_examples", "quantizer")
+        if any(old["settings"].get(k) != getattr(a, k) for k in same):
+            raise SystemExit(f"--resume: {out_path} was written with other settings "
+                             f"({ {k: old['settings'].get(k) for k in same} })")
+        done = [t for t in names if all(any(r["task"] == t and r["base_bits"] == b and r["method"] == m
+                                            for r in old["rows"]) for b in bits_list for m in METHODS[:-2])]
+        rows = [r for r in old["rows"] if r["task"] in done]
+        for r in rows:
+            if r["decode_ms"] is not None:
+                decode.setdefault(r["base_bits"], {})[r["method"]] = r["decode_ms"]
+        rss = old.get("train_peak_rss") or None
+        log(f"resuming: kept {done}; decode times of bases {sorted(decode)}; peak RSS {rss}")
+    if rss is None:
+        rss = {} if a.no_rss else measure_rss(root / f"base{bits_list[0]}", 3)
     log(f"training peak RSS: {rss}")
 
     def report():  # after every task: the run can be stopped and resumed (trained adapters are cached)
@@ -327,7 +347,7 @@ def main(argv=None) -> int:
             + "\n```\n")
         return summ
 
-    for t in names:  # task by task, every base: a stopped run leaves whole tasks
+    for t in (t for t in names if t not in done):  # task by task, every base: a stopped run leaves whole tasks
         add(t, 32, "base", metric(fp, t), 32.0)
         ad, sec = trained(fp, tok, t, a, False, root / "fp32" / t)
         with apply_adapter(fp, ad, dtype=torch.float16):

@@ -31,7 +31,9 @@ def check_against_references(x, w, bias, y):
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quant_matmul_cpu_matches_reference(isa, bits, G, dtype, rng):
-    for M, N, groups in [(1, 37, 3), (7, 129, 1), (33, 5, 2)]:
+    # M >= 8: the blocked GEMM (8-row panels: N = 5 one partial panel, N = 203 several and a partial one; M = 70
+    # crosses its 64-row blocks and ends in a partial 4-row tile)
+    for M, N, groups in [(1, 37, 3), (7, 129, 1), (33, 5, 2), (70, 203, 2)]:
         K = G * groups
         w = random_qweight(N, K, bits, G, rng)
         x = (torch.randn(M, K, generator=rng) * 2).to(dtype)
@@ -54,8 +56,8 @@ def test_leading_dims_and_empty(isa):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_every_output_element_written(isa, bits):
     """Poison the output buffer with NaN and call the kernel directly."""
-    for G in (32, 64, 128):
-        M, N, K = 5, 67, 3 * G
+    for G, M in ((32, 5), (64, 5), (128, 5), (32, 21), (128, 21)):  # M = 21: the blocked GEMM
+        N, K = 67, 3 * G
         w = random_qweight(N, K, bits, G)
         x = torch.randn(M, K)
         y = torch.full((M, N), float("nan"))

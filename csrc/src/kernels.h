@@ -15,6 +15,8 @@ struct CpuKernels {
   lk_isa isa;
   // rows [n0, n1) of y = xhat @ W^T for every m (quant_matmul, gwq_matmul, the shrink of lora_mixed)
   void (*qmm_rows)(const QmmProblem& p, int64_t n0, int64_t n1);
+  // the same for many activation rows (M >= kGemmMinRows): panels of unpacked codes reused over the rows
+  void (*qmm_gemm)(const QmmProblem& p, int64_t n0, int64_t n1);
   // x (fp32) [M, K] -> int8 codes, per-block scales, per-group sums
   void (*quantize_activations)(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs, float* xsum);
   // lora_mixed's expand into the columns of groups [g0, g1)

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -139,15 +140,19 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
 
-static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng) {
+// gemm: the blocked GEMM (quant_gemm_avx2.cpp), called for many rows: M up to 100 (its 64-row blocks and
+// 4-row tiles with every remainder) and N up to 300 in one trial (several chunks of 8-row panels).
+static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng, bool gemm = false) {
   const int bits_list[] = {1, 2, 3, 4, 8};
   const int g_list[] = {32, 64, 128};
   for (int bits : bits_list)
     for (int G : g_list)
       for (int trial = 0; trial < 6; ++trial) {
         // M > 16 in some trials: the outliers then take the slab path (outliers.h)
-        const int64_t M = (trial == 2 || trial == 4) ? 17 + rng() % 23 : 1 + rng() % 9;
-        const int64_t N = 1 + rng() % 37, K = (int64_t)G * (1 + rng() % 5);
+        int64_t M = (trial == 2 || trial == 4) ? 17 + rng() % 23 : 1 + rng() % 9;
+        if (gemm) M = trial == 3 ? 60 + rng() % 41 : lk::kGemmMinRows + rng() % 40;
+        const int64_t N = gemm && trial == 1 ? 150 + rng() % 151 : 1 + rng() % 37;
+        const int64_t K = gemm && trial == 1 ? (int64_t)G * 5 : (int64_t)G * (1 + rng() % 5);
         Problem p = make_problem(rng, M, N, K, bits, G);
         const int pattern = trial == 5 ? 0 : trial;  // every outlier pattern, and none twice
         add_outliers(p, rng, pattern);
@@ -792,13 +797,14 @@ int main() {
   std::mt19937 rng(seed);
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512}) {  // every table this CPU can run
     const lk::CpuKernels& kern = lk::cpu_kernels(isa);
-    CHECK(kern.isa == isa && kern.qmm_rows && kern.quantize_activations && kern.lora_expand && kern.dense_shrink &&
+    CHECK(kern.isa == isa && kern.qmm_rows && kern.qmm_gemm && kern.quantize_activations && kern.lora_expand && kern.dense_shrink &&
               kern.multi_expand, "kernel table filled");
     if (isa > lk_detected_isa()) {
       std::printf("%s (native): skipped (CPU lacks it)\n", lk_isa_name(isa));
       continue;
     }
     check_rows_fn(lk_isa_name(isa), kern.qmm_rows, rng);
+    check_rows_fn((std::string(lk_isa_name(isa)) + " gemm").c_str(), kern.qmm_gemm, rng, true);
     check_expand_fn(lk_isa_name(isa), kern.lora_expand, rng);
     if (isa != LK_ISA_GENERIC) check_multi_pieces(lk_isa_name(isa), kern.dense_shrink, kern.multi_expand, rng);
   }

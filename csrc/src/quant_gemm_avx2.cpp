@@ -1,0 +1,211 @@
+// Blocked low-bit GEMM (AVX2 + FMA + F16C) for many activation rows: prefill, batched decode, training
+// forwards. Same math as the row kernels (quant_matmul_avx2.cpp): y = sum_b s_g(b) xs_b (codes . xq)_b
+// - sum_g s_g z_g xsum_g, with int8 activations; a different order of the fp32 additions.
+//
+// The row kernels hold one weight row in registers and take its dot products with up to 4 activation rows,
+// one horizontal sum per output: each code group is unpacked again for every 4 activation rows. Here the
+// codes of 8 weight rows are unpacked once into a panel of bytes, interleaved 4 codes at a time:
+//   panel byte (k / 4) * 32 + 4 j + k % 4 = code k of weight row j (j < 8),
+// so that one 32-byte load holds 4 consecutive codes of each of the 8 rows, and vpmaddubsw against the 4
+// activation bytes broadcast to every lane gives each lane (= one weight row) its own partial dot product:
+// no horizontal sums, one fp32 lane per output column (as ggml's repacked Q4_0 8x8 kernels, written anew
+// for lorakern's layouts). A micro-tile is 4 activation rows x 8 weight rows: 4 fp32 accumulators and 4
+// int32 block sums in registers; 4 steps of vpmaddubsw are summed in int16 before one vpmaddwd (codes <= 15,
+// |xq| <= 127: 4 * 2 * 15 * 127 < 2^15, so bits <= 4 only; 8-bit codes take the row kernels).
+//
+// Cache blocking: panels are packed a chunk at a time (kChunkBytes of codes, L2), and activation rows pass
+// over a chunk kMBlock at a time (kMBlock x K int8 stays in L2 while the chunk's panels are reused).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "outliers.h"
+#include "simd_x86.h"
+#include "unpack_avx2.h"
+
+namespace lk {
+namespace {
+
+constexpr int NR = 8;                          // weight rows per panel: one fp32 lane each
+constexpr int MR = 4;                          // activation rows per micro-tile
+constexpr int64_t kMBlock = 64;                // activation rows per pass over a chunk of panels
+constexpr int64_t kChunkBytes = 128 * 1024;    // packed codes per chunk of panels
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// r[s] <- dword s of every input row (8 x 8 transpose of 32-bit elements).
+inline void transpose8_epi32(__m256i* r) {
+  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+// Weight rows [n, n + nr) (nr <= 8) as one panel: codes (8 K bytes, layout above), sf[8 g + j] = s and
+// szf[8 g + j] = s z of row n + j in group g. Rows past nr are zero codes with zero scales.
+template <int BITS, int G>
+void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* sf, float* szf) {
+  constexpr int GB = G * BITS / 8, NC = G / 32;
+  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i c[NR][NC];
+    for (int j = 0; j < NR; ++j) {
+      if (j < nr) {
+        unpack_group<BITS, G>(p.qw + (n + j) * rb + g * GB, c[j]);
+      } else {
+        for (int q = 0; q < NC; ++q) c[j][q] = _mm256_setzero_si256();
+      }
+    }
+    for (int q = 0; q < NC; ++q) {  // 32 codes of each row = 8 steps of 4 codes
+      __m256i r[NR];
+      for (int j = 0; j < NR; ++j) r[j] = c[j][q];
+      transpose8_epi32(r);
+      uint8_t* dst = codes + (g * G + 32 * q) / 4 * 32;
+      for (int s = 0; s < 8; ++s) _mm256_storeu_si256((__m256i*)(dst + 32 * s), r[s]);
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float s = j < nr ? _cvtsh_ss(p.scales[(n + j) * ng + g]) : 0.f;
+      const float z = j < nr ? _cvtsh_ss(p.zeros[(n + j) * ng + g]) : 0.f;
+      sf[8 * g + j] = s;
+      szf[8 * g + j] = s * z;
+    }
+  }
+}
+
+// out[i] (8 lanes = the panel's 8 weight rows) for activation rows m0 + i, i < R.
+template <int G, int R>
+inline void micro_tile(const QmmProblem& p, const uint8_t* codes, const float* sf, const float* szf, int64_t m0,
+                       __m256* out) {
+  constexpr int B = G < 64 ? G : 64, BPG = G / B, SPB = B / 4;  // 4-code steps per activation block
+  const int64_t K = p.K, ng = K / G, nb = K / B;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256 sv = _mm256_loadu_ps(sf + 8 * g);
+    for (int b = 0; b < BPG; ++b) {
+      const int64_t k0 = g * G + b * B;
+      __m256i d[R];
+      for (int i = 0; i < R; ++i) d[i] = _mm256_setzero_si256();
+      for (int s = 0; s < SPB; s += 4) {
+        const uint8_t* cp = codes + (k0 / 4 + s) * 32;
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)cp);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(cp + 32));
+        const __m256i w2 = _mm256_loadu_si256((const __m256i*)(cp + 64));
+        const __m256i w3 = _mm256_loadu_si256((const __m256i*)(cp + 96));
+        for (int i = 0; i < R; ++i) {
+          const int8_t* xp = p.xq + (m0 + i) * K + k0 + 4 * s;
+          __m256i h = _mm256_maddubs_epi16(w0, _mm256_set1_epi32(load_i32(xp)));
+          h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w1, _mm256_set1_epi32(load_i32(xp + 4))));
+          h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w2, _mm256_set1_epi32(load_i32(xp + 8))));
+          h = _mm256_add_epi16(h, _mm256_maddubs_epi16(w3, _mm256_set1_epi32(load_i32(xp + 12))));
+          d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(h, ones));
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]),
+                                 _mm256_mul_ps(sv, _mm256_set1_ps(p.xs[(m0 + i) * nb + g * BPG + b])), acc[i]);
+    }
+    const __m256 zv = _mm256_loadu_ps(szf + 8 * g);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fnmadd_ps(zv, _mm256_set1_ps(p.xsum[(m0 + i) * ng + g]), acc[i]);
+  }
+  for (int i = 0; i < R; ++i) out[i] = acc[i];
+}
+
+// y[m, n .. n + nr) = out[i] + bias for rows m0 + i, i < R.
+inline void store_tile(const QmmProblem& p, int64_t m0, int R, int64_t n, int nr, const __m256* out) {
+  alignas(32) float b8[NR] = {};
+  if (p.bias)
+    for (int j = 0; j < nr; ++j) b8[j] = p.bias[n + j];
+  const __m256 bv = _mm256_load_ps(b8);
+  for (int i = 0; i < R; ++i) {
+    float* yr = p.y + (m0 + i) * p.N + n;
+    const __m256 v = _mm256_add_ps(out[i], bv);
+    if (nr == NR) {
+      _mm256_storeu_ps(yr, v);
+    } else {
+      alignas(32) float t[NR];
+      _mm256_store_ps(t, v);
+      for (int j = 0; j < nr; ++j) yr[j] = t[j];
+    }
+  }
+}
+
+template <int BITS, int G>
+void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
+  const int64_t ng = p.K / G, panel_bytes = NR * p.K, npan = (n1 - n0 + NR - 1) / NR;
+  const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
+  std::vector<uint8_t> codes((size_t)(per_chunk * panel_bytes));
+  std::vector<float> sf((size_t)(per_chunk * NR * ng)), szf(sf.size());
+  for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
+    const int64_t c1 = std::min(npan, c0 + per_chunk);
+    for (int64_t pi = c0; pi < c1; ++pi) {
+      const int64_t n = n0 + NR * pi;
+      pack_panel<BITS, G>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes.data() + (pi - c0) * panel_bytes,
+                          sf.data() + (pi - c0) * NR * ng, szf.data() + (pi - c0) * NR * ng);
+    }
+    for (int64_t mb = 0; mb < p.M; mb += kMBlock) {
+      const int64_t me = std::min(p.M, mb + kMBlock);
+      for (int64_t pi = c0; pi < c1; ++pi) {
+        const int64_t n = n0 + NR * pi;
+        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        const uint8_t* pc = codes.data() + (pi - c0) * panel_bytes;
+        const float* ps = sf.data() + (pi - c0) * NR * ng;
+        const float* pz = szf.data() + (pi - c0) * NR * ng;
+        for (int64_t m0 = mb; m0 < me; m0 += MR) {
+          const int R = (int)std::min<int64_t>(MR, me - m0);
+          __m256 out[MR];
+          switch (R) {
+            case 4: micro_tile<G, 4>(p, pc, ps, pz, m0, out); break;
+            case 3: micro_tile<G, 3>(p, pc, ps, pz, m0, out); break;
+            case 2: micro_tile<G, 2>(p, pc, ps, pz, m0, out); break;
+            default: micro_tile<G, 1>(p, pc, ps, pz, m0, out); break;
+          }
+          store_tile(p, m0, R, n, nr, out);
+        }
+      }
+    }
+  }
+  if (p.row_ptr) slab_outliers(p, n0, n1, [](uint16_t h) { return _cvtsh_ss(h); });
+}
+
+template <int BITS>
+void gemm_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.G) {
+    case 32: gemm_rows<BITS, 32>(p, n0, n1); break;
+    case 64: gemm_rows<BITS, 64>(p, n0, n1); break;
+    default: gemm_rows<BITS, 128>(p, n0, n1); break;
+  }
+}
+
+}  // namespace
+
+// Rows [n0, n1) of y for every m (the contract of qmm_rows); 8-bit codes go to the row kernels.
+void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.bits) {
+    case 1: gemm_rows_bits<1>(p, n0, n1); break;
+    case 2: gemm_rows_bits<2>(p, n0, n1); break;
+    case 3: gemm_rows_bits<3>(p, n0, n1); break;
+    case 4: gemm_rows_bits<4>(p, n0, n1); break;
+    default: qmm_rows_avx2(p, n0, n1); break;
+  }
+}
+
+}  // namespace lk
