@@ -31,7 +31,7 @@ def check_against_references(x, w, bias, y):
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quant_matmul_cpu_matches_reference(isa, bits, G, dtype, rng):
-    # M >= 8: the blocked GEMM (8-row panels: N = 5 one partial panel, N = 203 several and a partial one; M = 70
+    # M >= 4: the blocked GEMM (8-row panels: N = 5 one partial panel, N = 203 several and a partial one; M = 70
     # crosses its 64-row blocks and ends in a partial 4-row tile)
     for M, N, groups in [(1, 37, 3), (7, 129, 1), (33, 5, 2), (70, 203, 2)]:
         K = G * groups
