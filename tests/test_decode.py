@@ -112,10 +112,10 @@ def test_compiled_decode_matches_eager_with_and_without_adapters(tmp_path):
     first = (("a", "b"), ("b", "__base__"), ("a", "a"))
     later = (("b", "a"), ("__base__", "a"), ("b", "b"))
     with torch.no_grad():
-        lorakern.prepare_decode(q, compile=False)
+        lorakern.prepare_decode(q, compile=False, native=False)
         eager = {names: _generate(q, adapter_names=list(names)) for names in first + later}
         eager_base = _generate(q)
-        lorakern.prepare_decode(q)
+        lorakern.prepare_decode(q, native=False)
         dynamo.reset()
         dynamo.utils.counters.clear()
         for names in first + later:
@@ -132,8 +132,8 @@ def test_compiled_decode_matches_eager_with_and_without_adapters(tmp_path):
 def test_compiled_decode_of_a_quantized_tied_model_matches_eager():
     q = lorakern.quantize_model(tied_llama(), bits=3, group_size=64, progress=False)
     with torch.no_grad():
-        toks, logits = _generate(lorakern.prepare_decode(q, compile=False))
-        c_toks, c_logits = _generate(lorakern.prepare_decode(q))
+        toks, logits = _generate(lorakern.prepare_decode(q, compile=False, native=False))
+        c_toks, c_logits = _generate(lorakern.prepare_decode(q, native=False))
     assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < COMPILED_ATOL
     with pytest.raises(TypeError, match="generation_config"):
         lorakern.prepare_decode(torch.nn.Linear(2, 2))
@@ -149,8 +149,8 @@ def test_a_copy_of_a_compiled_model_does_not_run_the_original(tmp_path):
         fp_toks, _ = _generate(model)
         q = lorakern.quantize_model(copy.deepcopy(model), bits=2, group_size=64, progress=False)
         assert "_compiled_call" not in q.__dict__
-        want = _generate(lorakern.prepare_decode(copy.deepcopy(q), compile=False))[1]
-        got = _generate(lorakern.prepare_decode(q))[1]
+        want = _generate(lorakern.prepare_decode(copy.deepcopy(q), compile=False, native=False))[1]
+        got = _generate(lorakern.prepare_decode(q, native=False))[1]
         assert (got - want).abs().max() < COMPILED_ATOL
         paths = save_random_peft_adapters(model, tmp_path, {"a": ["q_proj", "v_proj"]}, 0.5)
         ad = copy.deepcopy(q)
@@ -222,14 +222,14 @@ def test_fused_model_saves_attaches_and_compiles(tmp_path):
     q = _quantized()
     with torch.no_grad():
         want = q(IDS).logits
-        lorakern.prepare_decode(q, compile=False)
+        lorakern.prepare_decode(q, compile=False, native=False)
         assert sum(is_fused(m) for m in q.modules()) == 4
         q.save_pretrained(tmp_path / "q")
         assert sum(is_fused(m) for m in q.modules()) == 4
         r = load_quantized_model(tmp_path / "q")
         assert not any(is_fused(m) for m in r.modules()) and torch.equal(r(IDS).logits, want)
         toks, logits = _generate(q)
-        c_toks, c_logits = _generate(lorakern.prepare_decode(q))
+        c_toks, c_logits = _generate(lorakern.prepare_decode(q, native=False))
         assert torch.equal(c_toks, toks) and (c_logits - logits).abs().max() < COMPILED_ATOL
         paths = save_random_peft_adapters(tiny_llama(seed=3, vocab_size=160, hidden_size=128, intermediate_size=256),
                                           tmp_path, {"a": ["v_proj"]}, 0.3)

@@ -235,6 +235,58 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const std::vector<std::vector<int64_t>>& parts, float scale) { return lora_of(parts, scale); }),
            py::arg("parts"), py::arg("scale"))
       .def_readonly("scale", &lk_lora::scale);
+  // One decoder layer (lk_decoder_layer) built once from Python: dims (hidden, n_heads, n_kv_heads, head_dim,
+  // intermediate), the two norm weights' addresses, and per projection (qkv, o, gate_up, down) its LoraPartView
+  // fields, its outliers (row_ptr, col_idx, values, nnz; or empty) and its bias address (0: none).
+  py::class_<lk_decoder_layer>(m, "DecoderLayerRecord")
+      .def(py::init([](const std::vector<int64_t>& dims, float rms_eps, float attn_scale, int64_t input_norm,
+                       int64_t post_norm, const std::vector<std::vector<int64_t>>& weights,
+                       const std::vector<std::vector<int64_t>>& outliers, const std::vector<int64_t>& biases) {
+             if (dims.size() != 5 || weights.size() != 4 || outliers.size() != 4 || biases.size() != 4)
+               throw std::invalid_argument("DecoderLayerRecord: 5 dims and 4 weights, outliers and biases");
+             lk_decoder_layer L{};
+             L.hidden = dims[0];
+             L.n_heads = dims[1];
+             L.n_kv_heads = dims[2];
+             L.head_dim = dims[3];
+             L.intermediate = dims[4];
+             L.rms_eps = rms_eps;
+             L.attn_scale = attn_scale;
+             L.input_norm = ptr<float>(input_norm);
+             L.post_norm = ptr<float>(post_norm);
+             lk_qweight* w[] = {&L.qkv, &L.o, &L.gate_up, &L.down};
+             lk_outliers* o[] = {&L.qkv_outliers, &L.o_outliers, &L.gate_up_outliers, &L.down_outliers};
+             const float** b[] = {&L.qkv_bias, &L.o_bias, &L.gate_up_bias, &L.down_bias};
+             for (int i = 0; i < 4; ++i) {
+               *w[i] = qweight_of(weights[i]);
+               *o[i] = lk_outliers{nullptr, nullptr, nullptr, 0};
+               if (!outliers[i].empty()) {
+                 if (outliers[i].size() != 4) throw std::invalid_argument("outliers: row_ptr, col_idx, values, nnz");
+                 *o[i] = lk_outliers{ptr<int32_t>(outliers[i][0]), ptr<uint16_t>(outliers[i][1]),
+                                     ptr<uint16_t>(outliers[i][2]), outliers[i][3]};
+               }
+               *b[i] = ptr<float>(biases[i]);
+             }
+             return L;
+           }),
+           py::arg("dims"), py::arg("rms_eps"), py::arg("attn_scale"), py::arg("input_norm"), py::arg("post_norm"),
+           py::arg("weights"), py::arg("outliers"), py::arg("biases"));
+  m.def(
+      "decoder_layer_step",
+      [](const lk_decoder_layer& L, int64_t x, int64_t B, int64_t cos, int64_t sin, int64_t pos, int64_t k_cache,
+         int64_t v_cache, int64_t max_len, int64_t key_mask, int64_t y, int num_threads) {
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_decoder_layer_step(&L, ptr<float>(x), B, ptr<float>(cos), ptr<float>(sin), pos,
+                                    (float*)(uintptr_t)k_cache, (float*)(uintptr_t)v_cache, max_len,
+                                    ptr<uint8_t>(key_mask), (float*)(uintptr_t)y, num_threads);
+        }
+        check(s, "lk_decoder_layer_step");
+      },
+      py::arg("layer"), py::arg("x"), py::arg("B"), py::arg("cos"), py::arg("sin"), py::arg("pos"),
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("key_mask"), py::arg("y"),
+      py::arg("num_threads") = 0);
   m.def(
       "lora_mixed",
       [](int64_t x, int x_dtype, int64_t M, const lk_lora& l, int64_t base, int64_t y, int num_threads) {

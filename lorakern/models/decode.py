@@ -19,7 +19,7 @@ def forget_compiled_call(model: nn.Module) -> None:
 
 
 def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = True, threads: int | None = None,
-                   fuse: bool = True):
+                   fuse: bool = True, native: bool | None = None):
     """Set ``model`` up so that ``model.generate(...)`` decodes fast; returns the model.
 
     * KV cache: transformers' static cache (``generation_config.cache_implementation = "static"``): fixed
@@ -34,6 +34,12 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       or saving the model, gives the separate layers back by itself.
     * ``threads``: ``torch.set_num_threads`` (lorakern's C++ kernels use the same count); None keeps torch's
       choice, one thread per physical core.
+    * ``native``: each decoder layer's decode step as one C++ call (:mod:`lorakern.models.native`: quantized,
+      fused Llama-family layers without adapters). ``None`` (default): native when every decoder layer qualifies
+      after fusing, else not. A native model is not compiled (the native step replaces the compiled one, and
+      dynamo would trace transformers' path instead); ``compile`` then only matters for layers that do not qualify
+      (none, when ``native=None`` chose native). Attach adapters before this call: a layer that stops qualifying
+      later takes transformers' eager path.
 
     Works with quantized models (:func:`lorakern.quantize_model`) and with adapter banks
     (:func:`lorakern.attach_adapters`: ``generate(..., adapter_names=[...])``); it stays a drop-in: nothing
@@ -49,6 +55,16 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
     if fuse:
         from .fuse import fuse_projections  # (fuse imports this module)
         fuse_projections(model)
+    from .native import disable_native_decode, enable_native_decode, native_decode_layers
+    if native is not False:
+        enable_native_decode(model)
+        n, total, _ = native_decode_layers(model)
+        if native is None and (total == 0 or n < total):
+            disable_native_decode(model)
+        elif n:
+            compile = False
+    else:
+        disable_native_decode(model)
     if threads is not None:
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"

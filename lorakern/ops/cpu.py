@@ -350,7 +350,7 @@ def _batch_tensors(batch, device) -> tuple:
 
 @helper("multi_lora_slices_prepared")
 def multi_lora_slices_prepared(banks: list, x, base, batch):
-    """``multi_lora_slices`` over :class:`PreparedBank`\ s (one per output slice, each built once per bank change):
+    """``multi_lora_slices`` over :class:`PreparedBank` objects (one per output slice, each built once per bank change):
     ``base [T, sum of N]`` plus each slice's adapters in its own columns, for repeated eager CPU calls (the
     fused q/k/v and gate/up of vLLM's LoRA layers). ``banks``: LayerBanks (their pointers prepared once per change);
     every bank's K, the widths, the activations and the batch are checked here (O(1)), the C++ core checks every

@@ -260,6 +260,33 @@ LK_API lk_status lk_quant_matmul_qalora(const void* x, lk_dtype x_dtype, int64_t
 /* out[N, K] (fp32) = dequantized W. */
 LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads);
 
+/* One decoder layer of a Llama-family model for decoding (lk_decoder_layer_step): pre-norm RMSNorm, attention with
+ * rotary embeddings (transformers' rotate_half convention) and grouped KV heads, residual, RMSNorm, gated SiLU MLP,
+ * residual. The projections are quantized weights, q/k/v stacked row-wise in one weight and gate/up in another
+ * (lorakern.models.fuse_projections). Outliers with row_ptr NULL and biases NULL mean none. */
+typedef struct {
+  int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate;
+  float rms_eps;             /* RMSNorm: x / sqrt(mean(x^2) + eps) * weight */
+  float attn_scale;          /* softmax scale of q . k (1 / sqrt(head_dim) in Llama) */
+  const float* input_norm;   /* [hidden] */
+  const float* post_norm;    /* [hidden] */
+  lk_qweight qkv;            /* [(n_heads + 2 n_kv_heads) head_dim, hidden]: the q rows, the k rows, the v rows */
+  lk_qweight o;              /* [hidden, n_heads head_dim] */
+  lk_qweight gate_up;        /* [2 intermediate, hidden]: the gate rows, then the up rows */
+  lk_qweight down;           /* [hidden, intermediate] */
+  lk_outliers qkv_outliers, o_outliers, gate_up_outliers, down_outliers;
+  const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* fp32 [N] */
+} lk_decoder_layer;
+
+/* y[B, hidden] = the layer applied to x[B, hidden] (fp32), one new token for each of B sequences, all at cache
+ * position pos. Its keys and values are written to k_cache / v_cache [B, n_kv_heads, max_len, head_dim] (fp32) at
+ * pos, and each sequence attends to the cached positions j <= pos with key_mask[b * max_len + j] != 0 (key_mask
+ * NULL: all of them). cos / sin [B, head_dim]: the rotary embedding of each sequence's position. A sequence with no
+ * position to attend to gets a zero attention output. */
+LK_API lk_status lk_decoder_layer_step(const lk_decoder_layer* layer, const float* x, int64_t B, const float* cos,
+                                       const float* sin, int64_t pos, float* k_cache, float* v_cache,
+                                       int64_t max_len, const uint8_t* key_mask, float* y, int num_threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,164 @@
+// lk_decoder_layer_step: one Llama-family decoder layer for a decode step, in one call (the native decode
+// step of lorakern.models.native). The projections go through lk_quant_matmul / lk_gwq_matmul (the active
+// ISA's kernels); the rest (RMSNorm, rotary embedding, attention over the KV cache, SiLU gating, residuals)
+// is plain C++ on a few KB per sequence, written after transformers' LlamaDecoderLayer / LlamaAttention /
+// LlamaMLP (modeling_llama.py) so that it computes what they compute, in fp32.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <vector>
+
+#include "common.h"
+#include "driver.h"
+#include "lorakern/lorakern.h"
+
+namespace {
+
+bool shape_ok(const lk_qweight& w, int64_t N, int64_t K) {
+  return lk::check_weight(&w) == LK_OK && w.N == N && w.K == K;
+}
+
+bool outliers_ok(const lk_outliers& o) {  // O(1) checks; lk_gwq_matmul checks every row and column it uses
+  return !o.row_ptr || (o.nnz >= 0 && (o.nnz == 0 || (o.col_idx && o.values)));
+}
+
+lk_status check_layer(const lk_decoder_layer* L) {
+  if (!L || !L->input_norm || !L->post_norm) return LK_ERR_INVALID_ARG;
+  const int64_t H = L->hidden, Hq = L->n_heads, Hkv = L->n_kv_heads, D = L->head_dim, I = L->intermediate;
+  if (H <= 0 || Hq <= 0 || Hkv <= 0 || D <= 0 || D % 2 || I <= 0 || Hq % Hkv) return LK_ERR_INVALID_ARG;
+  if (!(L->rms_eps >= 0.f) || !std::isfinite(L->attn_scale)) return LK_ERR_INVALID_ARG;
+  if (!shape_ok(L->qkv, (Hq + 2 * Hkv) * D, H) || !shape_ok(L->o, H, Hq * D) || !shape_ok(L->gate_up, 2 * I, H) ||
+      !shape_ok(L->down, H, I))
+    return LK_ERR_INVALID_ARG;
+  if (!outliers_ok(L->qkv_outliers) || !outliers_ok(L->o_outliers) || !outliers_ok(L->gate_up_outliers) ||
+      !outliers_ok(L->down_outliers))
+    return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
+
+// y[M, w.N] = x @ W^T (+ outliers) (+ bias), fp32.
+lk_status project(const float* x, int64_t M, const lk_qweight& w, const lk_outliers& o, const float* bias, float* y,
+                  int nt) {
+  return o.row_ptr ? lk_gwq_matmul(x, LK_F32, M, &w, &o, bias, y, nt) : lk_quant_matmul(x, LK_F32, M, &w, bias, y, nt);
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, per row (the sum of squares in double).
+void rms_norm(const float* x, int64_t B, int64_t H, const float* w, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * H;
+    double ss = 0;
+    for (int64_t i = 0; i < H; ++i) ss += (double)xr[i] * xr[i];
+    const float r = 1.f / std::sqrt((float)(ss / (double)H) + eps);
+    for (int64_t i = 0; i < H; ++i) out[b * H + i] = w[i] * (xr[i] * r);
+  }
+}
+
+// v <- v cos + rotate_half(v) sin, rotate_half(v) = [-v[D/2:], v[:D/2]] (transformers' apply_rotary_pos_emb).
+void rope(float* v, const float* cos, const float* sin, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = v[i], b = v[i + h];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+}  // namespace
+
+extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const float* cos,
+                                           const float* sin, int64_t pos, float* k_cache, float* v_cache,
+                                           int64_t max_len, const uint8_t* key_mask, float* y, int num_threads) {
+  if (lk_status s = check_layer(L)) return s;
+  if (B < 0 || max_len <= 0 || pos < 0 || pos >= max_len) return LK_ERR_INVALID_ARG;
+  if (B == 0) return LK_OK;
+  if (!x || !y || !cos || !sin || !k_cache || !v_cache) return LK_ERR_INVALID_ARG;
+  const int nt = lk::threads_for(num_threads);
+  const int64_t H = L->hidden, Hq = L->n_heads, Hkv = L->n_kv_heads, D = L->head_dim, I = L->intermediate;
+  const int64_t NQKV = (Hq + 2 * Hkv) * D, rep = Hq / Hkv;
+  try {
+    std::vector<float> h((size_t)(B * H)), qkv((size_t)(B * NQKV)), att((size_t)(B * Hq * D)), x1((size_t)(B * H));
+    std::vector<float> gu((size_t)(B * 2 * I));
+    rms_norm(x, B, H, L->input_norm, L->rms_eps, h.data());
+    if (lk_status s = project(h.data(), B, L->qkv, L->qkv_outliers, L->qkv_bias, qkv.data(), nt)) return s;
+    // rotary embedding of q and k; k and v into the cache at pos
+    for (int64_t b = 0; b < B; ++b) {
+      float* r = qkv.data() + b * NQKV;
+      for (int64_t hd = 0; hd < Hq + Hkv; ++hd) rope(r + hd * D, cos + b * D, sin + b * D, D);
+      for (int64_t kh = 0; kh < Hkv; ++kh) {
+        const int64_t at = ((b * Hkv + kh) * max_len + pos) * D;
+        std::copy(r + (Hq + kh) * D, r + (Hq + kh + 1) * D, k_cache + at);
+        std::copy(r + (Hq + Hkv + kh) * D, r + (Hq + Hkv + kh + 1) * D, v_cache + at);
+      }
+    }
+    // attention of each (sequence, query head) over positions 0..pos: softmax(scale q.k) . v
+    const int64_t npos = pos + 1;
+    const bool par = B * Hq * npos * D > (1 << 15);
+    bool bad_alloc = false;
+#pragma omp parallel num_threads(par ? nt : 1)
+    {
+      std::vector<float> p;
+      try {
+        p.resize((size_t)npos);
+      } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+        bad_alloc = true;
+      }
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < B * Hq; ++bh) {
+        if (p.empty()) continue;
+        const int64_t b = bh / Hq, hq = bh % Hq, kh = hq / rep;
+        const float* q = qkv.data() + b * NQKV + hq * D;
+        const float* kc = k_cache + (b * Hkv + kh) * max_len * D;
+        const float* vc = v_cache + (b * Hkv + kh) * max_len * D;
+        const uint8_t* mk = key_mask ? key_mask + b * max_len : nullptr;
+        float mx = -INFINITY;
+        bool nan = false;
+        for (int64_t j = 0; j < npos; ++j) {
+          if (mk && !mk[j]) {
+            p[j] = -INFINITY;
+            continue;
+          }
+          const float* kr = kc + j * D;
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) s += q[d] * kr[d];
+          p[j] = s * L->attn_scale;
+          nan |= std::isnan(p[j]);
+          mx = std::max(mx, p[j]);
+        }
+        float* o = att.data() + b * Hq * D + hq * D;
+        std::fill(o, o + D, nan ? NAN : 0.f);  // NaN scores give a NaN output, as softmax would
+        if (nan || mx == -INFINITY) continue;  // (or nothing to attend to: zeros)
+        float sum = 0.f;
+        for (int64_t j = 0; j < npos; ++j) {
+          p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
+          sum += p[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < npos; ++j) {
+          if (p[j] == 0.f) continue;
+          const float w = p[j] * inv;
+          const float* vr = vc + j * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+        }
+      }
+    }
+    if (bad_alloc) return LK_ERR_ALLOC;
+    if (lk_status s = project(att.data(), B, L->o, L->o_outliers, L->o_bias, x1.data(), nt)) return s;
+    for (int64_t i = 0; i < B * H; ++i) x1[i] += x[i];
+    rms_norm(x1.data(), B, H, L->post_norm, L->rms_eps, h.data());
+    if (lk_status s = project(h.data(), B, L->gate_up, L->gate_up_outliers, L->gate_up_bias, gu.data(), nt)) return s;
+    for (int64_t b = 0; b < B; ++b) {  // act = silu(gate) * up, in place of the gate half
+      float* g = gu.data() + b * 2 * I;
+      for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+    }
+    // down from the gate halves (row stride 2 I): compact them first
+    for (int64_t b = 1; b < B; ++b) std::copy(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, gu.data() + b * I);
+    if (lk_status s = project(gu.data(), B, L->down, L->down_outliers, L->down_bias, y, nt)) return s;
+    for (int64_t i = 0; i < B * H; ++i) y[i] += x1[i];
+  } catch (const std::bad_alloc&) {
+    return LK_ERR_ALLOC;
+  }
+  return LK_OK;
+}
