@@ -66,9 +66,9 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
                      float* out) {
   constexpr int GB = G * BITS / 8, NC = G / 32, B = G < 64 ? G : 64, BPG = G / B;
   const int64_t ng = p.K / G, nb = p.K / B;
-  __m256 facc[MR];
-  for (int i = 0; i < MR; ++i) facc[i] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
+  __m256 facc[MR], facc2[MR];
+  for (int i = 0; i < MR; ++i) facc[i] = facc2[i] = _mm256_setzero_ps();
+  const auto group = [&](int64_t g, __m256* acc) __attribute__((always_inline)) {
     __m256i c[NC];
     _mm_prefetch((const char*)(prow + g * GB + 1024), _MM_HINT_T0);  // ~1 KiB ahead in the row stream
     unpack_group<BITS, G>(prow + g * GB, c);
@@ -80,10 +80,18 @@ inline void row_tile(const QmmProblem& p, const uint8_t* prow, int64_t m0, const
       __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_block<BITS, G>(c, xp, 0)), _mm256_broadcast_ss(xsp));
       for (int b = 1; b < BPG; ++b)
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS, G>(c, xp, b)), _mm256_broadcast_ss(xsp + b), t);
-      facc[i] = _mm256_fmadd_ps(t, sfv, facc[i]);
+      acc[i] = _mm256_fmadd_ps(t, sfv, acc[i]);
+    }
+  };
+  int64_t g = 0;
+  if constexpr (MR <= 2) {  // decode: two accumulator chains (even / odd groups), or the FMA latency bounds it
+    for (; g + 2 <= ng; g += 2) {
+      group(g, facc);
+      group(g + 1, facc2);
     }
   }
-  for (int i = 0; i < MR; ++i) out[i] = hsum(facc[i]);
+  for (; g < ng; ++g) group(g, facc);
+  for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_add_ps(facc[i], facc2[i]));
 }
 
 // The hooks of the shared row loop (qmm_rows_simd.h).
