@@ -40,17 +40,16 @@ def _llama():
     return modeling_llama
 
 
+@functools.cache
+def _static_layer():
+    from transformers.cache_utils import StaticLayer
+    return StaticLayer
+
+
 def _fused_types():
     from .fuse import _FUSED_CLASSES
     m = _llama()
     return _FUSED_CLASSES.get(m.LlamaAttention), _FUSED_CLASSES.get(m.LlamaMLP)
-
-
-def _projection_tensors(layer) -> list:
-    t = [layer.qweight, layer.scales, layer.zeros, layer.bias]
-    if type(layer) is GWQLinear:
-        t += [layer.row_ptr, layer.col_idx, layer.values]
-    return t
 
 
 def _eligible(layer: nn.Module) -> str | None:
@@ -88,7 +87,6 @@ class _Record:
         projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm.weight.detach().contiguous(),
                  layer.post_attention_layernorm.weight.detach().contiguous())
-        self.tensors = [t for p in projs for t in _projection_tensors(p)]
         self.norm_sources = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         self.norm_versions = tuple(w._version for w in self.norm_sources)
         self._keep = list(norms)
@@ -113,6 +111,20 @@ class _Record:
                 biases.append(0)
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim,
                      mlp.gate_up_proj.out_features // 2)
+        # what current() compares: each module and tensor by identity where it is stored, and every address
+        checks = [(layer._modules, "self_attn", attn), (layer._modules, "mlp", mlp),
+                  (layer._modules, "input_layernorm", layer.input_layernorm),
+                  (layer._modules, "post_attention_layernorm", layer.post_attention_layernorm),
+                  (attn._modules, "qkv_proj", attn.qkv_proj), (attn._modules, "o_proj", attn.o_proj),
+                  (mlp._modules, "gate_up_proj", mlp.gate_up_proj), (mlp._modules, "down_proj", mlp.down_proj)]
+        for p in projs:
+            checks += [(p._buffers, n, p._buffers[n]) for n in p._buffers]
+        checks += [(n._parameters, "weight", n._parameters["weight"])
+                   for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.checks = checks
+        # buffers are replaced as new objects (Module._apply, assignment); parameters keep their object and get
+        # new data (``param.data = ...`` in Module._apply): the norms' addresses are compared too
+        self.pointers = [(w, w.data_ptr()) for w in self.norm_sources]
         self.record = native().DecoderLayerRecord(
             list(self.dims), float(layer.input_layernorm.variance_epsilon), float(attn.scaling), norms[0].data_ptr(),
             norms[1].data_ptr(), weights, outliers, biases)
@@ -120,16 +132,22 @@ class _Record:
             raise ValueError("lorakern: native decode needs one RMSNorm epsilon per layer")
 
     def current(self, layer: nn.Module) -> bool:
-        attn, mlp = layer.self_attn, layer.mlp
-        now = [t for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj) for t in _projection_tensors(p)]
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        return (len(now) == len(self.tensors) and all(a is b for a, b in zip(now, self.tensors))
-                and all(a is b for a, b in zip(norms, self.norm_sources))
-                and tuple(w._version for w in norms) == self.norm_versions)
+        """Whether ``layer`` still holds the very modules and tensors (at the same addresses) the record was built
+        from: dictionary lookups only (this runs once per layer and token)."""
+        for d, k, v in self.checks:
+            if d.get(k) is not v:
+                return False
+        for t, ptr in self.pointers:
+            if t.data_ptr() != ptr:
+                return False
+        return tuple(w._version for w in self.norm_sources) == self.norm_versions
 
 
 # layer -> its _Record, outside the module's state: copies and pickles of a model never carry addresses
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
+
+
+_LAST_MASK: list = [None, None, None]  # (mask, (B, L, version), converted): every layer of a step gets the same mask
 
 
 def _key_mask(mask, B: int, L: int):
@@ -137,6 +155,15 @@ def _key_mask(mask, B: int, L: int):
     path does not take."""
     if mask is None:
         return None
+    key = (B, L, getattr(mask, "_version", None))
+    if _LAST_MASK[0] is mask and _LAST_MASK[1] == key:
+        return _LAST_MASK[2]
+    out = _convert_mask(mask, B, L)
+    _LAST_MASK[:] = [mask, key, out]
+    return out
+
+
+def _convert_mask(mask, B: int, L: int):
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 \
             or mask.shape[2] != 1 or mask.shape[3] != L or mask.device.type != "cpu":
         return False
@@ -154,10 +181,9 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
             or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.dtype != torch.float32
             or hidden_states.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return None
-    from transformers.cache_utils import StaticLayer
     idx = layer.self_attn.layer_idx
     layers = getattr(cache, "layers", None)
-    if layers is None or idx >= len(layers) or type(layers[idx]) is not StaticLayer:
+    if layers is None or idx >= len(layers) or type(layers[idx]) is not _static_layer():
         return None
     cl = layers[idx]
     if not cl.is_initialized:
