@@ -170,7 +170,17 @@ def test_record_follows_replaced_tensors():
         after = q.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         ref = lorakern.prepare_decode(copy.deepcopy(q), native=False, compile=False)
         want = ref.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(after, want) and not torch.equal(before, after)
+        assert torch.equal(after, want) and not torch.equal(before, after)
+        # a parameter given new data in place of its object (what Module._apply does): the new address is used
+        norm = q.model.layers[0].post_attention_layernorm
+        norm.weight.data = norm.weight.data.clone().neg_()
+        got = q.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+        ref = lorakern.prepare_decode(copy.deepcopy(q), native=False, compile=False)
+        want = ref.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            pad_token_id=0)
+    assert torch.equal(got.sequences, want.sequences)
+    assert (torch.stack(got.logits) - torch.stack(want.logits)).abs().max() < 1e-2
 
 
 def test_copies_and_pickles_carry_no_addresses(tmp_path):
