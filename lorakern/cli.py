@@ -70,7 +70,8 @@ def _demo(args) -> int:
 
     def evaluate(name, m, bits, avg_bits):
         ppl = perplexity(m, windows, desc=f"ppl {name}")
-        lorakern.prepare_decode(m, compile=not args.eager_decode)  # static cache (+ compiled decode step)
+        # static cache; quantized Llama models: the native decode step, others: the compiled one
+        lorakern.prepare_decode(m, compile=not args.eager_decode, native=False if args.eager_decode else None)
         tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
         rows.append({"model": name, "bits": bits, "avg_bits": avg_bits, "ppl": ppl, "decode_tok_s": tps})
         print(f"  {name:10} bits/weight {avg_bits:6.2f}   ppl {ppl:8.3f}   decode {tps:6.1f} tok/s", flush=True)
@@ -91,7 +92,8 @@ def _demo(args) -> int:
             rows[-1].update(method=method, group_sizes=sorted(set(rec["layers"].values())),
                             quantize_seconds=rec["seconds"])
             del qm
-    decode = "eager decode" if args.eager_decode else "decode compiled (static cache + torch.compile; compile excluded)"
+    decode = ("eager decode" if args.eager_decode else "decode: static cache, the quantized models through the native "
+              "decode step (one C++ call per layer), fp32 compiled (torch.compile; compile excluded)")
     print(f"(quantized: every linear layer, group {args.group_size}; layers with in_features=576 use group 64; the "
           f"output head (tied to the embedding) 8-bit RTN; gwq keeps 1% gradient outliers in fp16, GPTQ for the "
           f"rest, calibrated on {args.calib} windows of valid.txt; {decode}. {time.time() - t0:.0f} s in all)")
