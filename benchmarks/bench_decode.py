@@ -12,7 +12,8 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
   :func:`lorakern.prepare_decode` (static cache): eager (``compiled: false``), compiled (torch.compile; the
   compilation is excluded, it happens in the warm-up) and, for the quantized models, native
   (``native: true``: one C++ call per decoder layer, :mod:`lorakern.models.native`); prefill throughput of a
-  512-token prompt (one forward) per model.
+  512-token prompt (one forward, logits of the last position only, as ``generate`` and llama.cpp compute them)
+  per model.
 * peer: llama.cpp through ``llama-cpp-python`` on the shipped Q4_1 GGUF and on a Q4_0 GGUF made from it by
   llama.cpp's own quantizer, same threads, same prompt tokens and token counts (``llama_eval`` + argmax);
   rows left out, with the reason printed, if the package is missing. With one rank-16 LoRA adapter (all seven
@@ -90,10 +91,12 @@ def mode_name(r) -> str:
 
 @torch.no_grad()
 def prefill_rate(model, ids512, repeats) -> float:
+    """Tokens/s of one forward over the prompt with the logits of its last position only (what ``generate``'s
+    prefill computes, ``logits_to_keep=1``, and what llama.cpp's prefill computes)."""
     ts = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        model(ids512)
+        model(ids512, logits_to_keep=1)
         ts.append(time.perf_counter() - t0)
     return ids512.shape[1] / statistics.median(ts[1:])
 
