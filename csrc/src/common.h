@@ -148,6 +148,7 @@ void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
 // The blocked GEMM (quant_gemm_avx2.cpp): the same contract, for many activation rows (M >= kGemmMinRows).
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 constexpr int64_t kGemmMinRows = 4;  // measured: rows and GEMM cost the same at M = 4 (SmolLM2 shapes, AVX2)
+constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: measured break-even ~16 rows
 
 // Quantize activations: x (fp32) [M, K] -> xq, xs (per block), xsum (per group).
 // With xhat = xs_b * xq, the kernels compute y = xhat @ W^T (+ bias) exactly up

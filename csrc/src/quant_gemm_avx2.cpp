@@ -11,7 +11,9 @@
 // no horizontal sums, one fp32 lane per output column (as ggml's repacked Q4_0 8x8 kernels, written anew
 // for lorakern's layouts). A micro-tile is 4 activation rows x 8 weight rows: 4 fp32 accumulators and 4
 // int32 block sums in registers; 4 steps of vpmaddubsw are summed in int16 before one vpmaddwd (codes <= 15,
-// |xq| <= 127: 4 * 2 * 15 * 127 < 2^15, so bits <= 4 only; 8-bit codes take the row kernels).
+// |xq| <= 127: 4 * 2 * 15 * 127 < 2^15). 8-bit codes would saturate vpmaddubsw: they are centred (q' = q - 128,
+// s8; the 128 moves into the zero point as in the row kernels) and the panel holds q' and |q'| side by side:
+// vpmaddubsw(|q'|, sign(x, q')) = q' x, pairs <= 2 * 128 * 127 < 2^15, one vpmaddwd per step.
 //
 // Cache blocking: panels are packed a chunk at a time (kChunkBytes of codes, L2), and activation rows pass
 // over a chunk kMBlock at a time (kMBlock x K int8 stays in L2 while the chunk's panels are reused).
@@ -58,8 +60,9 @@ inline void transpose8_epi32(__m256i* r) {
   r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-// Weight rows [n, n + nr) (nr <= 8) as one panel: codes (8 K bytes, layout above), sf[8 g + j] = s and
-// szf[8 g + j] = s z of row n + j in group g. Rows past nr are zero codes with zero scales.
+// Weight rows [n, n + nr) (nr <= 8) as one panel: codes (8 K bytes, layout above; 8-bit: q' then |q'|, 16 K
+// bytes), sf[8 g + j] = s and szf[8 g + j] = s z (8-bit: s (z - 128)) of row n + j in group g. Rows past nr are
+// zero codes with zero scales.
 template <int BITS, int G>
 void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* sf, float* szf) {
   constexpr int GB = G * BITS / 8, NC = G / 32;
@@ -78,11 +81,19 @@ void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* s
       for (int j = 0; j < NR; ++j) r[j] = c[j][q];
       transpose8_epi32(r);
       uint8_t* dst = codes + (g * G + 32 * q) / 4 * 32;
-      for (int s = 0; s < 8; ++s) _mm256_storeu_si256((__m256i*)(dst + 32 * s), r[s]);
+      for (int s = 0; s < 8; ++s) {
+        if constexpr (BITS == 8) {  // q' = q - 128 as s8, and |q'| as u8 (<= 128) K * 8 bytes further on
+          const __m256i c8 = _mm256_xor_si256(r[s], _mm256_set1_epi8((char)0x80));
+          _mm256_storeu_si256((__m256i*)(dst + 32 * s), c8);
+          _mm256_storeu_si256((__m256i*)(dst + 32 * s + NR * p.K), _mm256_abs_epi8(c8));
+        } else {
+          _mm256_storeu_si256((__m256i*)(dst + 32 * s), r[s]);
+        }
+      }
     }
     for (int j = 0; j < NR; ++j) {
       const float s = j < nr ? _cvtsh_ss(p.scales[(n + j) * ng + g]) : 0.f;
-      const float z = j < nr ? _cvtsh_ss(p.zeros[(n + j) * ng + g]) : 0.f;
+      const float z = j < nr ? _cvtsh_ss(p.zeros[(n + j) * ng + g]) - (BITS == 8 ? 128.f : 0.f) : 0.f;
       sf[8 * g + j] = s;
       szf[8 * g + j] = s * z;
     }
@@ -90,7 +101,7 @@ void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* s
 }
 
 // out[i] (8 lanes = the panel's 8 weight rows) for activation rows m0 + i, i < R.
-template <int G, int R>
+template <int G, int R, bool K8>
 inline void micro_tile(const QmmProblem& p, const uint8_t* codes, const float* sf, const float* szf, int64_t m0,
                        __m256* out) {
   constexpr int B = G < 64 ? G : 64, BPG = G / B, SPB = B / 4;  // 4-code steps per activation block
@@ -104,6 +115,17 @@ inline void micro_tile(const QmmProblem& p, const uint8_t* codes, const float* s
       const int64_t k0 = g * G + b * B;
       __m256i d[R];
       for (int i = 0; i < R; ++i) d[i] = _mm256_setzero_si256();
+      if constexpr (K8) {  // centred 8-bit codes: one vpmaddwd per step (see the top of the file)
+        for (int s = 0; s < SPB; ++s) {
+          const uint8_t* cp = codes + (k0 / 4 + s) * 32;
+          const __m256i w = _mm256_loadu_si256((const __m256i*)cp);
+          const __m256i a = _mm256_loadu_si256((const __m256i*)(cp + NR * K));
+          for (int i = 0; i < R; ++i) {
+            const __m256i xb = _mm256_set1_epi32(load_i32(p.xq + (m0 + i) * K + k0 + 4 * s));
+            d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, w)), ones));
+          }
+        }
+      } else
       for (int s = 0; s < SPB; s += 4) {
         const uint8_t* cp = codes + (k0 / 4 + s) * 32;
         const __m256i w0 = _mm256_loadu_si256((const __m256i*)cp);
@@ -150,7 +172,8 @@ inline void store_tile(const QmmProblem& p, int64_t m0, int R, int64_t n, int nr
 
 template <int BITS, int G>
 void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
-  const int64_t ng = p.K / G, panel_bytes = NR * p.K, npan = (n1 - n0 + NR - 1) / NR;
+  constexpr bool K8 = BITS == 8;
+  const int64_t ng = p.K / G, panel_bytes = NR * p.K * (K8 ? 2 : 1), npan = (n1 - n0 + NR - 1) / NR;
   const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
   std::vector<uint8_t> codes((size_t)(per_chunk * panel_bytes));
   std::vector<float> sf((size_t)(per_chunk * NR * ng)), szf(sf.size());
@@ -173,10 +196,10 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
           const int R = (int)std::min<int64_t>(MR, me - m0);
           __m256 out[MR];
           switch (R) {
-            case 4: micro_tile<G, 4>(p, pc, ps, pz, m0, out); break;
-            case 3: micro_tile<G, 3>(p, pc, ps, pz, m0, out); break;
-            case 2: micro_tile<G, 2>(p, pc, ps, pz, m0, out); break;
-            default: micro_tile<G, 1>(p, pc, ps, pz, m0, out); break;
+            case 4: micro_tile<G, 4, K8>(p, pc, ps, pz, m0, out); break;
+            case 3: micro_tile<G, 3, K8>(p, pc, ps, pz, m0, out); break;
+            case 2: micro_tile<G, 2, K8>(p, pc, ps, pz, m0, out); break;
+            default: micro_tile<G, 1, K8>(p, pc, ps, pz, m0, out); break;
           }
           store_tile(p, m0, R, n, nr, out);
         }
@@ -197,14 +220,14 @@ void gemm_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
 
 }  // namespace
 
-// Rows [n0, n1) of y for every m (the contract of qmm_rows); 8-bit codes go to the row kernels.
+// Rows [n0, n1) of y for every m (the contract of qmm_rows).
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
   switch (p.bits) {
     case 1: gemm_rows_bits<1>(p, n0, n1); break;
     case 2: gemm_rows_bits<2>(p, n0, n1); break;
     case 3: gemm_rows_bits<3>(p, n0, n1); break;
     case 4: gemm_rows_bits<4>(p, n0, n1); break;
-    default: qmm_rows_avx2(p, n0, n1); break;
+    default: gemm_rows_bits<8>(p, n0, n1); break;
   }
 }
 
