@@ -69,6 +69,8 @@ def _eligible(layer: nn.Module) -> str | None:
     for n in (layer.input_layernorm, layer.post_attention_layernorm):
         if type(n) is not m.LlamaRMSNorm or n.weight.dtype != torch.float32:
             return "a norm is not an fp32 LlamaRMSNorm"
+    if layer.post_attention_layernorm.variance_epsilon != layer.input_layernorm.variance_epsilon:
+        return "its two RMSNorms have different epsilons"
     if getattr(mlp, "config", None) is None or mlp.config.hidden_act != "silu":
         return "its MLP's activation is not SiLU"
     if attn.lorakern_split != [attn.config.num_attention_heads * attn.head_dim,
@@ -128,8 +130,6 @@ class _Record:
         self.record = native().DecoderLayerRecord(
             list(self.dims), float(layer.input_layernorm.variance_epsilon), float(attn.scaling), norms[0].data_ptr(),
             norms[1].data_ptr(), weights, outliers, biases)
-        if layer.post_attention_layernorm.variance_epsilon != layer.input_layernorm.variance_epsilon:
-            raise ValueError("lorakern: native decode needs one RMSNorm epsilon per layer")
 
     def current(self, layer: nn.Module) -> bool:
         """Whether ``layer`` still holds the very modules and tensors (at the same addresses) the record was built
@@ -228,9 +228,9 @@ def _native_forward(self, hidden_states, attention_mask=None, position_ids=None,
     y = _native_step(self, hidden_states, attention_mask, cache, position_embeddings)
     if y is not None:
         return y
-    return super(type(self), self).forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
-                                           **kwargs)
+    return _llama().LlamaDecoderLayer.forward(self, hidden_states, attention_mask=attention_mask,
+                                              position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                              position_embeddings=position_embeddings, **kwargs)
 
 
 @functools.cache
