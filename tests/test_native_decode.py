@@ -1,5 +1,6 @@
 """The native decode step (lorakern.models.native): each decoder layer's decode step as one C++ call, against
 transformers' own LlamaDecoderLayer on the same inputs and cache, and inside generate."""
+import contextlib
 import copy
 
 import pytest
@@ -22,6 +23,28 @@ def _quantized(method="rtn", bias=False, bits=4, attn="sdpa", layers=3):
     return lorakern.quantize_model(model, bits=bits, group_size=32, progress=False, **kw)
 
 
+@contextlib.contextmanager
+def _count_native_calls():
+    """A list that gets one entry per lk_decoder_layer_step call inside the block (the calls are unchanged)."""
+    import lorakern.models.native as nm
+    real = nm.native()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decoder_layer_step(self, *a, **k):
+            calls.append(1)
+            return real.decoder_layer_step(*a, **k)
+    saved = nm.native
+    nm.native = lambda: Spy()
+    try:
+        yield calls
+    finally:
+        nm.native = saved
+
+
 def _layer_cases(model, ids, attention_mask=None, steps=3):
     """Run prefill and ``steps`` decode steps of ``model`` (native) and capture, at every decode step and layer,
     the layer's inputs and a copy of its cache before the call, and its output and cache after."""
@@ -41,12 +64,13 @@ def _layer_cases(model, ids, attention_mask=None, steps=3):
     hooks = [h for l in model.model.layers for h in (l.register_forward_pre_hook(pre, with_kwargs=True),
                                                       l.register_forward_hook(post, with_kwargs=True))]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _count_native_calls() as calls:
             model.generate(ids, attention_mask=attention_mask, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                            do_sample=False, pad_token_id=0)
     finally:
         for h in hooks:
             h.remove()
+    assert len(calls) == steps * len(model.model.layers)  # every decode step of every layer went native
     return cases
 
 
@@ -69,13 +93,15 @@ def _check_layers_against_transformers(model, ids, attention_mask=None):
         assert (values - ref_cl.values).abs().max() <= 1e-4 * ref_cl.values.abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("method,bias,bits", [("rtn", False, 4), ("rtn", True, 3), ("gwq", False, 4),
-                                              ("rtn", False, 2)])
-def test_native_layers_match_transformers(method, bias, bits):
+@pytest.mark.parametrize("method,bias,bits,batch", [("rtn", False, 4, 1), ("rtn", True, 3, 1), ("gwq", False, 4, 1),
+                                                    ("rtn", False, 2, 1), ("rtn", False, 8, 1), ("rtn", False, 4, 5),
+                                                    ("gwq", True, 8, 17)])
+def test_native_layers_match_transformers(method, bias, bits, batch):
+    """batch >= 4: the projections inside the layer run the blocked GEMM (8-bit from 16 rows)."""
     model = lorakern.prepare_decode(_quantized(method, bias, bits))
     assert native_decode_layers(model)[:2] == (3, 3)
     assert model.generation_config.disable_compile  # the native step replaces the compiled one
-    ids = torch.randint(3, 160, (1, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 160, (batch, 7), generator=torch.Generator().manual_seed(1))
     _check_layers_against_transformers(model, ids)
 
 
@@ -97,25 +123,8 @@ def test_native_generate_matches_transformers_path():
     with torch.no_grad():
         want = lorakern.prepare_decode(copy.deepcopy(q), compile=False, native=False).generate(ids, **kw)
         nat = lorakern.prepare_decode(copy.deepcopy(q))
-        calls = []
-        from lorakern import _native
-        real = _native.native()
-        orig = real.decoder_layer_step
-
-        class Spy:  # count the native calls without changing them
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def decoder_layer_step(self, *a, **k):
-                calls.append(1)
-                return orig(*a, **k)
-        import lorakern.models.native as nm
-        saved = nm.native
-        nm.native = lambda: Spy()
-        try:
+        with _count_native_calls() as calls:
             got = nat.generate(ids, **kw)
-        finally:
-            nm.native = saved
     assert len(calls) == 5 * 3  # 5 decode steps (the first token comes from the prefill) x 3 layers
     assert torch.equal(got.sequences, want.sequences)
     assert (torch.stack(got.logits) - torch.stack(want.logits)).abs().max() < 1e-2
@@ -132,7 +141,7 @@ def test_not_eligible_layers_take_transformers_path(tmp_path):
     m = copy.deepcopy(fp)
     assert enable_native_decode(m) == 0
     assert any("fused" in w for w in native_decode_layers(m)[2])
-    # an adapter on one layer: that layer is not fused, so it is not native; the others are
+    # an adapter on every layer's q_proj: no layer is fused, so none is native
     paths = save_random_peft_adapters(fp, tmp_path, {"a": ["q_proj"]}, 0.3)
     ad = copy.deepcopy(q)
     from lorakern.adapters import attach_adapter, load_peft_adapter

@@ -118,12 +118,18 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
     const auto fn = M >= (w->bits == 8 ? lk::kGemmMinRows8 : lk::kGemmMinRows) ? kern.qmm_gemm : kern.qmm_rows;
     const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
     // Contiguous row blocks per thread: each thread streams its own slab.
+    std::atomic<int> no_memory{0};
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
       const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
-      if (n1 > n0) fn(p, n0, n1);
+      try {  // the kernels' work buffers (the GEMM's panels): an exception must not leave the region
+        if (n1 > n0) fn(p, n0, n1);
+      } catch (const std::bad_alloc&) {
+        no_memory.store(1);
+      }
     }
+    if (no_memory.load()) return LK_ERR_ALLOC;
     if (bad_csr.load()) return LK_ERR_INVALID_ARG;  // some row pointer or column was out of range
     lk::store_output(y32, x_dtype, M * N, y);
   } catch (const std::bad_alloc&) {

@@ -175,7 +175,13 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng, bool g
           q.xt = xt.data();
           q.bad_csr = &bad;
         }
-        fn(q, 0, N);
+        if (gemm && N > 8) {  // two threads' ranges, the second starting inside a panel's width
+          const int64_t n1 = 3 + (int64_t)(rng() % (uint64_t)(N - 3));
+          fn(q, 0, n1);
+          fn(q, n1, N);
+        } else {
+          fn(q, 0, N);
+        }
         CHECK(bad.load() == 0, "%s: valid CSR reported bad", name);
         std::vector<double> at;
         const std::vector<double> ref = model(p, xq, xs, xsum, at);

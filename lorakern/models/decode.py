@@ -36,10 +36,10 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       choice, one thread per physical core.
     * ``native``: each decoder layer's decode step as one C++ call (:mod:`lorakern.models.native`: quantized,
       fused Llama-family layers without adapters). ``None`` (default): native when every decoder layer qualifies
-      after fusing, else not. A native model is not compiled (the native step replaces the compiled one, and
-      dynamo would trace transformers' path instead); ``compile`` then only matters for layers that do not qualify
-      (none, when ``native=None`` chose native). Attach adapters before this call: a layer that stops qualifying
-      later takes transformers' eager path.
+      after fusing, else not. A model with native layers is not compiled (the native step replaces the compiled one,
+      and dynamo would trace transformers' path instead): with ``native=True`` layers that do not qualify run
+      transformers' eager forward. Attach adapters before this call: a layer that stops qualifying later takes
+      transformers' eager path.
 
     Works with quantized models (:func:`lorakern.quantize_model`) and with adapter banks
     (:func:`lorakern.attach_adapters`: ``generate(..., adapter_names=[...])``); it stays a drop-in: nothing

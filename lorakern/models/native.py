@@ -124,9 +124,10 @@ class _Record:
         checks += [(n._parameters, "weight", n._parameters["weight"])
                    for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.checks = checks
-        # buffers are replaced as new objects (Module._apply, assignment); parameters keep their object and get
-        # new data (``param.data = ...`` in Module._apply): the norms' addresses are compared too
-        self.pointers = [(w, w.data_ptr()) for w in self.norm_sources]
+        # and the addresses: a tensor can keep its object and get new storage (``param.data = ...`` in
+        # Module._apply, ``share_memory()``, ``.set_()``)
+        self.pointers = [(t, t.data_ptr()) for p in projs for t in p._buffers.values() if t is not None]
+        self.pointers += [(w, w.data_ptr()) for w in self.norm_sources]
         self.record = native().DecoderLayerRecord(
             list(self.dims), float(layer.input_layernorm.variance_epsilon), float(attn.scaling), norms[0].data_ptr(),
             norms[1].data_ptr(), weights, outliers, biases)
@@ -147,7 +148,7 @@ class _Record:
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
 
 
-_LAST_MASK: list = [None, None, None]  # (mask, (B, L, version), converted): every layer of a step gets the same mask
+_LAST_MASK = (None, None, None)  # (mask, (B, L, version), converted): every layer of a step gets the same mask
 
 
 def _key_mask(mask, B: int, L: int):
@@ -155,11 +156,13 @@ def _key_mask(mask, B: int, L: int):
     path does not take."""
     if mask is None:
         return None
+    global _LAST_MASK
     key = (B, L, getattr(mask, "_version", None))
-    if _LAST_MASK[0] is mask and _LAST_MASK[1] == key:
-        return _LAST_MASK[2]
+    last = _LAST_MASK  # one read: another thread may replace it
+    if last[0] is mask and last[1] == key:
+        return last[2]
     out = _convert_mask(mask, B, L)
-    _LAST_MASK[:] = [mask, key, out]
+    _LAST_MASK = (mask, key, out)
     return out
 
 
@@ -179,7 +182,8 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
     """The layer's output through lk_decoder_layer_step, or None when the native path does not apply."""
     if (cache is None or position_embeddings is None or not isinstance(hidden_states, torch.Tensor)
             or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.dtype != torch.float32
-            or hidden_states.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            or hidden_states.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or layer.training):
         return None
     idx = layer.self_attn.layer_idx
     layers = getattr(cache, "layers", None)
@@ -191,12 +195,14 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
     rec = _RECORDS.get(layer)
     if rec is None or not rec.current(layer):
         if _eligible(layer) is not None:
+            _RECORDS.pop(layer, None)  # do not keep replaced modules alive
             return None
         rec = _RECORDS[layer] = _Record(layer)
     B = hidden_states.shape[0]
     H, Hq, Hkv, D, _ = rec.dims
     keys, values = cl.keys, cl.values
     if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.shape != values.shape
+            or keys.device.type != "cpu" or values.device.type != "cpu"
             or keys.dim() != 4 or tuple(keys.shape[:2]) != (B, Hkv) or keys.shape[3] != D
             or not keys.is_contiguous() or not values.is_contiguous() or hidden_states.shape[2] != H):
         return None
@@ -220,17 +226,16 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
     return y
 
 
-def _native_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                    position_embeddings=None, **kwargs):
-    """``LlamaDecoderLayer.forward``, one C++ call per decode step where it applies (module docstring)."""
-    if cache is None and "past_key_values" in kwargs:  # the argument's name before transformers 5.40
-        cache = kwargs.pop("past_key_values")
-    y = _native_step(self, hidden_states, attention_mask, cache, position_embeddings)
-    if y is not None:
-        return y
-    return _llama().LlamaDecoderLayer.forward(self, hidden_states, attention_mask=attention_mask,
-                                              position_ids=position_ids, cache=cache, use_cache=use_cache,
-                                              position_embeddings=position_embeddings, **kwargs)
+def _native_forward(self, hidden_states, *args, **kwargs):
+    """``LlamaDecoderLayer.forward``, one C++ call per decode step where it applies (module docstring). The
+    arguments go on to transformers' forward unchanged (the cache's keyword is ``cache`` from transformers 5.x on,
+    ``past_key_values`` before)."""
+    if not args and not kwargs.get("output_attentions"):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        y = _native_step(self, hidden_states, kwargs.get("attention_mask"), cache, kwargs.get("position_embeddings"))
+        if y is not None:
+            return y
+    return _llama().LlamaDecoderLayer.forward(self, hidden_states, *args, **kwargs)
 
 
 @functools.cache
@@ -277,6 +282,8 @@ def enable_native_decode(model: nn.Module) -> int:
     try:
         base = _llama().LlamaDecoderLayer
     except ImportError:
+        return 0
+    if _fused_types()[0] is None:  # this transformers' attention is not fused (fuse.py): no layer can qualify
         return 0
     cls = _native_class()
     for m in model.modules():
