@@ -149,6 +149,9 @@ void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 constexpr int64_t kGemmMinRows = 4;  // measured: rows and GEMM cost the same at M = 4 (SmolLM2 shapes, AVX2)
 constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: measured break-even ~16 rows
+// Whether a quant_matmul of M rows at this many bits takes the GEMM (every caller of the base pass uses this,
+// so that the fused ops equal the separate ones bit for bit).
+inline bool use_gemm(int64_t M, int bits) { return M >= (bits == 8 ? kGemmMinRows8 : kGemmMinRows); }
 
 // Quantize activations: x (fp32) [M, K] -> xq, xs (per block), xsum (per group).
 // With xhat = xs_b * xq, the kernels compute y = xhat @ W^T (+ bias) exactly up

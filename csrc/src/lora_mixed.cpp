@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -107,9 +108,12 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
                            l->scale, y32, base32};
     const lk::CpuKernels& kern = lk::active_kernels();
     const auto fn = kern.qmm_rows;
+    // the base pass as lk_quant_matmul runs it (the blocked GEMM for many rows): the fused op equals the two
+    const auto base_fn = w && lk::use_gemm(M, w->bits) ? kern.qmm_gemm : kern.qmm_rows;
     const auto ex = kern.lora_expand;
     const int64_t r = h + rl, ngb = N / gb;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(lk::threads_for(num_threads), ngb));
+    std::atomic<int> no_memory{0};
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), T = omp_get_num_threads();
@@ -117,10 +121,15 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
       if (i0 < h) fn(ph, i0, std::min(i1, h));
       if (i1 > h) fn(pl, std::max(i0, h) - h, i1 - h);
       const int64_t c0 = ngb * tid / T, c1 = ngb * (tid + 1) / T;  // this thread's column groups
-      if (w && c1 > c0) fn(pw, c0 * gb, c1 * gb);
+      try {  // the GEMM's panels: an exception must not leave the region
+        if (w && c1 > c0) base_fn(pw, c0 * gb, c1 * gb);
+      } catch (const std::bad_alloc&) {
+        no_memory.store(1);
+      }
 #pragma omp barrier
       ex(e, c0, c1);
     }
+    if (no_memory.load()) return LK_ERR_ALLOC;
     lk::store_output(y32, x_dtype, M * N, y);
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;

@@ -115,7 +115,7 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
       p.bad_csr = &bad_csr;
     }
     const auto& kern = lk::active_kernels();
-    const auto fn = M >= (w->bits == 8 ? lk::kGemmMinRows8 : lk::kGemmMinRows) ? kern.qmm_gemm : kern.qmm_rows;
+    const auto fn = lk::use_gemm(M, w->bits) ? kern.qmm_gemm : kern.qmm_rows;
     const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
     // Contiguous row blocks per thread: each thread streams its own slab.
     std::atomic<int> no_memory{0};
