@@ -9,6 +9,7 @@ benchmarks' correctness checks; not needed at run time.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .ops.reference import dequantize, lora_delta, multi_lora_fp64, multi_lora_s
 from .ops.schemas import check_gwq_matmul, check_lora_mixed, check_multi_lora, check_quant_matmul, \
     check_quant_matmul_lora
 
-__all__ = ["char_tokenizer", "save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
+__all__ = ["char_tokenizer", "count_native_calls", "save_random_peft_adapters", "tiny_llama", "DOT_EPS", "EPS", "OUTLIER_PATTERNS", "act_block", "fp_bound", "gwq_matmul_int8_act", "int8_act_bound",
            "interpreter_bf16_dot_xfail", "outlier_terms", "random_bank", "lora_mixed_int8_act", "multi_lora_int8_act", "multi_lora_slices_int8_act",
            "quant_matmul_int8_act", "quant_matmul_lora_int8_act", "quantize_activations_int8", "random_compressed",
            "random_outliers", "random_qweight", "terms_bound"]
@@ -250,3 +251,34 @@ def save_random_peft_adapters(model, root, targets: dict, std: float, rank=lambd
         pm.save_pretrained(root / name)
         paths[name] = root / name
     return paths
+
+
+@contextlib.contextmanager
+def count_native_calls(stacks=None):
+    """A list that gets one entry per decoder layer stepped natively inside the block: one per
+    lk_decoder_layer_step call and one per layer of each lk_decoder_stack_step call (the calls are unchanged);
+    ``stacks``, a list, gets one entry per stack call."""
+    import lorakern.models.native as nm
+    real = nm.native()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decoder_layer_step(self, *a, **k):
+            calls.append(1)
+            return real.decoder_layer_step(*a, **k)
+
+        def decoder_stack_step(self, stack, *a, **k):
+            out = real.decoder_stack_step(stack, *a, **k)
+            calls.extend([1] * len(stack))
+            if stacks is not None:
+                stacks.append(1)
+            return out
+    saved = nm.native
+    nm.native = lambda: Spy()
+    try:
+        yield calls
+    finally:
+        nm.native = saved

@@ -1,6 +1,5 @@
 """The native decode step (lorakern.models.native): each decoder layer's decode step as one C++ call, against
 transformers' own LlamaDecoderLayer on the same inputs and cache, and inside generate."""
-import contextlib
 import copy
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 import lorakern
 from lorakern.models.native import disable_native_decode, enable_native_decode, native_decode_layers
 from lorakern.nn import QuantLinear
+from lorakern.testing import count_native_calls as _count_native_calls
 from lorakern.testing import tiny_llama
 
 pytest.importorskip("transformers")
@@ -21,28 +21,6 @@ def _quantized(method="rtn", bias=False, bits=4, attn="sdpa", layers=3):
                        mlp_bias=bias, num_hidden_layers=layers, attn_implementation=attn)
     kw = dict(method="magnitude", dense="rtn", outliers=0.02) if method == "gwq" else {}
     return lorakern.quantize_model(model, bits=bits, group_size=32, progress=False, **kw)
-
-
-@contextlib.contextmanager
-def _count_native_calls():
-    """A list that gets one entry per lk_decoder_layer_step call inside the block (the calls are unchanged)."""
-    import lorakern.models.native as nm
-    real = nm.native()
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def decoder_layer_step(self, *a, **k):
-            calls.append(1)
-            return real.decoder_layer_step(*a, **k)
-    saved = nm.native
-    nm.native = lambda: Spy()
-    try:
-        yield calls
-    finally:
-        nm.native = saved
 
 
 def _layer_cases(model, ids, attention_mask=None, steps=3):

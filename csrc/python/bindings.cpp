@@ -61,6 +61,39 @@ lk_bank bank_of(const std::vector<int64_t>& f) {
 }
 
 // The slots the batch's segments use (lk_bank_resolve) and the segments renumbered to index them.
+// lk_decoder_stack (lk_decoder_stack_step): copies of the layers' records, the embedding and head weights, and
+// the struct pointing into them (relinked on every copy).
+struct DecoderStack {
+  std::vector<lk_decoder_layer> layers;
+  std::vector<const lk_decoder_layer*> ptrs;
+  lk_qweight embed{}, head{};
+  bool has_embed = false, has_head = false;
+  lk_decoder_stack s{};
+  DecoderStack() = default;
+  DecoderStack(const DecoderStack& o)
+      : layers(o.layers), embed(o.embed), head(o.head), has_embed(o.has_embed), has_head(o.has_head), s(o.s) {
+    relink();
+  }
+  DecoderStack& operator=(const DecoderStack& o) {
+    layers = o.layers;
+    embed = o.embed;
+    head = o.head;
+    has_embed = o.has_embed;
+    has_head = o.has_head;
+    s = o.s;
+    relink();
+    return *this;
+  }
+  void relink() {
+    ptrs.clear();
+    for (const auto& l : layers) ptrs.push_back(&l);
+    s.layers = ptrs.data();
+    s.n_layers = (int64_t)ptrs.size();
+    s.embed = has_embed ? &embed : nullptr;
+    s.head = has_head ? &head : nullptr;
+  }
+};
+
 struct Resolved {
   std::vector<lk_lora_slot> slots;
   std::vector<int64_t> segments;
@@ -287,6 +320,59 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layer"), py::arg("x"), py::arg("B"), py::arg("cos"), py::arg("sin"), py::arg("pos"),
       py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("key_mask"), py::arg("y"),
       py::arg("num_threads") = 0);
+  // The decoder stack (lk_decoder_stack): its layers' records in order; the embedding table and the head as
+  // LoraPartView fields (empty: none); the rotary inverse frequencies, final norm weight and head bias addresses
+  // (0: none).
+  py::class_<DecoderStack>(m, "DecoderStackRecord")
+      .def(py::init([](const std::vector<lk_decoder_layer>& layers, const std::vector<int64_t>& embed,
+                       int64_t rope_inv_freq, float rope_scaling, int64_t final_norm, float final_eps,
+                       const std::vector<int64_t>& head, int64_t head_bias) {
+             if (layers.empty()) throw std::invalid_argument("DecoderStackRecord: no layers");
+             DecoderStack st;
+             st.layers = layers;
+             st.has_embed = !embed.empty();
+             st.has_head = !head.empty();
+             if (st.has_embed) st.embed = qweight_of(embed);
+             if (st.has_head) st.head = qweight_of(head);
+             st.s.rope_inv_freq = ptr<float>(rope_inv_freq);
+             st.s.rope_scaling = rope_scaling;
+             st.s.final_norm = ptr<float>(final_norm);
+             st.s.final_eps = final_eps;
+             st.s.head_bias = ptr<float>(head_bias);
+             st.relink();
+             return st;
+           }),
+           py::arg("layers"), py::arg("embed"), py::arg("rope_inv_freq"), py::arg("rope_scaling"),
+           py::arg("final_norm"), py::arg("final_eps"), py::arg("head"), py::arg("head_bias"))
+      .def("__len__", [](const DecoderStack& st) { return st.layers.size(); });
+  m.def(
+      "decoder_stack_step",
+      [](const DecoderStack& st, int64_t B, int64_t ids, int64_t x, int64_t positions, int64_t cos, int64_t sin,
+         const std::vector<int64_t>& lengths, const std::vector<int64_t>& k_caches,
+         const std::vector<int64_t>& v_caches, int64_t max_len, int64_t key_mask, int64_t y, int num_threads) {
+        const size_t n = st.ptrs.size();
+        if (lengths.size() != n || k_caches.size() != n || v_caches.size() != n)
+          throw std::invalid_argument("decoder_stack_step: one length, key cache and value cache per layer");
+        std::vector<int64_t*> len(n);
+        std::vector<float*> kc(n), vc(n);
+        for (size_t i = 0; i < n; ++i) {
+          len[i] = (int64_t*)(uintptr_t)lengths[i];
+          kc[i] = (float*)(uintptr_t)k_caches[i];
+          vc[i] = (float*)(uintptr_t)v_caches[i];
+        }
+        lk_status s;
+        {
+          py::gil_scoped_release nogil;
+          s = lk_decoder_stack_step(&st.s, B, ptr<int64_t>(ids), ptr<float>(x), ptr<int64_t>(positions),
+                                    ptr<float>(cos), ptr<float>(sin), len.data(), kc.data(), vc.data(), max_len,
+                                    ptr<uint8_t>(key_mask), (float*)(uintptr_t)y, num_threads);
+        }
+        if (s == LK_ERR_INDEX) throw std::out_of_range("lorakern: a token id is outside the embedding table");
+        check(s, "lk_decoder_stack_step");
+      },
+      py::arg("stack"), py::arg("B"), py::arg("ids"), py::arg("x"), py::arg("positions"), py::arg("cos"),
+      py::arg("sin"), py::arg("lengths"), py::arg("k_caches"), py::arg("v_caches"), py::arg("max_len"),
+      py::arg("key_mask"), py::arg("y"), py::arg("num_threads") = 0);
   m.def(
       "lora_mixed",
       [](int64_t x, int x_dtype, int64_t M, const lk_lora& l, int64_t base, int64_t y, int num_threads) {

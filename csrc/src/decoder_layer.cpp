@@ -162,3 +162,90 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
   }
   return LK_OK;
 }
+
+extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B, const int64_t* ids, const float* x,
+                                           const int64_t* positions, const float* cos, const float* sin,
+                                           int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
+                                           int64_t max_len, const uint8_t* key_mask, float* y, int num_threads) {
+  // every argument is checked before anything is written
+  if (!S || !S->layers || S->n_layers <= 0 || B < 0 || max_len <= 0 || !lengths || !k_caches || !v_caches)
+    return LK_ERR_INVALID_ARG;
+  const int64_t n = S->n_layers;
+  int64_t pos = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const lk_decoder_layer* L = S->layers[i];
+    if (!L || !lengths[i] || !k_caches[i] || !v_caches[i]) return LK_ERR_INVALID_ARG;
+    if (lk_status s = check_layer(L)) return s;
+    if (L->hidden != S->layers[0]->hidden || L->head_dim != S->layers[0]->head_dim) return LK_ERR_INVALID_ARG;
+    if (i == 0) pos = *lengths[0];
+    if (*lengths[i] != pos) return LK_ERR_INVALID_ARG;  // the layers' caches are out of step
+  }
+  if (pos < 0 || pos >= max_len) return LK_ERR_INVALID_ARG;
+  const int64_t H = S->layers[0]->hidden, D = S->layers[0]->head_dim;
+  if (S->final_norm && !(S->final_eps >= 0.f)) return LK_ERR_INVALID_ARG;
+  if (S->embed && (lk::check_weight(S->embed) != LK_OK || S->embed->K != H)) return LK_ERR_INVALID_ARG;
+  if (S->head && (lk::check_weight(S->head) != LK_OK || S->head->K != H)) return LK_ERR_INVALID_ARG;
+  if (S->rope_inv_freq && !std::isfinite(S->rope_scaling)) return LK_ERR_INVALID_ARG;
+  if (B == 0) return LK_OK;
+  if (!y || (S->embed ? !ids : !x) || (!S->rope_inv_freq && (!cos || !sin))) return LK_ERR_INVALID_ARG;
+  if (S->embed)
+    for (int64_t b = 0; b < B; ++b)
+      if (ids[b] < 0 || ids[b] >= S->embed->N) return LK_ERR_INDEX;
+  if (S->rope_inv_freq && positions)
+    for (int64_t b = 0; b < B; ++b)
+      if (positions[b] < 0) return LK_ERR_INVALID_ARG;
+  const int64_t out_w = S->head ? S->head->N : H;
+  if (!S->embed && x < y + B * out_w && y < x + B * H) return LK_ERR_INVALID_ARG;
+  const int nt = lk::threads_for(num_threads);
+  try {
+    std::vector<float> in0, a((size_t)(B * H)), b2((size_t)(B * H)), cs, sn;
+    const float* in = x;
+    if (S->embed) {  // the tokens' rows of the (quantized) table, as lk_dequantize computes them
+      in0.resize((size_t)(B * H));
+      const lk_qweight& E = *S->embed;
+      const int64_t rb = lk::row_bytes(E.K, E.bits), ng = E.K / E.group_size;
+      for (int64_t b = 0; b < B; ++b) {
+        const lk_qweight row{E.qweight + ids[b] * rb, E.scales + ids[b] * ng, E.zeros + ids[b] * ng, 1, E.K,
+                             E.bits, E.group_size};
+        if (lk_status s = lk_dequantize(&row, in0.data() + b * H, 1)) return s;
+      }
+      in = in0.data();
+    }
+    if (S->rope_inv_freq) {  // transformers' rotary embedding: fp32 pos * inv_freq, cos / sin, halves repeated
+      cs.resize((size_t)(B * D));
+      sn.resize((size_t)(B * D));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const float f = (float)(positions ? positions[b] : pos) * S->rope_inv_freq[i];
+          const float c = std::cos(f) * S->rope_scaling, s = std::sin(f) * S->rope_scaling;
+          cs[b * D + i] = cs[b * D + i + D / 2] = c;
+          sn[b * D + i] = sn[b * D + i + D / 2] = s;
+        }
+      cos = cs.data();
+      sin = sn.data();
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const bool direct = i == n - 1 && !S->final_norm && !S->head;
+      float* out = direct ? y : (i % 2 ? b2.data() : a.data());
+      if (lk_status s = lk_decoder_layer_step(S->layers[i], in, B, cos, sin, pos, k_caches[i], v_caches[i], max_len,
+                                              key_mask, out, num_threads))
+        return s;
+      in = out;
+    }
+    if (S->final_norm) {
+      float* out = S->head ? (in == a.data() ? b2.data() : a.data()) : y;
+      rms_norm(in, B, H, S->final_norm, S->final_eps, out);
+      in = out;
+    }
+    if (S->head)
+      if (lk_status s = lk_quant_matmul(in, LK_F32, B, S->head, S->head_bias, y, nt)) return s;
+  } catch (const std::bad_alloc&) {
+    return LK_ERR_ALLOC;
+  }
+  for (int64_t i = 0; i < n; ++i) {  // each count once, also where two layers share one
+    bool seen = false;
+    for (int64_t j = 0; j < i && !seen; ++j) seen = lengths[j] == lengths[i];
+    if (!seen) *lengths[i] += 1;
+  }
+  return LK_OK;
+}

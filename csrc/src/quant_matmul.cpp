@@ -154,6 +154,7 @@ const char* lk_status_string(lk_status s) {
     case LK_ERR_SLOT_EMPTY: return "adapter slot is empty (the adapter was removed)";
     case LK_ERR_BAD_SLOT: return "bad bank table entry (fields invalid or rows / codes out of the slab)";
     case LK_ERR_RANK: return "an adapter's rank exceeds max_rank";
+    case LK_ERR_INDEX: return "an index (token id) outside its table";
   }
   return "unknown status";
 }

@@ -774,6 +774,116 @@ static void check_decoder_layer(std::mt19937& rng) {
                               1) == LK_ERR_INVALID_ARG, "weight shapes checked");
 }
 
+// lk_decoder_stack_step (embedding lookup, rotary from inv_freq, two layers, final RMSNorm, head) against the same
+// pieces called one by one (lk_dequantize of the token rows, lk_decoder_layer_step, the norm, lk_quant_matmul) at
+// two positions, outputs NaN-poisoned; the counts advance once each (also a count two layers share); refusals
+// (counts out of step, a token id outside the table) write nothing.
+static void check_decoder_stack(std::mt19937& rng) {
+  const int64_t H = 64, Hq = 4, Hkv = 2, D = 16, I = 96, B = 2, L = 6, V = 50, NL = 2;
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const auto w = [](const Problem& p) {
+    return lk_qweight{p.qw.data(), p.scales.data(), p.zeros.data(), p.N, p.K, p.bits, p.G};
+  };
+  std::vector<Problem> probs;
+  std::vector<std::vector<float>> norms;
+  for (int64_t l = 0; l < NL; ++l) {
+    probs.push_back(make_problem(rng, 1, (Hq + 2 * Hkv) * D, H, 4, 32));
+    probs.push_back(make_problem(rng, 1, H, Hq * D, 3, 32));
+    probs.push_back(make_problem(rng, 1, 2 * I, H, 4, 32));
+    probs.push_back(make_problem(rng, 1, H, I, 2, 32));
+    for (int k = 0; k < 2; ++k) {
+      norms.emplace_back(H);
+      for (auto& e : norms.back()) e = u(rng);
+    }
+  }
+  std::vector<lk_decoder_layer> layers(NL);
+  for (int64_t l = 0; l < NL; ++l) {
+    lk_decoder_layer& Lr = layers[l];
+    Lr.hidden = H; Lr.n_heads = Hq; Lr.n_kv_heads = Hkv; Lr.head_dim = D; Lr.intermediate = I;
+    Lr.rms_eps = 1e-5f; Lr.attn_scale = 0.25f; Lr.input_norm = norms[2 * l].data();
+    Lr.post_norm = norms[2 * l + 1].data();
+    Lr.qkv = w(probs[4 * l]); Lr.o = w(probs[4 * l + 1]); Lr.gate_up = w(probs[4 * l + 2]);
+    Lr.down = w(probs[4 * l + 3]);
+  }
+  const Problem emb = make_problem(rng, 1, V, H, 8, 32), head = make_problem(rng, 1, V, H, 4, 32);
+  const lk_qweight ew = w(emb), hw = w(head);
+  std::vector<float> fnorm(H), inv(D / 2);
+  for (auto& e : fnorm) e = u(rng);
+  for (int64_t i = 0; i < D / 2; ++i) inv[i] = std::pow(10000.f, -2.f * (float)i / (float)D);
+  const lk_decoder_layer* lp[NL] = {&layers[0], &layers[1]};
+  lk_decoder_stack S{};
+  S.layers = lp; S.n_layers = NL; S.embed = &ew; S.rope_inv_freq = inv.data(); S.rope_scaling = 1.f;
+  S.final_norm = fnorm.data(); S.final_eps = 1e-6f; S.head = &hw; S.head_bias = head.bias.data();
+  const size_t csz = (size_t)(B * Hkv * L * D);
+  std::vector<std::vector<float>> kc(NL, std::vector<float>(csz, 0.f)), vc = kc, kr = kc, vr = kc;
+  int64_t len[NL] = {0, 0};
+  int64_t* lens[NL] = {&len[0], &len[1]};
+  float* kcp[NL] = {kc[0].data(), kc[1].data()};
+  float* vcp[NL] = {vc[0].data(), vc[1].data()};
+  const int64_t ids[B] = {3, V - 1}, positions[B] = {0, 0};
+  std::vector<uint8_t> mask(B * L, 1);
+  for (int64_t pos = 0; pos < 2; ++pos) {
+    const int64_t pp[B] = {pos, positions[1] + pos + 4};  // sequence 1 at another rotary position
+    std::vector<float> y((size_t)(B * V), NAN), want((size_t)(B * V), NAN);
+    CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, pp, nullptr, nullptr, lens, kcp, vcp, L, mask.data(), y.data(),
+                                2) == LK_OK, "stack step at %lld", (long long)pos);
+    CHECK(len[0] == pos + 1 && len[1] == pos + 1, "stack counts advanced");
+    // the same, piece by piece
+    std::vector<float> x((size_t)(B * H)), cs((size_t)(B * D)), sn((size_t)(B * D)), h((size_t)(B * H));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t rb = ew.K * ew.bits / 8, ng = ew.K / ew.group_size;
+      const lk_qweight row{ew.qweight + ids[b] * rb, ew.scales + ids[b] * ng, ew.zeros + ids[b] * ng, 1, H, ew.bits,
+                           ew.group_size};
+      CHECK(lk_dequantize(&row, x.data() + b * H, 1) == LK_OK, "embedding row");
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float f = (float)pp[b] * inv[i];
+        cs[b * D + i] = cs[b * D + i + D / 2] = std::cos(f);
+        sn[b * D + i] = sn[b * D + i + D / 2] = std::sin(f);
+      }
+    }
+    for (int64_t l = 0; l < NL; ++l) {
+      CHECK(lk_decoder_layer_step(&layers[l], x.data(), B, cs.data(), sn.data(), pos, kr[l].data(), vr[l].data(), L,
+                                  mask.data(), h.data(), 2) == LK_OK, "layer %lld", (long long)l);
+      x = h;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      double ss = 0;
+      for (int64_t i = 0; i < H; ++i) ss += (double)x[b * H + i] * x[b * H + i];
+      const float r = 1.f / std::sqrt((float)(ss / (double)H) + 1e-6f);
+      for (int64_t i = 0; i < H; ++i) h[b * H + i] = fnorm[i] * (x[b * H + i] * r);
+    }
+    CHECK(lk_quant_matmul(h.data(), LK_F32, B, &hw, head.bias.data(), want.data(), 2) == LK_OK, "head");
+    float mx = 0.f, err = 0.f;
+    for (size_t i = 0; i < y.size(); ++i) {
+      mx = std::max(mx, std::fabs(want[i]));
+      err = std::max(err, std::fabs(y[i] - want[i]));
+    }
+    CHECK(err <= 1e-5f * std::max(mx, 1.f), "stack step equals its pieces (pos %lld: %g of %g)", (long long)pos,
+          (double)err, (double)mx);
+    CHECK(kc[1] == kr[1] && vc[1] == vr[1], "stack cache writes equal the layer's");
+  }
+  // refusals: nothing written
+  std::vector<float> y((size_t)(B * V), NAN);
+  const std::vector<float> k0 = kc[0];
+  len[1] = 5;
+  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+                              1) == LK_ERR_INVALID_ARG && len[0] == 2 && len[1] == 5 && kc[0] == k0,
+        "counts out of step refused, nothing written");
+  len[1] = 2;
+  const int64_t bad[B] = {3, V};
+  CHECK(lk_decoder_stack_step(&S, B, bad, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+                              1) == LK_ERR_INDEX && len[0] == 2 && kc[0] == k0 && std::isnan(y[0]),
+        "token id outside the table refused");
+  int64_t shared = 2;
+  int64_t* sl[NL] = {&shared, &shared};
+  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, sl, kcp, vcp, L, nullptr, y.data(),
+                              1) == LK_OK && shared == 3, "a count two layers share advances once");
+  lk_decoder_stack S2 = S;
+  S2.rope_inv_freq = nullptr;  // then cos / sin must be given
+  CHECK(lk_decoder_stack_step(&S2, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+                              1) == LK_ERR_INVALID_ARG, "missing cos / sin refused");
+}
+
 static void check_grad_and_qalora(std::mt19937& rng) {
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int pattern : {0, 3}) {
@@ -887,6 +997,7 @@ int main() {
   check_route_top_k(rng);
   check_lora_direct_expand(rng);
   check_decoder_layer(rng);
+  check_decoder_stack(rng);
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
     if (lk_set_isa(isa) == LK_OK) {
       check_lora_abi(rng);

@@ -32,7 +32,8 @@ typedef enum {
   LK_ERR_SLOT_RANGE = 4,  /* a batch names an adapter slot outside the bank's table */
   LK_ERR_SLOT_EMPTY = 5,  /* a batch names an empty slot (its adapter was removed) */
   LK_ERR_BAD_SLOT = 6,    /* a slot's fields are invalid or its rows / codes lie out of the slabs */
-  LK_ERR_RANK = 7         /* an adapter's rank exceeds the caller's max_rank */
+  LK_ERR_RANK = 7,        /* an adapter's rank exceeds the caller's max_rank */
+  LK_ERR_INDEX = 8        /* an index (a token id) outside its table */
 } lk_status;
 
 typedef enum { LK_F32 = 0, LK_F16 = 1, LK_BF16 = 2 } lk_dtype;
@@ -285,6 +286,37 @@ typedef struct {
  * position to attend to gets a zero attention output. */
 LK_API lk_status lk_decoder_layer_step(const lk_decoder_layer* layer, const float* x, int64_t B, const float* cos,
                                        const float* sin, int64_t pos, float* k_cache, float* v_cache,
+                                       int64_t max_len, const uint8_t* key_mask, float* y, int num_threads);
+
+/* A Llama-family model's decoder stack for decode steps (lk_decoder_stack_step): its layers in order, and what
+ * surrounds them where the step should include it (NULL: the caller does it). */
+typedef struct {
+  const lk_decoder_layer* const* layers; /* [n_layers]; every layer has the first one's hidden and head_dim */
+  int64_t n_layers;
+  const lk_qweight* embed;     /* [vocab, hidden] token embedding table: the step looks the tokens up; NULL: x given */
+  const float* rope_inv_freq;  /* [head_dim / 2]: cos / sin of each position computed as transformers' default,
+                                  linear and llama3 rotary embeddings do (fp32 pos * inv_freq, duplicated halves,
+                                  times rope_scaling); NULL: cos / sin given */
+  float rope_scaling;          /* transformers' attention_scaling */
+  const float* final_norm;     /* [hidden]: the model's final RMSNorm; NULL: none */
+  float final_eps;
+  const lk_qweight* head;      /* [vocab, hidden]: the output head applied after the final norm; NULL: none */
+  const float* head_bias;      /* [vocab] or NULL */
+} lk_decoder_stack;
+
+/* One decode step of B sequences through the stack: the input x[B, hidden] (fp32), or the embedding rows of
+ * ids[B] (stack->embed), goes through every layer as lk_decoder_layer_step, then the final norm, then the head,
+ * into y: [B, vocab] with a head, else [B, hidden]. cos / sin [B, head_dim] (fp32) are the rotary embedding of
+ * each sequence's position, or, with rope_inv_freq, computed from positions[B] (int64; NULL: every sequence at
+ * pos). Layer i caches its keys and values in k_caches[i] / v_caches[i] [B, n_kv_heads_i, max_len, head_dim]
+ * (fp32); lengths[i] points to layer i's count of cached positions (transformers' StaticLayer.cumulative_length,
+ * int64): every count must be the same pos < max_len; the new keys and values go to pos and each count is
+ * incremented once after every layer succeeded. key_mask [B, max_len] (1 = attend; NULL: all) as in
+ * lk_decoder_layer_step. Nothing is written when an argument is refused: LK_ERR_INVALID_ARG (shapes, pointers,
+ * counts out of step), LK_ERR_INDEX (a token id outside [0, vocab)). y may not overlap x. */
+LK_API lk_status lk_decoder_stack_step(const lk_decoder_stack* stack, int64_t B, const int64_t* ids, const float* x,
+                                       const int64_t* positions, const float* cos, const float* sin,
+                                       int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
                                        int64_t max_len, const uint8_t* key_mask, float* y, int num_threads);
 
 #ifdef __cplusplus
