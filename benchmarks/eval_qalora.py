@@ -217,25 +217,31 @@ def summary(rows, bits_list) -> dict:
     idx = {(r["task"], r["base_bits"], r["method"]): r for r in rows}
     out = {}
     for bits in bits_list:
-        rel3, rel2, wins, ties, n = [], [], 0, 0, 0
+        rel3, rel2, wins, ties, n, undefined = [], [], 0, 0, 0, []
         for (t, b, m), r in idx.items():
             if b != bits or m != "qalora_merged":
                 continue
             r3, r2 = idx.get((t, b, "lora_unmerged")), idx.get((t, b, "lora_merged_requant"))
             hib = r["higher_is_better"]
 
-            def ratio(x, y):  # x relative to y, 1 = equal, > 1 better
+            def ratio(x, y):  # x relative to y, 1 = equal, > 1 better; None where y (or x) is 0: undefined
                 if hib:
-                    return x / y if y else (1.0 if x == y else float("inf"))
-                return y / x if x else 0.0
+                    return x / y if y else None
+                return y / x if x else None
             if r3:
-                rel3.append(ratio(r["metric"], r3["metric"]))
+                q = ratio(r["metric"], r3["metric"])
+                if q is None:
+                    undefined.append(t)
+                else:
+                    rel3.append(q)
             if r2:
                 n += 1
                 better = r["metric"] > r2["metric"] if hib else r["metric"] < r2["metric"]
                 wins += better
                 ties += r["metric"] == r2["metric"]
         out[bits] = {"qalora_merged_vs_lora_unmerged_mean_ratio": statistics.mean(rel3) if rel3 else None,
+                     "ratio_tasks": len(rel3),
+                     "ratio_undefined_tasks (lora_unmerged scores 0)": sorted(undefined),
                      "qalora_merged_beats_lora_merged_requant": f"{wins} of {n} tasks ({ties} ties)"}
         ms = {m: next((r["decode_ms"] for r in rows if r["base_bits"] == bits and r["method"] == m
                        and r["decode_ms"] is not None), None) for m in ("qalora_merged", "base")}

@@ -142,7 +142,15 @@ def test_stack_declines_what_it_does_not_take():
     assert not stacks and len(calls) == 3 * 3  # hidden states asked for: the per-layer native step
     assert torch.equal(got.sequences, want.sequences)
     assert len(got.hidden_states[-1]) == len(want.hidden_states[-1])
-    # a forward hook on a layer: that layer must run as a module
+    for a, b in zip(got.hidden_states[-1], want.hidden_states[-1]):
+        _close(a, b)
+    # transformers' output-capturing hooks stay on the layers for good; they do not keep the stack off
+    stacks = []
+    with torch.no_grad(), _count_native_calls(stacks):
+        nat.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert len(stacks) == 3
+    # a forward hook on a layer (on a fresh model): that layer must run as a module
+    nat = lorakern.prepare_decode(copy.deepcopy(q))
     seen = []
     h = nat.model.layers[1].register_forward_hook(lambda *a: seen.append(1))
     try:
@@ -210,3 +218,83 @@ def test_disable_gives_transformers_classes_back():
     nm.disable_native_decode(q)
     assert type(q) is ml.LlamaForCausalLM and type(q.model) is ml.LlamaModel
     assert q not in nm._STACKS
+
+
+def test_stack_follows_beam_search_reordering():
+    """Beam search replaces the static cache's tensors each step (reorder_cache): the stack must follow them."""
+    ref, nat = _pair(_model())
+    ids = torch.randint(3, 160, (2, 5), generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        stacks = []
+        with _count_native_calls(stacks):
+            got = nat.generate(ids, **kw)
+    assert len(stacks) == 5
+    assert torch.equal(got.sequences, want.sequences)
+    _close(torch.stack(got.scores), torch.stack(want.scores))
+
+
+def test_stack_takes_inputs_embeds_on_a_tied_quantized_table():
+    ref, nat = _pair(_model())
+    ids = torch.randint(3, 160, (2, 5), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for model in (ref, nat):
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            model(input_ids=ids, cache=cache, use_cache=True)
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+            emb = model.model.embed_tokens(ids[:, 1:2])
+            stacks = []
+            with _count_native_calls(stacks):
+                outs.append(model(inputs_embeds=emb, cache=cache, use_cache=True).logits)
+        assert len(stacks) == (model is nat)
+    assert nm._STACKS[nat].c_embed
+    _close(outs[1], outs[0])
+
+
+def test_generate_skips_the_4d_mask_during_native_runs():
+    """prepare_inputs_for_generation passes the 2-D mask on during a run of native steps: transformers' mask
+    builder runs for the prefill only."""
+    import transformers.generation.utils as gu
+    ref, nat = _pair(_model())
+    ids = torch.randint(3, 160, (2, 5), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    built = []
+    real = gu.create_masks_for_generate
+
+    def counting(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+    gu.create_masks_for_generate = counting
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_logits=True, return_dict_in_generate=True)
+    try:
+        with torch.no_grad():
+            got = nat.generate(ids, **kw)
+            n_native = len(built)
+            want = ref.generate(ids, **kw)
+    finally:
+        gu.create_masks_for_generate = real
+    assert n_native <= 2 and len(built) - n_native == 6  # (transformers' path: every step)
+    assert torch.equal(got.sequences, want.sequences)
+    _close(torch.stack(got.logits), torch.stack(want.logits))
+
+
+def test_global_forward_hooks_turn_the_stack_off():
+    nat = lorakern.prepare_decode(_model())
+    ids = torch.randint(3, 160, (1, 5), generator=torch.Generator().manual_seed(12))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        nat.generate(ids, **kw)  # the stack is built
+        seen = []
+        h = torch.nn.modules.module.register_module_forward_hook(lambda *a: seen.append(1))
+        try:
+            stacks = []
+            with _count_native_calls(stacks):
+                nat.generate(ids, **kw)
+        finally:
+            h.remove()
+    assert not stacks and seen

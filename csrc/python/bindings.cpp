@@ -60,7 +60,6 @@ lk_bank bank_of(const std::vector<int64_t>& f) {
                  ptr<uint16_t>(f[17])};
 }
 
-// The slots the batch's segments use (lk_bank_resolve) and the segments renumbered to index them.
 // lk_decoder_stack (lk_decoder_stack_step): copies of the layers' records, the embedding and head weights, and
 // the struct pointing into them (relinked on every copy).
 struct DecoderStack {
@@ -94,6 +93,7 @@ struct DecoderStack {
   }
 };
 
+// The slots the batch's segments use (lk_bank_resolve) and the segments renumbered to index them.
 struct Resolved {
   std::vector<lk_lora_slot> slots;
   std::vector<int64_t> segments;

@@ -187,20 +187,21 @@ extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B,
   if (S->head && (lk::check_weight(S->head) != LK_OK || S->head->K != H)) return LK_ERR_INVALID_ARG;
   if (S->rope_inv_freq && !std::isfinite(S->rope_scaling)) return LK_ERR_INVALID_ARG;
   if (B == 0) return LK_OK;
-  if (!y || (S->embed ? !ids : !x) || (!S->rope_inv_freq && (!cos || !sin))) return LK_ERR_INVALID_ARG;
-  if (S->embed)
+  const bool lookup = !x;  // the input: x when given, else the rows of ids in the embedding table
+  if (!y || (lookup && (!ids || !S->embed)) || (!S->rope_inv_freq && (!cos || !sin))) return LK_ERR_INVALID_ARG;
+  if (lookup)
     for (int64_t b = 0; b < B; ++b)
       if (ids[b] < 0 || ids[b] >= S->embed->N) return LK_ERR_INDEX;
   if (S->rope_inv_freq && positions)
     for (int64_t b = 0; b < B; ++b)
       if (positions[b] < 0) return LK_ERR_INVALID_ARG;
   const int64_t out_w = S->head ? S->head->N : H;
-  if (!S->embed && x < y + B * out_w && y < x + B * H) return LK_ERR_INVALID_ARG;
+  if (!lookup && x < y + B * out_w && y < x + B * H) return LK_ERR_INVALID_ARG;
   const int nt = lk::threads_for(num_threads);
   try {
     std::vector<float> in0, a((size_t)(B * H)), b2((size_t)(B * H)), cs, sn;
     const float* in = x;
-    if (S->embed) {  // the tokens' rows of the (quantized) table, as lk_dequantize computes them
+    if (lookup) {  // the tokens' rows of the (quantized) table, as lk_dequantize computes them
       in0.resize((size_t)(B * H));
       const lk_qweight& E = *S->embed;
       const int64_t rb = lk::row_bytes(E.K, E.bits), ng = E.K / E.group_size;

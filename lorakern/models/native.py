@@ -277,6 +277,13 @@ _training = operator.attrgetter("training")
 _pre_hooks, _hooks = operator.attrgetter("_forward_pre_hooks"), operator.attrgetter("_forward_hooks")
 _keys_of, _values_of = operator.attrgetter("keys"), operator.attrgetter("values")
 _lengths_of = operator.attrgetter("cumulative_length")
+def _capture_hook(hook) -> bool:
+    """Whether ``hook`` is one of transformers' output-capturing hooks (installed for good on the layers the first
+    time hidden states or attentions are asked for; they record nothing unless a capture is active, and the stack
+    step declines every call that asks for one)."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
 _C_ROPE_TYPES = ("default", "linear", "llama3")  # a fixed inv_freq; "dynamic" and others change it with the length
 
 # Bumped whenever any module anywhere gets a submodule, buffer or parameter assigned (torch's global registration
@@ -350,10 +357,10 @@ class _Stack:
             checks.append((norm._parameters, "weight", norm.weight))
             tensors.append(norm.weight)
             versioned.append(norm.weight)
-        # the output head, in C when it is a QuantLinear (a GWQ or float head runs in Python after the step)
+        # the output head, in C when it is a QuantLinear after a C norm (else it runs in Python after the step)
         hw = []
         self.c_head = False
-        if head is not None and type(head) is QuantLinear and head.qweight.device.type == "cpu" \
+        if self.c_norm and head is not None and type(head) is QuantLinear and head.qweight.device.type == "cpu" \
                 and all(getattr(head, n).is_contiguous() for n in ("qweight", "scales", "zeros")) \
                 and head.in_features == records[0].dims[0]:
             hw = [head.qweight.data_ptr(), head.scales.data_ptr(), head.zeros.data_ptr(), head.out_features,
@@ -378,7 +385,10 @@ class _Stack:
         self._storages = [t.untyped_storage() for t in tensors] + [t.untyped_storage() for r in records for t in r._keep]
         self.versioned = versioned
         self.versions = list(map(_version, versioned))
-        self.modules = [m for m in ([owner] + list(owner.modules()))]
+        self.modules = list(owner.modules())
+        self.hook_counts = (list(map(len, map(_hooks, self.modules))), list(map(len, map(_pre_hooks, self.modules))))
+        self.user_hooks = any(not _capture_hook(h) for m in self.modules
+                              for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
         self.layer_modules = list(layers)[:len(records)]
         self.stack = native().DecoderStackRecord(
             [r.record for r in records], embed, inv.data_ptr() if self.c_rope else 0,
@@ -388,11 +398,22 @@ class _Stack:
         self.run = None  # (cache, pos, B, _MUTATIONS, pointers) of the last step: see _stack_step
 
     def current(self) -> bool:
-        return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+        mm = torch.nn.modules.module
+        return (not self.user_hooks and not mm._global_forward_hooks and not mm._global_forward_pre_hooks
+                and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
                 and list(map(_data_ptr, self.tensors)) == self.ptrs
                 and list(map(_version, self.versioned)) == self.versions
                 and not any(map(_training, self.layer_modules))
-                and not any(map(len, map(_hooks, self.modules))) and not any(map(len, map(_pre_hooks, self.modules))))
+                and list(map(len, map(_hooks, self.modules))) == self.hook_counts[0]
+                and list(map(len, map(_pre_hooks, self.modules))) == self.hook_counts[1])
+
+    def same_cache_tensors(self, cache_layers) -> bool:
+        """Whether the cache's layers hold the very tensors the last full check saw (beam search's reorder_cache
+        replaces them)."""
+        c = self.cache
+        return (all(map(operator.is_, map(_keys_of, cache_layers), c[2]))
+                and all(map(operator.is_, map(_values_of, cache_layers), c[3]))
+                and all(map(operator.is_, map(_lengths_of, cache_layers), c[4])))
 
     def cache_pointers(self, cache, B: int):
         """(lengths, keys, values addresses, max_len) of ``cache``'s layers, or None when they are not static
@@ -438,8 +459,9 @@ _STACKS: "weakref.WeakKeyDictionary[nn.Module, _Stack]" = weakref.WeakKeyDiction
 def _stack_of(owner: nn.Module, llama: nn.Module, head: nn.Module | None) -> "_Stack | None":
     """``owner``'s current stack (rebuilt when anything it reads changed), or None when a layer does not qualify."""
     st = _STACKS.get(owner)
-    if st is not None and st.current():
+    if st is not None and st.current() and len(st.records) == llama.config.num_hidden_layers:
         return st
+    _STACKS.pop(owner, None)  # (a stale stack would keep replaced weights and the last cache alive)
     if llama.training or torch.nn.modules.module._global_forward_hooks \
             or torch.nn.modules.module._global_forward_pre_hooks:
         return None
@@ -458,7 +480,6 @@ def _stack_of(owner: nn.Module, llama: nn.Module, head: nn.Module | None) -> "_S
         records.append(rec)
     st = _Stack(owner, llama, tuple(records), head)
     if not st.current():  # hooks, or a layer in training mode
-        _STACKS.pop(owner, None)
         return None
     _STACKS[owner] = st
     return st
@@ -488,7 +509,8 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or owner.training:
         return None
     cfg = llama.config
-    if getattr(cfg, "output_hidden_states", False) or getattr(cfg, "output_attentions", False):
+    if (getattr(cfg, "output_hidden_states", False) or getattr(cfg, "output_attentions", False)
+            or ("return_dict" not in kwargs and getattr(owner.config, "return_dict", True) is False)):
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -503,6 +525,8 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
         B = embeds.shape[0]
     else:
         return None
+    if B == 0:
+        return None
     cache_layers = getattr(cache, "layers", None)
     if not cache_layers or not isinstance(getattr(cache_layers[0], "cumulative_length", None), torch.Tensor):
         return None
@@ -514,9 +538,11 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
     # record's storages are held, so it never reads freed memory.
     st = _STACKS.get(owner)
     run = st.run if st is not None else None
+    n = len(st.records) if st is not None else 0
     if (run is not None and run[0] is cache and run[1] == pos - 1 and run[2] == B and run[3] == _MUTATIONS[0]
             and not torch.nn.modules.module._global_forward_hooks
-            and not torch.nn.modules.module._global_forward_pre_hooks):
+            and not torch.nn.modules.module._global_forward_pre_hooks
+            and len(cache_layers) >= n and st.same_cache_tensors(cache_layers[:n])):
         ptrs = run[4]
     else:
         if st is not None:
@@ -528,7 +554,7 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
         if ptrs is None:
             return None
     H, _, _, D, _ = st.records[0].dims
-    x = None
+    x = None  # (the C step looks ids up when x is NULL)
     if ids is not None:
         ids = ids.contiguous()
         if not st.c_embed:
@@ -552,6 +578,8 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
     if st.c_rope:
         if position_ids is not None:
             positions = position_ids.expand(B, 1).contiguous()
+            if int(positions.min()) < 0:
+                return None  # (transformers takes them; the C step refuses them)
     else:
         if position_ids is None:
             position_ids = torch.full((1, 1), pos, dtype=torch.long)
@@ -590,7 +618,15 @@ def _native_model_forward(self, *args, **kwargs):
         if out is not None:
             base_out, _, field = _output_types()
             return base_out(**{"last_hidden_state": out[0], field: out[2]})
+    _end_run(self)
     return _llama().LlamaModel.forward(self, *args, **kwargs)
+
+
+def _end_run(owner):
+    """A step on transformers' path ends the run of native steps: the next native step checks everything."""
+    st = _STACKS.get(owner)
+    if st is not None:
+        st.run = None
 
 
 def _native_causal_lm_forward(self, *args, **kwargs):
@@ -608,10 +644,11 @@ def _native_causal_lm_forward(self, *args, **kwargs):
                 logits = y if st.c_head else head(y)
                 _, lm_out, field = _output_types()
                 return lm_out(**{"logits": logits, field: cache})
+    _end_run(self)
     return _llama().LlamaForCausalLM.forward(self, *args, **kwargs)
 
 
-_PREPARE_KWARGS = frozenset({"use_cache", "return_dict", "position_ids"})
+_PREPARE_KWARGS = frozenset({"use_cache", "return_dict", "position_ids", "logits_to_keep"})
 
 
 def _native_prepare_inputs(self, input_ids, *args, **kwargs):
@@ -622,9 +659,11 @@ def _native_prepare_inputs(self, input_ids, *args, **kwargs):
     transformers' version."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     st = _STACKS.get(self)
+    if st is not None and kwargs.get("is_first_iteration"):
+        st.run = None  # a new generate call: its first decode step checks everything again
     if (not args and st is not None and st.run is not None and cache is not None and st.run[0] is cache
             and not kwargs.get("is_first_iteration") and kwargs.get("inputs_embeds") is None
-            and kwargs.get("next_sequence_length") in (None, 1) and isinstance(input_ids, torch.Tensor)
+            and kwargs.get("next_sequence_length") == 1 and isinstance(input_ids, torch.Tensor)
             and input_ids.dim() == 2):
         mask = kwargs.get("attention_mask")
         rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "attention_mask",

@@ -304,16 +304,18 @@ typedef struct {
   const float* head_bias;      /* [vocab] or NULL */
 } lk_decoder_stack;
 
-/* One decode step of B sequences through the stack: the input x[B, hidden] (fp32), or the embedding rows of
- * ids[B] (stack->embed), goes through every layer as lk_decoder_layer_step, then the final norm, then the head,
+/* One decode step of B sequences through the stack: the input x[B, hidden] (fp32), or, with x NULL, the rows of
+ * ids[B] in stack->embed, goes through every layer as lk_decoder_layer_step, then the final norm, then the head,
  * into y: [B, vocab] with a head, else [B, hidden]. cos / sin [B, head_dim] (fp32) are the rotary embedding of
  * each sequence's position, or, with rope_inv_freq, computed from positions[B] (int64; NULL: every sequence at
  * pos). Layer i caches its keys and values in k_caches[i] / v_caches[i] [B, n_kv_heads_i, max_len, head_dim]
  * (fp32); lengths[i] points to layer i's count of cached positions (transformers' StaticLayer.cumulative_length,
  * int64): every count must be the same pos < max_len; the new keys and values go to pos and each count is
  * incremented once after every layer succeeded. key_mask [B, max_len] (1 = attend; NULL: all) as in
- * lk_decoder_layer_step. Nothing is written when an argument is refused: LK_ERR_INVALID_ARG (shapes, pointers,
- * counts out of step), LK_ERR_INDEX (a token id outside [0, vocab)). y may not overlap x. */
+ * lk_decoder_layer_step. Arguments are checked before anything is written: LK_ERR_INVALID_ARG (shapes, pointers,
+ * counts out of step), LK_ERR_INDEX (a token id outside [0, vocab)). An error inside a layer (a damaged outlier
+ * CSR, LK_ERR_ALLOC) can leave earlier layers' keys and values at pos and part of y written; no count advances
+ * then. B = 0 writes nothing and advances nothing. y may not overlap x. */
 LK_API lk_status lk_decoder_stack_step(const lk_decoder_stack* stack, int64_t B, const int64_t* ids, const float* x,
                                        const int64_t* positions, const float* cos, const float* sin,
                                        int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
