@@ -297,9 +297,12 @@ def _count_mutation(module, name, value):
         _MUTATIONS[0] += 1
 
 
-for _register in ("register_module_module_registration_hook", "register_module_buffer_registration_hook",
-                  "register_module_parameter_registration_hook"):
-    getattr(torch.nn.modules.module, _register)(_count_mutation)
+@functools.cache
+def _count_mutations() -> None:
+    """Install the counting hooks (once, at the first enable_native_decode: importing lorakern installs nothing)."""
+    for register in ("register_module_module_registration_hook", "register_module_buffer_registration_hook",
+                     "register_module_parameter_registration_hook"):
+        getattr(torch.nn.modules.module, register)(_count_mutation)
 
 
 class _Stack:
@@ -756,6 +759,7 @@ def enable_native_decode(model: nn.Module) -> int:
         return 0
     if _fused_types()[0] is None:  # this transformers' attention is not fused (fuse.py): no layer can qualify
         return 0
+    _count_mutations()
     swaps = {base: _native_class(), _llama().LlamaModel: _native_model_class(),
              _llama().LlamaForCausalLM: _native_causal_lm_class()}
     try:  # transformers keys the outputs its capture_outputs can record (output_hidden_states) on the class name
