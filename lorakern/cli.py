@@ -93,7 +93,7 @@ def _demo(args) -> int:
                             quantize_seconds=rec["seconds"])
             del qm
     decode = ("eager decode" if args.eager_decode else "decode: static cache, the quantized models through the native "
-              "decode step (one C++ call per layer), fp32 compiled (torch.compile; compile excluded)")
+              "decode step (one C++ call per token), fp32 compiled (torch.compile; compile excluded)")
     print(f"(quantized: every linear layer, group {args.group_size}; layers with in_features=576 use group 64; the "
           f"output head (tied to the embedding) 8-bit RTN; gwq keeps 1% gradient outliers in fp16, GPTQ for the "
           f"rest, calibrated on {args.calib} windows of valid.txt; {decode}. {time.time() - t0:.0f} s in all)")
