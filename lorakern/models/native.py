@@ -613,16 +613,21 @@ def _output_types():
     return BaseModelOutputWithPast, CausalLMOutputWithPast, field
 
 
+# transformers' classes and their native subclasses, set when the subclasses are made (plain dict lookups: the
+# forwards below also run under dynamo, which warns about functools.cache'd calls)
+_CLASSES: dict = {}
+
+
 def _native_model_forward(self, *args, **kwargs):
     """``LlamaModel.forward``: a decode step runs the decoder stack and the final norm as one C++ call where it
     applies (module docstring); otherwise transformers' forward with the same arguments."""
-    if not args:
+    if not args and type(self) is _CLASSES["model"]:
         out = _stack_step(self, self, None, kwargs)
         if out is not None:
             base_out, _, field = _output_types()
             return base_out(**{"last_hidden_state": out[0], field: out[2]})
     _end_run(self)
-    return _llama().LlamaModel.forward(self, *args, **kwargs)
+    return _CLASSES["model_base"].forward(self, *args, **kwargs)
 
 
 def _end_run(owner):
@@ -635,8 +640,9 @@ def _end_run(owner):
 def _native_causal_lm_forward(self, *args, **kwargs):
     """``LlamaForCausalLM.forward``: a decode step (one new token per sequence, no labels) runs the embedding
     lookup, the decoder stack, the final norm and a quantized output head as one C++ call where it applies
-    (module docstring); otherwise transformers' forward with the same arguments."""
-    if not args and kwargs.get("labels") is None:
+    (module docstring); otherwise transformers' forward with the same arguments. (A forward bound while the model
+    was native, as attach_adapters keeps it, stays correct after disable_native_decode: it only checks the class.)"""
+    if not args and kwargs.get("labels") is None and type(self) is _CLASSES["lm"]:
         keep = kwargs.get("logits_to_keep", 0)
         if type(keep) is int and keep >= 0:
             rest = {k: v for k, v in kwargs.items() if k not in ("labels", "logits_to_keep")}
@@ -648,7 +654,7 @@ def _native_causal_lm_forward(self, *args, **kwargs):
                 _, lm_out, field = _output_types()
                 return lm_out(**{"logits": logits, field: cache})
     _end_run(self)
-    return _llama().LlamaForCausalLM.forward(self, *args, **kwargs)
+    return _CLASSES["lm_base"].forward(self, *args, **kwargs)
 
 
 _PREPARE_KWARGS = frozenset({"use_cache", "return_dict", "position_ids", "logits_to_keep"})
@@ -686,10 +692,11 @@ def _native_prepare_inputs(self, input_ids, *args, **kwargs):
 
 @functools.cache
 def _native_model_class():
-    base = _llama().LlamaModel
-    return type("NativeLlamaModel", (base,), {
+    base = _CLASSES["model_base"] = _llama().LlamaModel
+    cls = _CLASSES["model"] = type("NativeLlamaModel", (base,), {
         "forward": _native_model_forward, "__module__": __name__, "__qualname__": "NativeLlamaModel",
         "__doc__": "LlamaModel whose decode steps run the decoder stack as one C++ call (lorakern.models.native)."})
+    return cls
 
 
 def _signed(fn, like):
@@ -705,12 +712,13 @@ def _signed(fn, like):
 
 @functools.cache
 def _native_causal_lm_class():
-    base = _llama().LlamaForCausalLM
-    return type("NativeLlamaForCausalLM", (base,), {
+    base = _CLASSES["lm_base"] = _llama().LlamaForCausalLM
+    cls = _CLASSES["lm"] = type("NativeLlamaForCausalLM", (base,), {
         "forward": _signed(_native_causal_lm_forward, base.forward),
         "prepare_inputs_for_generation": _signed(_native_prepare_inputs, base.prepare_inputs_for_generation),
         "__module__": __name__, "__qualname__": "NativeLlamaForCausalLM",
         "__doc__": "LlamaForCausalLM whose decode steps run as one C++ call (lorakern.models.native)."})
+    return cls
 
 
 def __getattr__(name: str):
