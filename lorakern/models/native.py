@@ -207,6 +207,17 @@ def _record_of(layer) -> "_Record | None":
     return rec
 
 
+def _static_kv_len(keys, values, B: int, Hkv: int, D: int) -> int | None:
+    """max_len of a static cache layer whose keys and values the C step can use in place (fp32, CPU, contiguous,
+    [B, Hkv, max_len, D] both), else None."""
+    if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.shape != values.shape
+            or keys.device.type != "cpu" or values.device.type != "cpu" or keys.dim() != 4
+            or tuple(keys.shape[:2]) != (B, Hkv) or keys.shape[3] != D
+            or not keys.is_contiguous() or not values.is_contiguous()):
+        return None
+    return keys.shape[2]
+
+
 def _native_step(layer, hidden_states, attention_mask, cache, position_embeddings):
     """The layer's output through lk_decoder_layer_step, or None when the native path does not apply."""
     if (cache is None or position_embeddings is None or not isinstance(hidden_states, torch.Tensor)
@@ -227,12 +238,9 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
     B = hidden_states.shape[0]
     H, Hq, Hkv, D, _ = rec.dims
     keys, values = cl.keys, cl.values
-    if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.shape != values.shape
-            or keys.device.type != "cpu" or values.device.type != "cpu"
-            or keys.dim() != 4 or tuple(keys.shape[:2]) != (B, Hkv) or keys.shape[3] != D
-            or not keys.is_contiguous() or not values.is_contiguous() or hidden_states.shape[2] != H):
+    L = _static_kv_len(keys, values, B, Hkv, D)
+    if L is None or hidden_states.shape[2] != H:
         return None
-    L = keys.shape[2]
     pos = int(cl.cumulative_length)
     if pos >= L:
         return None  # transformers raises its own error for a full static cache
@@ -398,7 +406,7 @@ class _Stack:
             float(rot.attention_scaling) if self.c_rope else 1.0, norm.weight.data_ptr() if self.c_norm else 0,
             float(norm.variance_epsilon) if self.c_norm else 0.0, hw, hb)
         self.cache = None  # the cache last checked (see cache_pointers)
-        self.run = None  # (cache, pos, B, _MUTATIONS, pointers) of the last step: see _stack_step
+        self.run = None  # (cache, pos, B, _MUTATIONS) of the last step (its pointers: self.cache): _stack_step
 
     def current(self) -> bool:
         mm = torch.nn.modules.module
@@ -432,8 +440,7 @@ class _Stack:
         except AttributeError:  # a layer not yet initialised has no keys
             return None
         c = self.cache
-        if (c is not None and c[0] is cache and c[1] == B and all(map(operator.is_, ks, c[2]))
-                and all(map(operator.is_, vs, c[3])) and all(map(operator.is_, cs, c[4]))
+        if (c is not None and c[0] is cache and c[1] == B and self.same_cache_tensors(cls)
                 and list(map(_data_ptr, ks)) == c[5][1] and list(map(_data_ptr, vs)) == c[5][2]
                 and list(map(_data_ptr, cs)) == c[5][0] and list(map(_shape, ks)) == c[6]
                 and list(map(_shape, vs)) == c[6]):
@@ -441,14 +448,11 @@ class _Stack:
         static = _static_layer()
         if any(type(l) is not static or not l.is_initialized for l in cls):
             return None
-        L = ks[0].shape[2] if ks[0].dim() == 4 else -1
-        for r, k, v, cl in zip(self.records, ks, vs, cs):
-            _, _, Hkv, D, _ = r.dims
-            if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.dim() != 4 or tuple(k.shape) != (B, Hkv, L, D)
-                    or v.shape != k.shape or k.device.type != "cpu" or v.device.type != "cpu"
-                    or not k.is_contiguous() or not v.is_contiguous()
-                    or cl.dtype != torch.int64 or cl.device.type != "cpu" or cl.numel() != 1):
-                return None
+        lens = [_static_kv_len(k, v, B, r.dims[2], r.dims[3]) for r, k, v in zip(self.records, ks, vs)]
+        L = lens[0]
+        if L is None or any(x != L for x in lens) or any(
+                c.dtype != torch.int64 or c.device.type != "cpu" or c.numel() != 1 for c in cs):
+            return None
         out = (list(map(_data_ptr, cs)), list(map(_data_ptr, ks)), list(map(_data_ptr, vs)), L,
                [t.untyped_storage() for t in ks + vs + cs])  # (their storages stay alive with the pointers)
         self.cache = (cache, B, ks, vs, cs, out, list(map(_shape, ks)))
@@ -546,7 +550,7 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
             and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks
             and len(cache_layers) >= n and st.same_cache_tensors(cache_layers[:n])):
-        ptrs = run[4]
+        ptrs = st.cache[5]
     else:
         if st is not None:
             st.run = None
@@ -600,7 +604,7 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
         positions.data_ptr() if positions is not None else 0, cos.data_ptr() if cos is not None else 0,
         sin.data_ptr() if sin is not None else 0, lengths, keys, values, L, km.data_ptr() if km is not None else 0,
         y.data_ptr(), torch.get_num_threads())
-    st.run = (cache, pos, B, _MUTATIONS[0], ptrs)
+    st.run = (cache, pos, B, _MUTATIONS[0])
     if not st.c_norm:
         y = llama.norm(y)
     return y, st, cache
