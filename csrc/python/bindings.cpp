@@ -119,6 +119,28 @@ Resolved resolve(const lk_bank& b, int64_t N, int64_t K, int64_t segments, int64
   return r;
 }
 
+// A decode step's adapter batch from Python (segments address 0: none).
+struct StepBatch {
+  lk_lora_batch b{};
+  const lk_lora_batch* get() const { return b.segments || b.num_entries ? &b : nullptr; }
+};
+StepBatch step_batch(int64_t segments, int64_t num_segments, int64_t tokens, int64_t weights, int64_t entries) {
+  return StepBatch{lk_lora_batch{ptr<int64_t>(segments), num_segments, ptr<int64_t>(tokens), ptr<float>(weights),
+                                 entries}};
+}
+
+// A decoder step's status as the Python exception a caller expects (the adapter errors as lk_bank_resolve's).
+void check_step(lk_status s, const char* what) {
+  switch (s) {
+    case LK_ERR_INDEX: throw std::out_of_range("lorakern: a token id is outside the embedding table");
+    case LK_ERR_SLOT_RANGE: throw std::out_of_range("lorakern: the adapter batch names a slot outside a layer's bank");
+    case LK_ERR_SLOT_EMPTY:
+      throw std::invalid_argument("lorakern: the adapter batch names an empty slot (the adapter was removed)");
+    case LK_ERR_BAD_SLOT: throw std::invalid_argument("lorakern: a bank table entry is invalid or out of the slab");
+    default: check(s, what);
+  }
+}
+
 lk_lora_batch batch_of(const Resolved& r, int64_t num_segments, int64_t tokens, int64_t weights, int64_t entries) {
   return lk_lora_batch{r.segments.data(), num_segments, ptr<int64_t>(tokens), ptr<float>(weights), entries};
 }
@@ -270,14 +292,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("scale", &lk_lora::scale);
   // One decoder layer (lk_decoder_layer) built once from Python: dims (hidden, n_heads, n_kv_heads, head_dim,
   // intermediate), the two norm weights' addresses, and per projection (qkv, o, gate_up, down) its LoraPartView
-  // fields, its outliers (row_ptr, col_idx, values, nnz; or empty) and its bias address (0: none).
+  // fields, its outliers (row_ptr, col_idx, values, nnz; or empty) and its bias address (0: none); adapters: empty,
+  // or a BankView per lk_projection (q, k, v, o, gate, up, down; empty: none).
   py::class_<lk_decoder_layer>(m, "DecoderLayerRecord")
       .def(py::init([](const std::vector<int64_t>& dims, float rms_eps, float attn_scale, int64_t input_norm,
                        int64_t post_norm, const std::vector<std::vector<int64_t>>& weights,
-                       const std::vector<std::vector<int64_t>>& outliers, const std::vector<int64_t>& biases) {
+                       const std::vector<std::vector<int64_t>>& outliers, const std::vector<int64_t>& biases,
+                       const std::vector<std::vector<int64_t>>& adapters) {
              if (dims.size() != 5 || weights.size() != 4 || outliers.size() != 4 || biases.size() != 4)
                throw std::invalid_argument("DecoderLayerRecord: 5 dims and 4 weights, outliers and biases");
+             if (!adapters.empty() && adapters.size() != LK_NUM_PROJ)
+               throw std::invalid_argument("DecoderLayerRecord: adapters: none, or one BankView (or []) per projection");
              lk_decoder_layer L{};
+             for (size_t p = 0; p < adapters.size(); ++p)
+               if (!adapters[p].empty()) L.adapters[p] = bank_of(adapters[p]);
              L.hidden = dims[0];
              L.n_heads = dims[1];
              L.n_kv_heads = dims[2];
@@ -303,23 +331,27 @@ PYBIND11_MODULE(_C, m) {
              return L;
            }),
            py::arg("dims"), py::arg("rms_eps"), py::arg("attn_scale"), py::arg("input_norm"), py::arg("post_norm"),
-           py::arg("weights"), py::arg("outliers"), py::arg("biases"));
+           py::arg("weights"), py::arg("outliers"), py::arg("biases"),
+           py::arg("adapters") = std::vector<std::vector<int64_t>>{});
   m.def(
       "decoder_layer_step",
       [](const lk_decoder_layer& L, int64_t x, int64_t B, int64_t cos, int64_t sin, int64_t pos, int64_t k_cache,
-         int64_t v_cache, int64_t max_len, int64_t key_mask, int64_t y, int num_threads) {
+         int64_t v_cache, int64_t max_len, int64_t key_mask, int64_t y, int num_threads, int64_t segments,
+         int64_t num_segments, int64_t tokens, int64_t weights, int64_t num_entries) {
+        const StepBatch b = step_batch(segments, num_segments, tokens, weights, num_entries);
         lk_status s;
         {
           py::gil_scoped_release nogil;
           s = lk_decoder_layer_step(&L, ptr<float>(x), B, ptr<float>(cos), ptr<float>(sin), pos,
                                     (float*)(uintptr_t)k_cache, (float*)(uintptr_t)v_cache, max_len,
-                                    ptr<uint8_t>(key_mask), (float*)(uintptr_t)y, num_threads);
+                                    ptr<uint8_t>(key_mask), b.get(), (float*)(uintptr_t)y, num_threads);
         }
-        check(s, "lk_decoder_layer_step");
+        check_step(s, "lk_decoder_layer_step");
       },
       py::arg("layer"), py::arg("x"), py::arg("B"), py::arg("cos"), py::arg("sin"), py::arg("pos"),
       py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("key_mask"), py::arg("y"),
-      py::arg("num_threads") = 0);
+      py::arg("num_threads") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0, py::arg("tokens") = 0,
+      py::arg("weights") = 0, py::arg("num_entries") = 0);
   // The decoder stack (lk_decoder_stack): its layers' records in order; the embedding table and the head as
   // LoraPartView fields (empty: none); the rotary inverse frequencies, final norm weight and head bias addresses
   // (0: none).
@@ -349,7 +381,9 @@ PYBIND11_MODULE(_C, m) {
       "decoder_stack_step",
       [](const DecoderStack& st, int64_t B, int64_t ids, int64_t x, int64_t positions, int64_t cos, int64_t sin,
          const std::vector<int64_t>& lengths, const std::vector<int64_t>& k_caches,
-         const std::vector<int64_t>& v_caches, int64_t max_len, int64_t key_mask, int64_t y, int num_threads) {
+         const std::vector<int64_t>& v_caches, int64_t max_len, int64_t key_mask, int64_t y, int num_threads,
+         int64_t segments, int64_t num_segments, int64_t tokens, int64_t weights, int64_t num_entries) {
+        const StepBatch b = step_batch(segments, num_segments, tokens, weights, num_entries);
         const size_t n = st.ptrs.size();
         if (lengths.size() != n || k_caches.size() != n || v_caches.size() != n)
           throw std::invalid_argument("decoder_stack_step: one length, key cache and value cache per layer");
@@ -365,14 +399,14 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release nogil;
           s = lk_decoder_stack_step(&st.s, B, ptr<int64_t>(ids), ptr<float>(x), ptr<int64_t>(positions),
                                     ptr<float>(cos), ptr<float>(sin), len.data(), kc.data(), vc.data(), max_len,
-                                    ptr<uint8_t>(key_mask), (float*)(uintptr_t)y, num_threads);
+                                    ptr<uint8_t>(key_mask), b.get(), (float*)(uintptr_t)y, num_threads);
         }
-        if (s == LK_ERR_INDEX) throw std::out_of_range("lorakern: a token id is outside the embedding table");
-        check(s, "lk_decoder_stack_step");
+        check_step(s, "lk_decoder_stack_step");
       },
       py::arg("stack"), py::arg("B"), py::arg("ids"), py::arg("x"), py::arg("positions"), py::arg("cos"),
       py::arg("sin"), py::arg("lengths"), py::arg("k_caches"), py::arg("v_caches"), py::arg("max_len"),
-      py::arg("key_mask"), py::arg("y"), py::arg("num_threads") = 0);
+      py::arg("key_mask"), py::arg("y"), py::arg("num_threads") = 0, py::arg("segments") = 0,
+      py::arg("num_segments") = 0, py::arg("tokens") = 0, py::arg("weights") = 0, py::arg("num_entries") = 0);
   m.def(
       "lora_mixed",
       [](int64_t x, int x_dtype, int64_t M, const lk_lora& l, int64_t base, int64_t y, int num_threads) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <new>
 #include <vector>
 
@@ -65,23 +66,105 @@ void rope(float* v, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+bool has_bank(const lk_bank& b) { return b.table || b.num_slots; }
+
+// The (N, K) of each projection a bank may adapt (lk_projection order).
+void projection_shape(const lk_decoder_layer* L, int p, int64_t* N, int64_t* K) {
+  const int64_t H = L->hidden, q = L->n_heads * L->head_dim, kv = L->n_kv_heads * L->head_dim, I = L->intermediate;
+  const int64_t n[] = {q, kv, kv, H, I, I, H}, k[] = {H, H, H, q, H, H, I};
+  *N = n[p];
+  *K = k[p];
+}
+
+// The step's adapters in one layer: the batch's slots resolved in each projection's bank (lk_bank_resolve), the
+// segments renumbered to index them (the same for every bank).
+struct LayerAdapters {
+  std::vector<lk_lora_slot> slots[LK_NUM_PROJ];
+  std::vector<int64_t> segments;
+  lk_lora_batch batch{};
+  bool on[LK_NUM_PROJ] = {};
+  bool any = false;
+};
+
+// The batch's entries partition [0, num_entries) in segment order and name rows of x (lk_multi_lora checks this
+// too, but in the middle of the layer, after the cache is written).
+lk_status check_batch(const lk_lora_batch* b, int64_t B) {
+  if (b->num_segments < 0 || b->num_entries < 0 || (b->num_segments && !b->segments) ||
+      (b->num_entries && (!b->tokens || !b->weights)))
+    return LK_ERR_INVALID_ARG;
+  int64_t pos = 0;
+  for (int64_t s = 0; s < b->num_segments; ++s) {
+    const int64_t start = b->segments[3 * s + 1], count = b->segments[3 * s + 2];
+    if (start != pos || count < 0 || count > b->num_entries - pos) return LK_ERR_INVALID_ARG;
+    pos += count;
+  }
+  if (pos != b->num_entries) return LK_ERR_INVALID_ARG;
+  for (int64_t e = 0; e < b->num_entries; ++e)
+    if (b->tokens[e] < 0 || b->tokens[e] >= B || !std::isfinite(b->weights[e])) return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
+
+lk_status resolve_adapters(const lk_decoder_layer* L, const lk_lora_batch* b, LayerAdapters* out) {
+  out->any = false;
+  if (!b || !b->num_segments) return LK_OK;
+  const int64_t ns = b->num_segments;
+  out->segments.resize((size_t)(3 * ns));
+  for (int p = 0; p < LK_NUM_PROJ; ++p) {
+    out->on[p] = has_bank(L->adapters[p]);
+    if (!out->on[p]) continue;
+    int64_t N, K;
+    projection_shape(L, p, &N, &K);
+    out->slots[p].resize((size_t)ns);
+    if (lk_status s = lk_bank_resolve(&L->adapters[p], N, K, b->segments, ns, -1, out->slots[p].data(),
+                                      out->segments.data(), nullptr))
+      return s;
+    out->any = true;
+  }
+  out->batch = lk_lora_batch{out->segments.data(), ns, b->tokens, b->weights, b->num_entries};
+  return LK_OK;
+}
+
+// y[:, cols of each projection in `ps`] += its adapters (x [B, K] its input; y [B, ldy], the projections' outputs
+// side by side, in ps order).
+lk_status add_adapters(const LayerAdapters& ad, const lk_decoder_layer* L, std::initializer_list<int> ps,
+                       const float* x, int64_t B, int64_t K, float* y, int64_t ldy, int nt) {
+  if (!ad.any) return LK_OK;
+  lk_lora_slice slices[LK_NUM_PROJ];
+  int64_t n = 0, col = 0;
+  for (int p : ps) {
+    int64_t N, Kp;
+    projection_shape(L, p, &N, &Kp);
+    if (ad.on[p]) slices[n++] = lk_lora_slice{ad.slots[p].data(), ad.batch.num_segments, N, col};
+    col += N;
+  }
+  if (!n) return LK_OK;
+  return lk_multi_lora_slices(x, LK_F32, B, K, slices, n, &ad.batch, ldy, y, y, nt);
+}
+
 }  // namespace
 
 extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const float* cos,
                                            const float* sin, int64_t pos, float* k_cache, float* v_cache,
-                                           int64_t max_len, const uint8_t* key_mask, float* y, int num_threads) {
+                                           int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
+                                           float* y, int num_threads) {
   if (lk_status s = check_layer(L)) return s;
   if (B < 0 || max_len <= 0 || pos < 0 || pos >= max_len) return LK_ERR_INVALID_ARG;
+  if (batch)
+    if (lk_status s = check_batch(batch, B)) return s;
   if (B == 0) return LK_OK;
   if (!x || !y || !cos || !sin || !k_cache || !v_cache) return LK_ERR_INVALID_ARG;
   const int nt = lk::threads_for(num_threads);
   const int64_t H = L->hidden, Hq = L->n_heads, Hkv = L->n_kv_heads, D = L->head_dim, I = L->intermediate;
   const int64_t NQKV = (Hq + 2 * Hkv) * D, rep = Hq / Hkv;
   try {
+    LayerAdapters ad;
+    if (lk_status s = resolve_adapters(L, batch, &ad)) return s;
     std::vector<float> h((size_t)(B * H)), qkv((size_t)(B * NQKV)), att((size_t)(B * Hq * D)), x1((size_t)(B * H));
     std::vector<float> gu((size_t)(B * 2 * I));
     rms_norm(x, B, H, L->input_norm, L->rms_eps, h.data());
     if (lk_status s = project(h.data(), B, L->qkv, L->qkv_outliers, L->qkv_bias, qkv.data(), nt)) return s;
+    if (lk_status s = add_adapters(ad, L, {LK_PROJ_Q, LK_PROJ_K, LK_PROJ_V}, h.data(), B, H, qkv.data(), NQKV, nt))
+      return s;
     // rotary embedding of q and k; k and v into the cache at pos
     for (int64_t b = 0; b < B; ++b) {
       float* r = qkv.data() + b * NQKV;
@@ -146,9 +229,11 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
     }
     if (bad_alloc) return LK_ERR_ALLOC;
     if (lk_status s = project(att.data(), B, L->o, L->o_outliers, L->o_bias, x1.data(), nt)) return s;
+    if (lk_status s = add_adapters(ad, L, {LK_PROJ_O}, att.data(), B, Hq * D, x1.data(), H, nt)) return s;
     for (int64_t i = 0; i < B * H; ++i) x1[i] += x[i];
     rms_norm(x1.data(), B, H, L->post_norm, L->rms_eps, h.data());
     if (lk_status s = project(h.data(), B, L->gate_up, L->gate_up_outliers, L->gate_up_bias, gu.data(), nt)) return s;
+    if (lk_status s = add_adapters(ad, L, {LK_PROJ_GATE, LK_PROJ_UP}, h.data(), B, H, gu.data(), 2 * I, nt)) return s;
     for (int64_t b = 0; b < B; ++b) {  // act = silu(gate) * up, in place of the gate half
       float* g = gu.data() + b * 2 * I;
       for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
@@ -156,6 +241,7 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
     // down from the gate halves (row stride 2 I): compact them first
     for (int64_t b = 1; b < B; ++b) std::copy(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, gu.data() + b * I);
     if (lk_status s = project(gu.data(), B, L->down, L->down_outliers, L->down_bias, y, nt)) return s;
+    if (lk_status s = add_adapters(ad, L, {LK_PROJ_DOWN}, gu.data(), B, I, y, H, nt)) return s;
     for (int64_t i = 0; i < B * H; ++i) y[i] += x1[i];
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;
@@ -166,7 +252,8 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
 extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B, const int64_t* ids, const float* x,
                                            const int64_t* positions, const float* cos, const float* sin,
                                            int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
-                                           int64_t max_len, const uint8_t* key_mask, float* y, int num_threads) {
+                                           int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
+                                           float* y, int num_threads) {
   // every argument is checked before anything is written
   if (!S || !S->layers || S->n_layers <= 0 || B < 0 || max_len <= 0 || !lengths || !k_caches || !v_caches)
     return LK_ERR_INVALID_ARG;
@@ -195,6 +282,16 @@ extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B,
   if (S->rope_inv_freq && positions)
     for (int64_t b = 0; b < B; ++b)
       if (positions[b] < 0) return LK_ERR_INVALID_ARG;
+  if (batch) {  // the adapters of every layer: the batch's slots resolve in each bank
+    if (lk_status s = check_batch(batch, B)) return s;
+    try {
+      LayerAdapters ad;
+      for (int64_t i = 0; i < n; ++i)
+        if (lk_status s = resolve_adapters(S->layers[i], batch, &ad)) return s;
+    } catch (const std::bad_alloc&) {
+      return LK_ERR_ALLOC;
+    }
+  }
   const int64_t out_w = S->head ? S->head->N : H;
   if (!lookup && x < y + B * out_w && y < x + B * H) return LK_ERR_INVALID_ARG;
   const int nt = lk::threads_for(num_threads);
@@ -229,7 +326,7 @@ extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B,
       const bool direct = i == n - 1 && !S->final_norm && !S->head;
       float* out = direct ? y : (i % 2 ? b2.data() : a.data());
       if (lk_status s = lk_decoder_layer_step(S->layers[i], in, B, cos, sin, pos, k_caches[i], v_caches[i], max_len,
-                                              key_mask, out, num_threads))
+                                              key_mask, batch, out, num_threads))
         return s;
       in = out;
     }

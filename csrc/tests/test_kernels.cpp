@@ -754,23 +754,72 @@ static void check_decoder_layer(std::mt19937& rng) {
   std::vector<float> y(B * H, NAN), y2(B * H, NAN);
   for (int64_t pos = 0; pos < 2; ++pos) {
     std::fill(y.begin(), y.end(), NAN);
-    CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), pos, kc.data(), vc.data(), L, mask.data(),
+    CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), pos, kc.data(), vc.data(), L, mask.data(), nullptr,
                                 y.data(), 2) == LK_OK, "decoder layer step at %lld", (long long)pos);
     for (float v : y) CHECK(std::isfinite(v), "decoder layer output finite (pos %lld)", (long long)pos);
   }
-  CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), 1, kc.data(), vc.data(), L, mask.data(),
+  CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), 1, kc.data(), vc.data(), L, mask.data(), nullptr,
                               y2.data(), 1) == LK_OK && y2 == y, "decoder layer step repeatable");
-  CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), L, kc.data(), vc.data(), L, nullptr, y.data(),
+  CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), L, kc.data(), vc.data(), L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG, "position past the cache refused");
-  CHECK(lk_decoder_layer_step(&Lr, nullptr, B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, y.data(),
+  CHECK(lk_decoder_layer_step(&Lr, nullptr, B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG, "null x refused");
+  // adapters: dense banks on q and down, slot 0 with zero B (adds nothing), slot 1 random; a batch of
+  // sequence 0 on slot 1 and sequence 1 on slot 0
+  {
+    const int64_t r = 3, NQ = Hq * D;
+    std::vector<float> aq(2 * r * H), bq(2 * r * NQ, 0.f), ad(2 * r * I), bd(2 * r * H, 0.f);
+    for (auto* v : {&aq, &ad})
+      for (auto& e : *v) e = u(rng);
+    for (int64_t i = r * NQ; i < 2 * r * NQ; ++i) bq[i] = u(rng);
+    for (int64_t i = r * H; i < 2 * r * H; ++i) bd[i] = u(rng);
+    const int64_t table[2 * LK_SLOT_NUM_COLUMNS] = {LK_SLOT_DENSE, r, 0, 0, 0, 0, 0, LK_SLOT_DENSE, r, r, 0, 0, 0, 0};
+    const float scales[2] = {0.5f, 0.5f};
+    const auto bank = [&](const std::vector<float>& a, const std::vector<float>& bt) {
+      lk_bank b{};
+      b.table = table; b.scales = scales; b.num_slots = 2; b.dtype = LK_F32; b.a = a.data(); b.bt = bt.data();
+      b.dense_rows = 2 * r;
+      return b;
+    };
+    lk_decoder_layer La = Lr;
+    La.adapters[LK_PROJ_Q] = bank(aq, bq);
+    La.adapters[LK_PROJ_DOWN] = bank(ad, bd);
+    const int64_t seg[6] = {0, 0, 1, 1, 1, 1}, tok[2] = {1, 0};
+    const float wts[2] = {1.f, 1.f};
+    const lk_lora_batch batch{seg, 2, tok, wts, 2};
+    std::vector<float> kc2 = kc, vc2 = vc, ya(B * H, NAN), yb(B * H, NAN);
+    CHECK(lk_decoder_layer_step(&Lr, x.data(), B, cs.data(), sn.data(), 1, kc.data(), vc.data(), L, mask.data(),
+                                nullptr, yb.data(), 2) == LK_OK, "layer step without adapters");
+    CHECK(lk_decoder_layer_step(&La, x.data(), B, cs.data(), sn.data(), 1, kc2.data(), vc2.data(), L, mask.data(),
+                                &batch, ya.data(), 2) == LK_OK, "layer step with adapters");
+    bool same1 = true, diff0 = false;
+    for (int64_t i = 0; i < H; ++i) {
+      CHECK(std::isfinite(ya[i]) && std::isfinite(ya[H + i]), "adapter output finite");
+      same1 &= std::fabs(ya[H + i] - yb[H + i]) <= 1e-6f * (1.f + std::fabs(yb[H + i]));
+      diff0 |= std::fabs(ya[i] - yb[i]) > 1e-3f;
+    }
+    CHECK(same1 && diff0, "a zero adapter adds nothing, a random one changes its sequence");
+    const int64_t far[3] = {7, 0, 2};
+    const lk_lora_batch out_of_bank{far, 1, tok, wts, 2};
+    std::fill(ya.begin(), ya.end(), NAN);
+    const std::vector<float> k_before = kc2;
+    CHECK(lk_decoder_layer_step(&La, x.data(), B, cs.data(), sn.data(), 1, kc2.data(), vc2.data(), L, nullptr,
+                                &out_of_bank, ya.data(), 1) == LK_ERR_SLOT_RANGE && kc2 == k_before &&
+              std::isnan(ya[0]),
+          "a slot outside the bank refused before anything is written");
+    const int64_t bad_tok[2] = {B, 0};
+    const lk_lora_batch past_rows{seg, 2, bad_tok, wts, 2};
+    CHECK(lk_decoder_layer_step(&La, x.data(), B, cs.data(), sn.data(), 1, kc2.data(), vc2.data(), L, nullptr,
+                                &past_rows, ya.data(), 1) == LK_ERR_INVALID_ARG && kc2 == k_before,
+          "a token outside the step's rows refused");
+  }
   lk_decoder_layer bad = Lr;
   bad.n_kv_heads = 3;
-  CHECK(lk_decoder_layer_step(&bad, x.data(), B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, y.data(),
+  CHECK(lk_decoder_layer_step(&bad, x.data(), B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG, "heads not a multiple of the KV heads refused");
   bad = Lr;
   bad.intermediate = 64;  // the gate/up and down weights do not match
-  CHECK(lk_decoder_layer_step(&bad, x.data(), B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, y.data(),
+  CHECK(lk_decoder_layer_step(&bad, x.data(), B, cs.data(), sn.data(), 0, kc.data(), vc.data(), L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG, "weight shapes checked");
 }
 
@@ -825,7 +874,7 @@ static void check_decoder_stack(std::mt19937& rng) {
   for (int64_t pos = 0; pos < 2; ++pos) {
     const int64_t pp[B] = {pos, positions[1] + pos + 4};  // sequence 1 at another rotary position
     std::vector<float> y((size_t)(B * V), NAN), want((size_t)(B * V), NAN);
-    CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, pp, nullptr, nullptr, lens, kcp, vcp, L, mask.data(), y.data(),
+    CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, pp, nullptr, nullptr, lens, kcp, vcp, L, mask.data(), nullptr, y.data(),
                                 2) == LK_OK, "stack step at %lld", (long long)pos);
     CHECK(len[0] == pos + 1 && len[1] == pos + 1, "stack counts advanced");
     // the same, piece by piece
@@ -843,7 +892,7 @@ static void check_decoder_stack(std::mt19937& rng) {
     }
     for (int64_t l = 0; l < NL; ++l) {
       CHECK(lk_decoder_layer_step(&layers[l], x.data(), B, cs.data(), sn.data(), pos, kr[l].data(), vr[l].data(), L,
-                                  mask.data(), h.data(), 2) == LK_OK, "layer %lld", (long long)l);
+                                  mask.data(), nullptr, h.data(), 2) == LK_OK, "layer %lld", (long long)l);
       x = h;
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -866,21 +915,21 @@ static void check_decoder_stack(std::mt19937& rng) {
   std::vector<float> y((size_t)(B * V), NAN);
   const std::vector<float> k0 = kc[0];
   len[1] = 5;
-  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG && len[0] == 2 && len[1] == 5 && kc[0] == k0,
         "counts out of step refused, nothing written");
   len[1] = 2;
   const int64_t bad[B] = {3, V};
-  CHECK(lk_decoder_stack_step(&S, B, bad, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+  CHECK(lk_decoder_stack_step(&S, B, bad, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INDEX && len[0] == 2 && kc[0] == k0 && std::isnan(y[0]),
         "token id outside the table refused");
   int64_t shared = 2;
   int64_t* sl[NL] = {&shared, &shared};
-  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, sl, kcp, vcp, L, nullptr, y.data(),
+  CHECK(lk_decoder_stack_step(&S, B, ids, nullptr, nullptr, nullptr, nullptr, sl, kcp, vcp, L, nullptr, nullptr, y.data(),
                               1) == LK_OK && shared == 3, "a count two layers share advances once");
   lk_decoder_stack S2 = S;
   S2.rope_inv_freq = nullptr;  // then cos / sin must be given
-  CHECK(lk_decoder_stack_step(&S2, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, y.data(),
+  CHECK(lk_decoder_stack_step(&S2, B, ids, nullptr, nullptr, nullptr, nullptr, lens, kcp, vcp, L, nullptr, nullptr, y.data(),
                               1) == LK_ERR_INVALID_ARG, "missing cos / sin refused");
 }
 

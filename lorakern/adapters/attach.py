@@ -13,7 +13,7 @@ from ..models.fuse import is_fused, unfuse_projections
 from ..multilora.bank import AdapterBank
 from ..nn import ADAPTER_MODULES
 from ..nn.lora_linear import LoRALinear
-from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear
+from ..nn.multi_lora_linear import MultiLoRAContext, MultiLoRALinear, MultiLoRASlicesLinear
 from ..nn.swap import replace_module
 from .loading import load_adapter
 from .peft_io import LoraAdapter, check_base_weights
@@ -169,7 +169,16 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     ctx = MultiLoRAContext(bank)
     old = swap_in(model, {mname: MultiLoRALinear(model.get_submodule(mname), lb, ctx)
                           for mname, lb in bank.layers.items()})
-    fwd, gen = model.forward, getattr(model, "generate", None)
+    # the class's forward and generate looked up at each call (prepare_decode may change the model's class to one with
+    # a native decode step afterwards), or the instance's own if something already wrapped them
+    own_fwd, own_gen = model.__dict__.get("forward"), model.__dict__.get("generate")
+
+    def fwd(*args, **kwargs):
+        return own_fwd(*args, **kwargs) if own_fwd is not None else type(model).forward(model, *args, **kwargs)
+
+    def gen(*args, **kwargs):
+        return own_gen(*args, **kwargs) if own_gen is not None else type(model).generate(model, *args, **kwargs)
+    has_gen = own_gen is not None or hasattr(type(model), "generate")
 
     def resolve(adapter_names, args, kwargs):
         """(adapters, weights) for ctx.use: PEFT-style names, or a routed mixture for "auto"."""
@@ -200,10 +209,12 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
             return gen(*args, **kwargs)
 
     model.forward = forward
-    if gen is not None:
+    if has_gen:
         model.generate = generate
     model.lorakern_bank, model.lorakern_context = bank, ctx
-    model._lorakern_restore = (old, fwd, gen)
+    # the names only: each MultiLoRALinear holds the module it replaced, and prepare_decode may fuse them (the
+    # originals kept here would be stale copies of the fused weights)
+    model._lorakern_restore = (sorted(old), own_fwd, own_gen)
     return bank
 
 
@@ -243,8 +254,25 @@ def _check_names(names, batch: int | None) -> None:
 
 
 def detach_adapters(model: nn.Module) -> None:
-    """Undo :func:`attach_adapters`: the original modules, forward and generate come back."""
-    old, fwd, gen = model.__dict__.pop("_lorakern_restore")
-    detach_adapter(model, old)
+    """Undo :func:`attach_adapters`: the modules the bank wrapped, forward and generate come back (a layer that
+    :func:`lorakern.models.fuse_projections` fused since stays fused, with its fused projection unwrapped)."""
+    names, fwd, gen = model.__dict__.pop("_lorakern_restore")
+    ctx = model.__dict__.get("lorakern_context")
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if is_fused(parent):  # its projections' wrappers, fused or not, under their current names
+            for n, child in list(parent.named_children()):
+                if type(child) in (MultiLoRALinear, MultiLoRASlicesLinear) and child.context is ctx:
+                    setattr(parent, n, child.base)
+            continue
+        mod = parent._modules.get(attr)
+        if type(mod) is MultiLoRALinear and mod.context is ctx:
+            replace_module(model, name, mod.base)
+    forget_compiled_call(model)
     for attr in ("forward", "generate", "lorakern_bank", "lorakern_context", "lorakern_router"):
         model.__dict__.pop(attr, None)
+    if fwd is not None:  # what wrapped them before attach_adapters
+        model.forward = fwd
+    if gen is not None:
+        model.generate = gen

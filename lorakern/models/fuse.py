@@ -10,8 +10,10 @@ codes: bit-identical outputs). That removes 3 of the 7 calls per decoder layer.
 Which layers fuse: transformers' ``LlamaAttention`` (SmolLM2, Llama, and every model that reuses it) and the
 gated MLPs of the form ``down(act(gate(x)) * up(x))`` (``LlamaMLP``, ``Gemma3MLP``, ``MistralMLP``,
 ``Qwen2MLP``), when all their projections are lorakern :class:`~lorakern.nn.QuantLinear` /
-:class:`~lorakern.nn.GWQLinear` of one bits/group size. A projection that carries an adapter, or an
-unquantized one, leaves its layer unfused (still correct, just not faster). The fused module keeps its class's
+:class:`~lorakern.nn.GWQLinear` of one bits/group size, alone or inside the
+:class:`~lorakern.nn.MultiLoRALinear` of an adapter bank (:func:`lorakern.attach_adapters`; the fused projection is a
+:class:`~lorakern.nn.MultiLoRASlicesLinear`, each bank over its own rows). A projection that carries another kind
+of adapter, or an unquantized one, leaves its layer unfused (still correct, just not faster). The fused module keeps its class's
 other attributes; only ``forward`` changes (a subclass made once per class) and the projections become one
 ``qkv_proj`` / ``gate_up_proj``.
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..formats.outliers import GWQWeight, SparseOutliers
 from ..formats.quantized import QuantizedWeight
-from ..nn import GWQLinear, QuantLinear
+from ..nn import GWQLinear, MultiLoRALinear, MultiLoRASlicesLinear, QuantLinear
 from .decode import forget_compiled_call
 
 __all__ = ["fuse_projections", "is_fused", "unfuse_projections", "unfused"]
@@ -115,7 +117,24 @@ def is_fused(module: nn.Module) -> bool:
 
 
 def _stack(layers: list[nn.Module]) -> nn.Module | None:
-    """One layer holding ``layers``' rows in order, or None when they cannot share a call."""
+    """One layer holding ``layers``' rows in order, or None when they cannot share a call. Projections with adapter
+    banks (:class:`MultiLoRALinear`, of one model's bank) give a :class:`MultiLoRASlicesLinear` around the stacked
+    bases, each bank over its own rows."""
+    if any(type(l) is MultiLoRALinear for l in layers):
+        ctx = next(l.context for l in layers if type(l) is MultiLoRALinear)
+        if any(type(l) is MultiLoRALinear and l.context is not ctx for l in layers):
+            return None
+        bases = [l.base if type(l) is MultiLoRALinear else l for l in layers]
+        stacked = _stack_weights(bases)
+        if stacked is None:
+            return None
+        return MultiLoRASlicesLinear(stacked, [l.bank if type(l) is MultiLoRALinear else None for l in layers], ctx,
+                                     [l.out_features for l in layers])
+    return _stack_weights(layers)
+
+
+def _stack_weights(layers: list[nn.Module]) -> nn.Module | None:
+    """The quantized layers' rows stacked in one layer of their type, or None when they cannot share a call."""
     if not all(type(l) in (QuantLinear, GWQLinear) for l in layers):
         return None
     first = layers[0]
@@ -140,7 +159,11 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
 
 def _split(fused_layer: nn.Module, widths: list[int], parts: list[tuple[type, bool]]) -> list[nn.Module]:
     """The separate layers back from a stacked one (rows in order; each of its original type, with a bias only
-    where it had one)."""
+    where it had one; a slice with a bank in its :class:`MultiLoRALinear` again)."""
+    if type(fused_layer) is MultiLoRASlicesLinear:
+        layers = _split(fused_layer.base, widths, parts)
+        return [l if lb is None else MultiLoRALinear(l, lb, fused_layer.context)
+                for l, lb in zip(layers, fused_layer.banks)]
     out, n0 = [], 0
     bias = fused_layer.bias
     for width, (kind, with_bias) in zip(widths, parts):
@@ -165,8 +188,8 @@ def fuse_projections(model: nn.Module) -> int:
     module docstring for which); returns how many layers were fused. Outputs are unchanged (the same rows
     through the same kernel); the model's ``forward`` and ``generate`` work as before.
 
-    Layers with an adapter, an unquantized projection, or projections of different bits / group sizes stay
-    as they are. A projection's bias is kept (zeros for one without, when another has one)."""
+    Layers with an adapter other than a bank's (:func:`lorakern.attach_adapters`), an unquantized projection, or
+    projections of different bits / group sizes stay as they are. A projection's bias is kept (zeros for one without, when another has one)."""
     classes = _fusable_classes()
     count = 0
     for module in list(model.modules()):
@@ -181,7 +204,8 @@ def fuse_projections(model: nn.Module) -> int:
         if stacked is None:
             continue
         module.lorakern_split = [l.out_features for l in layers]  # the forward's split
-        module.lorakern_parts = [(type(l), l.bias is not None) for l in layers]  # what unfusing gives back
+        module.lorakern_parts = [(type(b), b.bias is not None)  # what unfusing gives back
+                                 for b in (l.base if type(l) is MultiLoRALinear else l for l in layers)]
         for n in names:
             delattr(module, n)
         setattr(module, fused_name, stacked)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .._native import native
-from ..nn import GWQLinear, QuantLinear
+from ..nn import GWQLinear, MultiLoRALinear, MultiLoRASlicesLinear, QuantLinear
 
 __all__ = ["disable_native_decode", "enable_native_decode", "native_decode_layers"]
 
@@ -70,6 +70,17 @@ def _fused_types():
     return _FUSED_CLASSES.get(m.LlamaAttention), _FUSED_CLASSES.get(m.LlamaMLP)
 
 
+def _parts(p: nn.Module) -> tuple:
+    """(the quantized layer, its banks per output slice or None, the bank's context) of a projection: a bare layer,
+    or one inside an adapter bank's :class:`MultiLoRALinear` / :class:`MultiLoRASlicesLinear`."""
+    t = type(p)
+    if t is MultiLoRALinear:
+        return p.base, [p.bank], p.context
+    if t is MultiLoRASlicesLinear:
+        return p.base, p.banks, p.context
+    return p, None, None
+
+
 def _eligible(layer: nn.Module) -> str | None:
     """None when ``layer`` (a decoder layer) can run natively, else the reason it cannot."""
     m = _llama()
@@ -79,11 +90,22 @@ def _eligible(layer: nn.Module) -> str | None:
         return "its attention is not a fused LlamaAttention (fuse_projections)"
     if mlp_t is None or type(mlp) is not mlp_t:
         return "its MLP is not a fused LlamaMLP (fuse_projections)"
-    for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-        if type(p) not in (QuantLinear, GWQLinear):
-            return f"a projection is a {type(p).__name__}, not a QuantLinear or GWQLinear (an adapter is attached?)"
-        if p.qweight.device.type != "cpu":
+    contexts = set()
+    for p, slices in ((attn.qkv_proj, 3), (attn.o_proj, 1), (mlp.gate_up_proj, 2), (mlp.down_proj, 1)):
+        q, banks, ctx = _parts(p)
+        if type(q) not in (QuantLinear, GWQLinear):
+            return (f"a projection is a {type(p).__name__}, not a QuantLinear or GWQLinear (alone or in an adapter "
+                    "bank's MultiLoRALinear)")
+        if q.qweight.device.type != "cpu":
             return "its weights are not on the CPU"
+        if banks is not None:
+            if len(banks) != slices:
+                return "an adapter bank's slices do not match the fused projection"
+            if any(lb is not None and lb.device.type != "cpu" for lb in banks):
+                return "an adapter bank is not on the CPU"
+            contexts.add(id(ctx))
+    if len(contexts) > 1:
+        return "its projections' adapters belong to different banks"
     for n in (layer.input_layernorm, layer.post_attention_layernorm):
         if type(n) is not m.LlamaRMSNorm or n.weight.dtype != torch.float32:
             return "a norm is not an fp32 LlamaRMSNorm"
@@ -104,7 +126,19 @@ class _Record:
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         cfg = attn.config
-        projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        wrappers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        parts = [_parts(p) for p in wrappers]
+        projs = tuple(q for q, _, _ in parts)
+        # the adapter banks, in lk_projection order (q, k, v, o, gate, up, down), and the context naming the step's
+        # adapters; each bank's pointers are prepared once per bank change (LayerBank.prepared)
+        banks = []
+        for (q, bs, _), n in zip(parts, (3, 1, 2, 1)):
+            banks += bs if bs is not None else [None] * n
+        self.banks = [lb for lb in banks if lb is not None]
+        self.bank_versions = [lb.version for lb in self.banks]
+        self.context = next((c for _, bs, c in parts if bs is not None), None)
+        self.prepared = [lb.prepared() if lb is not None else None for lb in banks]
+        adapters = [list(pb.view) if pb is not None else [] for pb in self.prepared] if self.banks else []
         norms = (layer.input_layernorm.weight.detach().contiguous(),
                  layer.post_attention_layernorm.weight.detach().contiguous())
         self.norm_sources = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -137,6 +171,11 @@ class _Record:
                   (layer._modules, "post_attention_layernorm", layer.post_attention_layernorm),
                   (attn._modules, "qkv_proj", attn.qkv_proj), (attn._modules, "o_proj", attn.o_proj),
                   (mlp._modules, "gate_up_proj", mlp.gate_up_proj), (mlp._modules, "down_proj", mlp.down_proj)]
+        for w, (q, bs, ctx) in zip(wrappers, parts):
+            if bs is not None:
+                checks += [(w._modules, "base", q), (w.__dict__, "context", ctx),
+                           (w.__dict__, "banks" if type(w) is MultiLoRASlicesLinear else "bank",
+                            w.banks if type(w) is MultiLoRASlicesLinear else w.bank)]
         for p in projs:
             checks += [(p._buffers, n, p._buffers[n]) for n in p._buffers]
         checks += [(n._parameters, "weight", n._parameters["weight"])
@@ -148,7 +187,7 @@ class _Record:
         self.pointers += [(w, w.data_ptr()) for w in self.norm_sources]
         self.record = native().DecoderLayerRecord(
             list(self.dims), float(layer.input_layernorm.variance_epsilon), float(attn.scaling), norms[0].data_ptr(),
-            norms[1].data_ptr(), weights, outliers, biases)
+            norms[1].data_ptr(), weights, outliers, biases, adapters)
 
     def current(self, layer: nn.Module) -> bool:
         """Whether ``layer`` still holds the very modules and tensors (at the same addresses) the record was built
@@ -159,6 +198,8 @@ class _Record:
         for t, ptr in self.pointers:
             if t.data_ptr() != ptr:
                 return False
+        if [lb.version for lb in self.banks] != self.bank_versions:
+            return False  # an adapter added or removed: the slabs may have moved
         return tuple(w._version for w in self.norm_sources) == self.norm_versions
 
 
@@ -218,6 +259,23 @@ def _static_kv_len(keys, values, B: int, Hkv: int, D: int) -> int | None:
     return keys.shape[2]
 
 
+def _batch_args(context, B: int):
+    """The adapter batch of a decode step of B sequences as the step bindings take it (segments, count, tokens,
+    weights, entries addresses), () for none, or None when it is not one the C step takes (not on the CPU, other
+    dtypes)."""
+    if context is None:
+        return ()
+    b = context.for_shape((B, 1))  # (ValueError for a batch naming another number of sequences, as the modules)
+    if b is None:
+        return ()
+    seg, tok, w = b.segments, b.tokens, b.weights
+    if (seg.dtype != torch.int64 or tok.dtype != torch.int64 or w.dtype != torch.float32
+            or seg.device.type != "cpu" or tok.device.type != "cpu" or w.device.type != "cpu"
+            or not (seg.is_contiguous() and tok.is_contiguous() and w.is_contiguous())):
+        return None
+    return seg.data_ptr(), seg.shape[0], tok.data_ptr(), w.data_ptr(), tok.shape[0]
+
+
 def _native_step(layer, hidden_states, attention_mask, cache, position_embeddings):
     """The layer's output through lk_decoder_layer_step, or None when the native path does not apply."""
     if (cache is None or position_embeddings is None or not isinstance(hidden_states, torch.Tensor)
@@ -245,17 +303,21 @@ def _native_step(layer, hidden_states, attention_mask, cache, position_embedding
     if pos >= L:
         return None  # transformers raises its own error for a full static cache
     cos, sin = position_embeddings
-    if cos.shape != (B, 1, D) or sin.shape != (B, 1, D) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
-        return None
+    if (cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1:] != (1, D) or sin.shape != cos.shape
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32):
+        return None  # (one row: every sequence at the same position)
     km = _key_mask(attention_mask, B, L)
     if km is False:
         return None
+    bargs = _batch_args(rec.context, B)
+    if bargs is None:
+        return None
     x = hidden_states.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = cos.expand(B, 1, D).contiguous(), sin.expand(B, 1, D).contiguous()
     y = torch.empty_like(x)
     native().decoder_layer_step(rec.record, x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), pos, keys.data_ptr(),
                                 values.data_ptr(), L, km.data_ptr() if km is not None else 0, y.data_ptr(),
-                                torch.get_num_threads())
+                                torch.get_num_threads(), *bargs)
     cl.cumulative_length.add_(1)
     return y
 
@@ -285,6 +347,7 @@ _training = operator.attrgetter("training")
 _pre_hooks, _hooks = operator.attrgetter("_forward_pre_hooks"), operator.attrgetter("_forward_hooks")
 _keys_of, _values_of = operator.attrgetter("keys"), operator.attrgetter("values")
 _lengths_of = operator.attrgetter("cumulative_length")
+_bank_version = operator.attrgetter("version")
 def _capture_hook(hook) -> bool:
     """Whether ``hook`` is one of transformers' output-capturing hooks (installed for good on the layers the first
     time hidden states or attentions are asked for; they record nothing unless a capture is active, and the stack
@@ -336,6 +399,9 @@ class _Stack:
             checks += [(owner._modules, "model", llama), (owner._modules, "lm_head", owner._modules.get("lm_head"))]
         tensors = [t for r in records for t, _ in r.pointers]
         versioned = [w for r in records for w in r.norm_sources]
+        self.banks = [lb for r in records for lb in r.banks]
+        self.bank_versions = list(map(_bank_version, self.banks))
+        self.context = next((r.context for r in records if r.context is not None), None)  # (one: _stack_of)
         # the embedding lookup, in C when the table is a QuantEmbedding
         from ..nn.quant_embedding import QuantEmbedding
         emb = llama.embed_tokens
@@ -394,6 +460,7 @@ class _Stack:
         self.ptrs = list(map(_data_ptr, tensors))
         # the storages the C record points into stay alive as long as it does, whatever happens to the modules
         self._storages = [t.untyped_storage() for t in tensors] + [t.untyped_storage() for r in records for t in r._keep]
+        self._prepared = [pb for r in records for pb in r.prepared if pb is not None]  # (they hold the banks' slabs)
         self.versioned = versioned
         self.versions = list(map(_version, versioned))
         self.modules = list(owner.modules())
@@ -414,6 +481,7 @@ class _Stack:
                 and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
                 and list(map(_data_ptr, self.tensors)) == self.ptrs
                 and list(map(_version, self.versioned)) == self.versions
+                and list(map(_bank_version, self.banks)) == self.bank_versions
                 and not any(map(_training, self.layer_modules))
                 and list(map(len, map(_hooks, self.modules))) == self.hook_counts[0]
                 and list(map(len, map(_pre_hooks, self.modules))) == self.hook_counts[1])
@@ -485,6 +553,8 @@ def _stack_of(owner: nn.Module, llama: nn.Module, head: nn.Module | None) -> "_S
         if rec is None:
             return None
         records.append(rec)
+    if len({id(r.context) for r in records if r.context is not None}) > 1:
+        return None  # the layers' adapters belong to different banks
     st = _Stack(owner, llama, tuple(records), head)
     if not st.current():  # hooks, or a layer in training mode
         return None
@@ -598,12 +668,15 @@ def _stack_step(owner: nn.Module, llama: nn.Module, head: nn.Module | None, kwar
     km = _stack_mask(kwargs.get("attention_mask"), B, L, pos)
     if km is False:
         return None
+    bargs = _batch_args(st.context, B)
+    if bargs is None:
+        return None
     y = torch.empty((B, 1, st.out_features), dtype=torch.float32)
     native().decoder_stack_step(
         st.stack, B, ids.data_ptr() if x is None else 0, x.data_ptr() if x is not None else 0,
         positions.data_ptr() if positions is not None else 0, cos.data_ptr() if cos is not None else 0,
         sin.data_ptr() if sin is not None else 0, lengths, keys, values, L, km.data_ptr() if km is not None else 0,
-        y.data_ptr(), torch.get_num_threads())
+        y.data_ptr(), torch.get_num_threads(), *bargs)
     st.run = (cache, pos, B, _MUTATIONS[0])
     if not st.c_norm:
         y = llama.norm(y)

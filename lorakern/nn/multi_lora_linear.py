@@ -8,11 +8,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..multilora.bank import AdapterBank, LayerBank
+from ..multilora.bank import AdapterBank, LayerBank, apply_slices
 from ..multilora.batch import LoRABatch
 from ..formats.linear_like import linear_shape
 
-__all__ = ["MultiLoRAContext", "MultiLoRALinear"]
+__all__ = ["MultiLoRAContext", "MultiLoRALinear", "MultiLoRASlicesLinear"]
 
 
 class MultiLoRAContext:
@@ -102,3 +102,59 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         live = int((self.bank.table[:, 0] != 0).sum()) if self.bank.num_slots else 0
         return f"in={self.in_features}, out={self.out_features}, adapters={live}"
+
+
+class MultiLoRASlicesLinear(nn.Module):
+    """Projections that read one input, fused into one layer (q/k/v, gate/up: :func:`lorakern.models.fuse_projections`),
+    each output slice with its own bank: ``y[:, slice i] = base(x)[:, slice i] + slice i's adapters``.
+
+    Args:
+        base: the fused linear layer ``[sum of the slices' N, K]`` (a :class:`QuantLinear` / :class:`GWQLinear`).
+        banks: one :class:`~lorakern.multilora.LayerBank` per slice, in the order of the base's rows, of one
+            :class:`~lorakern.multilora.AdapterBank` (``None``: no adapter touches that slice).
+        context: the model's :class:`MultiLoRAContext`.
+        widths: each slice's output features.
+
+    Outputs equal the separate :class:`MultiLoRALinear` layers side by side (the same kernels on the same rows).
+
+    Raises:
+        ValueError: the banks' shapes do not tile the base's output or differ in input features.
+    """
+
+    def __init__(self, base: nn.Module, banks: list, context: MultiLoRAContext, widths: list[int]):
+        super().__init__()
+        shape = linear_shape(base)
+        if shape is None or len(banks) != len(widths) or all(b is None for b in banks):
+            raise ValueError("lorakern: MultiLoRASlicesLinear needs a linear base, one width per bank and at least "
+                             "one bank")
+        if sum(widths) != shape[0] or any(b is not None and (b.N, b.K) != (w, shape[1]) for b, w in zip(banks, widths)):
+            raise ValueError(f"lorakern: slices {[None if b is None else (b.N, b.K) for b in banks]} of widths "
+                             f"{list(widths)} do not tile the base's output {shape}")
+        self.base, self.banks, self.context, self.widths = base, list(banks), context, [int(w) for w in widths]
+        self.out_features, self.in_features = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.context.for_shape(tuple(x.shape[:-1]))
+        if b is None:
+            return y
+        live = [lb for lb in self.banks if lb is not None]
+        if any(lb.device.type != x.device.type for lb in live):
+            raise RuntimeError(f"lorakern: the adapter bank is on {live[0].device}, the activations on {x.device}: "
+                               "detach_adapters, move the model, then attach_adapters again")
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features).to(x.dtype)
+        if b.tokens.device != x.device:
+            b = b.to(x.device)
+        if len(live) == len(self.banks):
+            out = apply_slices(self.banks, x2, y2, b)
+        else:  # a slice without adapters keeps the base's columns
+            parts, c = [], 0
+            for lb, w in zip(self.banks, self.widths):
+                part = y2[:, c: c + w]
+                parts.append(part if lb is None else lb.apply(x2, part.contiguous(), b))
+                c += w
+            out = torch.cat(parts, 1)
+        return out.view(y.shape).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slices={len(self.banks)}"

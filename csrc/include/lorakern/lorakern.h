@@ -265,6 +265,10 @@ LK_API lk_status lk_dequantize(const lk_qweight* w, float* out, int num_threads)
  * rotary embeddings (transformers' rotate_half convention) and grouped KV heads, residual, RMSNorm, gated SiLU MLP,
  * residual. The projections are quantized weights, q/k/v stacked row-wise in one weight and gate/up in another
  * (lorakern.models.fuse_projections). Outliers with row_ptr NULL and biases NULL mean none. */
+typedef enum {
+  LK_PROJ_Q = 0, LK_PROJ_K = 1, LK_PROJ_V = 2, LK_PROJ_O = 3, LK_PROJ_GATE = 4, LK_PROJ_UP = 5, LK_PROJ_DOWN = 6,
+  LK_NUM_PROJ = 7
+} lk_projection; /* the projections of a decoder layer that may carry adapters (lk_decoder_layer.adapters) */
 typedef struct {
   int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate;
   float rms_eps;             /* RMSNorm: x / sqrt(mean(x^2) + eps) * weight */
@@ -277,16 +281,23 @@ typedef struct {
   lk_qweight down;           /* [hidden, intermediate] */
   lk_outliers qkv_outliers, o_outliers, gate_up_outliers, down_outliers;
   const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* fp32 [N] */
+  lk_bank adapters[7];       /* each projection's adapter bank, indexed by lk_projection (a table NULL with
+                                num_slots 0: that projection has none); applied as lk_multi_lora to the tokens
+                                of the step's lk_lora_batch */
 } lk_decoder_layer;
 
 /* y[B, hidden] = the layer applied to x[B, hidden] (fp32), one new token for each of B sequences, all at cache
  * position pos. Its keys and values are written to k_cache / v_cache [B, n_kv_heads, max_len, head_dim] (fp32) at
  * pos, and each sequence attends to the cached positions j <= pos with key_mask[b * max_len + j] != 0 (key_mask
  * NULL: all of them). cos / sin [B, head_dim]: the rotary embedding of each sequence's position. A sequence with no
- * position to attend to gets a zero attention output. */
+ * position to attend to gets a zero attention output. batch (nullable): which adapters of the layer's banks each
+ * sequence uses (segments name bank slots, tokens are rows of x), added to each projection's output as
+ * lk_multi_lora does; its slots and entries are checked before anything is written (LK_ERR_SLOT_RANGE,
+ * LK_ERR_SLOT_EMPTY, LK_ERR_BAD_SLOT, LK_ERR_INVALID_ARG). */
 LK_API lk_status lk_decoder_layer_step(const lk_decoder_layer* layer, const float* x, int64_t B, const float* cos,
                                        const float* sin, int64_t pos, float* k_cache, float* v_cache,
-                                       int64_t max_len, const uint8_t* key_mask, float* y, int num_threads);
+                                       int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
+                                       float* y, int num_threads);
 
 /* A Llama-family model's decoder stack for decode steps (lk_decoder_stack_step): its layers in order, and what
  * surrounds them where the step should include it (NULL: the caller does it). */
@@ -315,11 +326,13 @@ typedef struct {
  * lk_decoder_layer_step. Arguments are checked before anything is written: LK_ERR_INVALID_ARG (shapes, pointers,
  * counts out of step), LK_ERR_INDEX (a token id outside [0, vocab)). An error inside a layer (a damaged outlier
  * CSR, LK_ERR_ALLOC) can leave earlier layers' keys and values at pos and part of y written; no count advances
- * then. B = 0 writes nothing and advances nothing. y may not overlap x. */
+ * then. B = 0 writes nothing and advances nothing. y may not overlap x. batch (nullable): the sequences' adapters,
+ * as in lk_decoder_layer_step, for every layer (checked against every layer's banks before anything is written). */
 LK_API lk_status lk_decoder_stack_step(const lk_decoder_stack* stack, int64_t B, const int64_t* ids, const float* x,
                                        const int64_t* positions, const float* cos, const float* sin,
                                        int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
-                                       int64_t max_len, const uint8_t* key_mask, float* y, int num_threads);
+                                       int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
+                                       float* y, int num_threads);
 
 #ifdef __cplusplus
 }
