@@ -56,6 +56,18 @@ void rms_norm(const float* x, int64_t B, int64_t H, const float* w, float eps, f
   }
 }
 
+// sum of a[i] b[i] in eight interleaved partial sums (a single running sum waits on the add latency each step;
+// eight independent ones vectorise: the attention scores of a batch-64 step were ~15% of its time with one)
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
 // v <- v cos + rotate_half(v) sin, rotate_half(v) = [-v[D/2:], v[:D/2]] (transformers' apply_rotary_pos_emb).
 void rope(float* v, const float* cos, const float* sin, int64_t D) {
   const int64_t h = D / 2;
@@ -203,10 +215,7 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
             p[j] = -INFINITY;
             continue;
           }
-          const float* kr = kc + j * D;
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += q[d] * kr[d];
-          p[j] = s * L->attn_scale;
+          p[j] = dot(q, kc + j * D, D) * L->attn_scale;
           nan |= std::isnan(p[j]);
           mx = std::max(mx, p[j]);
         }

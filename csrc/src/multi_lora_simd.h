@@ -56,6 +56,21 @@ void dense_shrink_rows(const DenseShrink& p, int64_t i0, int64_t i1) {
   }
 }
 
+// One compressed part's rows, columns [c0, c1), as an fp32 tile W[p.N, c1 - c0]; returns its rows.
+template <class Isa>
+int64_t part_tile(const lk_qweight& p, int64_t N, int64_t c0, int64_t c1, float* W) {
+  if (!p.N) return 0;
+  const int64_t w = c1 - c0;
+  const int G = p.group_size;
+  const int64_t rb = row_bytes(N, p.bits), ng = N / G;
+  const int gbytes = group_bytes(G, p.bits);
+  for (int64_t i = 0; i < p.N; ++i)
+    for (int64_t g = c0 / G; g < c1 / G; ++g)
+      dequant_group<Isa>(p.qweight + i * rb + g * gbytes, p.bits, G, Isa::h2f(p.scales[i * ng + g]),
+                         Isa::h2f(p.zeros[i * ng + g]), W + i * w + (g * G - c0));
+  return p.N;
+}
+
 // One slot's B^T columns [c0, c1) as an fp32 tile W[r, c1 - c0] (compressed: dequantized
 // group by group, high rows then low rows).
 template <class Isa>
@@ -68,16 +83,7 @@ int64_t slot_tile(const lk_lora_slot& s, int64_t N, int64_t c0, int64_t c1, floa
     return s.rank;
   }
   int64_t j = 0;
-  for (const lk_qweight* p : {&s.q.b_hi, &s.q.b_lo}) {
-    if (!p->N) continue;
-    const int G = p->group_size;
-    const int64_t rb = row_bytes(N, p->bits), ng = N / G;
-    const int gbytes = group_bytes(G, p->bits);
-    for (int64_t i = 0; i < p->N; ++i, ++j)
-      for (int64_t g = c0 / G; g < c1 / G; ++g)
-        dequant_group<Isa>(p->qweight + i * rb + g * gbytes, p->bits, G, Isa::h2f(p->scales[i * ng + g]),
-                           Isa::h2f(p->zeros[i * ng + g]), W + j * w + (g * G - c0));
-  }
+  for (const lk_qweight* p : {&s.q.b_hi, &s.q.b_lo}) j += part_tile<Isa>(*p, N, c0, c1, W + j * w);
   return j;
 }
 
@@ -118,13 +124,34 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     }
     const lk_qweight& qh = sl.q.b_hi;
     const lk_qweight& ql = sl.q.b_lo;
-    if (sl.kind == LK_SLOT_COMPRESSED && sg[2] <= 2 && (!qh.N || Isa::qpart_layout(qh.bits, qh.group_size, c0, c1, qh.N)) &&
-        (!ql.N || Isa::qpart_layout(ql.bits, ql.group_size, c0, c1, ql.N))) {  // decode in registers, into the output
+    const bool dh = qh.N && Isa::qpart_layout(qh.bits, qh.group_size, c0, c1, qh.N);
+    const bool dl = ql.N && Isa::qpart_layout(ql.bits, ql.group_size, c0, c1, ql.N);
+    if (sl.kind == LK_SLOT_COMPRESSED && sg[2] <= 2 && (dh || dl)) {
+      // the parts whose layout allows it decoded in registers straight into the output; the other part (e.g.
+      // 2-bit high rows in groups of 64) through a tile of its own rows only
       for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
         float* y = e.y32 + b.tokens[k] * e.ldy + c0;
         const float* coef = e.t + k * e.ldt;
-        if (qh.N) Isa::axpy_qpart(y, coef, qh, c0, c1);
-        if (ql.N) Isa::axpy_qpart(y, coef + qh.N, ql, c0, c1);
+        if (dh) Isa::axpy_qpart(y, coef, qh, c0, c1);
+        if (dl) Isa::axpy_qpart(y, coef + qh.N, ql, c0, c1);
+      }
+      const lk_qweight* tiled = (qh.N && !dh) ? &qh : (ql.N && !dl) ? &ql : nullptr;
+      if (tiled) {
+        const int64_t off = tiled == &qh ? 0 : qh.N;
+        for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
+          const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0;
+          const int64_t rows = part_tile<Isa>(*tiled, e.N, t0, t1, W.data());
+          for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
+            float* y = e.y32 + b.tokens[k] * e.ldy + t0;
+            const float* coef = e.t + k * e.ldt + off;
+            if (w % 32 == 0) {
+              Isa::accumulate(y, y, coef, W.data(), rows, (int)w);
+            } else {
+              for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * W[i * w + c];
+            }
+          }
+        }
       }
       continue;
     }
