@@ -20,12 +20,15 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
   projections, random values: speed only) on the Q4_0 model: the PEFT adapter is converted by llama.cpp's own
   ``convert_lora_to_gguf.py``, which the wheel does not install; it is taken from the source distribution of
   the installed version (``--llama-cpp-sdist PATH``, else ``pip download --no-binary`` into
-  ~/.cache/lorakern/llama_cpp_src); if that fails the row is left out, said so. lorakern's matching row is
-  RTN-4 with the same rank-16 adapter (fp32 factors, ``attach_adapter``), compiled.
-* batch 64, 4-bit RTN base, compiled: no adapter (also with the native step); one adapter for all 64 streams; 64 distinct fp16 adapters;
-  64 distinct LoRAQuant-compressed adapters drawn from a bank of 1,000 resident ones (rank 16 on all seven
-  projections of every layer, h = 4 components at 2 bits; random codes: their values do not matter for speed;
-  --quick: 100 resident); and PEFT's mixed batch with 64 distinct fp32 adapters on the fp32 model as the peer.
+  ~/.cache/lorakern/llama_cpp_src); if that fails the row is left out, said so. lorakern's matching rows are
+  RTN-4 with the same rank-16 adapter: fp32 factors in a ``LoRALinear`` (``attach_adapter``), compiled; and fp16
+  factors in an adapter bank (``attach_adapters``, ``adapter_names=["a0"]``), native (the bank's kernels inside
+  the C++ decode step).
+* batch 64, 4-bit RTN base: no adapter (compiled and native); one adapter for all 64 streams (compiled and
+  native); 64 distinct fp16 adapters (native); 64 distinct LoRAQuant-compressed adapters drawn from a bank of
+  1,000 resident ones (rank 16 on all seven projections of every layer, h = 4 components at 2 bits; random codes:
+  their values do not matter for speed; --quick: 100 resident; compiled and native); and PEFT's mixed batch with
+  64 distinct fp32 adapters on the fp32 model as the peer. The ratios take each configuration's fastest step.
 
 JSON rows ``{"impl", "bits", "batch", "adapters", "resident_adapters", "compiled", "native", "tokens_per_s",
 "prefill_tokens_per_s", "ttft_ms", "peak_rss_mb"}`` (the process's peak RSS during the row: the kernel's
@@ -90,13 +93,13 @@ def mode_name(r) -> str:
 
 
 @torch.no_grad()
-def prefill_rate(model, ids512, repeats) -> float:
+def prefill_rate(model, ids512, repeats, **kw) -> float:
     """Tokens/s of one forward over the prompt with the logits of its last position only (what ``generate``'s
-    prefill computes, ``logits_to_keep=1``, and what llama.cpp's prefill computes)."""
+    prefill computes, ``logits_to_keep=1``, and what llama.cpp's prefill computes); ``kw``: ``adapter_names``."""
     ts = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        model(ids512, logits_to_keep=1)
+        model(ids512, logits_to_keep=1, **kw)
         ts.append(time.perf_counter() - t0)
     return ids512.shape[1] / statistics.median(ts[1:])
 
@@ -123,17 +126,24 @@ def batch1_rows(model, tok, ids, ids512, a, rows, peft16):
         attach_adapter(m, peft16)
         return m
     variants.append(("lorakern_rtn", 4, with_lora, 1))
-    for impl, bits, make, *n_ad in variants:
-        n_ad = n_ad[0] if n_ad else 0
+
+    def with_bank():  # the same adapter in an adapter bank (fp16 factors): its decode step is native
+        m = lorakern.quantize_model(copy.deepcopy(model), bits=4, progress=False)
+        lorakern.attach_adapters(m, {"a0": peft16})
+        return m
+    variants.append(("lorakern_rtn", 4, with_bank, 1, ["a0"]))
+    for impl, bits, make, *extra in variants:
+        n_ad = extra[0] if extra else 0
+        kw = {"adapter_names": extra[1]} if len(extra) > 1 else {}
         m = make()
-        pre = prefill_rate(m, ids512, a.repeats)
-        modes = [(False, False), (True, False)] if not n_ad else [(True, False)]
+        pre = prefill_rate(m, ids512, a.repeats, **kw)
+        modes = [(False, False), (True, False)] if not n_ad else [(not kw, bool(kw))]
         if impl != "transformers_fp32" and not n_ad:
             modes.append((False, True))  # the native decode step (lorakern.models.native)
         for compiled, native in modes:
             reset_peak_rss()
             lorakern.prepare_decode(m, compile=compiled, native=native)
-            s = decode_speed(m, ids, a.new_tokens, a.repeats)
+            s = decode_speed(m, ids, a.new_tokens, a.repeats, **kw)
             rows.append(row(impl, bits, 1, n_ad, n_ad, compiled, s.tokens_per_s, pre, s.ttft_ms, native=native))
         del m
         torch._dynamo.reset()
@@ -276,10 +286,11 @@ def batch64_rows(model, prompts, a, rows):
     one = copy.deepcopy(base)
     lorakern.attach_adapters(one, {"a0": dense_adapter(gen, shapes)}, dtype=torch.float16)
     measure(one, 1, 1, ["a0"] * B)
+    measure(one, 1, 1, ["a0"] * B, compiled=False, native=True)
     del one
     fp = copy.deepcopy(base)
     lorakern.attach_adapters(fp, {f"a{i}": dense_adapter(gen, shapes) for i in range(B)}, dtype=torch.float16)
-    measure(fp, B, B, [f"a{i}" for i in range(B)])
+    measure(fp, B, B, [f"a{i}" for i in range(B)], compiled=False, native=True)
     del fp
     cq = copy.deepcopy(base)
     t0 = time.time()
@@ -292,6 +303,8 @@ def batch64_rows(model, prompts, a, rows):
           f"({resident_bytes / n_res / 2**20:.2f} MiB each), built in {time.time() - t0:.0f} s")
     pick = torch.randperm(n_res, generator=gen)[:B].tolist()
     measure(cq, B, n_res, [f"c{i}" for i in pick])
+    rows[-1]["resident_bytes"] = resident_bytes
+    measure(cq, B, n_res, [f"c{i}" for i in pick], compiled=False, native=True)
     rows[-1]["resident_bytes"] = resident_bytes
     del cq, bank
     peft_rows(model, prompts, shapes, a, rows, gen)
@@ -362,14 +375,19 @@ def ratios(rows) -> dict:
                     and (resident is None or r["resident_adapters"] == resident):
                 return r
         return None
+    def best(rs):  # the fastest decode step of a configuration
+        return max(rs, key=lambda r: r["tokens_per_s"], default=None)
     out = {}
     best4 = max((r for r in rows if r["impl"] == "lorakern_rtn" and r["bits"] == 4 and r["batch"] == 1
                  and not r["adapters"]), key=lambda r: r["tokens_per_s"], default=None)
     q40, q41 = get("llamacpp_q4_0", adapters=0), get("llamacpp_q4_1", adapters=0)
-    q40_lora, rtn_lora = get("llamacpp_q4_0", adapters=1), get("lorakern_rtn", 4, adapters=1)
+    q40_lora = get("llamacpp_q4_0", adapters=1)
+    rtn_lora = best(r for r in rows if r["impl"] == "lorakern_rtn" and r["bits"] == 4 and r["batch"] == 1
+                    and r["adapters"] == 1)
     if q40_lora and rtn_lora:
         out["batch1_4bit_rank16_lora_vs_llamacpp_q4_0_lora"] = round(rtn_lora["tokens_per_s"] /
                                                                      q40_lora["tokens_per_s"], 3)
+        out["batch1_4bit_rank16_lora_best_decode_step"] = mode_name(rtn_lora)
     if best4 and q40:
         out["batch1_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["tokens_per_s"] / q40["tokens_per_s"], 3)
         out["prefill512_4bit_vs_llamacpp_q4_0 (target >= 1.0)"] = round(best4["prefill_tokens_per_s"] /
@@ -382,11 +400,12 @@ def ratios(rows) -> dict:
         out["gwq4_vs_rtn4_best_step (target >= 0.9)"] = round(g4["tokens_per_s"] / best4["tokens_per_s"], 3)
     if best4:
         out["batch1_4bit_best_decode_step"] = mode_name(best4)
-    one = get("lorakern_rtn", 4, 64, adapters=1)
-    cq = next((r for r in rows if r["batch"] == 64 and r["resident_adapters"] > 64), None)
+    one = best(r for r in rows if r["impl"] == "lorakern_rtn" and r["batch"] == 64 and r["adapters"] == 1)
+    cq = best(r for r in rows if r["batch"] == 64 and r["resident_adapters"] > 64)
     pf = get("peft", batch=64)
     if one and cq:
         out["64_compressed_of_resident_vs_one_adapter (target >= 0.8)"] = round(cq["tokens_per_s"] / one["tokens_per_s"], 3)
+        out["batch64_best_decode_steps (one adapter, 64 compressed)"] = f"{mode_name(one)}, {mode_name(cq)}"
     if cq and pf:
         out["64_compressed_vs_peft_mixed (target >= 10)"] = round(cq["tokens_per_s"] / pf["tokens_per_s"], 2)
     if cq and "resident_bytes" in cq:

@@ -78,6 +78,26 @@ void rope(float* v, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+// A per-thread block of at least n floats, reused by later calls on the thread (contents undefined).
+float* scratch(size_t n) {
+  thread_local std::vector<float> block;
+  if (block.size() < n) {
+    block.clear();
+    block.shrink_to_fit();
+    block.resize(n);
+  }
+  return block.data();
+}
+
+// A view of part of the scratch block (what the step's buffers were as vectors: data() and end()).
+struct Buf {
+  float* p;
+  int64_t n;
+  float* data() const { return p; }
+  float* end() const { return p + n; }
+  float& operator[](int64_t i) const { return p[i]; }
+};
+
 bool has_bank(const lk_bank& b) { return b.table || b.num_slots; }
 
 // The (N, K) of each projection a bank may adapt (lk_projection order).
@@ -171,8 +191,12 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
   try {
     LayerAdapters ad;
     if (lk_status s = resolve_adapters(L, batch, &ad)) return s;
-    std::vector<float> h((size_t)(B * H)), qkv((size_t)(B * NQKV)), att((size_t)(B * Hq * D)), x1((size_t)(B * H));
-    std::vector<float> gu((size_t)(B * 2 * I));
+    // the step's work buffers, carved from one per-thread scratch block that is kept between calls: fresh
+    // vectors were zero-filled and, past malloc's mmap threshold, page-faulted in again at every layer (~2% of a
+    // batch-64 step)
+    float* const work = scratch((size_t)(B * (2 * H + NQKV + Hq * D + 2 * I)));
+    const Buf h{work, B * H}, qkv{h.end(), B * NQKV}, att{qkv.end(), B * Hq * D}, x1{att.end(), B * H};
+    const Buf gu{x1.end(), B * 2 * I};
     rms_norm(x, B, H, L->input_norm, L->rms_eps, h.data());
     if (lk_status s = project(h.data(), B, L->qkv, L->qkv_outliers, L->qkv_bias, qkv.data(), nt)) return s;
     if (lk_status s = add_adapters(ad, L, {LK_PROJ_Q, LK_PROJ_K, LK_PROJ_V}, h.data(), B, H, qkv.data(), NQKV, nt))
@@ -243,7 +267,8 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
     rms_norm(x1.data(), B, H, L->post_norm, L->rms_eps, h.data());
     if (lk_status s = project(h.data(), B, L->gate_up, L->gate_up_outliers, L->gate_up_bias, gu.data(), nt)) return s;
     if (lk_status s = add_adapters(ad, L, {LK_PROJ_GATE, LK_PROJ_UP}, h.data(), B, H, gu.data(), 2 * I, nt)) return s;
-    for (int64_t b = 0; b < B; ++b) {  // act = silu(gate) * up, in place of the gate half
+#pragma omp parallel for num_threads(nt) schedule(static) if (B * I >= (1 << 14))
+    for (int64_t b = 0; b < B; ++b) {  // act = silu(gate) * up, in place of the gate half (exp: worth threads)
       float* g = gu.data() + b * 2 * I;
       for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
     }
