@@ -2,7 +2,9 @@
 // step of lorakern.models.native). The projections go through lk_quant_matmul / lk_gwq_matmul (the active
 // ISA's kernels); the rest (RMSNorm, rotary embedding, attention over the KV cache, SiLU gating, residuals)
 // is plain C++ on a few KB per sequence, written after transformers' LlamaDecoderLayer / LlamaAttention /
-// LlamaMLP (modeling_llama.py) so that it computes what they compute, in fp32.
+// LlamaMLP (modeling_llama.py) so that it computes what they compute, in fp32. A layer with adapter banks adds
+// each sequence's adapters to every projection's output with the multi-adapter kernels (lk_multi_lora_slices),
+// as lorakern's MultiLoRALinear modules do on transformers' path.
 #include <omp.h>
 
 #include <algorithm>

@@ -30,12 +30,14 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       length reuse it. ``fullgraph=True`` makes any graph break an error instead of a silent slow path.
     * ``fuse=True``: each attention layer's q/k/v and each gated MLP's gate/up projections become one
       quantized matmul (:func:`lorakern.models.fuse.fuse_projections`: bit-identical outputs, 3 fewer kernel
-      calls per decoder layer; layers with adapters stay apart). Attaching an adapter to a fused projection,
-      or saving the model, gives the separate layers back by itself.
+      calls per decoder layer; an adapter bank's projections fuse too, each bank over its own columns; layers
+      with other adapters stay apart). Attaching an adapter to a fused projection, or saving the model, gives the
+      separate layers back by itself.
     * ``threads``: ``torch.set_num_threads`` (lorakern's C++ kernels use the same count); None keeps torch's
       choice, one thread per physical core.
     * ``native``: each decoder layer's decode step as one C++ call (:mod:`lorakern.models.native`: quantized,
-      fused Llama-family layers without adapters). ``None`` (default): native when every decoder layer qualifies
+      fused Llama-family layers, bare or with an adapter bank's projections, whose adapters the step applies per
+      sequence). ``None`` (default): native when every decoder layer qualifies
       after fusing, else not. A model with native layers is not compiled (the native step replaces the compiled one,
       and dynamo would trace transformers' path instead): with ``native=True`` layers that do not qualify run
       transformers' eager forward. Attach adapters before this call: a layer that stops qualifying later takes

@@ -16,9 +16,14 @@ native path applies to one new token per sequence (``hidden_states [B, 1, hidden
 with transformers' ``StaticCache`` (:func:`lorakern.prepare_decode` sets it) and a boolean or additive
 attention mask, or none. Layers qualify when their attention is a fused ``LlamaAttention`` and their MLP a fused
 ``LlamaMLP`` with SiLU (:func:`lorakern.models.fuse_projections`), every projection a
-:class:`~lorakern.nn.QuantLinear` or :class:`~lorakern.nn.GWQLinear` and the norms transformers'
-``LlamaRMSNorm``. The C record (``lk_decoder_layer`` in C, ``_C.DecoderLayerRecord`` in Python) holds the
-tensors' addresses; it is rebuilt whenever a layer's tensors are no longer the ones it was built from.
+:class:`~lorakern.nn.QuantLinear` or :class:`~lorakern.nn.GWQLinear` (bare, or inside the
+:class:`~lorakern.nn.MultiLoRALinear` / :class:`~lorakern.nn.MultiLoRASlicesLinear` of one adapter bank,
+:func:`lorakern.attach_adapters`) and the norms transformers' ``LlamaRMSNorm``. The C record (``lk_decoder_layer``
+in C, ``_C.DecoderLayerRecord`` in Python) holds the tensors' addresses and each projection's bank; it is rebuilt
+whenever a layer's tensors are no longer the ones it was built from or a bank changed (``LayerBank.version``).
+With a bank, each step passes the batch the model's :class:`~lorakern.nn.MultiLoRAContext` holds for the step's
+sequences (``adapter_names=`` of ``generate``, a mixture, or none), and the C step adds each sequence's adapters
+to every projection with the multi-adapter kernels, as the modules on transformers' path do.
 
 The models around the layers change class too: ``LlamaForCausalLM`` becomes ``NativeLlamaForCausalLM`` and
 ``LlamaModel`` ``NativeLlamaModel``. When every decoder layer qualifies, their decode step is one C++ call,
