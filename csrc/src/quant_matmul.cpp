@@ -117,12 +117,28 @@ lk_status run_matmul(const void* x, lk_dtype x_dtype, int64_t M, const lk_qweigh
     const auto& kern = lk::active_kernels();
     const auto fn = lk::use_gemm(M, w->bits) ? kern.qmm_gemm : kern.qmm_rows;
     const int nt = (int)std::min<int64_t>(threads_for(num_threads), N);
-    // Contiguous row blocks per thread: each thread streams its own slab.
+    // Contiguous row blocks per thread: each thread streams its own slab. With outliers the blocks hold equal
+    // work, not equal rows: GWQ's outliers gather in the rows whose gradients are large, and a thread with most
+    // of them kept the other waiting (a row's dense pass is counted as K / 16 outliers).
+    std::vector<int64_t> cut((size_t)nt + 1);
+    for (int t = 0; t <= nt; ++t) cut[t] = N * t / nt;
+    if (o && o->nnz > 0 && nt > 1) {
+      const double a = std::max(1.0, (double)K / 16.0), total = a * (double)N + (double)o->nnz;
+      for (int t = 1; t < nt; ++t) {  // the first row n with a n + row_ptr[n] >= t / nt of the total
+        const double target = total * t / nt;
+        int64_t lo = cut[t - 1], hi = N;  // (row_ptr is read, not trusted: the cuts stay ordered in [0, N])
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (a * (double)mid + (double)o->row_ptr[mid] >= target) hi = mid; else lo = mid + 1;
+        }
+        cut[t] = lo;
+      }
+    }
     std::atomic<int> no_memory{0};
 #pragma omp parallel num_threads(nt)
     {
-      const int t = omp_get_thread_num(), T = omp_get_num_threads();
-      const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();  // (fewer than asked: equal rows)
+      const int64_t n0 = T == nt ? cut[t] : N * t / T, n1 = T == nt ? cut[t + 1] : N * (t + 1) / T;
       try {  // the kernels' work buffers (the GEMM's panels): an exception must not leave the region
         if (n1 > n0) fn(p, n0, n1);
       } catch (const std::bad_alloc&) {
