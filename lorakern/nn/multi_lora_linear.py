@@ -43,6 +43,23 @@ class MultiLoRAContext:
         finally:
             self.batch, self._cache = saved
 
+    def batch_for(self, x: torch.Tensor, banks: list) -> LoRABatch | None:
+        """The batch for activations ``x [..., K]`` (:meth:`for_shape` of its leading shape) on ``x``'s device, or
+        None when no adapter applies.
+
+        Raises:
+            RuntimeError: one of ``banks`` (LayerBanks; ``None`` entries skipped) is on another device than ``x``.
+        """
+        b = self.for_shape(tuple(x.shape[:-1]))
+        if b is None:
+            return None
+        other = next((lb.device for lb in banks if lb is not None and lb.device.type != x.device.type), None)
+        if other is not None:
+            raise RuntimeError(f"lorakern: the adapter bank is on {other}, the activations on {x.device}: "
+                               "detach_adapters, move the model, then attach_adapters again (device= chooses "
+                               "the bank's device)")
+        return b if b.tokens.device == x.device else b.to(x.device)
+
     def for_shape(self, lead: tuple) -> LoRABatch | None:
         """The batch for activations of leading shape ``lead`` (``[B, S]``: per-sample batches repeat over S)."""
         if self.batch is None or not self.batch.segments.shape[0]:
@@ -86,16 +103,10 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        b = self.context.for_shape(tuple(x.shape[:-1]))
+        b = self.context.batch_for(x, [self.bank])
         if b is None:
             return y
-        if self.bank.device.type != x.device.type:
-            raise RuntimeError(f"lorakern: the adapter bank is on {self.bank.device}, the activations on {x.device}: "
-                               "detach_adapters, move the model, then attach_adapters again (device= chooses "
-                               "the bank's device)")
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        if b.tokens.device != x.device:
-            b = b.to(x.device)
         out = self.bank.apply(x2, y2.to(x.dtype), b)
         return out.view(y.shape).to(y.dtype)
 
@@ -135,17 +146,11 @@ class MultiLoRASlicesLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        b = self.context.for_shape(tuple(x.shape[:-1]))
+        b = self.context.batch_for(x, self.banks)
         if b is None:
             return y
-        live = [lb for lb in self.banks if lb is not None]
-        if any(lb.device.type != x.device.type for lb in live):
-            raise RuntimeError(f"lorakern: the adapter bank is on {live[0].device}, the activations on {x.device}: "
-                               "detach_adapters, move the model, then attach_adapters again")
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features).to(x.dtype)
-        if b.tokens.device != x.device:
-            b = b.to(x.device)
-        if len(live) == len(self.banks):
+        if all(lb is not None for lb in self.banks):
             out = apply_slices(self.banks, x2, y2, b)
         else:  # a slice without adapters keeps the base's columns
             parts, c = [], 0
