@@ -137,7 +137,8 @@ def batch1_rows(model, tok, ids, ids512, a, rows, peft16):
         kw = {"adapter_names": extra[1]} if len(extra) > 1 else {}
         m = make()
         pre = prefill_rate(m, ids512, a.repeats, **kw)
-        modes = [(False, False), (True, False)] if not n_ad else [(not kw, bool(kw))]
+        # (compiled, native): the adapter rows run one step each: LoRALinear compiled, the bank native
+        modes = [(False, False), (True, False)] if not n_ad else ([(False, True)] if kw else [(True, False)])
         if impl != "transformers_fp32" and not n_ad:
             modes.append((False, True))  # the native decode step (lorakern.models.native)
         for compiled, native in modes:

@@ -16,6 +16,7 @@
 #include "common.h"
 #include "driver.h"
 #include "lorakern/lorakern.h"
+#include "multi_lora.h"
 
 namespace {
 
@@ -120,21 +121,12 @@ struct LayerAdapters {
   bool any = false;
 };
 
-// The batch's entries partition [0, num_entries) in segment order and name rows of x (lk_multi_lora checks this
-// too, but in the middle of the layer, after the cache is written).
+// The batch fits the step (lk::check_batch_entries: lk_multi_lora checks it too, but in the middle of the layer,
+// after the cache is written) and its weights are finite.
 lk_status check_batch(const lk_lora_batch* b, int64_t B) {
-  if (b->num_segments < 0 || b->num_entries < 0 || (b->num_segments && !b->segments) ||
-      (b->num_entries && (!b->tokens || !b->weights)))
-    return LK_ERR_INVALID_ARG;
-  int64_t pos = 0;
-  for (int64_t s = 0; s < b->num_segments; ++s) {
-    const int64_t start = b->segments[3 * s + 1], count = b->segments[3 * s + 2];
-    if (start != pos || count < 0 || count > b->num_entries - pos) return LK_ERR_INVALID_ARG;
-    pos += count;
-  }
-  if (pos != b->num_entries) return LK_ERR_INVALID_ARG;
+  if (lk_status s = lk::check_batch_entries(b, B)) return s;
   for (int64_t e = 0; e < b->num_entries; ++e)
-    if (b->tokens[e] < 0 || b->tokens[e] >= B || !std::isfinite(b->weights[e])) return LK_ERR_INVALID_ARG;
+    if (!std::isfinite(b->weights[e])) return LK_ERR_INVALID_ARG;
   return LK_OK;
 }
 
@@ -175,24 +167,14 @@ lk_status add_adapters(const LayerAdapters& ad, const lk_decoder_layer* L, std::
   return lk_multi_lora_slices(x, LK_F32, B, K, slices, n, &ad.batch, ldy, y, y, nt);
 }
 
-}  // namespace
-
-extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const float* cos,
-                                           const float* sin, int64_t pos, float* k_cache, float* v_cache,
-                                           int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
-                                           float* y, int num_threads) {
-  if (lk_status s = check_layer(L)) return s;
-  if (B < 0 || max_len <= 0 || pos < 0 || pos >= max_len) return LK_ERR_INVALID_ARG;
-  if (batch)
-    if (lk_status s = check_batch(batch, B)) return s;
-  if (B == 0) return LK_OK;
-  if (!x || !y || !cos || !sin || !k_cache || !v_cache) return LK_ERR_INVALID_ARG;
-  const int nt = lk::threads_for(num_threads);
+// The layer step on checked arguments (lk_decoder_layer_step checks them; lk_decoder_stack_step checks every
+// layer, and resolves every layer's adapters, once before its first layer writes anything).
+lk_status layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const float* cos, const float* sin,
+                     int64_t pos, float* k_cache, float* v_cache, int64_t max_len, const uint8_t* key_mask,
+                     const LayerAdapters& ad, float* y, int nt) {
   const int64_t H = L->hidden, Hq = L->n_heads, Hkv = L->n_kv_heads, D = L->head_dim, I = L->intermediate;
   const int64_t NQKV = (Hq + 2 * Hkv) * D, rep = Hq / Hkv;
   try {
-    LayerAdapters ad;
-    if (lk_status s = resolve_adapters(L, batch, &ad)) return s;
     // the step's work buffers, carved from one per-thread scratch block that is kept between calls: fresh
     // vectors were zero-filled and, past malloc's mmap threshold, page-faulted in again at every layer (~2% of a
     // batch-64 step)
@@ -285,6 +267,28 @@ extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const floa
   return LK_OK;
 }
 
+}  // namespace
+
+extern "C" lk_status lk_decoder_layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const float* cos,
+                                           const float* sin, int64_t pos, float* k_cache, float* v_cache,
+                                           int64_t max_len, const uint8_t* key_mask, const lk_lora_batch* batch,
+                                           float* y, int num_threads) {
+  if (lk_status s = check_layer(L)) return s;
+  if (B < 0 || max_len <= 0 || pos < 0 || pos >= max_len) return LK_ERR_INVALID_ARG;
+  if (batch)
+    if (lk_status s = check_batch(batch, B)) return s;
+  if (B == 0) return LK_OK;
+  if (!x || !y || !cos || !sin || !k_cache || !v_cache) return LK_ERR_INVALID_ARG;
+  try {
+    LayerAdapters ad;
+    if (lk_status s = resolve_adapters(L, batch, &ad)) return s;
+    return layer_step(L, x, B, cos, sin, pos, k_cache, v_cache, max_len, key_mask, ad, y,
+                      lk::threads_for(num_threads));
+  } catch (const std::bad_alloc&) {
+    return LK_ERR_ALLOC;
+  }
+}
+
 extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B, const int64_t* ids, const float* x,
                                            const int64_t* positions, const float* cos, const float* sin,
                                            int64_t* const* lengths, float* const* k_caches, float* const* v_caches,
@@ -318,20 +322,17 @@ extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B,
   if (S->rope_inv_freq && positions)
     for (int64_t b = 0; b < B; ++b)
       if (positions[b] < 0) return LK_ERR_INVALID_ARG;
-  if (batch) {  // the adapters of every layer: the batch's slots resolve in each bank
+  if (batch)
     if (lk_status s = check_batch(batch, B)) return s;
-    try {
-      LayerAdapters ad;
-      for (int64_t i = 0; i < n; ++i)
-        if (lk_status s = resolve_adapters(S->layers[i], batch, &ad)) return s;
-    } catch (const std::bad_alloc&) {
-      return LK_ERR_ALLOC;
-    }
-  }
   const int64_t out_w = S->head ? S->head->N : H;
   if (!lookup && x < y + B * out_w && y < x + B * H) return LK_ERR_INVALID_ARG;
   const int nt = lk::threads_for(num_threads);
   try {
+    // every layer's adapters: the batch's slots resolved in each bank before the first layer writes anything
+    std::vector<LayerAdapters> ads((size_t)(batch ? n : 1));
+    if (batch)
+      for (int64_t i = 0; i < n; ++i)
+        if (lk_status s = resolve_adapters(S->layers[i], batch, &ads[i])) return s;
     std::vector<float> in0, a((size_t)(B * H)), b2((size_t)(B * H)), cs, sn;
     const float* in = x;
     if (lookup) {  // the tokens' rows of the (quantized) table, as lk_dequantize computes them
@@ -361,8 +362,8 @@ extern "C" lk_status lk_decoder_stack_step(const lk_decoder_stack* S, int64_t B,
     for (int64_t i = 0; i < n; ++i) {
       const bool direct = i == n - 1 && !S->final_norm && !S->head;
       float* out = direct ? y : (i % 2 ? b2.data() : a.data());
-      if (lk_status s = lk_decoder_layer_step(S->layers[i], in, B, cos, sin, pos, k_caches[i], v_caches[i], max_len,
-                                              key_mask, batch, out, num_threads))
+      if (lk_status s = layer_step(S->layers[i], in, B, cos, sin, pos, k_caches[i], v_caches[i], max_len, key_mask,
+                                   ads[batch ? i : 0], out, nt))
         return s;
       in = out;
     }

@@ -53,16 +53,11 @@ struct Checked {
 
 lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lora_batch* b, int64_t T, int64_t N,
                       int64_t K, Checked* c) {
-  if (!b || b->num_segments < 0 || b->num_entries < 0 || num_slots < 0 || (num_slots > 0 && !slots))
-    return LK_ERR_INVALID_ARG;
-  if ((b->num_segments > 0 && !b->segments) || (b->num_entries > 0 && (!b->tokens || !b->weights)))
-    return LK_ERR_INVALID_ARG;
-  int64_t pos = 0;
+  if (!b || num_slots < 0 || (num_slots > 0 && !slots)) return LK_ERR_INVALID_ARG;
+  if (lk_status s = lk::check_batch_entries(b, T)) return s;
   for (int64_t s = 0; s < b->num_segments; ++s) {
-    const int64_t slot = b->segments[3 * s], start = b->segments[3 * s + 1], count = b->segments[3 * s + 2];
-    if (slot < 0 || slot >= num_slots || start != pos || count < 0 || count > b->num_entries - pos)
-      return LK_ERR_INVALID_ARG;
-    pos += count;
+    const int64_t slot = b->segments[3 * s];
+    if (slot < 0 || slot >= num_slots) return LK_ERR_INVALID_ARG;
     const lk_lora_slot& sl = slots[slot];
     if (!slot_ok(sl, N, K)) return LK_ERR_INVALID_ARG;
     c->rmax = std::max(c->rmax, slot_rank(sl));
@@ -73,9 +68,6 @@ lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lor
       c->compressed = true;
     }
   }
-  if (pos != b->num_entries) return LK_ERR_INVALID_ARG;
-  for (int64_t e = 0; e < b->num_entries; ++e)
-    if (b->tokens[e] < 0 || b->tokens[e] >= T) return LK_ERR_INVALID_ARG;
   return LK_OK;
 }
 
@@ -259,6 +251,22 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
 }
 
 }  // namespace
+
+lk_status lk::check_batch_entries(const lk_lora_batch* b, int64_t T) {
+  if (!b || b->num_segments < 0 || b->num_entries < 0 || (b->num_segments > 0 && !b->segments) ||
+      (b->num_entries > 0 && (!b->tokens || !b->weights)))
+    return LK_ERR_INVALID_ARG;
+  int64_t pos = 0;
+  for (int64_t s = 0; s < b->num_segments; ++s) {
+    const int64_t start = b->segments[3 * s + 1], count = b->segments[3 * s + 2];
+    if (start != pos || count < 0 || count > b->num_entries - pos) return LK_ERR_INVALID_ARG;
+    pos += count;
+  }
+  if (pos != b->num_entries) return LK_ERR_INVALID_ARG;
+  for (int64_t e = 0; e < b->num_entries; ++e)
+    if (b->tokens[e] < 0 || b->tokens[e] >= T) return LK_ERR_INVALID_ARG;
+  return LK_OK;
+}
 
 extern "C" {
 

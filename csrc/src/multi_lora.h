@@ -29,6 +29,10 @@ struct MultiExpand {
   int64_t ldy;  // row stride of y32 (>= N)
 };
 
+// A batch's entries partition [0, num_entries) in segment order (segments [slot, first, count]) and name rows
+// [0, T) of the activations: LK_OK or LK_ERR_INVALID_ARG (the slots are checked against their bank elsewhere).
+lk_status check_batch_entries(const lk_lora_batch* b, int64_t T);
+
 constexpr int64_t kExpandTile = 128;  // output columns per expand tile (a multiple of every group size)
 
 // The expand of one compressed part into one output row's columns [c0, c1), from the codes in registers

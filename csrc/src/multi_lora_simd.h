@@ -87,6 +87,23 @@ int64_t slot_tile(const lk_lora_slot& s, int64_t N, int64_t c0, int64_t c1, floa
   return j;
 }
 
+// y[token, t0 : t0 + w] += coef . W for every entry of segment sg: W the tile [rows, w], coef the entry's row of t
+// from column coef_off.
+template <class Isa>
+void add_tile(const MultiExpand& e, const int64_t* sg, int64_t t0, int64_t w, const float* W, int64_t rows,
+              int64_t coef_off) {
+  for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
+    float* y = e.y32 + e.batch->tokens[k] * e.ldy + t0;
+    const float* coef = e.t + k * e.ldt + coef_off;
+    if (w % 32 == 0) {
+      Isa::accumulate(y, y, coef, W, rows, (int)w);
+    } else {  // a ragged last tile (dense adapters, N not a multiple of 32)
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * W[i * w + c];
+    }
+  }
+}
+
 // Each segment in turn over the whole column range [c0, c1) (one thread's share): B^T's rows are
 // read as long contiguous runs. A dense adapter with one or two entries streams its rows straight
 // into the output (Isa::axpy_rows: conversion and FMA in registers); otherwise a tile of B^T is
@@ -136,38 +153,18 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
         if (dl) Isa::axpy_qpart(y, coef + qh.N, ql, c0, c1);
       }
       const lk_qweight* tiled = (qh.N && !dh) ? &qh : (ql.N && !dl) ? &ql : nullptr;
-      if (tiled) {
-        const int64_t off = tiled == &qh ? 0 : qh.N;
+      if (tiled)
         for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
-          const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0;
+          const int64_t t1 = std::min(c1, t0 + kExpandTile);
           const int64_t rows = part_tile<Isa>(*tiled, e.N, t0, t1, W.data());
-          for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
-            float* y = e.y32 + b.tokens[k] * e.ldy + t0;
-            const float* coef = e.t + k * e.ldt + off;
-            if (w % 32 == 0) {
-              Isa::accumulate(y, y, coef, W.data(), rows, (int)w);
-            } else {
-              for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * W[i * w + c];
-            }
-          }
+          add_tile<Isa>(e, sg, t0, t1 - t0, W.data(), rows, tiled == &qh ? 0 : qh.N);
         }
-      }
       continue;
     }
     for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
-      const int64_t t1 = std::min(c1, t0 + kExpandTile), w = t1 - t0, w32 = w & ~int64_t(31);
+      const int64_t t1 = std::min(c1, t0 + kExpandTile);
       slot_tile<Isa>(sl, e.N, t0, t1, W.data());
-      for (int64_t k = sg[1]; k < sg[1] + sg[2]; ++k) {
-        float* y = e.y32 + b.tokens[k] * e.ldy + t0;
-        const float* coef = e.t + k * e.ldt;
-        if (w32 == w) {
-          Isa::accumulate(y, y, coef, W.data(), r, (int)w);
-        } else {  // a ragged last tile (dense adapters, N not a multiple of 32)
-          for (int64_t i = 0; i < r; ++i)
-            for (int64_t c = 0; c < w; ++c) y[c] += coef[i] * W[i * w + c];
-        }
-      }
+      add_tile<Isa>(e, sg, t0, t1 - t0, W.data(), r, 0);
     }
   }
 }

@@ -75,6 +75,11 @@ def _fused_types():
     return _FUSED_CLASSES.get(m.LlamaAttention), _FUSED_CLASSES.get(m.LlamaMLP)
 
 
+# the output slices of the fused projections the record reads, in lk_projection order: qkv (q, k, v), o, gate_up
+# (gate, up), down
+_PROJ_SLICES = (3, 1, 2, 1)
+
+
 def _parts(p: nn.Module) -> tuple:
     """(the quantized layer, its banks per output slice or None, the bank's context) of a projection: a bare layer,
     or one inside an adapter bank's :class:`MultiLoRALinear` / :class:`MultiLoRASlicesLinear`."""
@@ -96,7 +101,7 @@ def _eligible(layer: nn.Module) -> str | None:
     if mlp_t is None or type(mlp) is not mlp_t:
         return "its MLP is not a fused LlamaMLP (fuse_projections)"
     contexts = set()
-    for p, slices in ((attn.qkv_proj, 3), (attn.o_proj, 1), (mlp.gate_up_proj, 2), (mlp.down_proj, 1)):
+    for p, slices in zip((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), _PROJ_SLICES):
         q, banks, ctx = _parts(p)
         if type(q) not in (QuantLinear, GWQLinear):
             return (f"a projection is a {type(p).__name__}, not a QuantLinear or GWQLinear (alone or in an adapter "
@@ -137,7 +142,7 @@ class _Record:
         # the adapter banks, in lk_projection order (q, k, v, o, gate, up, down), and the context naming the step's
         # adapters; each bank's pointers are prepared once per bank change (LayerBank.prepared)
         banks = []
-        for (q, bs, _), n in zip(parts, (3, 1, 2, 1)):
+        for (q, bs, _), n in zip(parts, _PROJ_SLICES):
             banks += bs if bs is not None else [None] * n
         self.banks = [lb for lb in banks if lb is not None]
         self.bank_versions = [lb.version for lb in self.banks]
@@ -178,9 +183,9 @@ class _Record:
                   (mlp._modules, "gate_up_proj", mlp.gate_up_proj), (mlp._modules, "down_proj", mlp.down_proj)]
         for w, (q, bs, ctx) in zip(wrappers, parts):
             if bs is not None:
+                banks_attr = "banks" if type(w) is MultiLoRASlicesLinear else "bank"
                 checks += [(w._modules, "base", q), (w.__dict__, "context", ctx),
-                           (w.__dict__, "banks" if type(w) is MultiLoRASlicesLinear else "bank",
-                            w.banks if type(w) is MultiLoRASlicesLinear else w.bank)]
+                           (w.__dict__, banks_attr, w.__dict__[banks_attr])]
         for p in projs:
             checks += [(p._buffers, n, p._buffers[n]) for n in p._buffers]
         checks += [(n._parameters, "weight", n._parameters["weight"])
@@ -465,7 +470,6 @@ class _Stack:
         self.ptrs = list(map(_data_ptr, tensors))
         # the storages the C record points into stay alive as long as it does, whatever happens to the modules
         self._storages = [t.untyped_storage() for t in tensors] + [t.untyped_storage() for r in records for t in r._keep]
-        self._prepared = [pb for r in records for pb in r.prepared if pb is not None]  # (they hold the banks' slabs)
         self.versioned = versioned
         self.versions = list(map(_version, versioned))
         self.modules = list(owner.modules())
