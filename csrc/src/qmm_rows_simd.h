@@ -19,11 +19,13 @@ namespace {
 template <int BITS, int G, class Isa>
 void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
-  std::vector<float> sf((size_t)ng), szf((size_t)ng), sparse((size_t)(p.row_ptr ? p.M : 0));
+  std::vector<float> sf((size_t)ng), szf((size_t)ng);
   const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
   const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
+  FusedOutliers<decltype(h2f)> outliers(p, n1, h2f);
+  const float* sparse = nullptr;
   for (int64_t n = n0; n < n1; ++n) {
-    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
+    if (fused) sparse = outliers.at(n);
     Isa::scales(p.scales + n * ng, p.zeros + n * ng, ng, sf.data(), szf.data());
     if constexpr (BITS == 8 && Isa::kCentred8)  // the tile summed (q - 128) x: s z x -> s (z - 128) x
       for (int64_t g = 0; g < ng; ++g) szf[g] -= 128.f * sf[g];

@@ -18,11 +18,13 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int gb = group_bytes(G, bits);
   std::vector<uint8_t> codes((size_t)G);
   std::vector<float> sf((size_t)ng), szf((size_t)ng);
-  std::vector<float> acc((size_t)p.M), zacc((size_t)p.M), sparse((size_t)(p.row_ptr ? p.M : 0));
+  std::vector<float> acc((size_t)p.M), zacc((size_t)p.M);
   const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
   const auto h2f = [](uint16_t h) { return half_to_float(h); };
+  FusedOutliers<decltype(h2f)> outliers(p, n1, h2f);
+  const float* sparse = nullptr;
   for (int64_t n = n0; n < n1; ++n) {
-    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse.data());
+    if (fused) sparse = outliers.at(n);
     const uint8_t* prow = p.qw + n * rb;
     for (int64_t g = 0; g < ng; ++g) {
       sf[g] = half_to_float(p.scales[n * ng + g]);

@@ -248,6 +248,10 @@ static void check_c_abi(std::mt19937& rng) {
   rp[2] = 5;  // row pointers decrease, run past nnz
   CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "row_ptr");
   rp[2] = 1;
+  rp[1] = 3;  // row pointers decrease inside [0, nnz] (decode reads them clamped, and must still refuse)
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 1, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "row_ptr M=1");
+  CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "row_ptr M=3");
+  rp[1] = 1;
   rp[5] = 3;  // last pointer != nnz
   CHECK(lk_gwq_matmul(p.x.data(), LK_F32, 3, &w, &o, nullptr, y1.data(), 1) == LK_ERR_INVALID_ARG, "nnz");
   rp[5] = 4;
