@@ -48,6 +48,8 @@ CASES = [  # M, N, K, r, h, ga, gb
     (1, 1536, 576, 16, 9, 64, 128),   # SmolLM2's up_proj
     (2, 128, 256, 1, 1, 128, 128),    # rank 1
     (5, 256, 128, 128, 40, 128, 128),  # rank 128
+    (2, 96, 160, 7, 3, 32, 32),       # decode (M <= 2: codes decoded in registers), groups of 32
+    (1, 320, 192, 16, 4, 64, 64),     # decode, groups of 64 (16-byte 2-bit groups)
 ]
 
 

@@ -327,15 +327,16 @@ def test_multi_lora_triton_is_memory_safe_on_bad_tables(rng):
 from lorakern.multilora import apply_slices  # noqa: E402
 
 
-def qkv_bank(rng, dtype=torch.float16):
-    """q (192), k and v (64) banks over K = 320; adapter 'c' compressed, the others dense, 'k_only' on k alone."""
+def qkv_bank(rng, dtype=torch.float16, ga_k=64):
+    """q (192), k and v (64) banks over K = 320; adapter 'c' compressed (its A in groups of 64, of ``ga_k`` on k),
+    the others dense, 'k_only' on k alone."""
     widths = {"q": 192, "k": 64, "v": 64}
     bank = AdapterBank({n: (w, K) for n, w in widths.items()}, dtype=dtype)
     for name, r in (("d8", 8), ("d16", 16), ("c", 12)):
         layers = {}
         for lname, w in widths.items():
             if name == "c":
-                layers[lname] = random_compressed(w, K, r, 4, 3, 64, 64, rng)
+                layers[lname] = random_compressed(w, K, r, 4, 3, ga_k if lname == "k" else 64, 64, rng)
             else:
                 layers[lname] = LoraLayer(torch.randn(r, K, generator=rng) * 0.2, torch.randn(w, r, generator=rng) * 0.2,
                                           0.7)
@@ -345,8 +346,9 @@ def qkv_bank(rng, dtype=torch.float16):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slices_match_reference_and_single_layers(isa, dtype, rng):
-    bank, lbs = qkv_bank(rng)
+@pytest.mark.parametrize("ga_k", [64, 32])  # one quantization of x for all slices; 32: k's slice quantizes its own
+def test_slices_match_reference_and_single_layers(isa, dtype, ga_k, rng):
+    bank, lbs = qkv_bank(rng, ga_k=ga_k)
     T = 23
     b = bank.batch(torch.randint(-1, 4, (T,), generator=rng))
     x = torch.randn(T, K, generator=rng).to(dtype)

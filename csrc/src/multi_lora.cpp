@@ -72,7 +72,7 @@ lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lor
 }
 
 struct Item {
-  int64_t seg;
+  int64_t slice, seg;
   int part;  // 0 dense, 1 compressed high, 2 compressed low
   int64_t i0, i1;  // rows of A (of the part)
   int64_t m0, m1;  // entries of the segment (relative to its first)
@@ -84,86 +84,111 @@ float elem_f32(const void* p, lk_dtype d, int64_t i) {
   return d == LK_F16 ? lk::half_to_float(h) : lk::bf16_to_float(h);
 }
 
-// Shrink (x != null) into t [E, ldt] and/or expand (y != null) from it.
-lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N, const lk_lora_slot* slots,
-                    int64_t num_slots, const lk_lora_batch* b, float* t_io, int64_t ldt, lk_dtype y_dtype,
-                    const void* base, void* y, int num_threads, int64_t ldy = -1) {
-  if (ldy < 0) ldy = N;  // row stride of base and y (a slice of a wider output: ldy > N)
-  if (y && ldy < N) return LK_ERR_INVALID_ARG;
+// Shrink (x != null) into t [E, ldt] and/or expand (y != null) from it, for output slices of one input: slice s
+// (its slots, width N, first column col) writes y[:, col : col + N]; base and y are [T, ldy] of y_dtype. The
+// batch's rows of x are gathered and quantized once for every slice, and one parallel region runs the shrink
+// items of all slices, then the expand over all their output tiles. An external t (t_io) serves one slice.
+lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const lk_lora_slice* slices, int64_t ns,
+                    const lk_lora_batch* b, float* t_io, int64_t ldt, lk_dtype y_dtype, const void* base, void* y,
+                    int num_threads, int64_t ldy) {
   const bool shrink = x != nullptr, expand = y != nullptr;
-  if (T < 0 || (shrink && K <= 0) || (expand && N < 0)) return LK_ERR_INVALID_ARG;
+  if (T < 0 || (shrink && K <= 0) || ns < 0 || (t_io && ns != 1)) return LK_ERR_INVALID_ARG;
   for (lk_dtype d : {x_dtype, y_dtype})
     if (d != LK_F32 && d != LK_F16 && d != LK_BF16) return LK_ERR_INVALID_ARG;
-  Checked c;
-  if (lk_status s = check_batch(slots, num_slots, b, T, expand ? N : -1, shrink ? K : -1, &c)) return s;
-  if (t_io && ldt < c.rmax) return LK_ERR_INVALID_ARG;
+  std::vector<Checked> cs((size_t)ns);
+  int64_t rmax = 0;
+  int ga = 0;
+  bool one_ga = true;
+  for (int64_t i = 0; i < ns; ++i) {
+    const lk_lora_slice& sl = slices[i];
+    if (expand && (sl.N < 0 || sl.col < 0 || sl.col > ldy - sl.N)) return LK_ERR_INVALID_ARG;
+    if (expand && !sl.N) continue;  // no output columns: its slots are not read
+    if (lk_status st = check_batch(sl.slots, sl.num_slots, b, T, expand ? sl.N : -1, shrink ? K : -1, &cs[i]))
+      return st;
+    rmax = std::max(rmax, cs[i].rmax);
+    if (cs[i].ga && ga && cs[i].ga != ga) one_ga = false;
+    if (cs[i].ga) ga = cs[i].ga;
+  }
+  if (t_io && ldt < rmax) return LK_ERR_INVALID_ARG;
   if (b->num_entries > 0 && !t_io && !(shrink && expand)) return LK_ERR_INVALID_ARG;
-  if (T == 0 || (expand && N == 0)) return LK_OK;
+  if (!one_ga) {  // slices whose compressed adapters quantize x in different groups: one call each
+    for (int64_t i = 0; i < ns; ++i)
+      if (lk_status st = run_multi(x, x_dtype, T, K, slices + i, 1, b, t_io, ldt, y_dtype, base, y, num_threads, ldy))
+        return st;
+    return LK_OK;
+  }
+  if (T == 0) return LK_OK;
   try {
     const int64_t E = b->num_entries;
     std::vector<float> tbuf;
     float* t = t_io;
     if (!t) {
-      ldt = std::max<int64_t>(c.rmax, 1);
-      tbuf.assign((size_t)(E * ldt), 0.f);
+      ldt = std::max<int64_t>(rmax, 1);
+      tbuf.assign((size_t)(ns * E * ldt), 0.f);
       t = tbuf.data();
     }
+    const bool compressed = ga != 0;
     const lk::CpuKernels& kern = lk::active_kernels();
     std::unique_ptr<float[]> xg, tq;  // uninitialized: every element used is written first
     std::vector<const float*> xrow;  // fp32 row of each entry: x's own row, or its conversion in xg
     std::unique_ptr<int8_t[]> xq;
     std::unique_ptr<float[]> xs, xsum;
-    std::vector<float> coef;
+    std::vector<float> coef;  // [ns, E]: weight * scale
     std::vector<Item> items;
-    const int G = c.ga, B = G ? lk::act_block(G) : 1;
+    const int G = ga, B = G ? lk::act_block(G) : 1;
+    const int nt = lk::threads_for(num_threads);
     if (shrink && E) {
       if (x_dtype != LK_F32) xg.reset(new float[(size_t)(E * K)]);
       xrow.resize((size_t)E);
-      coef.resize((size_t)E);
-      for (int64_t s = 0; s < b->num_segments; ++s) {
-        const int64_t* sg = b->segments + 3 * s;
-        const lk_lora_slot& sl = slots[sg[0]];
-        for (int64_t e = sg[1]; e < sg[1] + sg[2]; ++e) coef[e] = b->weights[e] * sl.scale;
-        const int64_t h = sl.kind == LK_SLOT_DENSE ? 0 : sl.q.a_hi.N, r = slot_rank(sl);
-        if (!sg[2] || !r) continue;
-        // work items: 16 rows of A (4 when the batch has few segments, so that every thread gets work) x 32
-        // entries (a segment with many tokens is split too)
-        const int64_t blk = b->num_segments * 4 >= lk::threads_for(num_threads) * 4 ? 16 : 4, eblk = 32;
-        for (int64_t m = 0; m < sg[2]; m += eblk)
-          for (int64_t i = 0; i < r; i += blk) {
-            const int64_t i1 = std::min(r, i + blk), m1 = std::min(sg[2], m + eblk);
-            if (sl.kind == LK_SLOT_DENSE) {
-              items.push_back({s, 0, i, i1, m, m1});
-            } else {
-              if (i < h) items.push_back({s, 1, i, std::min(i1, h), m, m1});
-              if (i1 > h) items.push_back({s, 2, std::max(i, h) - h, i1 - h, m, m1});
+      coef.resize((size_t)(ns * E));
+      for (int64_t i = 0; i < ns; ++i) {
+        const lk_lora_slice& sc = slices[i];
+        if (expand && !sc.N) continue;  // no output columns: nothing to compute
+        for (int64_t s = 0; s < b->num_segments; ++s) {
+          const int64_t* sg = b->segments + 3 * s;
+          const lk_lora_slot& sl = sc.slots[sg[0]];
+          for (int64_t e = sg[1]; e < sg[1] + sg[2]; ++e) coef[i * E + e] = b->weights[e] * sl.scale;
+          const int64_t h = sl.kind == LK_SLOT_DENSE ? 0 : sl.q.a_hi.N, r = slot_rank(sl);
+          if (!sg[2] || !r) continue;
+          // work items: 16 rows of A (4 when the batch has few segments, so that every thread gets work) x 32
+          // entries (a segment with many tokens is split too)
+          const int64_t blk = b->num_segments * ns * 4 >= nt * 4 ? 16 : 4, eblk = 32;
+          for (int64_t m = 0; m < sg[2]; m += eblk)
+            for (int64_t r0 = 0; r0 < r; r0 += blk) {
+              const int64_t r1 = std::min(r, r0 + blk), m1 = std::min(sg[2], m + eblk);
+              if (sl.kind == LK_SLOT_DENSE) {
+                items.push_back({i, s, 0, r0, r1, m, m1});
+              } else {
+                if (r0 < h) items.push_back({i, s, 1, r0, std::min(r1, h), m, m1});
+                if (r1 > h) items.push_back({i, s, 2, std::max(r0, h) - h, r1 - h, m, m1});
+              }
             }
-          }
+        }
       }
-      if (c.compressed) {
-        tq.reset(new float[(size_t)(E * ldt)]);
+      if (compressed) {
+        tq.reset(new float[(size_t)(ns * E * ldt)]);
         xq.reset(new int8_t[(size_t)(E * K)]);
         xs.reset(new float[(size_t)(E * (K / B))]);
         xsum.reset(new float[(size_t)(E * (K / G))]);
       }
     }
     float* y32 = nullptr;
-    std::vector<float> ybuf;
+    std::unique_ptr<float[]> ybuf;
+    int64_t ntiles = 0;  // output tiles of all slices, in slice order
+    std::vector<int64_t> tile0((size_t)ns + 1, 0);
     if (expand) {
       y32 = static_cast<float*>(y);
-      if (y_dtype != LK_F32) {
-        ybuf.resize((size_t)(T * N));
-        y32 = ybuf.data();
+      if (y_dtype != LK_F32) {  // an fp32 copy of the rows (only the slices' columns are used)
+        ybuf.reset(new float[(size_t)(T * ldy)]);
+        y32 = ybuf.get();
       }
+      for (int64_t i = 0; i < ns; ++i) tile0[i + 1] = tile0[i] + (slices[i].N + lk::kExpandTile - 1) / lk::kExpandTile;
+      ntiles = tile0[ns];
     }
-    const int64_t ld32 = y_dtype == LK_F32 ? ldy : N;  // row stride of y32
     const auto sfn = kern.dense_shrink;
     const auto efn = kern.multi_expand;
     const auto rfn = kern.qmm_rows;
-    const lk::MultiExpand me{slots, b, t, ldt, N, y32, ld32};
-    const int64_t ntiles = expand ? (N + lk::kExpandTile - 1) / lk::kExpandTile : 0;
     const size_t xb = x_dtype == LK_F32 ? 4 : 2;
-    const int nt = lk::threads_for(num_threads);
 #pragma omp parallel num_threads(nt)
     {
       if (shrink && E) {
@@ -179,7 +204,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
             xr = xc;
           }
           xrow[e] = xr;
-          if (c.compressed) {
+          if (compressed) {
             int8_t* q = xq.get() + e * K;
             float *qs = xs.get() + e * (K / B), *qsum = xsum.get() + e * (K / G);
             kern.quantize_activations(xr, 1, K, G, q, qs, qsum);
@@ -189,61 +214,72 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64
         for (size_t n = 0; n < items.size(); ++n) {
           const Item& it = items[n];
           const int64_t* sg = b->segments + 3 * it.seg;
-          const lk_lora_slot& sl = slots[sg[0]];
+          const lk_lora_slot& sl = slices[it.slice].slots[sg[0]];
           const int64_t e0 = sg[1] + it.m0, cnt = it.m1 - it.m0;  // this item's entries
           if (it.part == 0) {
-            const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, coef.data() + e0, t + e0 * ldt, ldt};
+            const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, coef.data() + it.slice * E + e0,
+                                    t + (it.slice * E + e0) * ldt, ldt};
             sfn(p, it.i0, it.i1);
           } else {
             const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;
             const int64_t h = sl.q.a_hi.N;
             // the segment's [count, h] and [count, r - h] blocks; this item fills rows m0..m1 of one
-            float* out = tq.get() + sg[1] * ldt + (it.part == 1 ? 0 : sg[2] * h) + it.m0 * w.N;
+            float* out = tq.get() + (it.slice * E + sg[1]) * ldt + (it.part == 1 ? 0 : sg[2] * h) + it.m0 * w.N;
             const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros, xq.get() + e0 * K,
                                    xs.get() + e0 * (K / B), xsum.get() + e0 * (K / G), nullptr, out};
             rfn(p, it.i0, it.i1);
           }
         }
-        if (c.compressed) {
+        if (compressed) {
 #pragma omp for schedule(static)
-          for (int64_t s = 0; s < b->num_segments; ++s) {
+          for (int64_t is = 0; is < ns * b->num_segments; ++is) {
+            const int64_t i = is / b->num_segments, s = is % b->num_segments;
             const int64_t* sg = b->segments + 3 * s;
-            const lk_lora_slot& sl = slots[sg[0]];
-            if (sl.kind != LK_SLOT_COMPRESSED) continue;
+            const lk_lora_slot& sl = slices[i].slots[sg[0]];
+            if (sl.kind != LK_SLOT_COMPRESSED || (expand && !slices[i].N)) continue;
             const int64_t h = sl.q.a_hi.N, rl = sl.q.a_lo.N, e0 = sg[1], cnt = sg[2];
-            const float* hi = tq.get() + e0 * ldt;
+            const float* hi = tq.get() + (i * E + e0) * ldt;
             const float* lo = hi + cnt * h;
+            const float* cf = coef.data() + i * E;
             for (int64_t m = 0; m < cnt; ++m) {
-              float* tr = t + (e0 + m) * ldt;
-              for (int64_t i = 0; i < h; ++i) tr[i] = coef[e0 + m] * hi[m * h + i];
-              for (int64_t i = 0; i < rl; ++i) tr[h + i] = coef[e0 + m] * lo[m * rl + i];
+              float* tr = t + (i * E + e0 + m) * ldt;
+              for (int64_t k = 0; k < h; ++k) tr[k] = cf[e0 + m] * hi[m * h + k];
+              for (int64_t k = 0; k < rl; ++k) tr[h + k] = cf[e0 + m] * lo[m * rl + k];
             }
           }
         }
       }
-      if (expand) {  // each thread: its own block of whole tiles, the base first, then every segment
+      if (expand) {  // each thread: its own run of whole tiles across the slices, the base first, then every segment
         const int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
-        const int64_t c0 = std::min(N, ntiles * tid / T_ * lk::kExpandTile);
-        const int64_t c1 = std::min(N, ntiles * (tid + 1) / T_ * lk::kExpandTile);
-        if (c1 > c0) {
+        const int64_t u0 = ntiles * tid / T_, u1 = ntiles * (tid + 1) / T_;
+        for (int64_t i = 0; i < ns; ++i) {
+          const lk_lora_slice& sc = slices[i];
+          const int64_t a0 = std::max(u0, tile0[i]), a1 = std::min(u1, tile0[i + 1]);
+          if (a1 <= a0) continue;
+          const int64_t c0 = std::min(sc.N, (a0 - tile0[i]) * lk::kExpandTile);
+          const int64_t c1 = std::min(sc.N, (a1 - tile0[i]) * lk::kExpandTile);
           if (base != y || y_dtype != LK_F32) {
             for (int64_t m = 0; m < T; ++m) {
-              float* yr = y32 + m * ld32;
+              float* yr = y32 + m * ldy + sc.col;
               if (!base)
                 std::fill(yr + c0, yr + c1, 0.f);
               else if (y_dtype == LK_F32)
-                std::memcpy(yr + c0, static_cast<const float*>(base) + m * ldy + c0, (size_t)(c1 - c0) * 4);
+                std::memcpy(yr + c0, static_cast<const float*>(base) + m * ldy + sc.col + c0,
+                            (size_t)(c1 - c0) * 4);
               else
-                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * ldy + col);
+                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * ldy + sc.col + col);
             }
           }
+          const lk::MultiExpand me{sc.slots, b, t + (t_io ? 0 : i * E * ldt), ldt, sc.N, y32 + sc.col, ldy};
           efn(me, c0, c1);
         }
       }
     }
     if (expand && y_dtype != LK_F32)
-      for (int64_t m = 0; m < T; ++m)
-        lk::store_output(y32 + m * N, y_dtype, N, static_cast<uint16_t*>(y) + m * ldy);
+      for (int64_t i = 0; i < ns; ++i)
+        for (int64_t m = 0; m < T; ++m)
+          lk::store_output(y32 + m * ldy + slices[i].col, y_dtype, slices[i].N,
+                           static_cast<uint16_t*>(y) + m * ldy + slices[i].col);
   } catch (const std::bad_alloc&) {
     return LK_ERR_ALLOC;
   }
@@ -275,8 +311,8 @@ lk_status lk_lora_shrink(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, 
   if (!batch || T < 0) return LK_ERR_INVALID_ARG;
   if (T == 0) return batch->num_entries == 0 ? LK_OK : LK_ERR_INVALID_ARG;
   if (!x) return LK_ERR_INVALID_ARG;
-  return run_multi(x, x_dtype, T, K, -1, slots, num_slots, batch, t, ldt, LK_F32, nullptr, nullptr,
-                   num_threads);
+  const lk_lora_slice one{slots, num_slots, -1, 0};
+  return run_multi(x, x_dtype, T, K, &one, 1, batch, t, ldt, LK_F32, nullptr, nullptr, num_threads, 0);
 }
 
 lk_status lk_lora_expand(const float* t, int64_t ldt, const lk_lora_slot* slots, int64_t num_slots,
@@ -285,8 +321,9 @@ lk_status lk_lora_expand(const float* t, int64_t ldt, const lk_lora_slot* slots,
   if (!batch || T < 0 || N < 0) return LK_ERR_INVALID_ARG;
   if (T == 0 || N == 0) return batch->num_entries == 0 || T > 0 ? LK_OK : LK_ERR_INVALID_ARG;
   if (!y) return LK_ERR_INVALID_ARG;
-  return run_multi(nullptr, LK_F32, T, -1, N, slots, num_slots, batch, const_cast<float*>(t), ldt, y_dtype,
-                   base, y, num_threads);
+  const lk_lora_slice one{slots, num_slots, N, 0};
+  return run_multi(nullptr, LK_F32, T, -1, &one, 1, batch, const_cast<float*>(t), ldt, y_dtype, base, y,
+                   num_threads, N);
 }
 
 lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, int64_t N, const lk_lora_slot* slots,
@@ -294,7 +331,8 @@ lk_status lk_multi_lora(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, i
   if (!batch || T < 0 || N < 0) return LK_ERR_INVALID_ARG;
   if (T == 0 || N == 0) return batch->num_entries == 0 || T > 0 ? LK_OK : LK_ERR_INVALID_ARG;
   if (!x || !y) return LK_ERR_INVALID_ARG;
-  return run_multi(x, x_dtype, T, K, N, slots, num_slots, batch, nullptr, 0, x_dtype, base, y, num_threads);
+  const lk_lora_slice one{slots, num_slots, N, 0};
+  return run_multi(x, x_dtype, T, K, &one, 1, batch, nullptr, 0, x_dtype, base, y, num_threads, N);
 }
 
 lk_status lk_multi_lora_slices(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const lk_lora_slice* slices,
@@ -309,17 +347,7 @@ lk_status lk_multi_lora_slices(const void* x, lk_dtype x_dtype, int64_t T, int64
   }
   if (T == 0) return batch->num_entries == 0 ? LK_OK : LK_ERR_INVALID_ARG;
   if (!x || !y || ldy < width) return LK_ERR_INVALID_ARG;
-  const size_t eb = x_dtype == LK_F32 ? 4 : 2;
-  for (int64_t i = 0; i < num_slices; ++i) {
-    const lk_lora_slice& sl = slices[i];
-    if (!sl.N) continue;
-    const void* bi = base ? static_cast<const char*>(base) + (size_t)sl.col * eb : nullptr;
-    void* yi = static_cast<char*>(y) + (size_t)sl.col * eb;
-    if (lk_status s = run_multi(x, x_dtype, T, K, sl.N, sl.slots, sl.num_slots, batch, nullptr, 0, x_dtype, bi, yi,
-                                num_threads, ldy))
-      return s;
-  }
-  return LK_OK;
+  return run_multi(x, x_dtype, T, K, slices, num_slices, batch, nullptr, 0, x_dtype, base, y, num_threads, ldy);
 }
 
 }  // extern "C"

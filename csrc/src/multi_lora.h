@@ -33,6 +33,32 @@ struct MultiExpand {
 // [0, T) of the activations: LK_OK or LK_ERR_INVALID_ARG (the slots are checked against their bank elsewhere).
 lk_status check_batch_entries(const lk_lora_batch* b, int64_t T);
 
+// Prefetch hints for a compressed part's rows [r0, r1) over columns [c0, c1) (their codes, scales and zeros,
+// whole groups). The multi-adapter kernels read many small adapters, each from its own place in the bank and
+// each as a dozen short row streams (plus their scales and zeros): more streams than the hardware prefetchers
+// follow, so without hints every row starts with a miss to memory, one after another.
+inline void prefetch_part(const lk_qweight& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  if (!p.N || r1 <= r0 || c1 <= c0) return;
+  const int G = p.group_size;
+  const int64_t rb = row_bytes(p.K, p.bits), ng = p.K / G, gb = group_bytes(G, p.bits);
+  const int64_t g0 = c0 / G, g1 = (c1 + G - 1) / G;
+  const auto lines = [](const void* base, int64_t b0, int64_t b1) {
+    const char* c = static_cast<const char*>(base);
+    for (int64_t o = b0 & ~int64_t(63); o < b1; o += 64) __builtin_prefetch(c + o, 0, 3);
+  };
+  if (g0 == 0 && g1 == ng) {  // whole rows: one contiguous run each
+    lines(p.qweight, r0 * rb, r1 * rb);
+    lines(p.scales, r0 * ng * 2, r1 * ng * 2);
+    lines(p.zeros, r0 * ng * 2, r1 * ng * 2);
+    return;
+  }
+  for (int64_t i = r0; i < r1; ++i) {
+    lines(p.qweight, i * rb + g0 * gb, i * rb + g1 * gb);
+    lines(p.scales, (i * ng + g0) * 2, (i * ng + g1) * 2);
+    lines(p.zeros, (i * ng + g0) * 2, (i * ng + g1) * 2);
+  }
+}
+
 constexpr int64_t kExpandTile = 128;  // output columns per expand tile (a multiple of every group size)
 
 // The expand of one compressed part into one output row's columns [c0, c1), from the codes in registers

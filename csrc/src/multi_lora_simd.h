@@ -117,10 +117,19 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     rmax = std::max(rmax, sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N);
   }
   std::vector<float> W((size_t)(rmax * kExpandTile));
+  const auto prefetch = [&](int64_t s) {  // a compressed segment's B^T columns [c0, c1)
+    if (s >= b.num_segments || !b.segments[3 * s + 2]) return;
+    const lk_lora_slot& sl = e.slots[b.segments[3 * s]];
+    if (sl.kind != LK_SLOT_COMPRESSED) return;
+    prefetch_part(sl.q.b_hi, 0, sl.q.b_hi.N, c0, c1);
+    prefetch_part(sl.q.b_lo, 0, sl.q.b_lo.N, c0, c1);
+  };
+  prefetch(0);
   for (int64_t s = 0; s < b.num_segments; ++s) {
     const int64_t* sg = b.segments + 3 * s;
     const lk_lora_slot& sl = e.slots[sg[0]];
     const int64_t r = sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N;
+    prefetch(s + 1);  // the next segment's data arrives while this one is added
     if (!sg[2] || !r) continue;
     if (sl.kind == LK_SLOT_DENSE && sg[2] <= 2) {
       const size_t eb = dtype_bytes(sl.dtype);

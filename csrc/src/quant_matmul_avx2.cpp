@@ -145,72 +145,97 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 }  // namespace
 
-// The expand of one compressed part straight from its codes, for one output row: y[c0:c1] +=
-// sum_i coef[i] * s_i * (q_i - z_i), 32 columns at a time in registers. Each term is formed as
-// (coef[i] s_i) * (q - z_i), q - z_i exact in fp32, so the error is that of the terms (as in the
-// dequantized tile), not of coef s q and coef s z apart (which cancel when q is near z: 8-bit codes).
-// Layouts whose 32-column chunk is one contiguous run of bytes: 1-bit planes, and 2/4/8-bit groups
-// with G * bits / 8 >= 32 (3-bit: G = 128). Returns false (nothing done) for the others.
-bool qpart_layout_avx2(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
-  const int W = bits == 3 ? G / 4 : G * bits / 8;  // bytes of the (low) strided part per group
-  return (bits == 1 || W >= 32) && c0 % 32 == 0 && c1 % 32 == 0 && rows <= 256;
+namespace {
+
+// 32 codes of one row's group as bytes, columns i0 .. i0 + 31 of the group (i0 % 32 == 0). The (low) codes are
+// stored strided: byte j of the group's W bytes holds codes j, j + W, j + 2W, ... at bit offsets 0, BB, 2 BB;
+// 3-bit codes take bit 2 from a plane after them (bit k of its little-endian words: code k).
+template <int BITS, int G>
+inline __m256i codes32(const uint8_t* gp, int i0) {
+  constexpr int W = BITS == 3 ? G / 4 : G * BITS / 8, BB = BITS == 3 ? 2 : BITS;
+  const __m256i mask8 = _mm256_set1_epi8((char)((1 << BB) - 1));
+  __m256i q8;
+  if constexpr (W >= 32) {  // one run of 32 bytes, one shift
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
+    q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * BB)), mask8);
+  } else if constexpr (W == 16) {  // 16 bytes, two shifts
+    const __m128i raw = _mm_loadu_si128((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
+    const int sh = (i0 / 16) * BB;
+    q8 = _mm256_setr_m128i(_mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh)), m),
+                           _mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh + BB)), m));
+  } else {  // W == 8 (G = 32, 2- and 3-bit): the whole group, four shifts
+    static_assert(W == 8, "codes32: unexpected layout");
+    const __m128i raw = _mm_loadl_epi64((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
+    const __m128i p0 = _mm_and_si128(raw, m), p1 = _mm_and_si128(_mm_srli_epi16(raw, BB), m);
+    const __m128i p2 = _mm_and_si128(_mm_srli_epi16(raw, 2 * BB), m), p3 = _mm_and_si128(_mm_srli_epi16(raw, 3 * BB), m);
+    q8 = _mm256_setr_m128i(_mm_unpacklo_epi64(p0, p1), _mm_unpacklo_epi64(p2, p3));
+  }
+  if constexpr (BITS == 3) {  // bit 2 from the plane: bit k of the word to byte k
+    uint32_t w;
+    std::memcpy(&w, gp + W + i0 / 8, 4);
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                          3, 3, 3, 3, 3, 3, 3);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
+    const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel);
+    q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
+  }
+  return q8;
 }
 
-void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
-  const int G = p.group_size, bits = p.bits;
-  const int W = bits == 3 ? G / 4 : G * bits / 8;
-  const int64_t rb = row_bytes(p.K, bits), ng = p.K / G;
-  const int gb = group_bytes(G, bits);
+template <int BITS, int G>
+void axpy_qpart_t(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+  constexpr int GB = G * BITS / 8;  // bytes per group
+  constexpr int64_t kChunk = 8;     // groups whose per-row terms are formed at once (one fp16 vector each)
+  const int64_t rb = row_bytes(p.K, BITS), ng = p.K / G, R = p.N;
   // bit k of a 32-bit word moved to the sign bit of lane k % 8 (one variable shift per 8 columns)
   const __m256i to_sign[4] = {_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
                               _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
                               _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
                               _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
-  const __m256i mask8 = _mm256_set1_epi8((char)((1 << (bits == 3 ? 2 : (bits == 8 ? 8 : bits))) - 1));
-  const int bb = bits == 3 ? 2 : bits;
-  // per row for the current group (rows <= 256: checked by the caller): coef * scale and the zero; 1-bit
-  // rows: the term for code 1 and for code 0
-  float cs[256], zs[256];
-  for (int64_t cg = c0; cg < c1;) {  // one group (or the part of it inside [c0, c1)) at a time
-    const int64_t g = cg / G, cend = std::min(c1, (g + 1) * G);
-    for (int64_t i = 0; i < p.N; ++i) {
-      const float c = coef[i] * _cvtsh_ss(p.scales[i * ng + g]), z = _cvtsh_ss(p.zeros[i * ng + g]);
-      cs[i] = bits == 1 ? c * (1.f - z) : c;
-      zs[i] = bits == 1 ? c * (0.f - z) : z;
+  // per row (<= 256, checked by the caller) and group of the chunk: coef * scale and the zero; 1-bit rows:
+  // the term for code 1 and for code 0
+  alignas(32) float cs[256 * kChunk], zs[256 * kChunk];
+  for (int64_t gc = c0 / G, gend = (c1 + G - 1) / G; gc < gend; gc += kChunk) {
+    const int64_t ngc = std::min(kChunk, gend - gc);
+    for (int64_t i = 0; i < R; ++i) {
+      const uint16_t *sp = p.scales + i * ng + gc, *zp = p.zeros + i * ng + gc;
+      float *csr = cs + i * kChunk, *zsr = zs + i * kChunk;
+      if (ngc == kChunk) {  // eight groups' scales and zeros in one conversion each
+        const __m256 c = _mm256_mul_ps(_mm256_set1_ps(coef[i]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)sp)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)zp));
+        _mm256_store_ps(csr, BITS == 1 ? _mm256_mul_ps(c, _mm256_sub_ps(_mm256_set1_ps(1.f), z)) : c);
+        _mm256_store_ps(zsr, BITS == 1 ? _mm256_mul_ps(c, _mm256_sub_ps(_mm256_setzero_ps(), z)) : z);
+      } else {
+        for (int64_t k = 0; k < ngc; ++k) {
+          const float c = coef[i] * _cvtsh_ss(sp[k]), z = _cvtsh_ss(zp[k]);
+          csr[k] = BITS == 1 ? c * (1.f - z) : c;
+          zsr[k] = BITS == 1 ? c * (0.f - z) : z;
+        }
+      }
     }
-    for (int64_t c = cg; c < cend; c += 32) {
+    for (int64_t c = std::max(c0, gc * G), ce = std::min(c1, (gc + ngc) * G); c < ce; c += 32) {
+      const int64_t g = c / G, gi = g - gc;
       const int i0 = (int)(c % G);
       float* yc = y + (c - c0);
       __m256 acc[4] = {_mm256_loadu_ps(yc), _mm256_loadu_ps(yc + 8), _mm256_loadu_ps(yc + 16),
                        _mm256_loadu_ps(yc + 24)};
-      const uint8_t* gp = p.qweight + g * gb;
-      if (bits == 1) {
-        for (int64_t i = 0; i < p.N; ++i, gp += rb) {
+      const uint8_t* gp = p.qweight + g * GB;
+      if constexpr (BITS == 1) {
+        for (int64_t i = 0; i < R; ++i, gp += rb) {
           uint32_t w;
           std::memcpy(&w, gp + i0 / 8, 4);
           const __m256i v = _mm256_set1_epi32((int)w);
-          const __m256 one = _mm256_broadcast_ss(cs + i), zero = _mm256_broadcast_ss(zs + i);
+          const __m256 one = _mm256_broadcast_ss(cs + i * kChunk + gi), zero = _mm256_broadcast_ss(zs + i * kChunk + gi);
           for (int m = 0; m < 4; ++m)  // bit 8m + k -> sign of lane k
             acc[m] = _mm256_add_ps(acc[m], _mm256_blendv_ps(zero, one,
                                                              _mm256_castsi256_ps(_mm256_sllv_epi32(v, to_sign[m]))));
         }
       } else {
-        for (int64_t i = 0; i < p.N; ++i, gp += rb) {
-          const __m256 csv = _mm256_broadcast_ss(cs + i);
-          const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
-          __m256i q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * bb)), mask8);
-          if (bits == 3) {  // bit 2 from the plane: bit k of the word to byte k
-            uint32_t w;
-            std::memcpy(&w, gp + W + i0 / 8, 4);
-            const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
-                                                  2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-            const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-            const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
-            const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel);
-            q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
-          }
+        for (int64_t i = 0; i < R; ++i, gp += rb) {
+          const __m256 csv = _mm256_broadcast_ss(cs + i * kChunk + gi), zv = _mm256_broadcast_ss(zs + i * kChunk + gi);
+          const __m256i q8 = codes32<BITS, G>(gp, i0);
           const __m128i lo = _mm256_castsi256_si128(q8), hi = _mm256_extracti128_si256(q8, 1);
-          const __m256 zv = _mm256_broadcast_ss(zs + i);
           const auto qz = [&](__m128i b) { return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), zv); };
           acc[0] = _mm256_fmadd_ps(csv, qz(lo), acc[0]);
           acc[1] = _mm256_fmadd_ps(csv, qz(_mm_srli_si128(lo, 8)), acc[1]);
@@ -220,7 +245,36 @@ void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c
       }
       for (int m = 0; m < 4; ++m) _mm256_storeu_ps(yc + 8 * m, acc[m]);
     }
-    cg = cend;
+  }
+}
+
+template <int BITS>
+void axpy_qpart_bits(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+  switch (p.group_size) {
+    case 32: axpy_qpart_t<BITS, 32>(y, coef, p, c0, c1); break;
+    case 64: axpy_qpart_t<BITS, 64>(y, coef, p, c0, c1); break;
+    default: axpy_qpart_t<BITS, 128>(y, coef, p, c0, c1); break;
+  }
+}
+
+}  // namespace
+
+// The expand of one compressed part straight from its codes, for one output row: y[c0:c1] +=
+// sum_i coef[i] * s_i * (q_i - z_i), 32 columns at a time in registers. Each term is formed as
+// (coef[i] s_i) * (q - z_i), q - z_i exact in fp32, so the error is that of the terms (as in the
+// dequantized tile), not of coef s q and coef s z apart (which cancel when q is near z: 8-bit codes).
+// Every layout (bits 1, 2, 3, 4, 8; G 32, 64, 128) with 32-column aligned ranges and at most 256 rows.
+bool qpart_layout_avx2(int, int, int64_t c0, int64_t c1, int64_t rows) {
+  return c0 % 32 == 0 && c1 % 32 == 0 && rows <= 256;
+}
+
+void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+  switch (p.bits) {
+    case 1: axpy_qpart_bits<1>(y, coef, p, c0, c1); break;
+    case 2: axpy_qpart_bits<2>(y, coef, p, c0, c1); break;
+    case 3: axpy_qpart_bits<3>(y, coef, p, c0, c1); break;
+    case 4: axpy_qpart_bits<4>(y, coef, p, c0, c1); break;
+    default: axpy_qpart_bits<8>(y, coef, p, c0, c1); break;
   }
 }
 
