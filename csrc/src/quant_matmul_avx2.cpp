@@ -147,42 +147,6 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 namespace {
 
-// 32 codes of one row's group as bytes, columns i0 .. i0 + 31 of the group (i0 % 32 == 0). The (low) codes are
-// stored strided: byte j of the group's W bytes holds codes j, j + W, j + 2W, ... at bit offsets 0, BB, 2 BB;
-// 3-bit codes take bit 2 from a plane after them (bit k of its little-endian words: code k).
-template <int BITS, int G>
-inline __m256i codes32(const uint8_t* gp, int i0) {
-  constexpr int W = BITS == 3 ? G / 4 : G * BITS / 8, BB = BITS == 3 ? 2 : BITS;
-  const __m256i mask8 = _mm256_set1_epi8((char)((1 << BB) - 1));
-  __m256i q8;
-  if constexpr (W >= 32) {  // one run of 32 bytes, one shift
-    const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
-    q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * BB)), mask8);
-  } else if constexpr (W == 16) {  // 16 bytes, two shifts
-    const __m128i raw = _mm_loadu_si128((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
-    const int sh = (i0 / 16) * BB;
-    q8 = _mm256_setr_m128i(_mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh)), m),
-                           _mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh + BB)), m));
-  } else {  // W == 8 (G = 32, 2- and 3-bit): the whole group, four shifts
-    static_assert(W == 8, "codes32: unexpected layout");
-    const __m128i raw = _mm_loadl_epi64((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
-    const __m128i p0 = _mm_and_si128(raw, m), p1 = _mm_and_si128(_mm_srli_epi16(raw, BB), m);
-    const __m128i p2 = _mm_and_si128(_mm_srli_epi16(raw, 2 * BB), m), p3 = _mm_and_si128(_mm_srli_epi16(raw, 3 * BB), m);
-    q8 = _mm256_setr_m128i(_mm_unpacklo_epi64(p0, p1), _mm_unpacklo_epi64(p2, p3));
-  }
-  if constexpr (BITS == 3) {  // bit 2 from the plane: bit k of the word to byte k
-    uint32_t w;
-    std::memcpy(&w, gp + W + i0 / 8, 4);
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                                          3, 3, 3, 3, 3, 3, 3);
-    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
-    const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel);
-    q8 = _mm256_or_si256(q8, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
-  }
-  return q8;
-}
-
 template <int BITS, int G>
 void axpy_qpart_t(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
   constexpr int GB = G * BITS / 8;  // bytes per group
@@ -234,7 +198,7 @@ void axpy_qpart_t(float* y, const float* coef, const lk_qweight& p, int64_t c0, 
       } else {
         for (int64_t i = 0; i < R; ++i, gp += rb) {
           const __m256 csv = _mm256_broadcast_ss(cs + i * kChunk + gi), zv = _mm256_broadcast_ss(zs + i * kChunk + gi);
-          const __m256i q8 = codes32<BITS, G>(gp, i0);
+          const __m256i q8 = unpack_block32<BITS, G>(gp, i0);
           const __m128i lo = _mm256_castsi256_si128(q8), hi = _mm256_extracti128_si256(q8, 1);
           const auto qz = [&](__m128i b) { return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), zv); };
           acc[0] = _mm256_fmadd_ps(csv, qz(lo), acc[0]);

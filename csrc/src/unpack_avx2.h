@@ -72,5 +72,34 @@ inline void unpack_group(const uint8_t* gp, __m256i* c) {
   }
 }
 
+// unpack_group's codes i0 .. i0 + 31 alone (i0 % 32 == 0; 2, 3, 4 and 8 bits), for loops that hold one 32-column
+// block at a time (the multi-adapter expand). The (low) codes are stored strided: byte j of the group's W bytes
+// holds codes j, j + W, j + 2W, ... at bit offsets 0, BB, 2 BB; 3-bit codes take bit 2 from the plane after them.
+template <int BITS, int G>
+inline __m256i unpack_block32(const uint8_t* gp, int i0) {
+  static_assert(BITS != 1, "1-bit codes are a bit plane: expand_bits32");
+  constexpr int W = BITS == 3 ? G / 4 : G * BITS / 8, BB = BITS == 3 ? 2 : BITS;
+  const __m256i mask8 = _mm256_set1_epi8((char)((1 << BB) - 1));
+  __m256i q8;
+  if constexpr (W >= 32) {  // one run of 32 bytes, one shift
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(gp + i0 % W));
+    q8 = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128((i0 / W) * BB)), mask8);
+  } else if constexpr (W == 16) {  // 16 bytes, two shifts
+    const __m128i raw = _mm_loadu_si128((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
+    const int sh = (i0 / 16) * BB;
+    q8 = _mm256_setr_m128i(_mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh)), m),
+                           _mm_and_si128(_mm_srl_epi16(raw, _mm_cvtsi32_si128(sh + BB)), m));
+  } else {  // W == 8 (G = 32, 2- and 3-bit): the whole group, four shifts
+    static_assert(W == 8, "unpack_block32: unexpected layout");
+    const __m128i raw = _mm_loadl_epi64((const __m128i*)gp), m = _mm256_castsi256_si128(mask8);
+    const __m128i p0 = _mm_and_si128(raw, m), p1 = _mm_and_si128(_mm_srli_epi16(raw, BB), m);
+    const __m128i p2 = _mm_and_si128(_mm_srli_epi16(raw, 2 * BB), m), p3 = _mm_and_si128(_mm_srli_epi16(raw, 3 * BB), m);
+    q8 = _mm256_setr_m128i(_mm_unpacklo_epi64(p0, p1), _mm_unpacklo_epi64(p2, p3));
+  }
+  if constexpr (BITS == 3)  // bit 2 from the plane
+    q8 = _mm256_or_si256(q8, _mm256_and_si256(expand_bits32(load_u32(gp + W + i0 / 8)), _mm256_set1_epi8(4)));
+  return q8;
+}
+
 }  // namespace
 }  // namespace lk
