@@ -150,23 +150,27 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
 }
 
 // The outlier sums each row of a row loop adds to its outputs (M <= kOutlierRowBlock; rows asked in
-// increasing order from n0): at(n)[m] for m < M. Decode computes them for blocks of kDecodeRows rows at a
-// time (decode_outlier_sums); M > 1 per row (row_outliers: contiguous pieces of x^T's columns).
+// increasing order from n0): at(n)[m] for m < M. Decode computes them for every row of the loop at its first
+// row, in one sequential pass over the loop's CSR run (decode_outlier_sums, a running sum per kDecodeRows
+// rows): the CSR streams from memory in one piece instead of a burst every block; M > 1 per row
+// (row_outliers: contiguous pieces of x^T's columns).
 template <class H2F>
 class FusedOutliers {
  public:
   static constexpr int64_t kDecodeRows = 128;  // rows per decode_outlier_sums: short running sums
   FusedOutliers(const QmmProblem& p, int64_t n1, H2F h2f)
-      : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr ? 0 : p.M == 1 ? kDecodeRows : p.M)) {}
+      : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr || p.M == 1 ? 0 : p.M)) {}
   const float* at(int64_t n) {
     if (p_.M != 1) {
       row_outliers(p_, n, 0, p_.M, h2f_, acc_.data());
       return acc_.data();
     }
-    if (n >= b1_) {
+    if (n >= b1_) {  // every row from n to n1 at once, kDecodeRows rows per running sum
       b0_ = n;
-      b1_ = n + kDecodeRows < n1_ ? n + kDecodeRows : n1_;
-      decode_outlier_sums(p_, b0_, b1_, h2f_, acc_.data(), run_);
+      b1_ = n1_;
+      acc_.resize((size_t)(b1_ - b0_));
+      for (int64_t r0 = b0_; r0 < b1_; r0 += kDecodeRows)
+        decode_outlier_sums(p_, r0, std::min(r0 + kDecodeRows, b1_), h2f_, acc_.data() + (r0 - b0_), run_);
     }
     return acc_.data() + (n - b0_);
   }

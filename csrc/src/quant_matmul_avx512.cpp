@@ -188,9 +188,9 @@ struct Avx512 {
       _mm512_storeu_ps(sf + g, s);
       _mm512_storeu_ps(szf + g, _mm512_mul_ps(s, z));
     }
-    for (; g < ng; ++g) {
-      sf[g] = half_to_float(sp[g]);
-      szf[g] = sf[g] * half_to_float(zp[g]);
+    for (; g < ng; ++g) {  // (the row loop converts 16 rows at a time: a tail only at its end)
+      sf[g] = _cvtsh_ss(sp[g]);
+      szf[g] = sf[g] * _cvtsh_ss(zp[g]);
     }
   }
 };
