@@ -154,6 +154,23 @@ def test_gwq_cpu_rejects_damaged_csr(isa, what):
         SparseOutliers(rp, ci, v, (8, 128))
 
 
+@pytest.mark.parametrize("pos", [3, 7, 8, 24, 25, 45])
+def test_gwq_cpu_decode_rejects_decreasing_row_ptr_anywhere(isa, pos):
+    # At M = 1 the row sums are read 8 rows at a time from clamped pointers: a pointer that decreases inside
+    # [0, nnz] must be caught inside a step, across two steps and in the scalar rest (50 rows: 25 per thread)
+    w = random_qweight(50, 128, 4, 128)
+    o = random_outliers(50, 128, "5pct")
+    x = torch.randn(1, 128)
+    args = (w.qweight, w.scales, w.zeros, 4, 128)
+    ok = torch.ops.lorakern.gwq_matmul(x, *args, o.row_ptr, o.col_idx, o.values)
+    torch.testing.assert_close(ok, ref.gwq_matmul(x, *args, o.row_ptr, o.col_idx, o.values), rtol=0.05, atol=0.05)
+    rp = o.row_ptr.clone()
+    rp[pos] = rp[pos + 1] + 1
+    assert rp[pos] <= o.nnz
+    with pytest.raises(ValueError, match="outlier CSR is inconsistent"):
+        torch.ops.lorakern.gwq_matmul(x, *args, rp, o.col_idx, o.values)
+
+
 def test_outlier_validation_messages():
     o = random_outliers(6, 64, "5pct")
     with pytest.raises(TypeError, match="int32"):

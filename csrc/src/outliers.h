@@ -138,7 +138,27 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
   float prev = r[J0 - 1];
   int64_t last = J0;
   bool decreasing = false;
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+#ifdef LK_OUTLIERS_AVX2
+  // 8 rows a step: run[e - J0] = r[e - 1] (e clamped into [J0, J1]); each sum the difference with the lane before
+  {
+    const __m256i lo = _mm256_set1_epi32((int)J0), hi = _mm256_set1_epi32((int)J1);
+    const __m256i rot = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+    __m256i dec = _mm256_setzero_si256();
+    for (; n + 8 <= n1; n += 8) {
+      const __m256i e = _mm256_loadu_si256((const __m256i*)(rp + n + 1));
+      dec = _mm256_or_si256(dec, _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i*)(rp + n)), e));
+      const __m256i idx = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(e, lo), hi), lo);
+      const __m256 next = _mm256_i32gather_ps(run.data(), idx, 4);
+      const __m256 before = _mm256_blend_ps(_mm256_permutevar8x32_ps(next, rot), _mm256_set1_ps(prev), 0x01);
+      _mm256_storeu_ps(acc + (n - n0), _mm256_sub_ps(next, before));
+      prev = _mm256_cvtss_f32(_mm256_permutevar8x32_ps(next, _mm256_set1_epi32(7)));
+    }
+    decreasing = !_mm256_testz_si256(dec, dec);
+    last = n > n0 ? rp[n] : J0;
+  }
+#endif
+  for (; n < n1; ++n) {
     const int64_t e = rp[n + 1];
     decreasing |= e < last;
     last = e;
