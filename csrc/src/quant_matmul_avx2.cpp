@@ -247,6 +247,9 @@ namespace {
 struct V8 {  // the AVX2 register type of simd_vec.h
   using reg = __m256;
   static constexpr int W = 8;
+  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+    axpy_qpart_avx2(y, coef, p, c0, c1);
+  }
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }

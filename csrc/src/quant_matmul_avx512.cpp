@@ -220,9 +220,59 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
   }
 }
 
+// A 1-bit compressed part straight from its codes (SimdVec::axpy_qpart; the other widths take the AVX2
+// decoder): y[0:c1-c0] += sum_i coef[i] s_i (q_i - z_i) over columns [c0, c1) (multiples of 32; rows <= 256,
+// qpart_layout_avx2). Each row's two terms, coef s (1 - z) and coef s (0 - z), are formed once per group as the
+// AVX2 decoder forms them; each 16 columns' bits are then a mask choosing per lane. Even and odd rows go to
+// separate sums (two add chains), added at the end of each 32 columns.
+template <int G>
+void axpy_qpart_1bit(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+  const int64_t rb = row_bytes(p.K, 1), ng = p.K / G, R = p.N;
+  alignas(64) float one[256], zero[256];
+  for (int64_t g = c0 / G; g * G < c1; ++g) {
+    for (int64_t i = 0; i < R; ++i) {
+      const float c = coef[i] * _cvtsh_ss(p.scales[i * ng + g]), z = _cvtsh_ss(p.zeros[i * ng + g]);
+      one[i] = c * (1.f - z);
+      zero[i] = c * (0.f - z);
+    }
+    const auto term = [&](const uint8_t* row, int64_t i, int half) {  // row i's terms for 16 columns
+      uint32_t w;
+      std::memcpy(&w, row, 4);
+      return _mm512_mask_blend_ps((__mmask16)(w >> (16 * half)), _mm512_set1_ps(zero[i]), _mm512_set1_ps(one[i]));
+    };
+    for (int64_t c = std::max(c0, g * G), ce = std::min(c1, (g + 1) * G); c < ce; c += 32) {
+      float* yc = y + (c - c0);
+      __m512 a0 = _mm512_loadu_ps(yc), a1 = _mm512_loadu_ps(yc + 16);
+      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+      const uint8_t* gp = p.qweight + c / 8;  // column c is bit c % 8 of byte c / 8 of its row
+      int64_t i = 0;
+      for (; i + 2 <= R; i += 2, gp += 2 * rb) {
+        a0 = _mm512_add_ps(a0, term(gp, i, 0));
+        a1 = _mm512_add_ps(a1, term(gp, i, 1));
+        b0 = _mm512_add_ps(b0, term(gp + rb, i + 1, 0));
+        b1 = _mm512_add_ps(b1, term(gp + rb, i + 1, 1));
+      }
+      if (i < R) {
+        a0 = _mm512_add_ps(a0, term(gp, i, 0));
+        a1 = _mm512_add_ps(a1, term(gp, i, 1));
+      }
+      _mm512_storeu_ps(yc, _mm512_add_ps(a0, b0));
+      _mm512_storeu_ps(yc + 16, _mm512_add_ps(a1, b1));
+    }
+  }
+}
+
 struct V16 {  // the AVX-512 register type of simd_vec.h
   using reg = __m512;
   static constexpr int W = 16;
+  static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
+    if (p.bits != 1) return axpy_qpart_avx2(y, coef, p, c0, c1);
+    switch (p.group_size) {
+      case 32: axpy_qpart_1bit<32>(y, coef, p, c0, c1); break;
+      case 64: axpy_qpart_1bit<64>(y, coef, p, c0, c1); break;
+      default: axpy_qpart_1bit<128>(y, coef, p, c0, c1); break;
+    }
+  }
   static reg zero() { return _mm512_setzero_ps(); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }

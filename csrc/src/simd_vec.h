@@ -2,7 +2,8 @@
 // axpys, dtype conversion and group accumulation written once over a register type V, which each ISA
 // file supplies (V8: __m256, V16: __m512) with these members:
 //   reg, W (floats per register), zero(), load(p), store(p, v), set1(x), fmadd(a, b, c), sum(v),
-//   load_f16(h), load_bf16(h) (W fp16 / bf16 values as fp32), dequant_bits<BITS>(gp, G, s, z, out).
+//   load_f16(h), load_bf16(h) (W fp16 / bf16 values as fp32), dequant_bits<BITS>(gp, G, s, z, out),
+//   axpy_qpart(y, coef, part, c0, c1) (SimdVec::axpy_qpart).
 // Compiled with the including file's flags (anonymous namespace), like qmm_rows_simd.h.
 #pragma once
 #include <cstring>
@@ -84,12 +85,13 @@ struct SimdVec {
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     V::template dequant_bits<BITS>(gp, G, s, z, out);
   }
-  // compressed parts: the AVX2 decoder (the AVX-512 path uses it too)
+  // compressed parts decoded in registers: V::axpy_qpart (the AVX2 decoder; AVX-512 has its own for 1-bit
+  // parts), for the layouts qpart_layout_avx2 accepts
   static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
     return qpart_layout_avx2(bits, G, c0, c1, rows);
   }
   static void axpy_qpart(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
-    axpy_qpart_avx2(y, coef, p, c0, c1);
+    V::axpy_qpart(y, coef, p, c0, c1);
   }
 
   // out[0:n] = src as fp32.
