@@ -19,6 +19,7 @@
 #include "driver.h"
 #include "kernels.h"
 #include "lora.h"
+#include "multi_lora.h"
 #include "lorakern/lorakern.h"
 
 namespace lk {
@@ -118,9 +119,14 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
     {
       const int tid = omp_get_thread_num(), T = omp_get_num_threads();
       const int64_t i0 = r * tid / T, i1 = r * (tid + 1) / T;  // shrink rows: high ones, then low ones
+      const int64_t c0 = ngb * tid / T, c1 = ngb * (tid + 1) / T;  // this thread's column groups
+      // a small adapter is read as a few dozen short row streams: hint them all before the first is read
+      lk::prefetch_part(l->a_hi, i0, std::min(i1, h), 0, K);
+      lk::prefetch_part(l->a_lo, std::max(i0, h) - h, i1 - h, 0, K);
+      lk::prefetch_part(l->b_hi, 0, h, c0 * gb, c1 * gb);
+      lk::prefetch_part(l->b_lo, 0, rl, c0 * gb, c1 * gb);
       if (i0 < h) fn(ph, i0, std::min(i1, h));
       if (i1 > h) fn(pl, std::max(i0, h) - h, i1 - h);
-      const int64_t c0 = ngb * tid / T, c1 = ngb * (tid + 1) / T;  // this thread's column groups
       try {  // the GEMM's panels: an exception must not leave the region
         if (w && c1 > c0) base_fn(pw, c0 * gb, c1 * gb);
       } catch (const std::bad_alloc&) {
