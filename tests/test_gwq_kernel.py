@@ -157,18 +157,24 @@ def test_gwq_cpu_rejects_damaged_csr(isa, what):
 @pytest.mark.parametrize("pos", [3, 7, 8, 24, 25, 45])
 def test_gwq_cpu_decode_rejects_decreasing_row_ptr_anywhere(isa, pos):
     # At M = 1 the row sums are read 8 rows at a time from clamped pointers: a pointer that decreases inside
-    # [0, nnz] must be caught inside a step, across two steps and in the scalar rest (50 rows: 25 per thread)
+    # [0, nnz] must be caught inside a step, across two steps and in the scalar rest (50 rows on 2 threads: 25
+    # each, whatever this machine's default)
     w = random_qweight(50, 128, 4, 128)
     o = random_outliers(50, 128, "5pct")
     x = torch.randn(1, 128)
     args = (w.qweight, w.scales, w.zeros, 4, 128)
-    ok = torch.ops.lorakern.gwq_matmul(x, *args, o.row_ptr, o.col_idx, o.values)
-    torch.testing.assert_close(ok, ref.gwq_matmul(x, *args, o.row_ptr, o.col_idx, o.values), rtol=0.05, atol=0.05)
-    rp = o.row_ptr.clone()
-    rp[pos] = rp[pos + 1] + 1
-    assert rp[pos] <= o.nnz
-    with pytest.raises(ValueError, match="outlier CSR is inconsistent"):
-        torch.ops.lorakern.gwq_matmul(x, *args, rp, o.col_idx, o.values)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ok = torch.ops.lorakern.gwq_matmul(x, *args, o.row_ptr, o.col_idx, o.values)
+        check_gwq(x, w, o, None, ok)
+        rp = o.row_ptr.clone()
+        rp[pos] = rp[pos + 1] + 1
+        assert rp[pos] <= o.nnz
+        with pytest.raises(ValueError, match="outlier CSR is inconsistent"):
+            torch.ops.lorakern.gwq_matmul(x, *args, rp, o.col_idx, o.values)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_outlier_validation_messages():

@@ -33,8 +33,9 @@ def check_against_references(x, w, bias, y):
 def test_quant_matmul_cpu_matches_reference(isa, bits, G, dtype, rng):
     # M >= 4: the blocked GEMM (8-row panels: N = 5 one partial panel, N = 203 several and a partial one; M = 70
     # crosses its 64-row blocks and ends in a partial 4-row tile); 9 and 19 groups: the scale conversion's 8- and
-    # 16-wide steps and their tails (SmolLM2's K = 576 in groups of 64 has 9)
-    for M, N, groups in [(1, 37, 3), (7, 129, 1), (33, 5, 2), (70, 203, 2), (1, 11, 9), (2, 13, 19)]:
+    # 16-wide steps and their tails (SmolLM2's K = 576 in groups of 64 has 9), 150 rows: its 16-row blocks (each
+    # thread's rows, up to 8 threads)
+    for M, N, groups in [(1, 37, 3), (7, 129, 1), (33, 5, 2), (70, 203, 2), (1, 11, 9), (2, 150, 19)]:
         K = G * groups
         w = random_qweight(N, K, bits, G, rng)
         x = (torch.randn(M, K, generator=rng) * 2).to(dtype)

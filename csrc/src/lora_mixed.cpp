@@ -123,8 +123,10 @@ lk_status run_lora(const void* x, lk_dtype x_dtype, int64_t M, int64_t N, int64_
       // a small adapter is read as a few dozen short row streams: hint them all before the first is read
       lk::prefetch_part(l->a_hi, i0, std::min(i1, h), 0, K);
       lk::prefetch_part(l->a_lo, std::max(i0, h) - h, i1 - h, 0, K);
-      lk::prefetch_part(l->b_hi, 0, h, c0 * gb, c1 * gb);
-      lk::prefetch_part(l->b_lo, 0, rl, c0 * gb, c1 * gb);
+      if (!w) {  // (the fused op's base pass streams its weights between: B would be evicted before its use)
+        lk::prefetch_part(l->b_hi, 0, h, c0 * gb, c1 * gb);
+        lk::prefetch_part(l->b_lo, 0, rl, c0 * gb, c1 * gb);
+      }
       if (i0 < h) fn(ph, i0, std::min(i1, h));
       if (i1 > h) fn(pl, std::max(i0, h) - h, i1 - h);
       try {  // the GEMM's panels: an exception must not leave the region

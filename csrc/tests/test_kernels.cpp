@@ -1037,11 +1037,11 @@ int main() {
   check_rows_fn("avx512 (SIMDe emulation)", lk::qmm_rows_avx512_simde, rng);
 #endif
 #ifdef LORAKERN_HAVE_SIMDE
-  if (lk_detected_isa() >= LK_ISA_AVX2)  // decode (M <= 2) expands through the AVX2 decoder
+  if (lk_detected_isa() >= LK_ISA_AVX2)  // decode (M <= 2) expands 2-8-bit parts through the AVX2 decoder
     check_expand_fn("avx512 (SIMDe emulation)", lk::lora_expand_avx512_simde, rng);
 #endif
 #ifdef LORAKERN_HAVE_SIMDE
-  if (lk_detected_isa() >= LK_ISA_AVX2)  // the SIMDe build's compressed expand calls the AVX2 decoder
+  if (lk_detected_isa() >= LK_ISA_AVX2)  // the SIMDe build's compressed expand calls the AVX2 decoder (not for 1-bit)
     check_multi_pieces("avx512 (SIMDe emulation)", lk::dense_shrink_avx512_simde, lk::multi_expand_avx512_simde, rng);
 #endif
   if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
