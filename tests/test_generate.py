@@ -190,7 +190,9 @@ def test_cvae_overfits_a_tiny_set(rng):
         for seed in (None, 0):
             out = flatten_adapter(gen.generate(cond.mean(0), seed=seed), layout)
             err = {m: float((out - c).norm() / c.norm()) for m, c in centers.items()}
-            assert err[name] < 0.25, (name, seed, err)  # near its own task (the spread between tasks is ~1.4)
+            # near its own task: the spread between tasks is ~1.4; over 52 random draws of the tasks the error was
+            # below 0.25 in 51 and 0.38 in one (0.25 failed CI-sized runs about once in 50)
+            assert err[name] < 0.5, (name, seed, err)
             assert min(err, key=err.get) == name
 
 
