@@ -101,7 +101,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
   bool one_ga = true;
   for (int64_t i = 0; i < ns; ++i) {
     const lk_lora_slice& sl = slices[i];
-    if (expand && !sl.N) continue;  // (N, col and ldy are checked by the entry points)  // no output columns: its slots are not read
+    if (expand && !sl.N) continue;  // no output columns: its slots are not read (N, col, ldy: checked by the entry points)
     if (lk_status st = check_batch(sl.slots, sl.num_slots, b, T, expand ? sl.N : -1, shrink ? K : -1, &cs[i]))
       return st;
     rmax = std::max(rmax, cs[i].rmax);
