@@ -284,6 +284,60 @@ class TestLoRA:
 
 
 
+class TestLoRACompiled:
+    """LoRA models compile with the plugin (vLLM alone turns compilation off when LoRA is on): the compiled graph
+    calls lorakern's backend through opaque custom ops that read the step's mapping and the slots when they run.
+    Same checks as TestLoRA, up to near-ties (inductor's fused fp32 norms differ from eager's in the last bits)."""
+
+    @pytest.fixture(scope="class")
+    def llm(self, fp_dir):
+        yield from serving(fp_dir, enable_lora=True, max_loras=2, max_cpu_loras=4, max_lora_rank=16,
+                           enforce_eager=False)
+
+    @pytest.fixture(scope="class")
+    def reference(self, smollm2, adapters):
+        """PEFT's greedy tokens and logits for PROMPTS[0] per adapter (None: the base model)."""
+        from peft import PeftModel
+
+        model, tok = smollm2
+        ref = {None: hf_greedy(model, tok, PROMPTS[0])}
+        for name in ("a0", "a1"):
+            pm = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters[name])).eval()
+            ref[name] = hf_greedy(pm, tok, PROMPTS[0])
+        return ref
+
+    def test_the_lora_model_is_compiled(self, llm):
+        from vllm.config import CompilationMode
+
+        assert llm.llm_engine.vllm_config.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
+
+    def test_mixed_batch_with_all_slots_full_matches_peft(self, llm, adapters, reference):
+        names = [None, "a0", "a1", None]
+        reqs = [None if n is None else LoRARequest(n, i, str(adapters[n])) for i, n in enumerate(names)]
+        got = greedy(llm, [PROMPTS[0]] * 4, reqs)
+        for g, n in zip(got, names):
+            assert_same_or_near_tie(g, *reference[n], f"adapter {n}")
+        assert got[0] == got[3] and len({tuple(g) for g in got[:3]}) == 3  # base rows alike, adapters applied
+
+    def test_adapters_swapped_while_running(self, llm, adapters, reference):
+        """Slots rewritten between steps of the compiled model (an adapter removed, another loaded in its slot)."""
+        eng = llm.llm_engine
+        for i, name in enumerate(("a1", "a0", "a1")):
+            req = LoRARequest(f"{name}-{i}", 10 + i, str(adapters[name]))
+            got = greedy(llm, [PROMPTS[0]], [req])[0]
+            assert_same_or_near_tie(got, *reference[name], f"adapter {name}, round {i}")
+            assert eng.remove_lora(10 + i)
+        assert_same_or_near_tie(greedy(llm, [PROMPTS[0]])[0], *reference[None], "base after removal")
+
+    def test_compressed_adapter_matches_lorakern_bank(self, llm, smollm2, adapters):
+        model, tok = smollm2
+        lm = copy.deepcopy(model)
+        lorakern.attach_adapters(lm, {"c0": str(adapters["c0"])}, dtype=torch.float32)
+        want = hf_greedy(lm, tok, PROMPTS[1], adapter_names=["c0"])
+        got = greedy(llm, [PROMPTS[1]], [LoRARequest("c0", 3, str(adapters["c0"]))])[0]
+        assert_same_or_near_tie(got, *want, "compressed c0")
+
+
 def test_openai_server_serves_adapters_and_refuses_unknown_ones(fp_dir, adapters, smollm2, tmp_path):
     """The README's serving command: lorakern's LoRA backend behind vLLM's OpenAI server; a request naming an
     adapter the server does not know gets vLLM's 404, and the server keeps serving."""

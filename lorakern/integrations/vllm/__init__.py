@@ -9,7 +9,8 @@ builds a model. It registers:
 * lorakern's LoRA backend (:mod:`.punica`): vLLM's per-token multi-adapter products on lorakern's kernels,
   replacing vLLM's CPU "punica wrapper" (``CpuPlatform.get_punica_wrapper``), and compressed (LoRAQuant) adapters
   kept compressed in vLLM's adapter cache and slots (:mod:`.adapters`). ``LORAKERN_VLLM_LORA=0`` keeps vLLM's own
-  LoRA path.
+  LoRA path. vLLM runs LoRA models uncompiled; with this backend they compile like models without LoRA
+  (``LORAKERN_VLLM_LORA_COMPILE=0`` keeps them eager).
 
 ``VLLM_PLUGINS=""`` (or a list without ``lorakern``) turns the plugin off for a process tree.
 
@@ -40,10 +41,8 @@ def register() -> None:
     from . import quantization  # noqa: F401  (registers "lorakern" with vLLM)
 
     if os.environ.get("LORAKERN_VLLM_LORA", "1") != "0":
-        from vllm.platforms.cpu import CpuPlatform
+        from . import adapters, punica
 
-        from . import adapters
-
-        CpuPlatform.get_punica_wrapper = classmethod(lambda cls: PUNICA_WRAPPER)
+        punica.install()
         adapters.install()
     _registered = True

@@ -18,8 +18,19 @@ Which method does what:
   left alone. lorakern has no kernel for a bare shrink into vLLM's buffers or for the embedding's expand.
 * fused-MoE LoRA and ``apply_lora_full_linear``: not supported; they raise ``NotImplementedError`` naming
   themselves.
+
+With compilation (vLLM's default; it turns compilation off whenever LoRA is on, and :func:`install` turns it back on
+for this backend): vLLM traces the model once with Dynamo, so the Python state this wrapper keeps (the step's token
+mapping, the banks, the slot versions) must not be read while tracing. ``add_lora_linear`` and
+``add_lora_embedding`` then record one opaque custom op each (``torch.ops.lorakern_vllm.add_lora_linear`` /
+``add_lora_embedding``, mutating ``y``) that runs the eager path above at run time; the rest of the layer (base
+matmul, norms, attention) is compiled around them. ``LORAKERN_VLLM_LORA_COMPILE=0`` keeps vLLM's eager LoRA.
 """
 from __future__ import annotations
+
+import itertools
+import os
+import weakref
 
 import torch
 
@@ -28,7 +39,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from ...multilora.bank import LayerBank, apply_slices
 from ...multilora.batch import LoRABatch
 
-__all__ = ["LorakernPunicaWrapper", "slot_ranks"]
+__all__ = ["LorakernPunicaWrapper", "slot_ranks", "install"]
 
 
 def slot_ranks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,6 +98,62 @@ def _fit(batch: LoRABatch, rows: int) -> LoRABatch:
     return LoRABatch(rows, batch.tokens, batch.weights, batch.segments, batch.max_count, batch.ids, batch.mixture)
 
 
+# ---- the compiled model's entry points: opaque to Dynamo, they run the wrapper's eager methods at run time ----
+_WRAPPERS: "weakref.WeakValueDictionary[int, LorakernPunicaWrapper]" = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+@torch.library.custom_op("lorakern_vllm::add_lora_linear", mutates_args=("y",))
+def _add_lora_linear_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                        scale: float, wrapper: int) -> None:
+    """``LorakernPunicaWrapper.add_lora_linear`` of wrapper number ``wrapper``, in place into ``y``."""
+    _WRAPPERS[wrapper]._add_lora_linear(y, x, lora_a, lora_b, scale)
+
+
+@_add_lora_linear_op.register_fake
+def _(y, x, lora_a, lora_b, scale, wrapper) -> None:
+    return None
+
+
+@torch.library.custom_op("lorakern_vllm::add_lora_embedding", mutates_args=("y",))
+def _add_lora_embedding_op(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool,
+                           wrapper: int) -> None:
+    """``LorakernPunicaWrapper.add_lora_embedding`` of wrapper number ``wrapper``, in place into ``y``."""
+    _WRAPPERS[wrapper]._add_lora_embedding(y, x, lora_b, add_inputs)
+
+
+@_add_lora_embedding_op.register_fake
+def _(y, x, lora_b, add_inputs, wrapper) -> None:
+    return None
+
+
+def install() -> None:
+    """Make vLLM's CPU platform use this backend and, unless ``LORAKERN_VLLM_LORA_COMPILE=0``, keep the compilation
+    mode it would have used without LoRA (it sets ``CompilationMode.NONE`` whenever LoRA is on; fully-sharded LoRA
+    layers, whose ``add_shrink`` / ``add_expand`` are plain Python loops, stay eager). Idempotent; called by
+    :func:`lorakern.integrations.vllm.register` in every vLLM process."""
+    from vllm.config import CompilationMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    from . import PUNICA_WRAPPER
+
+    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: PUNICA_WRAPPER)
+    orig = CpuPlatform.check_and_update_config
+    if os.environ.get("LORAKERN_VLLM_LORA_COMPILE", "1") == "0" or getattr(orig, "_lorakern", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        cc = vllm_config.compilation_config
+        asked = cc.mode == CompilationMode.VLLM_COMPILE
+        orig.__func__(cls, vllm_config)
+        lc = vllm_config.lora_config
+        if asked and lc is not None and cc.mode == CompilationMode.NONE and not lc.fully_sharded_loras:
+            cc.mode = CompilationMode.DYNAMO_TRACE_ONCE  # what the platform chose before its LoRA rule
+
+    check_and_update_config._lorakern = True
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
 class LorakernPunicaWrapper(PunicaWrapperCPU):
     """vLLM's punica wrapper on lorakern's kernels (see the module docstring). One instance serves every LoRA
     layer of a model; per-layer state is keyed on the layer's stacked A tensor."""
@@ -98,6 +165,8 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
         self._num_slots = 0
         self._token_batch: LoRABatch | None = None
         self._sampler_batch: LoRABatch | None = None
+        self._op_id = next(_IDS)  # the compiled model's custom ops find this wrapper by it
+        _WRAPPERS[self._op_id] = self
 
     # ---- metadata (once per step, shared by every layer) ---------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras: int, vocab_size: int, **kwargs):
@@ -130,10 +199,17 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
                         output_slices, *, buffer=None, **kwargs) -> None:
         """``y[:, slice i] += scale · x A_i[slot]^T B_i[slot]^T`` per token (slot -1: nothing), all slices in one
         call; in place into ``y`` ``[T, sum(output_slices)]``."""
-        if self._token_batch is None:
-            return
         if len(lora_a_stacked) != len(lora_b_stacked) or len(lora_b_stacked) != len(output_slices):
             raise ValueError("lorakern: one A and one B per output slice expected")
+        if torch.compiler.is_compiling():  # one opaque op in the graph; the state is read when it runs
+            torch.ops.lorakern_vllm.add_lora_linear(y, x, list(lora_a_stacked), list(lora_b_stacked), float(scale),
+                                                    self._op_id)
+            return
+        self._add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale)
+
+    def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale: float) -> None:
+        if self._token_batch is None:
+            return
         st = self._slots(lora_a_stacked, lora_b_stacked, scale)
         if st.max_rank == 0:  # no loaded adapter touches this layer
             return
@@ -211,6 +287,12 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
                            add_inputs: bool = True, **kwargs) -> None:
         """``y (+)= x B[slot]^T`` per token (x: the A rows vLLM gathered; slot -1: left as is)."""
+        if torch.compiler.is_compiling():
+            torch.ops.lorakern_vllm.add_lora_embedding(y, x, lora_b_stacked, bool(add_inputs), self._op_id)
+            return
+        self._add_lora_embedding(y, x, lora_b_stacked, add_inputs)
+
+    def _add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool) -> None:
         y2 = y.view(-1, y.shape[-1])
         n = min(lora_b_stacked.shape[2], y2.shape[1])
         for s, rows in self._per_slot(self.token_lora_indices, y2.shape[0]):
