@@ -11,14 +11,16 @@ bound (``VLLM_CPU_OMP_THREADS_BIND=0-1``), fp32 activations, greedy, ``ignore_eo
   (``lora_target_modules`` without lm_head, ``max_loras`` = the number of distinct adapters);
 * lorakern RTN 4-bit g32 base (head in fp32), no LoRA; with 64 distinct dense adapters; with 64 distinct
   LoRAQuant-compressed adapters (rho 0.9, 2-bit high part) out of 1,000 resident in vLLM's CPU adapter cache (the
-  1,000 ids load 64 distinct compressed files, so the resident memory is that of 1,000 adapters).
+  1,000 ids load 64 distinct compressed files, so the resident memory is that of 1,000 adapters);
+* a diagnostic row, ``lorakern_rtn4_lora64_unused``: the engine of the 64-adapter row with its adapters loaded,
+  every request without one (what LoRA being on costs before any adapter product).
 
 Every engine is asked to compile (``enforce_eager=False``): stock vLLM then compiles the model without LoRA and
 turns compilation off with LoRA (its CPU rule); with the plugin, LoRA models compile too.
 
 Adapters are random (Gaussian A, B scaled to a realistic update size; speed does not depend on their values).
-Each row: requests x generated tokens over the wall time of ``LLM.generate`` (median of 2 timed repeats after a
-warm-up batch, with min and max), start-up seconds (engine construction, adapter loading not included), and the
+Each row: the compilation mode the engine ran with (``compilation``), requests x generated tokens over the wall
+time of ``LLM.generate`` (median of 2 timed repeats after a warm-up batch, with min and max), start-up seconds (engine construction, adapter loading not included), and the
 peak RSS of the whole process tree (main process, engine core, worker). Results: benchmarks/results/vllm.json and
 vllm.png.
 """
@@ -120,7 +122,8 @@ def child(spec: dict) -> dict:
         for r in all_reqs[:resident]:  # resident in vLLM's CPU adapter cache
             llm.llm_engine.add_lora(r)
         load_s = time.perf_counter() - t0
-        reqs = [all_reqs[j % n] for j in range(spec["requests"])]  # n distinct adapters, round robin
+        if not spec.get("unused"):
+            reqs = [all_reqs[j % n] for j in range(spec["requests"])]  # n distinct adapters, round robin
     prompts = [{"prompt_token_ids": [1 + (17 * j + 31 * k) % 4000 for k in range(spec["prompt_len"])]}
                for j in range(spec["requests"])]
     sp = SamplingParams(temperature=0, max_tokens=spec["tokens"], ignore_eos=True)
@@ -135,7 +138,8 @@ def child(spec: dict) -> dict:
     toks = spec["requests"] * spec["tokens"]
     rates = [toks / t for t in times]
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
-            "startup_s": startup, "adapter_load_s": load_s, "repeats": len(times)}
+            "startup_s": startup, "adapter_load_s": load_s, "repeats": len(times),
+            "compilation": llm.llm_engine.vllm_config.compilation_config.mode.name}
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -226,6 +230,9 @@ def main(argv=None) -> int:
         ("lorakern_rtn4", True, dict(model=paths["rtn4"], quantized=True, compile=True, adapters=0), 4, 0, False),
         (f"lorakern_rtn4_lora{many}", True, dict(model=paths["rtn4"], quantized=True, compile=True, adapters=many,
                                                 paths=paths["dense"][:many]), 4, many, False),
+        (f"lorakern_rtn4_lora{many}_unused", True, dict(model=paths["rtn4"], quantized=True, compile=True,
+                                                       adapters=many, paths=paths["dense"][:many], unused=True),
+         4, 0, False),
         (f"lorakern_rtn4_compressed{many}_of{resident}", True,
          dict(model=paths["rtn4"], quantized=True, compile=True, adapters=many, paths=paths["compressed"][:many],
               resident=resident), 4, many, True),

@@ -34,6 +34,7 @@ import weakref
 
 import torch
 
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from ...multilora.bank import LayerBank, apply_slices
@@ -99,15 +100,51 @@ def _fit(batch: LoRABatch, rows: int) -> LoRABatch:
 
 
 # ---- the compiled model's entry points: opaque to Dynamo, they run the wrapper's eager methods at run time ----
-_WRAPPERS: "weakref.WeakValueDictionary[int, LorakernPunicaWrapper]" = weakref.WeakValueDictionary()
+# A wrapper is found by a name that is the same in every run of the same engine (vLLM may load a compiled graph
+# from its disk cache): vLLM's forward context of the engine running the graph holds it (the engine's
+# ``static_forward_context``, where vLLM's own layers register for their custom ops), this process's table
+# otherwise.
+_WRAPPERS: "weakref.WeakValueDictionary[str, LorakernPunicaWrapper]" = weakref.WeakValueDictionary()
 _IDS = itertools.count()
+_NAME = "lorakern.punica_wrapper"
+
+
+def _register(wrapper) -> str:
+    """The name the compiled graph finds ``wrapper`` by (registered in the engine's forward context if vLLM is
+    building one)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    ctx = None if cfg is None else cfg.compilation_config.static_forward_context
+    if ctx is None:
+        name = f"{_NAME}.process{next(_IDS)}"
+    else:
+        i = 0
+        while f"{_NAME}.{i}" in ctx:
+            i += 1
+        name = f"{_NAME}.{i}"
+        ctx[name] = wrapper
+    _WRAPPERS[name] = wrapper
+    return name
+
+
+def _wrapper(name: str) -> "LorakernPunicaWrapper":
+    if is_forward_context_available():
+        w = get_forward_context().no_compile_layers.get(name)
+        if w is not None:
+            return w
+    try:
+        return _WRAPPERS[name]
+    except KeyError:
+        raise RuntimeError(f"lorakern: no LoRA backend named {name!r} in this process (a compiled graph of another "
+                           "engine?)") from None
 
 
 @torch.library.custom_op("lorakern_vllm::add_lora_linear", mutates_args=("y",))
 def _add_lora_linear_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
-                        scale: float, wrapper: int) -> None:
-    """``LorakernPunicaWrapper.add_lora_linear`` of wrapper number ``wrapper``, in place into ``y``."""
-    _WRAPPERS[wrapper]._add_lora_linear(y, x, lora_a, lora_b, scale)
+                        scale: float, wrapper: str) -> None:
+    """``LorakernPunicaWrapper.add_lora_linear`` of the wrapper named ``wrapper``, in place into ``y``."""
+    _wrapper(wrapper)._add_lora_linear(y, x, lora_a, lora_b, scale)
 
 
 @_add_lora_linear_op.register_fake
@@ -117,9 +154,9 @@ def _(y, x, lora_a, lora_b, scale, wrapper) -> None:
 
 @torch.library.custom_op("lorakern_vllm::add_lora_embedding", mutates_args=("y",))
 def _add_lora_embedding_op(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool,
-                           wrapper: int) -> None:
-    """``LorakernPunicaWrapper.add_lora_embedding`` of wrapper number ``wrapper``, in place into ``y``."""
-    _WRAPPERS[wrapper]._add_lora_embedding(y, x, lora_b, add_inputs)
+                           wrapper: str) -> None:
+    """``LorakernPunicaWrapper.add_lora_embedding`` of the wrapper named ``wrapper``, in place into ``y``."""
+    _wrapper(wrapper)._add_lora_embedding(y, x, lora_b, add_inputs)
 
 
 @_add_lora_embedding_op.register_fake
@@ -129,8 +166,9 @@ def _(y, x, lora_b, add_inputs, wrapper) -> None:
 
 def install() -> None:
     """Make vLLM's CPU platform use this backend and, unless ``LORAKERN_VLLM_LORA_COMPILE=0``, keep the compilation
-    mode it would have used without LoRA (it sets ``CompilationMode.NONE`` whenever LoRA is on; fully-sharded LoRA
-    layers, whose ``add_shrink`` / ``add_expand`` are plain Python loops, stay eager). Idempotent; called by
+    mode it would have used without LoRA (it sets ``CompilationMode.NONE`` whenever LoRA is on; its own choice
+    for a model without LoRA is ``DYNAMO_TRACE_ONCE``; fully-sharded LoRA layers, whose ``add_shrink`` /
+    ``add_expand`` are plain Python loops, stay eager). Idempotent; called by
     :func:`lorakern.integrations.vllm.register` in every vLLM process."""
     from vllm.config import CompilationMode
     from vllm.platforms.cpu import CpuPlatform
@@ -144,11 +182,13 @@ def install() -> None:
 
     def check_and_update_config(cls, vllm_config) -> None:
         cc = vllm_config.compilation_config
-        asked = cc.mode == CompilationMode.VLLM_COMPILE
+        asked = cc.mode
         orig.__func__(cls, vllm_config)
         lc = vllm_config.lora_config
-        if asked and lc is not None and cc.mode == CompilationMode.NONE and not lc.fully_sharded_loras:
-            cc.mode = CompilationMode.DYNAMO_TRACE_ONCE  # what the platform chose before its LoRA rule
+        if asked != CompilationMode.NONE and lc is not None and cc.mode == CompilationMode.NONE \
+                and not lc.fully_sharded_loras:  # what the platform chose before its LoRA rule
+            cc.mode = CompilationMode.STOCK_TORCH_COMPILE if asked == CompilationMode.STOCK_TORCH_COMPILE \
+                else CompilationMode.DYNAMO_TRACE_ONCE
 
     check_and_update_config._lorakern = True
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
@@ -165,8 +205,7 @@ class LorakernPunicaWrapper(PunicaWrapperCPU):
         self._num_slots = 0
         self._token_batch: LoRABatch | None = None
         self._sampler_batch: LoRABatch | None = None
-        self._op_id = next(_IDS)  # the compiled model's custom ops find this wrapper by it
-        _WRAPPERS[self._op_id] = self
+        self._op_id = _register(self)  # the compiled model's custom ops find this wrapper by it
 
     # ---- metadata (once per step, shared by every layer) ---------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras: int, vocab_size: int, **kwargs):
