@@ -13,7 +13,10 @@ r in {16, 64} (--quick: M = 1, r = 16). Impls, timed interleaved:
   is the torch.library op's CPU kernel with every argument checked on each call;
   ``lorakern_mixed_c_abi`` calls the C++ kernel directly, as a stack embedding the C ABI would) against
   ``torch_lora``, the same adapter unquantized, ``base + (x A^T) B^T * s`` in whichever of
-  fp32 / bf16 / fp16 torch runs fastest here (all three are timed; the row says which).
+  fp32 / bf16 / fp16 torch runs fastest here (all three are timed; the row says which);
+  ``lorakern_mixed_inplace`` (``PreparedLoRA.lora_mixed_``: base += adapter, no output allocation, as an engine's
+  ``y += lora(x)``) against ``torch_lora_inplace``, the fastest of torch's ``base.addmm_(x A^T, B^T, alpha=s)``
+  (fp32) and the out-of-place rows.
 * extra rows: ``base_plus_mixed_unfused`` (QuantLinear, then lora_mixed: two calls),
   ``base_plus_torch_lora`` (QuantLinear plus torch's fp32 adapter), and each torch dtype.
 
@@ -95,6 +98,7 @@ def main(argv=None):
             x = torch.randn(M, K, generator=gen)
             base0 = torch.randn(M, N, generator=gen)
             yout = torch.empty(M, N)
+            yacc = base0.clone()  # the in-place rows add into it (its values do not matter for speed)
 
             def torch_lora(dt):
                 xs, ws = x.to(dt), fps[dt]
@@ -110,6 +114,12 @@ def main(argv=None):
                     lambda i: qls[i](x) + (x @ fps[torch.float32][i][0].t()) @ fps[torch.float32][i][1].t() * SCALE,
                     nb),
                 "lorakern_mixed": Case("lorakern_mixed", lambda i: preps[i].lora_mixed(x, base0), na, adapter_bytes),
+                "lorakern_mixed_inplace": Case("lorakern_mixed_inplace", lambda i: preps[i].lora_mixed_(x, yacc), na,
+                                               adapter_bytes),
+                "torch_lora_fp32_inplace": Case(
+                    "torch_lora_fp32_inplace",
+                    lambda i: yacc.addmm_(x @ fps[torch.float32][i][0].t(), fps[torch.float32][i][1].t(), alpha=SCALE),
+                    na),
                 "lorakern_mixed_c_abi": Case(
                     "lorakern_mixed_c_abi",
                     lambda i: nat.lora_mixed(x.data_ptr(), 0, M, preps[i].record, base0.data_ptr(),
@@ -126,9 +136,13 @@ def main(argv=None):
             for impl in ("base_only", "base_plus_mixed", "lorakern_mixed"):
                 rows.append({"impl": impl, "M": M, "r": r, **st[impl]})
             rows.append({"impl": "torch_lora", "M": M, "r": r, "dtype": best, **st[f"torch_lora_{best}"]})
+            rows.append({"impl": "lorakern_mixed_inplace", "M": M, "r": r, **st["lorakern_mixed_inplace"]})
+            best_ip = min(("fp32_inplace", "fp32", "bf16", "fp16"), key=lambda d: st[f"torch_lora_{d}"]["median_ms"])
+            rows.append({"impl": "torch_lora_inplace", "M": M, "r": r, "dtype": best_ip,
+                         **st[f"torch_lora_{best_ip}"]})
             for impl in ("base_plus_mixed_unfused", "base_plus_torch_lora", "lorakern_mixed_checked",
                          "lorakern_mixed_c_abi",
-                         "torch_lora_fp32", "torch_lora_bf16", "torch_lora_fp16"):
+                         "torch_lora_fp32", "torch_lora_bf16", "torch_lora_fp16", "torch_lora_fp32_inplace"):
                 extra.append({"impl": impl, "M": M, "r": r, **st[impl]})
             for k, v in st.items():
                 print(f"r={r:3d} M={M:3d} {k:24s} {v['median_ms']:8.4f} ms  [{v['p25_ms']:.4f}, {v['p75_ms']:.4f}]",
@@ -138,7 +152,9 @@ def main(argv=None):
         "base_plus_mixed_over_base_only": med[("base_plus_mixed", M, r)] / med[("base_only", M, r)],
         "unfused_over_base_only": med[("base_plus_mixed_unfused", M, r)] / med[("base_only", M, r)],
         "torch_lora_over_lorakern_mixed": med[("torch_lora", M, r)] / med[("lorakern_mixed", M, r)],
-        "torch_lora_over_lorakern_mixed_c_abi": med[("torch_lora", M, r)] / med[("lorakern_mixed_c_abi", M, r)]}
+        "torch_lora_over_lorakern_mixed_c_abi": med[("torch_lora", M, r)] / med[("lorakern_mixed_c_abi", M, r)],
+        "torch_lora_inplace_over_lorakern_mixed_inplace": med[("torch_lora_inplace", M, r)]
+        / med[("lorakern_mixed_inplace", M, r)]}
         for r in ranks for M in Ms}
     for k, v in ratios.items():
         print(k, {n: round(x, 3) for n, x in v.items()})

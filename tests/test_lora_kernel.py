@@ -69,6 +69,28 @@ def test_lora_mixed_cpu_matches_reference(isa, bits_hi, dtype, rng):
         assert torch.isfinite(y).all() and (err <= tol + 1e-30).all(), f"{(M, N, K, r, h)}: max err {err.max():.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prepared_lora_in_place_equals_out_of_place(isa, dtype, rng):
+    """PreparedLoRA.lora_mixed_ (base += adapter in place, the C ABI with base == y) gives exactly lora_mixed's
+    result, on the lean decode path and on the general one (3-D, non-contiguous), and refuses a base needing grad."""
+    from lorakern.ops.cpu import PreparedLoRA
+
+    for M, N, K, r, h, ga, gb in CASES[:3] + CASES[7:]:
+        c = random_compressed(N, K, r, h, 2, ga, gb, rng)
+        p = PreparedLoRA(c.op_tensors(), c.bits_high, ga, gb, N, K, c.scale)
+        for shape in ((M, K), (2, M, K)):
+            x = (torch.randn(*shape, generator=rng) * 2).to(dtype)
+            base = torch.randn(*shape[:-1], N, generator=rng).to(dtype)
+            want = p.lora_mixed(x, base)
+            assert not torch.equal(want, base)
+            got = base.clone()
+            assert p.lora_mixed_(x, got) is got and torch.equal(got, want), (M, N, K, shape)
+            if len(shape) == 3 and M > 1:  # non-contiguous x and base: the general path
+                xn, bn = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (x, base))
+                assert not bn.is_contiguous() and torch.equal(p.lora_mixed_(xn, bn), want)
+        with pytest.raises(RuntimeError, match="requires grad"):
+            p.lora_mixed_(x.float() if dtype == torch.float32 else x, base.clone().requires_grad_())
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_matmul_lora_cpu_matches_reference(isa, bits, dtype, rng):

@@ -433,12 +433,21 @@ class PreparedLoRA:
         if x.dim() < 1 or x.shape[-1] != self.K:
             raise ValueError(f"lorakern: x has shape {tuple(x.shape)}, expected last dimension K={self.K}")
 
+    def _lean(self, x, base) -> int:
+        """x's dtype code when (x, base) is the decode case the C ABI takes as is (2-D, contiguous, one dtype,
+        [M, K] and [M, N], rank > 0); -1 otherwise. The fewest tensor queries that decide it: they are most of
+        a small adapter's per-call cost."""
+        code = _DTYPE_CODE.get(x.dtype, -1)
+        xs = x.shape
+        if (code < 0 or len(xs) != 2 or xs[1] != self.K or base.shape != (xs[0], self.N) or base.dtype != x.dtype
+                or not self.rank or not (x.is_contiguous() and base.is_contiguous())):
+            return -1
+        return code
+
     def lora_mixed(self, x, base):
-        """``base + adapter(x)`` (base: ``[..., N]`` in x's dtype)."""
-        code = _DTYPE_CODE.get(x.dtype)
-        if (code is not None and x.dim() == 2 and base.dim() == 2 and base.dtype == x.dtype
-                and x.shape[1] == self.K and base.shape[1] == self.N and base.shape[0] == x.shape[0]
-                and x.is_contiguous() and base.is_contiguous() and self.rank):  # the decode case, lean
+        """``base + adapter(x)`` (base: ``[..., N]`` in x's dtype), a new tensor."""
+        code = self._lean(x, base)
+        if code >= 0:  # the decode case, lean
             y = torch.empty_like(base)
             if x.shape[0]:
                 native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, base.data_ptr(), y.data_ptr(),
@@ -449,6 +458,20 @@ class PreparedLoRA:
             raise ValueError(f"lorakern: base {tuple(base.shape)} {base.dtype} does not match x {tuple(x.shape)} "
                              f"{x.dtype} and N={self.N}")
         return _lora_mixed_run(x, base, self.N, self.K, self.record, self.rank)
+
+    def lora_mixed_(self, x, base):
+        """``base += adapter(x)`` in place (base: ``[..., N]`` in x's dtype); returns ``base``. For callers that
+        own a fresh base output (an engine's ``y += lora(x)``): no output allocation. Raises as
+        :meth:`lora_mixed`; a base that needs grad is refused (in-place on an autograd leaf)."""
+        code = self._lean(x, base)
+        if code >= 0 and not base.requires_grad:
+            if x.shape[0]:
+                ptr = base.data_ptr()  # the C ABI reads each base element before it writes y there
+                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, ptr, ptr, torch.get_num_threads())
+            return base
+        if base.requires_grad:
+            raise RuntimeError("lorakern: lora_mixed_ adds in place; base requires grad (use lora_mixed)")
+        return base.copy_(self.lora_mixed(x, base))
 
     def quant_matmul_lora(self, x, qweight, scales, zeros, bits, group_size, bias):
         """``x W^T (+ bias) + adapter(x)`` in one call."""
