@@ -20,8 +20,9 @@ turns compilation off with LoRA (its CPU rule); with the plugin, LoRA models com
 
 Adapters are random (Gaussian A, B scaled to a realistic update size; speed does not depend on their values).
 Each row: the compilation mode the engine ran with (``compilation``), requests x generated tokens over the wall
-time of ``LLM.generate`` (median of 2 timed repeats after a warm-up batch, with min and max), start-up seconds (engine construction, adapter loading not included), and the
-peak RSS of the whole process tree (main process, engine core, worker). Results: benchmarks/results/vllm.json and
+time of ``LLM.generate`` (median of 2 timed repeats after a warm-up batch, with min and max), start-up seconds
+(engine construction, adapter loading not included), and the peak RSS of the whole process tree (main process,
+engine core, worker). Results: benchmarks/results/vllm.json and
 vllm.png.
 """
 from __future__ import annotations

@@ -91,6 +91,7 @@ def test_prepared_lora_in_place_equals_out_of_place(isa, dtype, rng):
         with pytest.raises(RuntimeError, match="requires grad"):
             p.lora_mixed_(x.float() if dtype == torch.float32 else x, base.clone().requires_grad_())
 
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_matmul_lora_cpu_matches_reference(isa, bits, dtype, rng):

@@ -119,6 +119,19 @@ def adapters(smollm2, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def peft_greedy(smollm2, adapters):
+    """PEFT's greedy tokens and step logits for PROMPTS[0] per adapter (None: the base model)."""
+    from peft import PeftModel
+
+    model, tok = smollm2
+    ref = {None: hf_greedy(model, tok, PROMPTS[0])}
+    for name in ("a0", "a1"):
+        pm = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters[name])).eval()
+        ref[name] = hf_greedy(pm, tok, PROMPTS[0])
+    return ref
+
+
 def greedy(llm: LLM, prompts, lora_request=None) -> list[list[int]]:
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW), lora_request=lora_request,
                         use_tqdm=False)
@@ -246,15 +259,8 @@ class TestLoRA:
         yield from serving(fp_dir, enable_lora=True, max_loras=2, max_cpu_loras=4, max_lora_rank=16)
 
     @pytest.fixture(scope="class")
-    def peft_reference(self, smollm2, adapters):
-        from peft import PeftModel
-
-        model, tok = smollm2
-        ref = {None: hf_greedy(model, tok, PROMPTS[0])[0]}
-        for name in ("a0", "a1"):
-            pm = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters[name])).eval()
-            ref[name] = hf_greedy(pm, tok, PROMPTS[0])[0]
-        return ref
+    def peft_reference(self, peft_greedy):
+        return {name: tokens for name, (tokens, _) in peft_greedy.items()}
 
     def test_mixed_batch_with_all_slots_full_matches_peft(self, llm, adapters, peft_reference):
         reqs = [None, LoRARequest("a0", 1, str(adapters["a0"])), LoRARequest("a1", 2, str(adapters["a1"])), None]
@@ -282,8 +288,6 @@ class TestLoRA:
         assert greedy(llm, [PROMPTS[0]]) == [peft_reference[None]]
         assert greedy(llm, [PROMPTS[0]], [LoRARequest("a0", 1, str(adapters["a0"]))]) == [peft_reference["a0"]]
 
-
-
 class TestLoRACompiled:
     """LoRA models compile with the plugin (vLLM alone turns compilation off when LoRA is on): the compiled graph
     calls lorakern's backend through opaque custom ops that read the step's mapping and the slots when they run.
@@ -294,32 +298,20 @@ class TestLoRACompiled:
         yield from serving(fp_dir, enable_lora=True, max_loras=2, max_cpu_loras=4, max_lora_rank=16,
                            enforce_eager=False)
 
-    @pytest.fixture(scope="class")
-    def reference(self, smollm2, adapters):
-        """PEFT's greedy tokens and logits for PROMPTS[0] per adapter (None: the base model)."""
-        from peft import PeftModel
-
-        model, tok = smollm2
-        ref = {None: hf_greedy(model, tok, PROMPTS[0])}
-        for name in ("a0", "a1"):
-            pm = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters[name])).eval()
-            ref[name] = hf_greedy(pm, tok, PROMPTS[0])
-        return ref
-
     def test_the_lora_model_is_compiled(self, llm):
         from vllm.config import CompilationMode
 
         assert llm.llm_engine.vllm_config.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
 
-    def test_mixed_batch_with_all_slots_full_matches_peft(self, llm, adapters, reference):
+    def test_mixed_batch_with_all_slots_full_matches_peft(self, llm, adapters, peft_greedy):
         names = [None, "a0", "a1", None]
         reqs = [None if n is None else LoRARequest(n, i, str(adapters[n])) for i, n in enumerate(names)]
         got = greedy(llm, [PROMPTS[0]] * 4, reqs)
         for g, n in zip(got, names):
-            assert_same_or_near_tie(g, *reference[n], f"adapter {n}")
+            assert_same_or_near_tie(g, *peft_greedy[n], f"adapter {n}")
         assert got[0] == got[3] and len({tuple(g) for g in got[:3]}) == 3  # base rows alike, adapters applied
 
-    def test_adapters_swapped_while_running(self, llm, adapters, reference):
+    def test_adapters_swapped_while_running(self, llm, adapters, peft_greedy):
         """Slots rewritten between steps of the compiled model (an adapter removed, another loaded in its place):
         each round gives its own adapter's text, not the base's or the previous round's."""
         eng = llm.llm_engine
@@ -328,7 +320,7 @@ class TestLoRACompiled:
         for i, name in enumerate(("a1", "a0", "a1", "a0")):
             req = LoRARequest(f"{name}-{i}", 10 + i, str(adapters[name]))
             got.append(greedy(llm, [PROMPTS[0]], [req])[0])
-            assert_same_or_near_tie(got[-1], *reference[name], f"adapter {name}, round {i}")
+            assert_same_or_near_tie(got[-1], *peft_greedy[name], f"adapter {name}, round {i}")
             assert eng.remove_lora(10 + i)
         assert got[0] == got[2] and got[1] == got[3] and got[0] != got[1] and base not in got
         assert greedy(llm, [PROMPTS[0]])[0] == base
@@ -342,6 +334,7 @@ class TestLoRACompiled:
         assert_same_or_near_tie(got[0], *want, "compressed c0")
         assert_same_or_near_tie(got[1], *hf_greedy(model, tok, PROMPTS[1]), "base beside c0")
         assert got[0] != got[1]
+
 
 def test_openai_server_serves_adapters_and_refuses_unknown_ones(fp_dir, adapters, smollm2, tmp_path):
     """The README's serving command: lorakern's LoRA backend behind vLLM's OpenAI server; a request naming an

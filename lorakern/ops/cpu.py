@@ -444,14 +444,18 @@ class PreparedLoRA:
             return -1
         return code
 
+    def _run(self, x, code: int, base, y) -> None:
+        """The C ABI on the lean case (``_lean``); y may be base."""
+        if x.shape[0]:
+            native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, base.data_ptr(), y.data_ptr(),
+                                torch.get_num_threads())
+
     def lora_mixed(self, x, base):
         """``base + adapter(x)`` (base: ``[..., N]`` in x's dtype), a new tensor."""
         code = self._lean(x, base)
         if code >= 0:  # the decode case, lean
             y = torch.empty_like(base)
-            if x.shape[0]:
-                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, base.data_ptr(), y.data_ptr(),
-                                    torch.get_num_threads())
+            self._run(x, code, base, y)
             return y
         self._check_x(x)
         if base.dtype != x.dtype or base.shape[:-1] != x.shape[:-1] or base.shape[-1] != self.N:
@@ -463,15 +467,13 @@ class PreparedLoRA:
         """``base += adapter(x)`` in place (base: ``[..., N]`` in x's dtype); returns ``base``. For callers that
         own a fresh base output (an engine's ``y += lora(x)``): no output allocation. Raises as
         :meth:`lora_mixed`; a base that needs grad is refused (in-place on an autograd leaf)."""
-        code = self._lean(x, base)
-        if code >= 0 and not base.requires_grad:
-            if x.shape[0]:
-                ptr = base.data_ptr()  # the C ABI reads each base element before it writes y there
-                native().lora_mixed(x.data_ptr(), code, x.shape[0], self.record, ptr, ptr, torch.get_num_threads())
-            return base
         if base.requires_grad:
             raise RuntimeError("lorakern: lora_mixed_ adds in place; base requires grad (use lora_mixed)")
-        return base.copy_(self.lora_mixed(x, base))
+        code = self._lean(x, base)
+        if code < 0:
+            return base.copy_(self.lora_mixed(x, base))
+        self._run(x, code, base, base)  # the C ABI reads each base element before it writes y there
+        return base
 
     def quant_matmul_lora(self, x, qweight, scales, zeros, bits, group_size, bias):
         """``x W^T (+ bias) + adapter(x)`` in one call."""
