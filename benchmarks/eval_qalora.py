@@ -2,6 +2,7 @@
 
     python benchmarks/eval_qalora.py [--quick] [--json PATH] [--tasks ...] [--bits 4 3 2] [--steps N]
                                      [--batch-size N] [--eval-examples N] [--quantizer rtn|gptq]
+                                     [--resume [--retime]] [--decode-repeats N] [--report]
 
 For every task of the adapter suite (the six generated tasks and the WikiText-2 language-modelling adapter)
 and every base (SmolLM2-135M-Instruct's decoder projections quantized at 4, 3 and 2 bits, groups of 32,
@@ -22,12 +23,14 @@ trained adapter. Metric: exact match of greedy answers on ``--eval-examples`` he
 sqrt(p (1 - p) / n): <= 0.05 at n = 100), or WikiText-2 test perplexity on 4 windows of 512 tokens for the LM
 adapter. ``avg_bits``: stored bits per weight of the decoder's projections (codes + fp16 scale and zero per
 group of 32 = bits + 1; an unmerged adapter's fp16 factors added; 32 for the fp32 base). ``decode_ms``: time per
-generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generate``, median of 5 rounds
-interleaved over the forms of one base (the first task's adapters). Also measured: the peak RSS of training on
+generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generate``, median of
+``--decode-repeats`` (5) rounds interleaved over the forms of one base (the first task's adapters). Also measured: the peak RSS of training on
 the 4-bit base (loaded from its quantized directory) and on the fp32 base, each in a fresh process.
 
 Trained adapters are cached under ``$LORAKERN_CACHE/qalora_eval/<settings>/`` so an interrupted run resumes;
-``--resume`` also keeps the complete tasks' rows, decode times and peak RSS from the JSON.
+``--resume`` also keeps the complete tasks' rows, decode times and peak RSS from the JSON; ``--resume --retime``
+measures every form's decode time again (with the first complete task's cached adapters), so that all of them come
+from the machine the JSON names.
 Rows ``{"task", "base_bits", "method", "metric", "metric_name", "higher_is_better", "avg_bits", "decode_ms"}``
 go to benchmarks/results/qalora.json (quick: qalora_quick.json) with a markdown table beside it.
 """
@@ -264,11 +267,17 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the JSON's complete tasks (rows, decode times, peak RSS) from a stopped run with the "
                          "same settings and run only the rest")
+    ap.add_argument("--retime", action="store_true",
+                    help="with --resume: measure every served form's decode time again on this machine (the kept "
+                         "rows' metrics stay)")
+    ap.add_argument("--decode-repeats", type=int, default=5, help="interleaved rounds of the decode timing")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite the markdown table and summary from the JSON's rows (e.g. of a stopped run)")
     ap.add_argument("--_rss-probe", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.steps = a.steps or (30 if a.quick else 120)
+    if a.retime and not a.resume:
+        ap.error("--retime re-times a resumed run's forms: give --resume too")
     if a._rss_probe:
         rss_probe(a._rss_probe[0], a._rss_probe[1], min(a.steps, 3))
         return 0
@@ -307,7 +316,7 @@ def main(argv=None) -> int:
     decode = {}  # base_bits -> {served form: ms per token}
 
     def timed(bits, models):
-        decode[bits] = decode_ms(models, tok)
+        decode[bits] = decode_ms(models, tok, a.decode_repeats)
         log(f"{bits}-bit decode ms/token: {decode[bits]}")
         for r in rows:
             r["decode_ms"] = decode.get(r["base_bits"], {}).get(r["method"], r["decode_ms"])
@@ -320,6 +329,19 @@ def main(argv=None) -> int:
         log(f"{task} {bits}-bit {method}: {name} {metric:.4g}")
         write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
                               "rows": rows, "train_peak_rss": rss})
+
+    def time_fp32(ad):
+        withad = copy.deepcopy(fp)
+        attach_adapter(withad, ad, dtype=torch.float16)
+        timed(32, {"base": fp, "lora_fp16": withad})
+
+    def time_base(bits, qa, lo, merged, requant):
+        qbase = qbases[bits]
+        unq, unl = copy.deepcopy(qbase), copy.deepcopy(qbase)
+        attach_adapter(unq, qa)
+        attach_adapter(unl, lo, dtype=torch.float16)
+        timed(bits, {"base": qbase, "qalora_merged": merged, "lora_merged_requant": requant,
+                     "qalora_unmerged": unq, "lora_unmerged": unl})
 
     def metric(model, task):
         return evaluate_adapter_metric(model, tok, task, a.eval_examples)
@@ -336,7 +358,9 @@ def main(argv=None) -> int:
                                             for r in old["rows"]) for b in bits_list for m in METHODS[:-2])]
         rows = [r for r in old["rows"] if r["task"] in done]
         for r in rows:
-            if r["decode_ms"] is not None:
+            if a.retime:
+                r["decode_ms"] = None
+            elif r["decode_ms"] is not None:
                 decode.setdefault(r["base_bits"], {})[r["method"]] = r["decode_ms"]
         rss = old.get("train_peak_rss") or None
         log(f"resuming: kept {done}; decode times of bases {sorted(decode)}; peak RSS {rss}")
@@ -359,10 +383,7 @@ def main(argv=None) -> int:
         with apply_adapter(fp, ad, dtype=torch.float16):
             add(t, 32, "lora_fp16", metric(fp, t), 32.0 + adapter_bits(ad) / nweights, train_seconds=sec)
         if 32 not in decode:
-            withad = copy.deepcopy(fp)
-            attach_adapter(withad, ad, dtype=torch.float16)
-            timed(32, {"base": fp, "lora_fp16": withad})
-            del withad
+            time_fp32(ad)
         for bits in bits_list:
             qbase, base_bits = qbases[bits], bits + 32.0 / GROUP
             add(t, bits, "base", metric(qbase, t), base_bits)
@@ -378,13 +399,20 @@ def main(argv=None) -> int:
             with apply_adapter(qbase, lo, dtype=torch.float16):
                 add(t, bits, "lora_unmerged", metric(qbase, t), base_bits + adapter_bits(lo) / nweights)
             if bits not in decode:  # the served forms' speed does not depend on the task: time the first's
-                unq, unl = copy.deepcopy(qbase), copy.deepcopy(qbase)
-                attach_adapter(unq, qa)
-                attach_adapter(unl, lo, dtype=torch.float16)
-                timed(bits, {"base": qbase, "qalora_merged": merged, "lora_merged_requant": requant,
-                             "qalora_unmerged": unq, "lora_unmerged": unl})
-                del unq, unl
+                time_base(bits, qa, lo, merged, requant)
         log(f"after {t}: {report()}")
+    if a.retime:  # bases not timed by this run's tasks: with the first complete task's (cached) adapters
+        t = next(t for t in names if t in done)
+        if 32 not in decode:
+            ad, _ = trained(fp, tok, t, a, False, root / "fp32" / t)
+            time_fp32(ad)
+        for bits in (b for b in bits_list if b not in decode):
+            qa, _ = trained(qbases[bits], tok, t, a, True, root / f"q{bits}" / t / "qalora")
+            lo, _ = trained(qbases[bits], tok, t, a, False, root / f"q{bits}" / t / "lora")
+            merged = copy.deepcopy(qbases[bits])
+            merge_qalora_adapter(merged, qa)
+            time_base(bits, qa, lo, merged, merged_requant(qbases[bits], lo, bits))
+        log(f"re-timed with {t}'s adapters: {report()}")
     return 0
 
 
