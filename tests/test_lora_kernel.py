@@ -50,6 +50,7 @@ CASES = [  # M, N, K, r, h, ga, gb
     (5, 256, 128, 128, 40, 128, 128),  # rank 128
     (2, 96, 160, 7, 3, 32, 32),       # decode (M <= 2: codes decoded in registers), groups of 32
     (1, 320, 192, 16, 4, 64, 64),     # decode, groups of 64 (16-byte 2-bit groups)
+    (1, 1344, 96, 13, 2, 32, 32),     # decode, 42 groups of B'^T: the 1-bit expand's 16-group chunks, a ragged one
 ]
 
 
