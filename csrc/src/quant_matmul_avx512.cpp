@@ -222,53 +222,58 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 // A 1-bit compressed part straight from its codes (SimdVec::axpy_qpart; the other widths take the AVX2
 // decoder): y[0:c1-c0] += sum_i coef[i] s_i (q_i - z_i) over columns [c0, c1) (multiples of 32; rows <= 256,
-// qpart_layout_avx2), as sum_i coef s_i (0 - z_i) (once per group and 32 columns) plus coef s_i under row i's
-// bits: each 16 columns' bits are loaded straight into a mask register and row i's term added under it, one
-// masked add per row and 16 columns (the blend of two terms and its add took three times the vector ports). Even
-// and odd rows go to separate sums (two add chains), added at the end of each 32 columns.
+// qpart_layout_avx2). Each row's two terms, coef s (1 - z) and coef s (0 - z), are formed as the AVX2 decoder
+// forms them, 16 groups at a time (one fp16 vector of scales and one of zeros per row); each 16 columns' bits
+// are then a mask choosing per lane. Even and odd rows go to separate sums (two add chains), added at the end of
+// each 32 columns.
 template <int G>
 void axpy_qpart_1bit(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
   const int64_t rb = row_bytes(p.K, 1), ng = p.K / G, R = p.N;
-  constexpr int64_t kChunk = 16;  // groups whose terms are formed at once: one fp16 vector per row
-  alignas(64) float cs[256 * kChunk], zs[kChunk];
+  constexpr int64_t kChunk = 16;
+  alignas(64) float one[256 * kChunk], zero[256 * kChunk];
   for (int64_t g = c0 / G, gend = (c1 + G - 1) / G; g < gend; ++g) {
     const int64_t gi = (g - c0 / G) % kChunk;
-    if (gi == 0) {  // rows' coef s for the next kChunk groups, and per group the sum of the code-0 terms
+    if (gi == 0) {  // the rows' terms for the next kChunk groups
       const int64_t n = std::min(kChunk, gend - g);
-      const __mmask16 k = (__mmask16)((1u << n) - 1);
-      __m512 zsum = _mm512_setzero_ps();
       for (int64_t i = 0; i < R; ++i) {
-        const __m512 c = _mm512_mul_ps(_mm512_set1_ps(coef[i]),
-                                       _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p.scales + i * ng + g)));
-        _mm512_store_ps(cs + i * kChunk, c);
-        zsum = _mm512_fnmadd_ps(c, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p.zeros + i * ng + g)), zsum);
+        const uint16_t *sp = p.scales + i * ng + g, *zp = p.zeros + i * ng + g;
+        __m512 s, z;
+        if (n == kChunk) {
+          s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sp));
+          z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)zp));
+        } else {  // (a partial chunk reads only its own groups: the rows' scales end there)
+          alignas(32) uint16_t sb[kChunk] = {}, zb[kChunk] = {};
+          std::memcpy(sb, sp, (size_t)n * 2);
+          std::memcpy(zb, zp, (size_t)n * 2);
+          s = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)sb));
+          z = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)zb));
+        }
+        const __m512 c = _mm512_mul_ps(_mm512_set1_ps(coef[i]), s);
+        _mm512_store_ps(one + i * kChunk, _mm512_mul_ps(c, _mm512_sub_ps(_mm512_set1_ps(1.f), z)));
+        _mm512_store_ps(zero + i * kChunk, _mm512_mul_ps(c, _mm512_sub_ps(_mm512_setzero_ps(), z)));
       }
-      _mm512_store_ps(zs, zsum);
     }
-    const __m512 zv = _mm512_set1_ps(zs[gi]);
-    // row i's mask for 16 columns from column c: bit c % 8 of byte c / 8 onwards, little-endian
-    const auto bits16 = [](const uint8_t* b) {
-      uint16_t w;
-      std::memcpy(&w, b, 2);
-      return (__mmask16)w;
+    const auto term = [&](const uint8_t* row, int64_t i, int half) {  // row i's terms for 16 columns
+      uint32_t w;
+      std::memcpy(&w, row, 4);
+      return _mm512_mask_blend_ps((__mmask16)(w >> (16 * half)), _mm512_set1_ps(zero[i * kChunk + gi]),
+                                  _mm512_set1_ps(one[i * kChunk + gi]));
     };
     for (int64_t c = std::max(c0, g * G), ce = std::min(c1, (g + 1) * G); c < ce; c += 32) {
       float* yc = y + (c - c0);
-      __m512 a0 = _mm512_add_ps(_mm512_loadu_ps(yc), zv), a1 = _mm512_add_ps(_mm512_loadu_ps(yc + 16), zv);
+      __m512 a0 = _mm512_loadu_ps(yc), a1 = _mm512_loadu_ps(yc + 16);
       __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
       const uint8_t* gp = p.qweight + c / 8;  // column c is bit c % 8 of byte c / 8 of its row
       int64_t i = 0;
       for (; i + 2 <= R; i += 2, gp += 2 * rb) {
-        const __m512 t0 = _mm512_set1_ps(cs[i * kChunk + gi]), t1 = _mm512_set1_ps(cs[(i + 1) * kChunk + gi]);
-        a0 = _mm512_mask_add_ps(a0, bits16(gp), a0, t0);
-        a1 = _mm512_mask_add_ps(a1, bits16(gp + 2), a1, t0);
-        b0 = _mm512_mask_add_ps(b0, bits16(gp + rb), b0, t1);
-        b1 = _mm512_mask_add_ps(b1, bits16(gp + rb + 2), b1, t1);
+        a0 = _mm512_add_ps(a0, term(gp, i, 0));
+        a1 = _mm512_add_ps(a1, term(gp, i, 1));
+        b0 = _mm512_add_ps(b0, term(gp + rb, i + 1, 0));
+        b1 = _mm512_add_ps(b1, term(gp + rb, i + 1, 1));
       }
       if (i < R) {
-        const __m512 t0 = _mm512_set1_ps(cs[i * kChunk + gi]);
-        a0 = _mm512_mask_add_ps(a0, bits16(gp), a0, t0);
-        a1 = _mm512_mask_add_ps(a1, bits16(gp + 2), a1, t0);
+        a0 = _mm512_add_ps(a0, term(gp, i, 0));
+        a1 = _mm512_add_ps(a1, term(gp, i, 1));
       }
       _mm512_storeu_ps(yc, _mm512_add_ps(a0, b0));
       _mm512_storeu_ps(yc + 16, _mm512_add_ps(a1, b1));
