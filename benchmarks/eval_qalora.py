@@ -13,7 +13,8 @@ RTN by default), each form is scored on the same held-out examples:
 * ``qalora_unmerged``: the same adapter kept beside the base (``QALoRALinear``, one fused op per layer);
 * ``lora_merged_requant`` (ii): a LoRA adapter trained on the same quantized base, merged into the dequantized
   weights and re-quantized by RTN at the base's bits and groups (the usual lossy path; with ``--quantizer gptq``
-  the base is GPTQ's and the re-quantization still RTN: GPTQ would need calibration of the merged model);
+  the base is GPTQ's, calibrated on 8 windows of 512 tokens of WikiText-2's valid split, and the
+  re-quantization still RTN: GPTQ would need calibration of the merged model);
 * ``lora_unmerged`` (iii): that LoRA kept unmerged on the quantized base (fp16 factors);
 * ``lora_fp16`` (iv): LoRA trained on the full-precision base, fp16 factors (the upper bound; ``base_bits`` 32);
 * ``base``: the quantized base alone (and the fp32 base, ``base_bits`` 32).
@@ -29,8 +30,10 @@ the 4-bit base (loaded from its quantized directory) and on the fp32 base, each 
 
 Trained adapters are cached under ``$LORAKERN_CACHE/qalora_eval/<settings>/`` so an interrupted run resumes;
 ``--resume`` also keeps the complete tasks' rows, decode times and peak RSS from the JSON; ``--resume --retime``
-measures every form's decode time again (with the first complete task's cached adapters), so that all of them come
-from the machine the JSON names.
+measures every form's decode time again (with the first complete task's cached adapters, trained again where the
+cache is not on this machine), so that all of them come from the machine the JSON names. The JSON's ``provenance``
+(and a line under the tables) names the machine of any kept metric rows, decode times and peak RSS that another
+machine measured.
 Rows ``{"task", "base_bits", "method", "metric", "metric_name", "higher_is_better", "avg_bits", "decode_ms"}``
 go to benchmarks/results/qalora.json (quick: qalora_quick.json) with a markdown table beside it.
 """
@@ -60,7 +63,7 @@ from lorakern.models import QuantConfig, load_smollm2, quantize_model
 from lorakern.models.checkpoint import load_quantized_model, save_quantized_model
 from lorakern.nn import GWQLinear, QuantLinear
 from lorakern.nn.swap import replace_module
-from lorakern.quant import quantize_rtn
+from lorakern.quant import calibration_windows, quantize_rtn
 
 GROUP = 32
 RANK, ALPHA = 16, 32.0
@@ -100,7 +103,9 @@ def quantized_base(fp_model, tok, bits: int, a, where: Path):
     if (where / "lorakern_quantization.json").is_file():
         return load_quantized_model(where)
     model = copy.deepcopy(fp_model)
-    quantize_model(model, QuantConfig(method=a.quantizer, bits=bits, group_size=GROUP), progress=False)
+    cal = calibration_windows(tok, 8, 512) if a.quantizer == "gptq" else None  # WikiText-2 valid, as eval_quant_ppl
+    quantize_model(model, QuantConfig(method=a.quantizer, bits=bits, group_size=GROUP), calibration=cal,
+                   progress=False)
     save_quantized_model(model, where, tok)
     return load_quantized_model(where)
 
@@ -185,7 +190,9 @@ def measure_rss(qdir: Path, steps: int) -> dict:
     return out
 
 
-def markdown(rows, bits_list, names, rss, machine, quantizer) -> str:
+def markdown(rows, bits_list, names, rss, machine, quantizer, provenance=None) -> str:
+    """The tables; ``provenance``: the JSON's record of what a --resume kept from runs on other machines
+    (``kept_rows``: [{machine, tasks}], ``decode_machine``, ``rss_machine``), named under the tables."""
     idx = {(r["task"], r["base_bits"], r["method"]): r for r in rows}
     out = [f"# QA-LoRA on SmolLM2-135M ({machine['cpu']}, {machine['threads']} threads, lorakern ISA "
            f"{machine['lorakern_isa']})", ""]
@@ -212,7 +219,21 @@ def markdown(rows, bits_list, names, rss, machine, quantizer) -> str:
     if rss:
         out += ["", "Peak RSS of training (fresh process, 16-example batches): " +
                 ", ".join(f"{k}: {v.get('peak_rss_mb', float('nan')):.0f} MB" for k, v in rss.items())]
+    prov = provenance or {}
+
+    def where(m):
+        return f"{m['cpu']} ({m['threads']} threads, lorakern ISA {m['lorakern_isa']}, run of {m['date']})"
+    for k in prov.get("kept_rows", []):
+        out += ["", f"Metric rows of {', '.join(k['tasks'])}: measured on {where(k['machine'])}, kept by --resume."]
+    for key, what in (("decode_machine", "Every decode time"), ("rss_machine", "The training peak RSS")):
+        if prov.get(key) and not same_machine(prov[key], machine):
+            out += ["", f"{what}: measured on {where(prov[key])}, kept by --resume."]
     return "\n".join(out) + "\n"
+
+
+def same_machine(m1: dict, m2: dict) -> bool:
+    """Same CPU model, thread count and lorakern ISA (what machine_info records; not a host identity)."""
+    return all(m1.get(k) == m2.get(k) for k in ("cpu", "threads", "lorakern_isa"))
 
 
 def summary(rows, bits_list) -> dict:
@@ -293,10 +314,12 @@ def main(argv=None) -> int:
             qdir = cache_dir() / "qalora_eval" / key / f"base{st['bits'][0]}"
             if (qdir / "lorakern_quantization.json").is_file():
                 data["train_peak_rss"] = measure_rss(qdir, 3)
+                data.setdefault("provenance", {})["rss_machine"] = machine_info()
         data["complete_tasks"] = done
         write_json(path, data)
         Path(path).with_suffix(".md").write_text(
-            markdown(rows, st["bits"], st["tasks"], data.get("train_peak_rss", {}), data["machine"], st["quantizer"])
+            markdown(rows, st["bits"], st["tasks"], data.get("train_peak_rss", {}), data["machine"], st["quantizer"],
+                     data.get("provenance"))
             + f"\nComplete tasks (every base and form): {', '.join(done) or 'none'}; the summary counts only them.\n"
             + "\n```\n" + json.dumps(data["summary"], indent=2) + "\n```\n")
         return 0
@@ -328,7 +351,7 @@ def main(argv=None) -> int:
                      "decode_ms": decode.get(bits, {}).get(method), **extra})
         log(f"{task} {bits}-bit {method}: {name} {metric:.4g}")
         write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
-                              "rows": rows, "train_peak_rss": rss})
+                              "rows": rows, "train_peak_rss": rss, "provenance": prov})
 
     def time_fp32(ad):
         withad = copy.deepcopy(fp)
@@ -348,6 +371,7 @@ def main(argv=None) -> int:
 
     qbases = {bits: quantized_base(fp, tok, bits, a, root / f"base{bits}") for bits in bits_list}
     rss, done = None, []
+    prov = {"kept_rows": [], "decode_machine": machine, "rss_machine": machine}  # where each kind of figure came from
     if a.resume and Path(out_path).is_file():
         old = json.loads(Path(out_path).read_text())
         same = ("steps", "batch_size", "eval_examples", "quantizer")
@@ -363,6 +387,19 @@ def main(argv=None) -> int:
             elif r["decode_ms"] is not None:
                 decode.setdefault(r["base_bits"], {})[r["method"]] = r["decode_ms"]
         rss = old.get("train_peak_rss") or None
+        # where the kept figures were measured: the stopped run's own record, else its machine
+        oprov = old.get("provenance") or {}
+        kept = [dict(k, tasks=[t for t in k["tasks"] if t in done]) for k in oprov.get("kept_rows", [])]
+        kept = [k for k in kept if k["tasks"] and not same_machine(k["machine"], machine)]
+        earlier = {t for k in kept for t in k["tasks"]}
+        rest = [t for t in done if t not in earlier]
+        if rest and not same_machine(old["machine"], machine):
+            kept.append({"machine": old["machine"], "tasks": rest})
+        prov["kept_rows"] = kept
+        if decode:
+            prov["decode_machine"] = oprov.get("decode_machine") or old["machine"]
+        if rss is not None:
+            prov["rss_machine"] = oprov.get("rss_machine") or old["machine"]
         log(f"resuming: kept {done}; decode times of bases {sorted(decode)}; peak RSS {rss}")
     if rss is None:
         rss = {} if a.no_rss else measure_rss(root / f"base{bits_list[0]}", 3)
@@ -371,9 +408,9 @@ def main(argv=None) -> int:
     def report():  # after every task: the run can be stopped and resumed (trained adapters are cached)
         summ = summary(rows, bits_list)
         write_json(out_path, {"machine": machine, "settings": vars(a) | {"tasks": names, "bits": bits_list},
-                              "rows": rows, "summary": summ, "train_peak_rss": rss})
+                              "rows": rows, "summary": summ, "train_peak_rss": rss, "provenance": prov})
         Path(out_path).with_suffix(".md").write_text(
-            markdown(rows, bits_list, names, rss, machine, a.quantizer) + "\n```\n" + json.dumps(summ, indent=2)
+            markdown(rows, bits_list, names, rss, machine, a.quantizer, prov) + "\n```\n" + json.dumps(summ, indent=2)
             + "\n```\n")
         return summ
 
@@ -401,18 +438,20 @@ def main(argv=None) -> int:
             if bits not in decode:  # the served forms' speed does not depend on the task: time the first's
                 time_base(bits, qa, lo, merged, requant)
         log(f"after {t}: {report()}")
-    if a.retime:  # bases not timed by this run's tasks: with the first complete task's (cached) adapters
-        t = next(t for t in names if t in done)
-        if 32 not in decode:
-            ad, _ = trained(fp, tok, t, a, False, root / "fp32" / t)
-            time_fp32(ad)
-        for bits in (b for b in bits_list if b not in decode):
+    t = next((t for t in names if t in done), None)
+    if a.retime and t is not None:  # bases not timed by this run's tasks: with the first complete task's adapters
+        missing = [b for b in [32, *bits_list] if b not in decode]
+        for bits in missing:
+            if bits == 32:
+                time_fp32(trained(fp, tok, t, a, False, root / "fp32" / t)[0])
+                continue
             qa, _ = trained(qbases[bits], tok, t, a, True, root / f"q{bits}" / t / "qalora")
             lo, _ = trained(qbases[bits], tok, t, a, False, root / f"q{bits}" / t / "lora")
             merged = copy.deepcopy(qbases[bits])
             merge_qalora_adapter(merged, qa)
             time_base(bits, qa, lo, merged, merged_requant(qbases[bits], lo, bits))
-        log(f"re-timed with {t}'s adapters: {report()}")
+        if missing:
+            log(f"re-timed bases {missing} with {t}'s adapters: {report()}")
     return 0
 
 
