@@ -25,8 +25,9 @@ sqrt(p (1 - p) / n): <= 0.05 at n = 100), or WikiText-2 test perplexity on 4 win
 adapter. ``avg_bits``: stored bits per weight of the decoder's projections (codes + fp16 scale and zero per
 group of 32 = bits + 1; an unmerged adapter's fp16 factors added; 32 for the fp32 base). ``decode_ms``: time per
 generated token, batch 1, 32 new tokens after a 16-token prompt, eager ``generate``, median of
-``--decode-repeats`` (5) rounds interleaved over the forms of one base (the first task's adapters). Also measured: the peak RSS of training on
-the 4-bit base (loaded from its quantized directory) and on the fp32 base, each in a fresh process.
+``--decode-repeats`` (5) rounds interleaved over the forms of one base (the first task's adapters). Also
+measured: the peak RSS of training on the 4-bit base (loaded from its quantized directory) and on the fp32 base,
+each in a fresh process.
 
 Trained adapters are cached under ``$LORAKERN_CACHE/qalora_eval/<settings>/`` so an interrupted run resumes;
 ``--resume`` also keeps the complete tasks' rows, decode times and peak RSS from the JSON; ``--resume --retime``
@@ -108,6 +109,13 @@ def quantized_base(fp_model, tok, bits: int, a, where: Path):
                    progress=False)
     save_quantized_model(model, where, tok)
     return load_quantized_model(where)
+
+
+def merged_qalora(qmodel, adapter):
+    """A copy of the quantized model with the QA-LoRA adapter folded into its zeros (form (i))."""
+    model = copy.deepcopy(qmodel)
+    merge_qalora_adapter(model, adapter)
+    return model
 
 
 def merged_requant(qmodel, adapter, bits: int):
@@ -425,8 +433,7 @@ def main(argv=None) -> int:
             qbase, base_bits = qbases[bits], bits + 32.0 / GROUP
             add(t, bits, "base", metric(qbase, t), base_bits)
             qa, qsec = trained(qbase, tok, t, a, True, root / f"q{bits}" / t / "qalora")
-            merged = copy.deepcopy(qbase)
-            merge_qalora_adapter(merged, qa)
+            merged = merged_qalora(qbase, qa)
             add(t, bits, "qalora_merged", metric(merged, t), base_bits, train_seconds=qsec)
             with apply_adapter(qbase, qa):
                 add(t, bits, "qalora_unmerged", metric(qbase, t), base_bits + adapter_bits(qa) / nweights)
@@ -447,9 +454,7 @@ def main(argv=None) -> int:
                 continue
             qa, _ = trained(qbases[bits], tok, t, a, True, root / f"q{bits}" / t / "qalora")
             lo, _ = trained(qbases[bits], tok, t, a, False, root / f"q{bits}" / t / "lora")
-            merged = copy.deepcopy(qbases[bits])
-            merge_qalora_adapter(merged, qa)
-            time_base(bits, qa, lo, merged, merged_requant(qbases[bits], lo, bits))
+            time_base(bits, qa, lo, merged_qalora(qbases[bits], qa), merged_requant(qbases[bits], lo, bits))
         if missing:
             log(f"re-timed bases {missing} with {t}'s adapters: {report()}")
     return 0

@@ -288,6 +288,7 @@ class TestLoRA:
         assert greedy(llm, [PROMPTS[0]]) == [peft_reference[None]]
         assert greedy(llm, [PROMPTS[0]], [LoRARequest("a0", 1, str(adapters["a0"]))]) == [peft_reference["a0"]]
 
+
 class TestLoRACompiled:
     """LoRA models compile with the plugin (vLLM alone turns compilation off when LoRA is on): the compiled graph
     calls lorakern's backend through opaque custom ops that read the step's mapping and the slots when they run.
