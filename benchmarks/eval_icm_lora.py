@@ -8,10 +8,12 @@ Per task it measures, on 100 held-out examples, exact match (higher is better) a
 negative log-likelihood (lower is better) of:
   base             no adapter
   original         the task's own trained adapter (seen tasks; held-out ones too, for reference)
-  generated        the generator's adapter from 8 examples it never saw (latent sample, seed 0)
+  generated        the generator's adapter from 32 examples it never saw (the prior's mean latent, z = 0)
   mean_adapter     the mean of all seen tasks' adapters
-  nearest_adapter  the seen task whose task vector is nearest (held-out tasks)
-and reports the generator's bytes against the adapters it stands for.
+  nearest_adapter  the seen task whose task vector is nearest in the generator's condition coordinates
+                   (held-out tasks)
+and reports the generator's bytes against the fp16 bytes of the adapters it stands for (seen and held-out),
+and plots generated against original exact match per task (PNG beside the JSON).
 
     python benchmarks/eval_icm_lora.py [--json PATH] [--examples N] [--retrain]
 """
@@ -84,8 +86,8 @@ def main(argv=None):
     mean_adapter = unflatten_adapter(finals.mean(0), layout, gen.peft_config)
     seen_conds = {n: condition_vectors(model, tok, n)[0] for n in SEEN}
 
-    def cnorm(v):
-        return (v - gen.cond_mean) / gen.cond_std
+    def cnorm(v):  # the generator's own condition coordinates (LDA), where tasks are told apart
+        return gen.projection(v)
 
     rows, chosen = [], {}
 
@@ -103,7 +105,7 @@ def main(argv=None):
             own = trajs.get(name) or held_trajs.get(name)
             if own is not None:
                 add(name, split, "original", *measure(model, tok, name, own.final, args.examples))
-            add(name, split, "generated", *measure(model, tok, name, gen.generate(cond, seed=0), args.examples))
+            add(name, split, "generated", *measure(model, tok, name, gen.generate(cond), args.examples))
             add(name, split, "mean_adapter", *measure(model, tok, name, mean_adapter, args.examples))
             if split == "heldout":
                 dist = {s: float((cnorm(cond) - cnorm(c)).norm()) for s, c in seen_conds.items()}
@@ -117,21 +119,30 @@ def main(argv=None):
 
     seen_ratio = {t: get(t, "generated") / get(t, "original") if get(t, "original") else None for t in SEEN}
     within = [t for t, r in seen_ratio.items() if r is not None and r >= 0.95]
+    held_ratio = {t: get(t, "generated") / get(t, "original") if get(t, "original") else None for t in HELDOUT}
     better = {t: {"exact_match": get(t, "generated") > max(get(t, "mean_adapter"), get(t, "nearest_adapter")),
                   "answer_nll": get(t, "generated", "answer_nll") < min(get(t, "mean_adapter", "answer_nll"),
                                                                         get(t, "nearest_adapter", "answer_nll"))}
               for t in HELDOUT}
     summary = {"seen_generated_over_original": seen_ratio,
                "seen_within_5pct": f"{len(within)}/{len(SEEN)}",
+               "seen_mean_retention": sum(r for r in seen_ratio.values() if r is not None) / len(SEEN),
+               "heldout_generated_over_original": held_ratio,
+               "heldout_within_10pct": f"{sum(r is not None and r >= 0.9 for r in held_ratio.values())}/{len(HELDOUT)}",
                "heldout_nearest_task": chosen,
                "heldout_generated_beats_both_baselines": better}
-    adapter_bytes = sum(t.final.layers[m].A.numel() + t.final.layers[m].B.numel() for t in trajs.values()
-                        for m in t.final.layers) * 4
-    storage = {"generator_bytes": gen.num_bytes(), "generator_params": sum(p.numel() for p in gen.cvae.parameters()),
-               "seen_adapters_fp32_bytes": adapter_bytes, "seen_adapters": len(trajs),
-               "trajectory_checkpoints_fp16_bytes": sum(t.checkpoints.numel() * 2 for t in trajs.values()),
-               "generator_over_adapters": gen.num_bytes() / adapter_bytes,
-               "adapter_params_each": layout.numel}
+    fp16_each = layout.numel * 2
+    stands_for = len(SEEN) + len(HELDOUT)
+    storage = {"generator_bytes": gen.num_bytes(),
+               "generator_parts_bytes": {"basis": gen.basis.num_bytes(), "projection": gen.projection.num_bytes(),
+                                         "cvae": sum(t.numel() * t.element_size() for t in gen.cvae.state_dict().values()),
+                                         "normalizer": 8 * len(layout.segments)},
+               "basis": {"directions": gen.basis.k, "bits": gen.basis.bits},
+               "adapter_params_each": layout.numel, "adapter_fp16_bytes_each": fp16_each,
+               "adapters_stood_for": stands_for, "adapters_fp16_bytes": stands_for * fp16_each,
+               "generator_over_adapters_fp16": gen.num_bytes() / (stands_for * fp16_each),
+               "generator_over_seen_adapters_fp16": gen.num_bytes() / (len(SEEN) * fp16_each),
+               "trajectory_checkpoints_fp16_bytes": sum(t.checkpoints.numel() * 2 for t in trajs.values())}
     payload = {"machine": machine_info(), "seconds": round(time.perf_counter() - t0, 1),
                "generator": {k: v for k, v in rec.items() if k != "history"},
                "generator_final_epoch": rec["history"][-1], "seen": list(SEEN), "heldout": list(HELDOUT),
@@ -142,7 +153,42 @@ def main(argv=None):
     Path(args.json).with_suffix(".md").write_text(markdown(rows, summary, storage))
     print(json.dumps(summary, indent=1))
     print(json.dumps(storage, indent=1))
-    print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')} ({payload['seconds']:.0f} s)")
+    png = plot(rows, Path(args.json).with_suffix(".png"), payload["machine"])
+    print(f"wrote {args.json}, {Path(args.json).with_suffix('.md')}{' and ' + str(png) if png else ''} "
+          f"({payload['seconds']:.0f} s)")
+
+
+def plot(rows, path: Path, machine: dict):
+    """Generated against original exact match, one marker per task (seen / held-out), with the goals' bands."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    em = {(r["task"], r["method"]): r["metric"] for r in rows if r["metric_name"] == "exact_match"}
+    fig, ax = plt.subplots(figsize=(6.4, 6))
+    xs = [0, 1]
+    ax.plot(xs, xs, color="k", lw=0.8, label="generated = original")
+    ax.plot(xs, [0.95 * x for x in xs], color="tab:blue", lw=0.8, ls="--", label="95% (seen goal)")
+    ax.plot(xs, [0.90 * x for x in xs], color="tab:red", lw=0.8, ls=":", label="90% (held-out goal)")
+    for split, marker, color in (("seen", "o", "tab:blue"), ("heldout", "s", "tab:red")):
+        tasks = sorted({r["task"] for r in rows if r["split"] == split})
+        pts = [(em[(t, "original")], em[(t, "generated")], t) for t in tasks if (t, "original") in em]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=split, zorder=3)
+        for x, y, t in pts:
+            ax.annotate(t, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("original adapter: exact match")
+    ax.set_ylabel("generated adapter: exact match")
+    ax.set_xlim(0.6, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"ICM-LoRA on SmolLM2-135M ({machine.get('cpu', '?')})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def _generate_adapter(args) -> int:
     model, tok = load_model(args.model)
     if gen is None:
         gen, _ = ensure_generator(model, tok)
-    adapter = gen.generate_from_examples(model, tok, examples, seed=None if args.mean else args.seed)
+    adapter = gen.generate_from_examples(model, tok, examples, seed=args.seed)
     out = save_peft_adapter(adapter, Path(args.out))
     n = sum(l.A.numel() + l.B.numel() for l in adapter.layers.values())
     print(f"generated a rank-{gen.layout.a_shapes[0][0]} adapter on {len(adapter.layers)} modules ({n} parameters) "
@@ -225,8 +225,9 @@ def _train_generator(args) -> int:
     _check_output_file(args.out)
     model, tok = load_smollm2()
     gen, rec = ensure_generator(model, tok, path=args.out, retrain=True,
-                                train=GeneratorTrainConfig(epochs=args.epochs, seed=args.seed))
-    print(f"generator: {gen.num_bytes() / 2**20:.1f} MiB, trained on {len(rec['seen'])} tasks in "
+                                train=GeneratorTrainConfig(seed=args.seed, **({} if args.epochs is None else
+                                                                              {"epochs": args.epochs})))
+    print(f"generator: {gen.num_bytes() / 2**20:.2f} MiB, trained on {len(rec['seen'])} tasks in "
           f"{rec['train_seconds']:.0f} s (final mse {rec['history'][-1]['mse']:.4f})")
     return 0
 
@@ -349,13 +350,13 @@ def main(argv=None) -> int:
     g.add_argument("--out", required=True, help="output PEFT adapter directory")
     g.add_argument("--generator", help="generator file (default: the cached SmolLM2 generator, trained if missing)")
     g.add_argument("--model", default="smollm2", help="'smollm2' (built in) or a local Hugging Face model directory")
-    g.add_argument("--seed", type=int, default=0, help="seed of the latent sample (default 0)")
-    g.add_argument("--mean", action="store_true", help="decode the prior's mean z = 0 instead of a sample")
+    g.add_argument("--seed", type=int, default=None,
+                   help="draw the latent z ~ N(0, I) with this seed (default: the prior's mean z = 0, as evaluated)")
     g.set_defaults(fn=_generate_adapter)
     t = sub.add_parser("train-generator", help="train the default ICM-LoRA generator (SmolLM2, minutes to train "
                                                "the CVAE; the task adapters' trajectories are cached)")
     t.add_argument("--out", default=None, help="generator file (default: the cache)")
-    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--epochs", type=int, default=None, help="CVAE training epochs (default: GeneratorTrainConfig's)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train_generator)
     i = sub.add_parser("info", help="versions and CPU kernel paths")

@@ -10,9 +10,9 @@ import torch
 import lorakern
 from lorakern.adapters import LoraAdapter, LoraLayer, load_peft_adapter, save_peft_adapter
 from lorakern.formats.io import FormatError
-from lorakern.apps.icm import (AdapterCVAE, AdapterGenerator, AdapterLayout, CVAEConfig, GeneratorTrainConfig,
-                               Normalizer, TaskExamples, flatten_adapter, load_examples, task_vector,
-                               unflatten_adapter)
+from lorakern.apps.icm import (AdapterBasis, AdapterCVAE, AdapterGenerator, AdapterLayout, CVAEConfig,
+                               ConditionProjection, GeneratorTrainConfig, Normalizer, TaskExamples, flatten_adapter,
+                               load_examples, task_vector, unflatten_adapter)
 
 
 def random_adapter(gen, modules=(("m.q", 7, 5), ("m.v", 3, 5), ("z.q", 7, 5)), rank=3, scale=1.5):
@@ -150,17 +150,93 @@ def test_task_vector_is_the_mean_last_token_state(tiny_llama):
 # -- the CVAE and the generator -------------------------------------------------------------------
 
 def test_cvae_shapes_and_bad_inputs():
-    cfg = CVAEConfig(input_len=1001, cond_dim=5, latent=8, in_channels=4, channels=(6, 8))
+    cfg = CVAEConfig(coef_dim=7, cond_dim=5, latent=3, hidden=16)
     m = AdapterCVAE(cfg)
-    assert cfg.padded_len == 1008 and cfg.bottleneck == (8, 63)
-    rec, mu, logvar = m(torch.randn(3, 1001), torch.randn(3, 5))
-    assert rec.shape == (3, 1001) and mu.shape == logvar.shape == (3, 8)
+    rec, mu, logvar = m(torch.randn(4, 7), torch.randn(4, 5))
+    assert rec.shape == (4, 7) and mu.shape == logvar.shape == (4, 3)
+    total, mse, kl = m.loss(torch.randn(4, 7), torch.randn(4, 5))
+    assert torch.isclose(total, mse + cfg.beta * kl) and kl >= 0
     with pytest.raises(ValueError, match="condition"):
-        m(torch.randn(3, 1001), torch.randn(3, 6))
-    with pytest.raises(ValueError, match="adapters"):
-        m(torch.randn(3, 1000), torch.randn(3, 5))
+        m(torch.randn(4, 7), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="coefficients"):
+        m(torch.randn(4, 6), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="z must be"):
+        m.decode(torch.randn(4, 2), torch.randn(4, 5))
     with pytest.raises(ValueError):
-        CVAEConfig(input_len=10, cond_dim=3, kernel=4)
+        CVAEConfig(coef_dim=0, cond_dim=3)
+    with pytest.raises(ValueError):
+        CVAEConfig(coef_dim=3, cond_dim=3, beta=-1.0)
+
+
+# -- the basis and the condition projection -------------------------------------------------------
+
+def test_basis_reconstructs_its_span_and_stores_low_bit(rng):
+    L, n = 301, 9  # L not a multiple of the 128-value groups
+    x = torch.randn(n, L, generator=rng, dtype=torch.float64) * torch.linspace(0.1, 3, L, dtype=torch.float64)
+    exact = AdapterBasis.fit(x, k=n - 1, bits=16)  # n centred vectors span n - 1 directions
+    assert exact.k == n - 1 and exact.bits == 16
+    torch.testing.assert_close(exact.decode(exact.encode(x)), x, rtol=0, atol=2e-3 * float(x.abs().max()))
+    # a vector outside the training set: the reconstruction is its least-squares projection onto the span
+    y = torch.randn(1, L, generator=rng, dtype=torch.float64)
+    rec = exact.decode(exact.encode(y))
+    resid = (y - rec)[0]
+    V = exact._dense.double()
+    assert float((V @ resid).abs().max()) < 1e-3 * float(resid.norm()) * float(V.norm())
+    prev_err = None
+    for bits in (8, 4, 3, 2):  # fewer bits: smaller and less exact
+        q = AdapterBasis.fit(x, k=n - 1, bits=bits)
+        err = float((q.decode(q.encode(x)) - x).norm() / x.norm())
+        assert q.num_bytes() < exact.num_bytes()
+        if prev_err is not None:
+            assert err >= prev_err * 0.8
+        prev_err = err
+        back = AdapterBasis.from_tensors(q.tensors("b."), q.meta(), "b.")
+        assert torch.equal(back.decode(q.encode(x)), q.decode(q.encode(x)))
+    assert prev_err < 0.6
+    Lp = 384  # padded to whole groups of 128; fp16 mean + codes + fp16 scale and zero per group
+    assert AdapterBasis.fit(x, k=n - 1, bits=3).num_bytes() == 2 * L + (n - 1) * (Lp * 3 // 8 + 4 * Lp // 128)
+    assert exact.num_bytes() == 2 * L + (n - 1) * 2 * L
+    with pytest.raises(ValueError, match="k must be"):
+        AdapterBasis.fit(x, k=n + 1)
+    with pytest.raises(ValueError, match="bits"):
+        AdapterBasis.fit(x, k=2, bits=5)
+    with pytest.raises(ValueError, match="coefficients"):
+        exact.decode(torch.zeros(1, n))
+    t = exact.tensors()
+    t["basis.dense"] = t["basis.dense"][:, :-1]
+    with pytest.raises(FormatError):
+        AdapterBasis.from_tensors(t, exact.meta())
+
+
+def test_projection_finds_the_direction_that_separates_tasks(rng):
+    """Tasks differ along one known direction; draws of one task vary much more along the others. LDA must keep
+    the task direction (which PCA, following the larger draw-to-draw variance, would not) and give draws unit
+    spread."""
+    D, tasks, draws = 12, 6, 40
+    direction = torch.zeros(D)
+    direction[3] = 1.0
+    noise_scale = torch.full((D,), 4.0)
+    noise_scale[3] = 0.3
+    data = [i * 1.5 * direction + noise_scale * torch.randn(draws, D, generator=rng) for i in range(tasks)]
+    P = ConditionProjection.fit(data, dim=1, shrinkage=0.05)
+    w = P.weight[:, 0] / P.std  # the direction in the original coordinates
+    assert abs(float(w[3])) / float(w.norm()) > 0.95
+    within = torch.cat([P(v) - P(v).mean(0) for v in data])
+    assert abs(float(within.std(unbiased=False)) - 1.0) < 1e-3
+    centres = torch.stack([P(v).mean(0) for v in data])[:, 0]
+    assert bool((centres.diff().sign() == centres.diff()[0].sign()).all())  # tasks in order along it
+    assert P.out_dim == 1 and P.in_dim == D
+    assert ConditionProjection.fit(data).out_dim == tasks - 1
+    with pytest.raises(ValueError, match="two tasks"):
+        ConditionProjection.fit(data[:1])
+    with pytest.raises(ValueError, match="V >= 2"):
+        ConditionProjection.fit([data[0], data[1][:1]])
+    with pytest.raises(ValueError, match="dim"):
+        ConditionProjection.fit(data, dim=tasks)
+    with pytest.raises(ValueError, match="shrinkage"):
+        ConditionProjection.fit(data, shrinkage=0.0)
+    with pytest.raises(ValueError, match="expected task vectors"):
+        P(torch.randn(D + 1))
 
 
 def tiny_tasks(gen, layout, n_tasks=3, ckpts=6, cond_dim=5):
@@ -176,7 +252,7 @@ def tiny_tasks(gen, layout, n_tasks=3, ckpts=6, cond_dim=5):
 
 
 def small_cvae():
-    return dict(latent=8, in_channels=8, channels=(16, 16), beta=0.005)
+    return dict(latent=4, hidden=32)
 
 
 def test_cvae_overfits_a_tiny_set(rng):
@@ -217,12 +293,21 @@ def test_generator_file_round_trip_and_validation(rng, tmp_path):
         AdapterGenerator.load(tmp_path / "cut.safetensors")
     from safetensors.torch import load_file, save_file
     t = load_file(p)
-    t.pop("cvae.out_bias")
-    save_file(t, str(tmp_path / "missing.safetensors"), metadata={"format": "lorakern.adapter_generator",
-              "cvae_config": json.dumps(gen.cvae.cfg.to_dict()), "layout": json.dumps(layout.to_dict()),
-              "peft_config": "{}"})
+    t.pop("cvae.decoder.0.weight")
+    meta = {"format": "lorakern.adapter_generator", "format_version": "2", "cvae_config": json.dumps(
+            gen.cvae.cfg.to_dict()), "basis": json.dumps(gen.basis.meta()), "layout": json.dumps(layout.to_dict()),
+            "peft_config": "{}"}
+    save_file(t, str(tmp_path / "missing.safetensors"), metadata=meta)
     with pytest.raises(FormatError, match="do not match"):
         AdapterGenerator.load(tmp_path / "missing.safetensors")
+    t = load_file(p)
+    t["basis.qweight"] = t["basis.qweight"][:, 1:].contiguous()
+    save_file(t, str(tmp_path / "badbasis.safetensors"), metadata=meta)
+    with pytest.raises(FormatError, match="basis"):
+        AdapterGenerator.load(tmp_path / "badbasis.safetensors")
+    save_file(load_file(p), str(tmp_path / "v1.safetensors"), metadata={**meta, "format_version": "1"})
+    with pytest.raises(FormatError, match="retrain"):
+        AdapterGenerator.load(tmp_path / "v1.safetensors")
     save_file(load_file(p), str(tmp_path / "other.safetensors"), metadata={"format": "something"})
     with pytest.raises(FormatError, match="not a lorakern adapter generator"):
         AdapterGenerator.load(tmp_path / "other.safetensors")

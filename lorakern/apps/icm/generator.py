@@ -1,18 +1,25 @@
-"""ICM-LoRA adapter generator: train the CVAE on trajectories, generate adapters from examples, save/load.
+"""ICM-LoRA adapter generator: train on trajectories, generate adapters from examples, save/load.
 
-:meth:`AdapterGenerator.fit` takes, per task, a trajectory of flattened checkpoints and
-one or more task vectors (several draws of examples make the decoder robust to which
-examples it is shown); :meth:`AdapterGenerator.generate` decodes an adapter for a new
-task vector; :meth:`AdapterGenerator.save` writes one safetensors file (the CVAE's
-weights and buffers, the normalizer, the condition statistics, the adapter layout and
-the PEFT config template in the metadata) that :meth:`AdapterGenerator.load` validates.
+A generator is four parts, applied in this order when it generates:
+
+1. :class:`~.projection.ConditionProjection`: the task vector (the base model's mean last-token state over the
+   examples, :func:`~.condition.task_vector`) projected by LDA onto ``d`` task coordinates;
+2. :class:`~.cvae.AdapterCVAE`'s decoder: ``(z, coordinates) -> k`` coefficients (``z = 0``, the prior's mean,
+   or ``z ~ N(0, I)`` with a seed: ICM-LoRA's sampling);
+3. :class:`~.basis.AdapterBasis`: ``mean + coef @ basis``, a normalized adapter vector;
+4. :class:`~.flatten.Normalizer`: back to the adapter's own scale, then a PEFT-format :class:`LoraAdapter`.
+
+:meth:`AdapterGenerator.fit` takes, per task, a trajectory of flattened checkpoints and several task vectors
+(different draws of examples, so that the projection and the decoder learn what does not change between draws);
+:meth:`AdapterGenerator.save` writes one safetensors file (format version 2; the first version, a convolutional
+CVAE over the raw 115,200 values, is refused with a request to retrain) that :meth:`AdapterGenerator.load`
+validates.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,44 +29,57 @@ from tqdm.auto import tqdm
 
 from ...adapters.peft_io import LoraAdapter
 from ...formats.io import FormatError, read_safetensors
+from .basis import AdapterBasis
 from .condition import TaskExamples, task_vector
 from .cvae import AdapterCVAE, CVAEConfig
 from .flatten import AdapterLayout, Normalizer, unflatten_adapter
+from .projection import ConditionProjection
 
 __all__ = ["AdapterGenerator", "GeneratorTrainConfig"]
 
 FORMAT_NAME = "lorakern.adapter_generator"
+FORMAT_VERSION = 2
 
 
 @dataclass
 class GeneratorTrainConfig:
-    """Optimisation of :meth:`AdapterGenerator.fit` (Adam, cosine decay, fixed seed)."""
+    """How :meth:`AdapterGenerator.fit` builds a generator.
 
-    epochs: int = 60
-    batch_size: int = 16
-    lr: float = 1e-3
+    ``basis_directions`` / ``basis_bits``: the :class:`AdapterBasis` (at most the number of checkpoints; bits 2, 3,
+    4, 8 or 16); ``lda_shrinkage``: :meth:`ConditionProjection.fit`'s shrinkage; ``cond_dim``: LDA coordinates
+    kept (default: tasks - 1); then Adam with cosine decay over ``epochs`` passes of the checkpoints.
+    """
+
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
     seed: int = 0
+    basis_directions: int = 20
+    basis_bits: int = 3
+    lda_shrinkage: float = 0.7
+    cond_dim: int | None = None
+    condition_noise: float = 1.0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+        if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0 or self.basis_directions < 1:
             raise ValueError(f"invalid generator training config {self}")
+        if self.basis_bits not in (2, 3, 4, 8, 16):
+            raise ValueError(f"basis_bits must be 2, 3, 4, 8 or 16, got {self.basis_bits}")
 
 
 class AdapterGenerator:
-    """A trained CVAE plus everything needed to turn its output into a PEFT adapter."""
+    """A trained generator: condition projection, CVAE, adapter basis and normalizer (see the module docstring),
+    plus the PEFT config its adapters carry."""
 
-    def __init__(self, cvae: AdapterCVAE, normalizer: Normalizer, cond_mean: torch.Tensor, cond_std: torch.Tensor,
-                 peft_config: dict):
-        if cvae.cfg.input_len != normalizer.layout.numel:
-            raise ValueError(f"CVAE input length {cvae.cfg.input_len} != adapter layout size "
-                             f"{normalizer.layout.numel}")
-        if cond_mean.shape != (cvae.cfg.cond_dim,) or cond_std.shape != (cvae.cfg.cond_dim,):
-            raise ValueError(f"condition statistics must have {cvae.cfg.cond_dim} entries")
-        if not (torch.isfinite(cond_mean).all() and torch.isfinite(cond_std).all() and (cond_std > 0).all()):
-            raise ValueError("condition statistics must be finite with positive std")
-        self.cvae = cvae.eval()
+    def __init__(self, projection: ConditionProjection, cvae: AdapterCVAE, basis: AdapterBasis,
+                 normalizer: Normalizer, peft_config: dict):
+        if basis.length != normalizer.layout.numel:
+            raise ValueError(f"basis length {basis.length} != adapter layout size {normalizer.layout.numel}")
+        if cvae.cfg.coef_dim != basis.k or cvae.cfg.cond_dim != projection.out_dim:
+            raise ValueError(f"CVAE ({cvae.cfg.coef_dim} coefficients, {cvae.cfg.cond_dim} condition coordinates) "
+                             f"does not match the basis ({basis.k}) and the projection ({projection.out_dim})")
+        self.projection, self.cvae, self.basis = projection, cvae.eval(), basis
         self.normalizer = normalizer
-        self.cond_mean, self.cond_std = cond_mean.float(), cond_std.float()
         self.peft_config = dict(peft_config)
 
     @property
@@ -68,10 +88,11 @@ class AdapterGenerator:
 
     @property
     def cond_dim(self) -> int:
-        return self.cvae.cfg.cond_dim
+        """Size of the task vector it reads (the base model's hidden size)."""
+        return self.projection.in_dim
 
     def num_bytes(self) -> int:
-        """Bytes of the generator's tensors as saved (float32)."""
+        """Bytes of the generator's tensors as saved."""
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     # -- training ---------------------------------------------------------------------------------
@@ -82,68 +103,82 @@ class AdapterGenerator:
         """Train a generator.
 
         Args:
-            tasks: ``{task: (checkpoints [C, layout.numel], task vectors [V, cond_dim])}``.
+            tasks: ``{task: (checkpoints [C, layout.numel], task vectors [V, D])}``, at least two tasks with
+                ``V >= 2`` draws each (the projection is fitted on how vectors vary within and between tasks).
             layout: the adapters' layout; peft_config: the config generated adapters carry.
-            cvae: :class:`CVAEConfig` overrides (``latent``, ``channels``, ``beta``...).
-            train: optimisation settings.
-        Returns ``(generator, history)`` with one ``{epoch, loss, mse, kl}`` per epoch.
+            cvae: :class:`CVAEConfig` overrides (``latent``, ``hidden``, ``beta``).
+            train: :class:`GeneratorTrainConfig`.
+        Returns ``(generator, history)`` with one ``{epoch, loss, mse, kl}`` per epoch (``mse`` relative to the
+        coefficients' variance). Raises ValueError on inconsistent shapes.
         """
         train = train or GeneratorTrainConfig()
-        if not tasks:
-            raise ValueError("no tasks to train on")
+        if len(tasks) < 2:
+            raise ValueError("need at least two tasks to train a generator")
         conds = [v for _, v in tasks.values()]
         dims = {v.shape[-1] for v in conds}
-        if len(dims) != 1 or any(v.dim() != 2 or v.shape[0] < 1 for v in conds):
-            raise ValueError(f"task vectors must all be [V, D] with one D, got {[tuple(v.shape) for v in conds]}")
+        if len(dims) != 1 or any(v.dim() != 2 or v.shape[0] < 2 for v in conds):
+            raise ValueError(f"task vectors must all be [V >= 2, D] with one D, got {[tuple(v.shape) for v in conds]}")
         for name, (ck, _) in tasks.items():
             if ck.dim() != 2 or ck.shape[1] != layout.numel or ck.shape[0] < 1:
                 raise ValueError(f"{name}: checkpoints must be [C, {layout.numel}], got {tuple(ck.shape)}")
         torch.manual_seed(train.seed)
-        rng = random.Random(train.seed)
         raw = torch.cat([ck.float() for ck, _ in tasks.values()])
         normalizer = Normalizer.fit(raw, layout)
-        X = normalizer.normalize(raw).float()
+        X = normalizer.normalize(raw)
+        basis = AdapterBasis.fit(X, min(train.basis_directions, X.shape[0]), train.basis_bits)
+        coef = basis.encode(X)
+        del X
         owner = torch.cat([torch.full((ck.shape[0],), i) for i, (ck, _) in enumerate(tasks.values())])
-        allc = torch.cat(conds).float()
-        cmean, cstd = allc.mean(0), allc.std(0, unbiased=False).clamp_min(1e-3 * float(allc.std()) + 1e-12)
-        C = [((v.float() - cmean) / cstd) for v in conds]
-        model = AdapterCVAE(CVAEConfig(input_len=layout.numel, cond_dim=allc.shape[1], **(cvae or {})))
-        model.init_from_data(X)
+        # cross-fitting: the projection is fitted on the even draws and the decoder trained on the odd ones, so
+        # that the decoder sees conditions spread as fresh draws are (the projection's own draws sit closer to
+        # their task's centre than new ones: LDA fits their noise)
+        split = all(v.shape[0] >= 4 for v in conds)
+        projection = ConditionProjection.fit([v[0::2] if split else v for v in conds], dim=train.cond_dim,
+                                             shrinkage=train.lda_shrinkage)
+        C = [projection(v[1::2] if split else v) for v in conds]
+        # conditions for training: task centre + Gaussian noise with the pooled covariance of the fresh draws
+        # around their centres (measured on the draws the projection did not see)
+        centres = torch.stack([c.mean(0) for c in C])
+        resid = torch.cat([c - c.mean(0) for c in C]).double()
+        dof = sum(c.shape[0] - 1 for c in C)
+        cov = resid.T @ resid / max(dof, 1) + 1e-6 * torch.eye(resid.shape[1], dtype=torch.float64)
+        noise_l = torch.linalg.cholesky(cov).float() * train.condition_noise
+        model = AdapterCVAE(CVAEConfig(coef_dim=basis.k, cond_dim=projection.out_dim, **(cvae or {})))
+        model.coef_std.copy_(coef.std(0, unbiased=False).clamp_min(1e-6))
         opt = torch.optim.Adam(model.parameters(), lr=train.lr, foreach=True)
-        steps_per_epoch = math.ceil(X.shape[0] / train.batch_size)
+        steps_per_epoch = math.ceil(coef.shape[0] / train.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train.epochs * steps_per_epoch)
+        gen = torch.Generator().manual_seed(train.seed)
         history = []
         model.train()
         bar = tqdm(range(train.epochs), desc="train generator", disable=not progress)
         for epoch in bar:
-            order = torch.randperm(X.shape[0])
+            order = torch.randperm(coef.shape[0], generator=gen)
             sums = [0.0, 0.0, 0.0]
-            for s in range(0, X.shape[0], train.batch_size):
+            for s in range(0, coef.shape[0], train.batch_size):
                 idx = order[s:s + train.batch_size]
-                if idx.numel() < 2:  # BatchNorm needs two samples
-                    continue
-                c = torch.stack([C[int(t)][rng.randrange(C[int(t)].shape[0])] for t in owner[idx]])
-                loss, mse, kl = model.loss(X[idx], c)
+                c = centres[owner[idx]] + torch.randn(idx.numel(), centres.shape[1], generator=gen) @ noise_l.T
+                loss, mse, kl = model.loss(coef[idx], c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 opt.step()
                 sched.step()
                 for i, v in enumerate((loss, mse, kl)):
                     sums[i] += float(v.detach()) * idx.numel()
-            rec = {"epoch": epoch, "loss": sums[0] / X.shape[0], "mse": sums[1] / X.shape[0],
-                   "kl": sums[2] / X.shape[0]}
+            rec = {"epoch": epoch, "loss": sums[0] / coef.shape[0], "mse": sums[1] / coef.shape[0],
+                   "kl": sums[2] / coef.shape[0]}
             history.append(rec)
             bar.set_postfix(mse=f"{rec['mse']:.4f}", kl=f"{rec['kl']:.1f}")
-        return cls(model, normalizer, cmean, cstd, peft_config), history
+        return cls(projection, model.eval(), basis, normalizer, peft_config), history
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, condition: torch.Tensor, seed: int | None = 0) -> LoraAdapter:
-        """An adapter for task vector ``condition`` (``[cond_dim]``).
+    def generate(self, condition: torch.Tensor, seed: int | None = None) -> LoraAdapter:
+        """An adapter (float32, PEFT layout) for task vector ``condition`` (float ``[cond_dim]``).
 
-        ``seed``: draws ``z ~ N(0, I)`` with that seed (ICM-LoRA's sampling); ``None`` decodes the prior's
-        mean ``z = 0``.
+        ``seed``: ``None`` decodes the prior's mean ``z = 0`` (the default, deterministic); an integer draws
+        ``z ~ N(0, I)`` with that seed (ICM-LoRA's sampling). Raises ValueError on a condition of the wrong size
+        or with NaN/Inf.
         """
         condition = torch.as_tensor(condition)
         if condition.dim() != 1 or condition.shape[0] != self.cond_dim:
@@ -151,19 +186,20 @@ class AdapterGenerator:
                              f"size it was trained with), got shape {tuple(condition.shape)}")
         if not torch.isfinite(condition).all():
             raise ValueError("condition contains NaN or Inf")
-        c = ((condition.float().cpu() - self.cond_mean) / self.cond_std)[None]
+        c = self.projection(condition.float().cpu()[None])
         if seed is None:
             z = torch.zeros(1, self.cvae.cfg.latent)
         else:
             z = torch.randn(1, self.cvae.cfg.latent, generator=torch.Generator().manual_seed(seed))
-        out = self.normalizer.denormalize(self.cvae.eval().decode(z, c).double()[0])
+        out = self.normalizer.denormalize(self.basis.decode(self.cvae.eval().decode(z, c))[0])
         if not torch.isfinite(out).all():
             raise FloatingPointError("the generator produced NaN or Inf")
         adapter = unflatten_adapter(out, self.layout, dict(self.peft_config))
         adapter.metadata["lorakern_task"] = "generated"
         return adapter
 
-    def generate_from_examples(self, model, tokenizer, examples: TaskExamples, seed: int | None = 0) -> LoraAdapter:
+    def generate_from_examples(self, model, tokenizer, examples: TaskExamples,
+                               seed: int | None = None) -> LoraAdapter:
         """Read ``examples`` with the base model (:func:`task_vector`) and generate the task's adapter."""
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is not None and hidden != self.cond_dim:
@@ -174,15 +210,17 @@ class AdapterGenerator:
     # -- files ------------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
         t = {f"cvae.{k}": v.detach().contiguous() for k, v in self.cvae.state_dict().items()}
-        t.update({"norm.mean": self.normalizer.mean, "norm.scale": self.normalizer.scale,
-                  "cond.mean": self.cond_mean, "cond.std": self.cond_std})
+        t.update(self.basis.tensors("basis."))
+        t.update(self.projection.tensors("cond."))
+        t.update({"norm.mean": self.normalizer.mean, "norm.scale": self.normalizer.scale})
         return t
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the generator to one safetensors file."""
+        """Write the generator to one safetensors file (written to a temporary name, then renamed)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "cvae_config": json.dumps(self.cvae.cfg.to_dict()),
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "cvae_config": json.dumps(self.cvae.cfg.to_dict()), "basis": json.dumps(self.basis.meta()),
                 "layout": json.dumps(self.layout.to_dict()), "peft_config": json.dumps(self.peft_config)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(self._tensors(), str(tmp), metadata=meta)
@@ -195,14 +233,18 @@ class AdapterGenerator:
         tensors, meta = read_safetensors(path)
         if meta.get("format") != FORMAT_NAME:
             raise FormatError(f"{path}: not a lorakern adapter generator (format {meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise FormatError(f"{path}: a generator of format version {meta.get('format_version', 1)}; this "
+                              f"lorakern reads version {FORMAT_VERSION} (retrain it: lorakern train-generator)")
         try:
             cfg = CVAEConfig(**json.loads(meta["cvae_config"]))
             layout = AdapterLayout.from_dict(json.loads(meta["layout"]))
             peft_config = json.loads(meta["peft_config"])
+            basis_meta = json.loads(meta["basis"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path}: bad metadata ({e})") from None
-        if not isinstance(peft_config, dict):
-            raise FormatError(f"{path}: peft_config must be an object")
+        if not isinstance(peft_config, dict) or not isinstance(basis_meta, dict):
+            raise FormatError(f"{path}: peft_config and basis must be objects")
         model = AdapterCVAE(cfg)
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("cvae.")}
         try:
@@ -211,8 +253,10 @@ class AdapterGenerator:
             raise FormatError(f"{path}: CVAE weights do not match its config: {str(e)[:300]}") from None
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             raise FormatError(f"{path}: NaN or Inf in the CVAE weights")
+        basis = AdapterBasis.from_tensors(tensors, basis_meta, "basis.")
         try:
+            proj = ConditionProjection(tensors["cond.mean"], tensors["cond.std"], tensors["cond.weight"])
             norm = Normalizer(layout, tensors["norm.mean"], tensors["norm.scale"])
-            return cls(model, norm, tensors["cond.mean"], tensors["cond.std"], peft_config)
+            return cls(proj, model, basis, norm, peft_config)
         except (KeyError, ValueError) as e:
             raise FormatError(f"{path}: {e}") from None

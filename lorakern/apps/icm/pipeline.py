@@ -12,7 +12,18 @@ Task vectors average 32 examples. Measured on the 20 seen tasks (standardized un
 with 8 examples, two draws of the same task were 26.5 apart against 31.2 between tasks,
 and a fresh draw's nearest task was the right one for 80% of tasks; with 32 examples,
 16.7 against 32.0 and 90%. The vector of a few examples is dominated by which numbers
-were drawn, so give ``generate-adapter`` as many examples as you have.
+were drawn, so give ``generate-adapter`` as many examples as you have. In the generator's
+LDA coordinates (:mod:`.projection`, fitted on 12 draws per task) the nearest task was
+the right one for 60 of 60 fresh draws (3 per seen task).
+
+What limits held-out tasks (measured on these adapters, 100 evaluation examples): the
+adapters of neighbouring constants do not interpolate. The mean of the ``addc4`` and
+``addc6`` adapters scores 0.00 on ``addc5`` (its own adapter 0.94; likewise 0.00-0.01
+for the other three held-out tasks), and ``addc5``'s own adapter projected onto the span
+of all 20 seen adapters keeps 0.71 (``addc10`` 0.41, ``subc4`` 0.54, ``subc9`` 0.18):
+each adapter has about as much task-specific direction as the others, so a generator
+that writes weights by reconstruction (the CVAE's objective) can reproduce seen tasks
+but cannot reach a new member of the family from 10 seen members.
 
 :func:`ensure_generator` trains what is missing (trajectories, then the CVAE) and caches
 the generator at :func:`default_generator_path`.
@@ -23,8 +34,10 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ...data.cache import cache_dir
+from ...formats.io import FormatError
 from ..train.tasks import get_task
 from .condition import TaskExamples, task_vector
 from .generator import AdapterGenerator, GeneratorTrainConfig
@@ -66,12 +79,17 @@ def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN
     path = Path(path or default_generator_path())
     rec_path = path.with_suffix(".json")
     if path.is_file() and rec_path.is_file() and not retrain:
-        return AdapterGenerator.load(path), json.loads(rec_path.read_text())
+        try:
+            return AdapterGenerator.load(path), json.loads(rec_path.read_text())
+        except FormatError as e:  # e.g. a generator of an older format: build it again
+            if progress:
+                print(f"rebuilding the generator: {e}", flush=True)
     t0 = time.perf_counter()
     trajs = ensure_trajectories(model, tokenizer, seen, traj_cfg, progress=progress)
     t1 = time.perf_counter()
     data = {name: (t.checkpoints, condition_vectors(model, tokenizer, name, TRAIN_DRAWS, TRAIN_SEED))
-            for name, t in trajs.items()}
+            for name, t in tqdm(trajs.items(), desc=f"task vectors ({TRAIN_DRAWS} draws per task)",
+                                disable=not progress)}
     layouts = {t.layout for t in trajs.values()}
     if len(layouts) != 1:
         raise ValueError("the seen tasks' adapters have different layouts")
