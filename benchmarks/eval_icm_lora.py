@@ -9,6 +9,7 @@ negative log-likelihood (lower is better) of:
   base             no adapter
   original         the task's own trained adapter (seen tasks; held-out ones too, for reference)
   generated        the generator's adapter from 32 examples it never saw (the prior's mean latent, z = 0)
+  generated_stage1 the same from the generator before its fine-tuning on the tasks' loss (CVAE stage only)
   mean_adapter     the mean of all seen tasks' adapters
   nearest_adapter  the seen task whose task vector is nearest in the generator's condition coordinates
                    (held-out tasks)
@@ -29,8 +30,10 @@ import torch
 from common import machine_info
 
 from lorakern.adapters.attach import apply_adapter
-from lorakern.apps.icm import (HELDOUT, SEEN, GeneratorTrainConfig, condition_vectors, ensure_generator,
-                               ensure_trajectories, flatten_adapter, unflatten_adapter)
+from lorakern.apps.icm import (HELDOUT, SEEN, AdapterGenerator, GeneratorTrainConfig, condition_vectors,
+                               default_generator_path, ensure_generator, ensure_trajectories, flatten_adapter,
+                               unflatten_adapter)
+from lorakern.apps.icm.pipeline import FINETUNE_STEPS, stage1_path
 from lorakern.models.smollm2 import load_smollm2
 from lorakern.apps.train import answer_nll, exact_match, get_task
 
@@ -44,7 +47,7 @@ def measure(model, tok, task_name, adapter, n):
 
 
 def markdown(rows, summary, storage) -> str:
-    methods = ["base", "original", "generated", "mean_adapter", "nearest_adapter"]
+    methods = ["base", "original", "generated", "generated_stage1", "mean_adapter", "nearest_adapter"]
     out = ["# ICM-LoRA on SmolLM2-135M (rank-2 q/v adapters)", "",
            "Exact match on 100 held-out examples (answer NLL per token in parentheses; lower is better).", ""]
     for split in ("seen", "heldout"):
@@ -71,6 +74,8 @@ def main(argv=None):
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "icm_lora.json"))
     ap.add_argument("--examples", type=int, default=100, help="evaluation examples per task (default 100)")
     ap.add_argument("--epochs", type=int, default=GeneratorTrainConfig.epochs)
+    ap.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
+                    help=f"steps of the generator's fine-tuning on the tasks' loss (default {FINETUNE_STEPS}; 0: none)")
     ap.add_argument("--retrain", action="store_true", help="retrain the generator (trajectories stay cached)")
     ap.add_argument("--no-heldout-originals", action="store_true",
                     help="skip training the held-out tasks' own adapters (reference only)")
@@ -78,7 +83,10 @@ def main(argv=None):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, tok = load_smollm2()
-    gen, rec = ensure_generator(model, tok, retrain=args.retrain, train=GeneratorTrainConfig(epochs=args.epochs))
+    gen, rec = ensure_generator(model, tok, retrain=args.retrain, train=GeneratorTrainConfig(epochs=args.epochs),
+                                finetune_steps=args.finetune_steps)
+    s1 = stage1_path(default_generator_path())
+    gen1 = AdapterGenerator.load(s1) if rec.get("finetune_steps") and s1.is_file() else None
     trajs = ensure_trajectories(model, tok, SEEN, progress=True)
     held_trajs = {} if args.no_heldout_originals else ensure_trajectories(model, tok, HELDOUT, progress=True)
     layout = gen.layout
@@ -106,6 +114,8 @@ def main(argv=None):
             if own is not None:
                 add(name, split, "original", *measure(model, tok, name, own.final, args.examples))
             add(name, split, "generated", *measure(model, tok, name, gen.generate(cond), args.examples))
+            if gen1 is not None:
+                add(name, split, "generated_stage1", *measure(model, tok, name, gen1.generate(cond), args.examples))
             add(name, split, "mean_adapter", *measure(model, tok, name, mean_adapter, args.examples))
             if split == "heldout":
                 dist = {s: float((cnorm(cond) - cnorm(c)).norm()) for s, c in seen_conds.items()}
@@ -119,6 +129,8 @@ def main(argv=None):
 
     seen_ratio = {t: get(t, "generated") / get(t, "original") if get(t, "original") else None for t in SEEN}
     within = [t for t, r in seen_ratio.items() if r is not None and r >= 0.95]
+    stage1 = ({t: get(t, "generated_stage1") / get(t, "original") for t in SEEN if get(t, "original")}
+              if gen1 is not None else {})
     held_ratio = {t: get(t, "generated") / get(t, "original") if get(t, "original") else None for t in HELDOUT}
     better = {t: {"exact_match": get(t, "generated") > max(get(t, "mean_adapter"), get(t, "nearest_adapter")),
                   "answer_nll": get(t, "generated", "answer_nll") < min(get(t, "mean_adapter", "answer_nll"),
@@ -127,6 +139,8 @@ def main(argv=None):
     summary = {"seen_generated_over_original": seen_ratio,
                "seen_within_5pct": f"{len(within)}/{len(SEEN)}",
                "seen_mean_retention": sum(r for r in seen_ratio.values() if r is not None) / len(SEEN),
+               "stage1_seen_within_5pct": f"{sum(r >= 0.95 for r in stage1.values())}/{len(SEEN)}" if stage1 else None,
+               "stage1_seen_mean_retention": sum(stage1.values()) / len(SEEN) if stage1 else None,
                "heldout_generated_over_original": held_ratio,
                "heldout_within_10pct": f"{sum(r is not None and r >= 0.9 for r in held_ratio.values())}/{len(HELDOUT)}",
                "heldout_nearest_task": chosen,

@@ -220,11 +220,15 @@ def _generate_adapter(args) -> int:
 
 def _train_generator(args) -> int:
     from lorakern.apps.icm import GeneratorTrainConfig, ensure_generator
+    from lorakern.apps.icm.pipeline import FINETUNE_STEPS
     from lorakern.models import load_smollm2
 
     _check_output_file(args.out)
+    steps = FINETUNE_STEPS if args.finetune_steps is None else args.finetune_steps
+    if steps < 0:
+        raise ValueError(f"--finetune-steps must be >= 0, got {steps}")
     model, tok = load_smollm2()
-    gen, rec = ensure_generator(model, tok, path=args.out, retrain=True,
+    gen, rec = ensure_generator(model, tok, path=args.out, retrain=True, finetune_steps=steps,
                                 train=GeneratorTrainConfig(seed=args.seed, **({} if args.epochs is None else
                                                                               {"epochs": args.epochs})))
     print(f"generator: {gen.num_bytes() / 2**20:.2f} MiB, trained on {len(rec['seen'])} tasks in "
@@ -358,6 +362,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="generator file (default: the cache)")
     t.add_argument("--epochs", type=int, default=None, help="CVAE training epochs (default: GeneratorTrainConfig's)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--finetune-steps", type=int, default=None,
+                   help="steps of fine-tuning on the tasks' own loss after the CVAE (default 200; 0: none)")
     t.set_defaults(fn=_train_generator)
     i = sub.add_parser("info", help="versions and CPU kernel paths")
     i.set_defaults(fn=_info)

@@ -417,3 +417,60 @@ def test_trajectory_keeps_the_last_checkpoints(tiny_llama, tmp_path):
     path.write_bytes(raw[:-100])
     with pytest.raises(FormatError):
         load_trajectory(path)
+
+
+# -- stage 2: fine-tuning the decoder on the tasks' loss ------------------------------------------
+
+def test_finetune_per_sequence_adapters_match_attached_ones(tiny_llama, tiny_generator):
+    """The fine-tuning stage applies one generated adapter per sequence from the flat vectors; each sequence's
+    logits must equal those of the same adapter attached the ordinary way (the layout's split and scales)."""
+    from lorakern.adapters.attach import apply_adapter
+    from lorakern.apps.icm.finetune import _GeneratedLoRA, _split_flat
+    from lorakern.apps.train.trainer import injected
+    model, tok = tiny_llama
+    _, path = tiny_generator
+    g = AdapterGenerator.load(path)
+    gen = torch.Generator().manual_seed(11)
+    ads = [g.generate(torch.randn(64, generator=gen) * 3, seed=s) for s in (1, 2)]
+    flat = torch.stack([flatten_adapter(a, g.layout) for a in ads])
+    ids = torch.randint(4, 101, (2, 9), generator=gen)
+    weights = _split_flat(g, flat)
+    scales = dict(zip(g.layout.modules, g.layout.scales))
+    with torch.no_grad(), injected(model, list(g.layout.modules), lambda n, b: _GeneratedLoRA(n, b, scales[n], weights)):
+        got = model(input_ids=ids).logits
+    base = model(input_ids=ids).logits
+    for i, ad in enumerate(ads):
+        with torch.no_grad(), apply_adapter(model, ad):
+            want = model(input_ids=ids[i:i + 1]).logits[0]
+        assert (want - base[i]).abs().max() > 1e-4
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_trains_only_the_decoder(tiny_llama, tiny_generator):
+    from lorakern.apps.icm.finetune import finetune_generator
+    from lorakern.apps.train import get_task
+    model, tok = tiny_llama
+    _, path = tiny_generator
+    g = AdapterGenerator.load(path)
+    before = {k: v.clone() for k, v in g.cvae.state_dict().items()}
+    basis = g.basis.decode(torch.eye(g.basis.k))
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(4)
+    tasks = {n: (get_task(n), torch.randn(4, 64, generator=gen)) for n in ("addc1", "subc2")}
+    hist = finetune_generator(g, model, tok, tasks, steps=3, tasks_per_step=2, examples_per_task=2, lr=1e-2,
+                              progress=False)
+    assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
+    after = g.cvae.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))
+    assert torch.equal(g.basis.decode(torch.eye(g.basis.k)), basis)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in model_state.items())
+    assert dict(model.named_modules()).keys() == modules.keys()  # the injected wrappers are gone
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    with pytest.raises(ValueError, match="no tasks"):
+        finetune_generator(g, model, tok, {}, steps=1)
+    with pytest.raises(ValueError, match="task vectors"):
+        finetune_generator(g, model, tok, {"addc1": (get_task("addc1"), torch.randn(4, 65))}, steps=1)
+    with pytest.raises(ValueError, match="positive"):
+        finetune_generator(g, model, tok, tasks, steps=0)

@@ -135,14 +135,10 @@ class AdapterGenerator:
         split = all(v.shape[0] >= 4 for v in conds)
         projection = ConditionProjection.fit([v[0::2] if split else v for v in conds], dim=train.cond_dim,
                                              shrinkage=train.lda_shrinkage)
-        C = [projection(v[1::2] if split else v) for v in conds]
         # conditions for training: task centre + Gaussian noise with the pooled covariance of the fresh draws
         # around their centres (measured on the draws the projection did not see)
-        centres = torch.stack([c.mean(0) for c in C])
-        resid = torch.cat([c - c.mean(0) for c in C]).double()
-        dof = sum(c.shape[0] - 1 for c in C)
-        cov = resid.T @ resid / max(dof, 1) + 1e-6 * torch.eye(resid.shape[1], dtype=torch.float64)
-        noise_l = torch.linalg.cholesky(cov).float() * train.condition_noise
+        centres, noise_l = projection.fresh_draw_model([v[1::2] if split else v for v in conds])
+        noise_l = noise_l * train.condition_noise
         model = AdapterCVAE(CVAEConfig(coef_dim=basis.k, cond_dim=projection.out_dim, **(cvae or {})))
         model.coef_std.copy_(coef.std(0, unbiased=False).clamp_min(1e-6))
         opt = torch.optim.Adam(model.parameters(), lr=train.lr, foreach=True)

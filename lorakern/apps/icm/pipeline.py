@@ -25,8 +25,8 @@ each adapter has about as much task-specific direction as the others, so a gener
 that writes weights by reconstruction (the CVAE's objective) can reproduce seen tasks
 but cannot reach a new member of the family from 10 seen members.
 
-:func:`ensure_generator` trains what is missing (trajectories, then the CVAE) and caches
-the generator at :func:`default_generator_path`.
+:func:`ensure_generator` trains what is missing (trajectories, the CVAE, then its fine-tuning
+on the tasks' loss) and caches the generator at :func:`default_generator_path`.
 """
 from __future__ import annotations
 
@@ -34,17 +34,19 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ...data.cache import cache_dir
-from ...formats.io import FormatError
+from ...formats.io import FormatError, read_safetensors
 from ..train.tasks import get_task
 from .condition import TaskExamples, task_vector
+from .finetune import finetune_generator
 from .generator import AdapterGenerator, GeneratorTrainConfig
 from .trajectories import TrajectoryConfig, ensure_trajectories
 
-__all__ = ["CONDITION_EXAMPLES", "FAMILIES", "HELDOUT", "SEEN", "condition_vectors", "default_generator_path",
-           "ensure_generator"]
+__all__ = ["CONDITION_EXAMPLES", "FAMILIES", "FINETUNE_STEPS", "HELDOUT", "SEEN", "condition_vectors",
+           "default_generator_path", "ensure_generator", "stage1_path", "training_task_vectors"]
 
 FAMILIES = {"addc": tuple(range(1, 13)), "subc": tuple(range(1, 13))}
 HELDOUT = ("addc5", "addc10", "subc4", "subc9")
@@ -52,6 +54,7 @@ SEEN = tuple(f"{fam}{p}" for fam, ps in FAMILIES.items() for p in ps if f"{fam}{
 CONDITION_EXAMPLES = 32  # examples the base model reads per task vector (see the module docstring)
 TRAIN_DRAWS = 16  # task vectors per seen task while training (different examples each)
 TRAIN_SEED, EVAL_SEED = 50_000, 90_000  # example seeds: training conditions / evaluation conditions
+FINETUNE_STEPS = 200  # stage 2 (:mod:`.finetune`): about 2.5 minutes on 2 cores
 
 
 def default_generator_path() -> Path:
@@ -67,13 +70,40 @@ def condition_vectors(model, tokenizer, task_name: str, draws: int = 1, seed: in
                         for d in range(draws)])
 
 
+def stage1_path(path: str | Path) -> Path:
+    """Where :func:`ensure_generator` keeps the generator before its fine-tuning stage (for ablations)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".stage1.safetensors")
+
+
+def training_task_vectors(model, tokenizer, names, cache: Path | None = None, progress: bool = True) -> dict:
+    """``{task: [TRAIN_DRAWS, hidden]}`` task vectors for training, cached in ``cache`` (safetensors) when given."""
+    key = json.dumps({"draws": TRAIN_DRAWS, "seed": TRAIN_SEED, "examples": CONDITION_EXAMPLES,
+                      "hidden": getattr(getattr(model, "config", None), "hidden_size", None)})
+    if cache is not None and cache.is_file():
+        try:
+            tensors, meta = read_safetensors(cache)
+            if meta.get("key") == key and set(names) <= set(tensors):
+                return {n: tensors[n].float() for n in names}
+        except FormatError:
+            pass
+    out = {n: condition_vectors(model, tokenizer, n, TRAIN_DRAWS, TRAIN_SEED)
+           for n in tqdm(names, desc=f"task vectors ({TRAIN_DRAWS} draws per task)", disable=not progress)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: v.contiguous() for n, v in out.items()}, str(cache), metadata={"key": key})
+    return out
+
+
 def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN,
                      traj_cfg: TrajectoryConfig | None = None, cvae: dict | None = None,
-                     train: GeneratorTrainConfig | None = None, retrain: bool = False,
-                     progress: bool = True) -> tuple[AdapterGenerator, dict]:
-    """Load the cached generator or build it: trajectories of the ``seen`` tasks (trained if missing),
-    their task vectors, then the CVAE. Returns ``(generator, record)``; the record (history, seconds,
-    tasks) is kept beside the file as JSON."""
+                     train: GeneratorTrainConfig | None = None, finetune_steps: int = FINETUNE_STEPS,
+                     retrain: bool = False, progress: bool = True) -> tuple[AdapterGenerator, dict]:
+    """Load the cached generator or build it: trajectories of the ``seen`` tasks (trained if missing), their
+    task vectors (cached beside the generator), the CVAE on the trajectories (stage 1, kept at
+    :func:`stage1_path`), then ``finetune_steps`` steps of :func:`~.finetune.finetune_generator` on the tasks'
+    own loss (stage 2; 0 skips it). Returns ``(generator, record)``; the record (histories, seconds, tasks) is
+    kept beside the file as JSON."""
     import time
 
     path = Path(path or default_generator_path())
@@ -87,19 +117,26 @@ def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN
     t0 = time.perf_counter()
     trajs = ensure_trajectories(model, tokenizer, seen, traj_cfg, progress=progress)
     t1 = time.perf_counter()
-    data = {name: (t.checkpoints, condition_vectors(model, tokenizer, name, TRAIN_DRAWS, TRAIN_SEED))
-            for name, t in tqdm(trajs.items(), desc=f"task vectors ({TRAIN_DRAWS} draws per task)",
-                                disable=not progress)}
+    vecs = training_task_vectors(model, tokenizer, list(trajs), path.with_name(path.stem + ".task_vectors.safetensors"),
+                                 progress)
+    data = {name: (t.checkpoints, vecs[name]) for name, t in trajs.items()}
     layouts = {t.layout for t in trajs.values()}
     if len(layouts) != 1:
         raise ValueError("the seen tasks' adapters have different layouts")
     template = {k: v for k, v in next(iter(trajs.values())).final.config.items() if not k.startswith("lorakern_")}
     t2 = time.perf_counter()
     gen, history = AdapterGenerator.fit(data, layouts.pop(), template, cvae=cvae, train=train, progress=progress)
+    gen.save(stage1_path(path))
     t3 = time.perf_counter()
+    ft_history = []
+    if finetune_steps > 0:
+        ft_history = finetune_generator(gen, model, tokenizer, {n: (get_task(n), vecs[n]) for n in trajs},
+                                        steps=finetune_steps, progress=progress)
+    t4 = time.perf_counter()
     gen.save(path)
     record = {"seen": list(seen), "trajectory_seconds": round(t1 - t0, 1), "condition_seconds": round(t2 - t1, 1),
-              "train_seconds": round(t3 - t2, 1), "history": history,
+              "train_seconds": round(t3 - t2, 1), "finetune_seconds": round(t4 - t3, 1), "history": history,
+              "finetune_steps": finetune_steps, "finetune_history": ft_history,
               "cvae_config": gen.cvae.cfg.to_dict(), "generator_bytes": gen.num_bytes()}
     rec_path.write_text(json.dumps(record, indent=1))
     return gen, record

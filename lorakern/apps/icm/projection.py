@@ -83,6 +83,21 @@ class ConditionProjection:
         spread = (within @ W).std(0, unbiased=False).clamp_min(1e-12)
         return cls(mean.float(), std.float(), (W / spread).float())
 
+    def fresh_draw_model(self, draws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where fresh draws of examples land: ``(centres [tasks, d], chol [d, d])``, the mean projected vector of
+        each task's ``draws[t]`` (``[V_t >= 2, D]``) and the Cholesky factor of the pooled covariance around them,
+        so that ``centres[t] + chol @ N(0, I)`` is distributed like a new draw of task ``t``. Pass draws the
+        projection was not fitted on: its own sit closer to their centres than new ones (LDA fits their noise)."""
+        if not draws or any(v.dim() != 2 or v.shape[0] < 2 or v.shape[1] != self.in_dim for v in draws):
+            raise ValueError(f"need [V >= 2, {self.in_dim}] task vectors per task, got "
+                             f"{[tuple(v.shape) for v in draws]}")
+        proj = [self(v) for v in draws]
+        centres = torch.stack([c.mean(0) for c in proj])
+        resid = torch.cat([c - c.mean(0) for c in proj]).double()
+        dof = sum(c.shape[0] - 1 for c in proj)
+        cov = resid.T @ resid / dof + 1e-6 * torch.eye(resid.shape[1], dtype=torch.float64)
+        return centres, torch.linalg.cholesky(cov).float()
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[-1] != self.in_dim:
             raise ValueError(f"expected task vectors of {self.in_dim} values, got {tuple(v.shape)}")
