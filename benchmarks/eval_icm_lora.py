@@ -33,7 +33,7 @@ from lorakern.adapters.attach import apply_adapter
 from lorakern.apps.icm import (HELDOUT, SEEN, AdapterGenerator, GeneratorTrainConfig, condition_vectors,
                                default_generator_path, ensure_generator, ensure_trajectories, flatten_adapter,
                                unflatten_adapter)
-from lorakern.apps.icm.pipeline import FINETUNE_STEPS, stage1_path
+from lorakern.apps.icm.pipeline import CONDITION_EXAMPLES, EVAL_SEED, FINETUNE_STEPS, stage1_path
 from lorakern.models.smollm2 import load_smollm2
 from lorakern.apps.train import answer_nll, exact_match, get_task
 
@@ -46,10 +46,13 @@ def measure(model, tok, task_name, adapter, n):
         return exact_match(model, tok, task, n=n), answer_nll(model, tok, task, n=n)
 
 
-def markdown(rows, summary, storage) -> str:
+def markdown(rows, summary, storage, condition_seed: int = EVAL_SEED, machine: dict | None = None) -> str:
     methods = ["base", "original", "generated", "generated_stage1", "mean_adapter", "nearest_adapter"]
     out = ["# ICM-LoRA on SmolLM2-135M (rank-2 q/v adapters)", "",
-           "Exact match on 100 held-out examples (answer NLL per token in parentheses; lower is better).", ""]
+           "Exact match on 100 held-out examples (answer NLL per token in parentheses; lower is better). "
+           f"Generated adapters read {CONDITION_EXAMPLES} examples drawn with seed {condition_seed}"
+           + (f"; machine: {machine.get('cpu')}, {machine.get('threads')} threads, {machine.get('date')}."
+              if machine else "."), ""]
     for split in ("seen", "heldout"):
         out += [f"## {split}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         tasks = sorted({r["task"] for r in rows if r["split"] == split}, key=lambda t: (t.rstrip("0123456789"),
@@ -77,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
                     help=f"steps of the generator's fine-tuning on the tasks' loss (default {FINETUNE_STEPS}; 0: none)")
     ap.add_argument("--retrain", action="store_true", help="retrain the generator (trajectories stay cached)")
+    ap.add_argument("--condition-seed", type=int, default=EVAL_SEED,
+                    help=f"seed of the examples the task vectors read (default {EVAL_SEED}; another seed is another "
+                         "draw of 32 examples per task)")
     ap.add_argument("--no-heldout-originals", action="store_true",
                     help="skip training the held-out tasks' own adapters (reference only)")
     args = ap.parse_args(argv)
@@ -92,7 +98,7 @@ def main(argv=None):
     layout = gen.layout
     finals = torch.stack([flatten_adapter(t.final, layout) for t in trajs.values()])
     mean_adapter = unflatten_adapter(finals.mean(0), layout, gen.peft_config)
-    seen_conds = {n: condition_vectors(model, tok, n)[0] for n in SEEN}
+    seen_conds = {n: condition_vectors(model, tok, n, seed=args.condition_seed)[0] for n in SEEN}
 
     def cnorm(v):  # the generator's own condition coordinates (LDA), where tasks are told apart
         return gen.projection(v)
@@ -108,7 +114,8 @@ def main(argv=None):
 
     for split, names in (("seen", SEEN), ("heldout", HELDOUT)):
         for name in names:
-            cond = seen_conds[name] if name in seen_conds else condition_vectors(model, tok, name)[0]
+            cond = (seen_conds[name] if name in seen_conds else
+                    condition_vectors(model, tok, name, seed=args.condition_seed)[0])
             add(name, split, "base", *measure(model, tok, name, None, args.examples))
             own = trajs.get(name) or held_trajs.get(name)
             if own is not None:
@@ -158,13 +165,15 @@ def main(argv=None):
                "generator_over_seen_adapters_fp16": gen.num_bytes() / (len(SEEN) * fp16_each),
                "trajectory_checkpoints_fp16_bytes": sum(t.checkpoints.numel() * 2 for t in trajs.values())}
     payload = {"machine": machine_info(), "seconds": round(time.perf_counter() - t0, 1),
+               "condition_seed": args.condition_seed, "condition_examples": CONDITION_EXAMPLES,
                "generator": {k: v for k, v in rec.items() if k != "history"},
                "generator_final_epoch": rec["history"][-1], "seen": list(SEEN), "heldout": list(HELDOUT),
                "trajectories": {n: t.record for n, t in {**trajs, **held_trajs}.items()},
                "summary": summary, "storage": storage, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1))
-    Path(args.json).with_suffix(".md").write_text(markdown(rows, summary, storage))
+    Path(args.json).with_suffix(".md").write_text(markdown(rows, summary, storage, args.condition_seed,
+                                                           payload["machine"]))
     print(json.dumps(summary, indent=1))
     print(json.dumps(storage, indent=1))
     png = plot(rows, Path(args.json).with_suffix(".png"), payload["machine"])
