@@ -15,14 +15,12 @@ decoder learns to write through the stored low-bit basis).
 """
 from __future__ import annotations
 
-import math
 import random
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..train.trainer import answer_loss, encode_examples, frozen, injected
+from ..train.trainer import TrainConfig, answer_loss, encode_examples, frozen, injected, optimize
 
 __all__ = ["finetune_generator"]
 
@@ -78,8 +76,6 @@ def finetune_generator(gen, model, tokenizer, tasks: dict, steps: int = 300, tas
     g = torch.Generator().manual_seed(seed)
     decoder = gen.cvae
     params = list(decoder.decoder.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     mean_full = gen.normalizer._mean_full.float()
     scale_full = gen.normalizer._scale_full.float()
     basis = gen.basis._dense.float()
@@ -88,40 +84,35 @@ def finetune_generator(gen, model, tokenizer, tasks: dict, steps: int = 300, tas
     scales = dict(zip(gen.layout.modules, gen.layout.scales))
     history = []
     order: list[int] = []
+
+    def loss_fn(step):
+        chosen = []
+        for _ in range(min(tasks_per_step, len(names))):
+            if not order:
+                order.extend(range(len(names)))
+                rng.shuffle(order)
+            chosen.append(order.pop())
+        c = centres[torch.tensor(chosen)] + torch.randn(len(chosen), centres.shape[1], generator=g) @ noise_l.T
+        coef = decoder.decode(torch.zeros(len(chosen), decoder.cfg.latent), c)
+        flat = (basis_mean + coef @ basis) * scale_full + mean_full  # raw adapters [tasks, L]
+        weights.update(_split_flat(gen, flat.repeat_interleave(examples_per_task, 0)))
+        items = []
+        for t in chosen:
+            task = tasks[names[t]][0]
+            items += [(task.prompt(x), y) for x, y in task.examples(examples_per_task, data_seed + 7919 * t + step)]
+        loss = answer_loss(model, *encode_examples(tokenizer, items))
+        history.append({"step": step, "loss": float(loss.detach())})
+        return loss
+
+    # the trainers' loop: AdamW (no weight decay: Adam), cosine decay, clipping at 1.0, a finite-loss check
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=0, weight_decay=0.0)
     with frozen(model), injected(model, list(gen.layout.modules),
                                  lambda n, base: _GeneratedLoRA(n, base, scales[n], weights)):
         model.train()
         decoder.train()
-        bar = tqdm(range(steps), desc="fine-tune generator on task loss", disable=not progress)
-        for step in bar:
-            chosen = []
-            for _ in range(min(tasks_per_step, len(names))):
-                if not order:
-                    order = list(range(len(names)))
-                    rng.shuffle(order)
-                chosen.append(order.pop())
-            idx = torch.tensor(chosen)
-            c = centres[idx] + torch.randn(len(chosen), centres.shape[1], generator=g) @ noise_l.T
-            coef = decoder.decode(torch.zeros(len(chosen), decoder.cfg.latent), c)
-            flat = (basis_mean + coef @ basis) * scale_full + mean_full
-            per_seq = flat.repeat_interleave(examples_per_task, 0)
-            weights.update(_split_flat(gen, per_seq))
-            items = []
-            for t in chosen:
-                task = tasks[names[t]][0]
-                items += [(task.prompt(x), y) for x, y in task.examples(examples_per_task, data_seed + 7919 * t + step)]
-            ids, labels, mask = encode_examples(tokenizer, items)
-            loss = answer_loss(model, ids, labels, mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"generator fine-tuning: loss became {float(loss)} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            history.append({"step": step, "loss": float(loss.detach())})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    weights.clear()
-    decoder.eval()
+        try:
+            optimize(params, cfg, loss_fn, "fine-tune generator on task loss", progress)
+        finally:
+            weights.clear()
+            decoder.eval()
     return history
-
