@@ -16,7 +16,8 @@ negative log-likelihood (lower is better) of:
 and reports the generator's bytes against the fp16 bytes of the adapters it stands for (seen and held-out),
 and plots generated against original exact match per task (PNG beside the JSON).
 
-    python benchmarks/eval_icm_lora.py [--json PATH] [--examples N] [--retrain]
+    python benchmarks/eval_icm_lora.py [--json PATH] [--examples N] [--retrain] [--finetune-steps N]
+                                       [--condition-seed SEED]
 """
 from __future__ import annotations
 
@@ -145,9 +146,10 @@ def main(argv=None):
               for t in HELDOUT}
     summary = {"seen_generated_over_original": seen_ratio,
                "seen_within_5pct": f"{len(within)}/{len(SEEN)}",
-               "seen_mean_retention": sum(r for r in seen_ratio.values() if r is not None) / len(SEEN),
+               "seen_mean_retention": (sum(r for r in seen_ratio.values() if r is not None)
+                                       / max(1, sum(r is not None for r in seen_ratio.values()))),
                "stage1_seen_within_5pct": f"{sum(r >= 0.95 for r in stage1.values())}/{len(SEEN)}" if stage1 else None,
-               "stage1_seen_mean_retention": sum(stage1.values()) / len(SEEN) if stage1 else None,
+               "stage1_seen_mean_retention": sum(stage1.values()) / len(stage1) if stage1 else None,
                "heldout_generated_over_original": held_ratio,
                "heldout_within_10pct": f"{sum(r is not None and r >= 0.9 for r in held_ratio.values())}/{len(HELDOUT)}",
                "heldout_nearest_task": chosen,

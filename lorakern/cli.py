@@ -227,12 +227,13 @@ def _train_generator(args) -> int:
     steps = FINETUNE_STEPS if args.finetune_steps is None else args.finetune_steps
     if steps < 0:
         raise ValueError(f"--finetune-steps must be >= 0, got {steps}")
+    train = GeneratorTrainConfig(seed=args.seed, **({} if args.epochs is None else {"epochs": args.epochs}))
     model, tok = load_smollm2()
-    gen, rec = ensure_generator(model, tok, path=args.out, retrain=True, finetune_steps=steps,
-                                train=GeneratorTrainConfig(seed=args.seed, **({} if args.epochs is None else
-                                                                              {"epochs": args.epochs})))
-    print(f"generator: {gen.num_bytes() / 2**20:.2f} MiB, trained on {len(rec['seen'])} tasks in "
-          f"{rec['train_seconds']:.0f} s (final mse {rec['history'][-1]['mse']:.4f})")
+    gen, rec = ensure_generator(model, tok, path=args.out, retrain=True, finetune_steps=steps, train=train)
+    ft = rec["finetune_history"]
+    print(f"generator: {gen.num_bytes() / 2**20:.2f} MiB, trained on {len(rec['seen'])} tasks: CVAE "
+          f"{rec['train_seconds']:.0f} s (final mse {rec['history'][-1]['mse']:.4f}), fine-tuning "
+          f"{rec['finetune_seconds']:.0f} s" + (f" (last loss {ft[-1]['loss']:.3f})" if ft else " (skipped)"))
     return 0
 
 

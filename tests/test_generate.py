@@ -474,3 +474,88 @@ def test_finetune_trains_only_the_decoder(tiny_llama, tiny_generator):
         finetune_generator(g, model, tok, {"addc1": (get_task("addc1"), torch.randn(4, 65))}, steps=1)
     with pytest.raises(ValueError, match="positive"):
         finetune_generator(g, model, tok, tasks, steps=0)
+
+
+def test_fresh_draw_model_gives_centres_and_pooled_covariance(rng):
+    D, tasks, draws = 6, 4, 400
+    data = [torch.randn(D, generator=rng) * 5 + torch.randn(draws, D, generator=rng) * torch.linspace(0.5, 2, D)
+            for _ in range(tasks)]
+    P = ConditionProjection.fit([v[:50] for v in data], shrinkage=0.5)
+    centres, chol = P.fresh_draw_model(data)
+    proj = [P(v) for v in data]
+    torch.testing.assert_close(centres, torch.stack([p.mean(0) for p in proj]))
+    resid = torch.cat([p - p.mean(0) for p in proj]).double()
+    cov = resid.T @ resid / (tasks * (draws - 1))
+    torch.testing.assert_close((chol.double() @ chol.double().T), cov, rtol=1e-4, atol=1e-4)
+    # samples centre + chol @ N(0, I) spread like the draws
+    s = torch.randn(20000, P.out_dim, generator=rng) @ chol.T
+    torch.testing.assert_close(torch.cov(s.T.double()), cov, rtol=0.1, atol=0.05 * float(cov.diag().max()))
+    with pytest.raises(ValueError, match="V >= 2"):
+        P.fresh_draw_model([data[0][:1]])
+
+
+def test_generator_config_and_fit_refuse_bad_values(rng):
+    for bad in (dict(lda_shrinkage=0.0), dict(lda_shrinkage=1.5), dict(cond_dim=0), dict(cond_dim=2.5),
+                dict(condition_noise=float("nan")), dict(condition_noise=-1.0), dict(basis_bits=5), dict(epochs=0)):
+        with pytest.raises(ValueError):
+            GeneratorTrainConfig(**bad)
+    layout = AdapterLayout(("a",), ((2, 19),), ((23, 2),), (0.5,))
+    tasks = tiny_tasks(rng, layout, n_tasks=2, ckpts=3)
+    ck, v = tasks["t0"]
+    v = v.clone()
+    v[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        AdapterGenerator.fit({**tasks, "t0": (ck, v)}, layout, {}, cvae=small_cvae(), progress=False)
+    with pytest.raises(ValueError, match="two tasks"):
+        AdapterGenerator.fit({"t0": tasks["t0"]}, layout, {}, cvae=small_cvae(), progress=False)
+    state = torch.random.get_rng_state()
+    AdapterGenerator.fit(tasks, layout, {}, cvae=small_cvae(), train=GeneratorTrainConfig(epochs=1), progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+
+
+def test_generate_defaults_to_the_prior_mean_and_matches_raw_adapters(rng):
+    layout = AdapterLayout(("a",), ((2, 19),), ((23, 2),), (0.5,))
+    g, _ = AdapterGenerator.fit(tiny_tasks(rng, layout, n_tasks=3, ckpts=4), layout, {}, cvae=small_cvae(),
+                                train=GeneratorTrainConfig(epochs=3), progress=False)
+    c = torch.randn(5, generator=rng)
+    a, b = flatten_adapter(g.generate(c), layout), flatten_adapter(g.generate(c), layout)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flatten_adapter(g.generate(c, seed=1), layout))
+    coef = g.cvae.decode(torch.zeros(1, g.cvae.cfg.latent), g.projection(c[None]))
+    torch.testing.assert_close(g.raw_adapters(coef)[0], a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="coefficients"):
+        g.raw_adapters(torch.zeros(1, g.basis.k + 1))
+
+
+def test_hostile_generator_metadata_and_tensors_are_refused(rng, tmp_path):
+    from safetensors.torch import load_file, save_file
+    layout = AdapterLayout(("a",), ((2, 19),), ((23, 2),), (0.5,))
+    gen, _ = AdapterGenerator.fit(tiny_tasks(rng, layout, n_tasks=2, ckpts=3), layout, {}, cvae=small_cvae(),
+                                  train=GeneratorTrainConfig(epochs=1), progress=False)
+    p = gen.save(tmp_path / "g.safetensors")
+    good_t = load_file(p)
+    good_m = {"format": "lorakern.adapter_generator", "format_version": "2",
+              "cvae_config": json.dumps(gen.cvae.cfg.to_dict()), "basis": json.dumps(gen.basis.meta()),
+              "layout": json.dumps(layout.to_dict()), "peft_config": "{}"}
+    cfg = gen.cvae.cfg.to_dict()
+    cases = [
+        ({}, {"cvae_config": json.dumps({**cfg, "hidden": 32.5})}, "CVAE sizes"),
+        ({}, {"cvae_config": json.dumps({**cfg, "hidden": 60000})}, "do not match"),  # checked before allocating
+        ({}, {"cvae_config": '{"coef_dim": 1e999}'}, "bad metadata"),
+        ({}, {"basis": json.dumps({"bits": 1, "length": layout.numel})}, "basis"),
+        ({}, {"basis": json.dumps({"bits": 16, "length": layout.numel})}, "basis"),
+        ({}, {"basis": json.dumps({"bits": 3, "length": -4})}, "basis"),
+        ({}, {"basis": '{"bits": 3, "length": 1e999}'}, "basis"),
+        ({}, {"layout": '{"modules": ["a"], "a_shapes": [[2, 1e999]], "b_shapes": [[23, 2]], "scales": [0.5]}'},
+         "bad metadata"),
+        ({"cond.weight": good_t["cond.weight"].to(torch.int32)}, {}, "float32"),
+        ({"norm.mean": good_t["norm.mean"].half()}, {}, "float32"),
+        ({"cond.std": -good_t["cond.std"]}, {}, "positive std"),
+        ({"cvae.coef_std": torch.zeros_like(good_t["cvae.coef_std"])}, {}, "not positive"),
+        ({"basis.mean": good_t["basis.mean"][:-1].contiguous()}, {}, "basis"),
+    ]
+    for i, (tensors, meta, match) in enumerate(cases):
+        f = tmp_path / f"bad{i}.safetensors"
+        save_file({**good_t, **tensors}, str(f), metadata={**good_m, **meta})
+        with pytest.raises(FormatError, match=match):
+            AdapterGenerator.load(f)

@@ -7,6 +7,7 @@
 - :mod:`.basis`: the output space, a mean adapter plus principal directions stored low-bit.
 - :mod:`.cvae`: the CVAE over the adapter's coefficients in that basis.
 - :mod:`.generator`: training, generation, safetensors files.
+- :mod:`.finetune`: the second training stage, the decoder trained on the tasks' own loss.
 - :mod:`.pipeline`: the default SmolLM2 task split and :func:`ensure_generator`.
 """
 from .basis import AdapterBasis

@@ -29,12 +29,18 @@ GROUP = 128
 
 class AdapterBasis:
     """``mean`` (float16 ``[L]``) plus ``k`` directions (float16 ``[k, L]`` or a :class:`QuantizedWeight`
-    ``[k, Lp]``); see the module docstring."""
+    ``[k, Lp]``, RTN in groups of 128); see the module docstring. Raises ValueError on other dtypes, shapes,
+    group sizes or bits, or on NaN/Inf."""
 
     def __init__(self, mean: torch.Tensor, directions: torch.Tensor | QuantizedWeight, length: int):
         if mean.dtype != torch.float16 or mean.shape != (length,):
             raise ValueError(f"mean must be float16 [{length}], got {mean.dtype} {tuple(mean.shape)}")
+        if type(length) is not int or length < 1:
+            raise ValueError(f"length must be a positive integer, got {length!r}")
         if isinstance(directions, QuantizedWeight):
+            if directions.group_size != GROUP or directions.bits not in (2, 3, 4, 8):
+                raise ValueError(f"a quantized basis has bits 2, 3, 4 or 8 in groups of {GROUP}, got "
+                                 f"{directions.bits} bits in groups of {directions.group_size}")
             k, lp = directions.shape
             if lp < length or lp - length >= directions.group_size:
                 raise ValueError(f"quantized basis rows have {lp} values for adapters of {length}")
@@ -55,6 +61,7 @@ class AdapterBasis:
 
     @property
     def bits(self) -> int:
+        """Bits per stored direction value (16: float16)."""
         return self.directions.bits if isinstance(self.directions, QuantizedWeight) else 16
 
     @classmethod
@@ -63,8 +70,10 @@ class AdapterBasis:
         (2, 3, 4, 8: RTN in groups of 128; 16: float16). Raises ValueError for ``k`` < 1 or above ``n``."""
         if x.dim() != 2 or x.shape[0] < 1:
             raise ValueError(f"expected [n, L] vectors, got {tuple(x.shape)}")
-        if not 1 <= k <= x.shape[0]:
-            raise ValueError(f"k must be in 1..{x.shape[0]} (the number of vectors), got {k}")
+        if x.shape[0] < 2 or not 1 <= k <= x.shape[0] - 1:  # n centred vectors span at most n - 1 directions
+            raise ValueError(f"k must be in 1..{x.shape[0] - 1} (the number of vectors - 1), got {k}")
+        if not torch.isfinite(x).all():
+            raise ValueError("the vectors have NaN or Inf values")
         if bits not in (2, 3, 4, 8, 16):
             raise ValueError(f"bits must be 2, 3, 4, 8 or 16, got {bits}")
         x = x.double()
@@ -83,7 +92,7 @@ class AdapterBasis:
         return self.directions.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Least-squares coefficients ``[n, k]`` of normalized adapters ``x`` ``[n, L]``."""
+        """Least-squares coefficients (float32 ``[n, k]``) of normalized adapters ``x`` ``[n, L]``."""
         if x.shape[-1] != self.length:
             raise ValueError(f"expected vectors of {self.length} values, got {tuple(x.shape)}")
         return ((x.double() - self.mean.double()) @ self._gram_inv_vt).float()
@@ -110,18 +119,21 @@ class AdapterBasis:
         return {k: v.contiguous() for k, v in out.items()}
 
     def meta(self) -> dict:
+        """The metadata :meth:`from_tensors` needs (``bits``, ``length``; groups are always 128)."""
         return {"bits": self.bits, "length": self.length}
 
     @classmethod
     def from_tensors(cls, tensors: dict, meta: dict, prefix: str = "basis.") -> "AdapterBasis":
         """Inverse of :meth:`tensors` + :meth:`meta`; raises FormatError on anything inconsistent."""
         try:
-            bits, length = int(meta["bits"]), int(meta["length"])
+            bits, length = meta["bits"], meta["length"]
+            if type(bits) is not int or bits not in (2, 3, 4, 8, 16) or type(length) is not int or length < 1:
+                raise ValueError(f"basis metadata needs bits in 2, 3, 4, 8, 16 and a positive length, got {meta}")
             mean = tensors[f"{prefix}mean"]
             if bits == 16:
                 return cls(mean, tensors[f"{prefix}dense"], length)
             q = QuantizedWeight(tensors[f"{prefix}qweight"], tensors[f"{prefix}scales"], tensors[f"{prefix}zeros"],
                                 bits, GROUP)
             return cls(mean, q, length)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as e:
             raise FormatError(f"bad adapter basis: {e}") from None

@@ -1,5 +1,8 @@
 """The conditional VAE of ICM-LoRA, over an adapter's coefficients in a principal basis.
 
+A conditional VAE (Sohn, Lee and Yan, 2015, "Learning Structured Output Representation using Deep
+Conditional Generative Models") as ICM-LoRA uses it.
+
 ICM-LoRA (Shao et al., 2025) trains a CVAE whose encoder reads a whole flattened adapter
 and whose decoder writes one, conditioned on a task vector. This CVAE keeps that
 structure (encoder ``q(z | x, c)``, decoder ``p(x | z, c)``, loss = reconstruction +
@@ -22,12 +25,15 @@ normalized adapter space (up to the basis' quantization).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 __all__ = ["AdapterCVAE", "CVAEConfig"]
+
+MAX_SIZE = 1 << 16  # bound on every width, so that a hostile config cannot ask for a huge model
 
 
 @dataclass
@@ -42,10 +48,14 @@ class CVAEConfig:
     beta: float = 1e-3
 
     def __post_init__(self):
-        if min(self.coef_dim, self.cond_dim, self.latent, self.hidden) < 1 or not self.beta >= 0:
-            raise ValueError(f"invalid CVAE config {self}")
+        sizes = (self.coef_dim, self.cond_dim, self.latent, self.hidden)
+        if not all(type(v) is int and 1 <= v <= MAX_SIZE for v in sizes):
+            raise ValueError(f"CVAE sizes must be integers in 1..{MAX_SIZE}, got {self}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
 
     def to_dict(self) -> dict:
+        """The config as a JSON-able dict (the generator file's ``cvae_config``)."""
         return asdict(self)
 
 
@@ -85,6 +95,8 @@ class AdapterCVAE(nn.Module):
         return self.decoder(torch.cat([z, c], 1)) * self.coef_std
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):
+        """``(reconstruction [B, coef_dim], mu, logvar [B, latent])``; z is sampled in training mode, ``mu``
+        in eval mode."""
         mu, logvar = self.encode(x, c)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         return self.decode(z, c), mu, logvar

@@ -20,6 +20,7 @@ import random
 import torch
 from torch import nn
 
+from .projection import split_draws
 from ..train.trainer import TrainConfig, answer_loss, encode_examples, frozen, injected, optimize
 
 __all__ = ["finetune_generator"]
@@ -34,7 +35,7 @@ class _GeneratedLoRA(nn.Module):
         self.name, self.base, self.scale, self.weights = name, base, scale, weights
 
     def forward(self, x):
-        A, B = self.weights[self.name]
+        A, B = (t.to(dtype=x.dtype, device=x.device) for t in self.weights[self.name])
         return self.base(x) + torch.matmul(torch.matmul(x, A.transpose(1, 2)), B.transpose(1, 2)) * self.scale
 
 
@@ -57,11 +58,13 @@ def finetune_generator(gen, model, tokenizer, tasks: dict, steps: int = 300, tas
         gen: an :class:`~.generator.AdapterGenerator` (its CVAE decoder is updated).
         model, tokenizer: the base model the generator's adapters are for (frozen, restored on exit).
         tasks: ``{name: (Task, task vectors [V >= 2, D])}``: the :class:`~lorakern.apps.train.Task` to train on
-            and draws of its task vector (the odd draws, as :meth:`AdapterGenerator.fit` used them, set the
-            condition noise).
+            and draws of its task vector (split as :meth:`AdapterGenerator.fit` split them,
+            :func:`~.projection.split_draws`: the second half sets the condition noise).
         steps: optimizer steps (Adam, cosine decay, gradient clipping at 1.0), each on ``tasks_per_step`` tasks x
             ``examples_per_task`` fresh examples (seeds from ``data_seed``, apart from training and evaluation).
-    Returns one ``{step, loss}`` per step. Raises ValueError on an empty task set or vectors of the wrong size.
+    The generated adapters are float32 and are cast to each layer's input dtype and device.
+    Returns one ``{step, loss}`` per step. Raises ValueError on an empty task set or vectors of the wrong size,
+    FloatingPointError when the loss stops being finite.
     """
     if not tasks:
         raise ValueError("no tasks to fine-tune on")
@@ -71,15 +74,11 @@ def finetune_generator(gen, model, tokenizer, tasks: dict, steps: int = 300, tas
     vecs = [v for _, v in tasks.values()]
     if any(v.dim() != 2 or v.shape[0] < 2 or v.shape[1] != gen.cond_dim for v in vecs):
         raise ValueError(f"task vectors must be [V >= 2, {gen.cond_dim}], got {[tuple(v.shape) for v in vecs]}")
-    centres, noise_l = gen.projection.fresh_draw_model([v[1::2] if v.shape[0] >= 4 else v for v in vecs])
+    centres, noise_l = gen.projection.fresh_draw_model([split_draws(v)[1] for v in vecs])
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     decoder = gen.cvae
     params = list(decoder.decoder.parameters())
-    mean_full = gen.normalizer._mean_full.float()
-    scale_full = gen.normalizer._scale_full.float()
-    basis = gen.basis._dense.float()
-    basis_mean = gen.basis.mean.float()
     weights: dict = {}
     scales = dict(zip(gen.layout.modules, gen.layout.scales))
     history = []
@@ -94,7 +93,7 @@ def finetune_generator(gen, model, tokenizer, tasks: dict, steps: int = 300, tas
             chosen.append(order.pop())
         c = centres[torch.tensor(chosen)] + torch.randn(len(chosen), centres.shape[1], generator=g) @ noise_l.T
         coef = decoder.decode(torch.zeros(len(chosen), decoder.cfg.latent), c)
-        flat = (basis_mean + coef @ basis) * scale_full + mean_full  # raw adapters [tasks, L]
+        flat = gen.raw_adapters(coef)  # [tasks, L], float32, differentiable in the decoder's weights
         weights.update(_split_flat(gen, flat.repeat_interleave(examples_per_task, 0)))
         items = []
         for t in chosen:

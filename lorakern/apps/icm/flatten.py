@@ -91,7 +91,7 @@ class AdapterLayout:
             a = tuple((int(s[0]), int(s[1])) for s in d["a_shapes"])
             b = tuple((int(s[0]), int(s[1])) for s in d["b_shapes"])
             sc = tuple(float(s) for s in d["scales"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             raise ValueError(f"malformed adapter layout: {e!r}") from None
         if not mods or not len(mods) == len(a) == len(b) == len(sc):
             raise ValueError("malformed adapter layout: lists of different lengths")
@@ -140,6 +140,8 @@ class Normalizer:
         nseg = len(layout.segments)
         if mean.shape != (nseg,) or scale.shape != (nseg,):
             raise ValueError(f"expected {nseg} means and scales, got {tuple(mean.shape)} and {tuple(scale.shape)}")
+        if mean.dtype not in (torch.float32, torch.float64) or scale.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"normalizer statistics must be float32, got {mean.dtype} and {scale.dtype}")
         if not (torch.isfinite(mean).all() and torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("normalizer statistics must be finite with positive scales")
         m, e = torch.frexp(scale.double())

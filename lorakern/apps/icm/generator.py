@@ -33,7 +33,7 @@ from .basis import AdapterBasis
 from .condition import TaskExamples, task_vector
 from .cvae import AdapterCVAE, CVAEConfig
 from .flatten import AdapterLayout, Normalizer, unflatten_adapter
-from .projection import ConditionProjection
+from .projection import ConditionProjection, split_draws
 
 __all__ = ["AdapterGenerator", "GeneratorTrainConfig"]
 
@@ -65,6 +65,12 @@ class GeneratorTrainConfig:
             raise ValueError(f"invalid generator training config {self}")
         if self.basis_bits not in (2, 3, 4, 8, 16):
             raise ValueError(f"basis_bits must be 2, 3, 4, 8 or 16, got {self.basis_bits}")
+        if not 0 < self.lda_shrinkage <= 1:
+            raise ValueError(f"lda_shrinkage must be in (0, 1], got {self.lda_shrinkage}")
+        if self.cond_dim is not None and (type(self.cond_dim) is not int or self.cond_dim < 1):
+            raise ValueError(f"cond_dim must be None or a positive integer, got {self.cond_dim!r}")
+        if not (math.isfinite(self.condition_noise) and self.condition_noise >= 0):
+            raise ValueError(f"condition_noise must be finite and >= 0, got {self.condition_noise}")
 
 
 class AdapterGenerator:
@@ -84,6 +90,7 @@ class AdapterGenerator:
 
     @property
     def layout(self) -> AdapterLayout:
+        """The layout of the adapters it writes (modules, shapes, scales)."""
         return self.normalizer.layout
 
     @property
@@ -118,26 +125,34 @@ class AdapterGenerator:
         dims = {v.shape[-1] for v in conds}
         if len(dims) != 1 or any(v.dim() != 2 or v.shape[0] < 2 for v in conds):
             raise ValueError(f"task vectors must all be [V >= 2, D] with one D, got {[tuple(v.shape) for v in conds]}")
-        for name, (ck, _) in tasks.items():
+        for name, (ck, v) in tasks.items():
             if ck.dim() != 2 or ck.shape[1] != layout.numel or ck.shape[0] < 1:
                 raise ValueError(f"{name}: checkpoints must be [C, {layout.numel}], got {tuple(ck.shape)}")
-        torch.manual_seed(train.seed)
+            if not (torch.isfinite(ck).all() and torch.isfinite(v).all()):
+                raise ValueError(f"{name}: NaN or Inf in the checkpoints or the task vectors")
+        with torch.random.fork_rng():  # the caller's global RNG is left as it was
+            torch.manual_seed(train.seed)
+            return cls._fit(tasks, conds, layout, peft_config, cvae, train, progress)
+
+    @classmethod
+    def _fit(cls, tasks, conds, layout, peft_config, cvae, train, progress):
         raw = torch.cat([ck.float() for ck, _ in tasks.values()])
         normalizer = Normalizer.fit(raw, layout)
         X = normalizer.normalize(raw)
-        basis = AdapterBasis.fit(X, min(train.basis_directions, X.shape[0]), train.basis_bits)
+        if X.shape[0] < 2:
+            raise ValueError("need at least two checkpoints in all")
+        basis = AdapterBasis.fit(X, min(train.basis_directions, X.shape[0] - 1), train.basis_bits)
         coef = basis.encode(X)
         del X
         owner = torch.cat([torch.full((ck.shape[0],), i) for i, (ck, _) in enumerate(tasks.values())])
-        # cross-fitting: the projection is fitted on the even draws and the decoder trained on the odd ones, so
-        # that the decoder sees conditions spread as fresh draws are (the projection's own draws sit closer to
-        # their task's centre than new ones: LDA fits their noise)
-        split = all(v.shape[0] >= 4 for v in conds)
-        projection = ConditionProjection.fit([v[0::2] if split else v for v in conds], dim=train.cond_dim,
+        # cross-fitting (split_draws): the projection is fitted on the even draws and the decoder trained on
+        # conditions spread as the odd ones land, i.e. as fresh draws do (the projection's own draws sit closer to
+        # their task's centre than new ones: LDA fits their noise). Conditions for training: task centre +
+        # Gaussian noise with the pooled covariance of those draws around their centres.
+        halves = [split_draws(v) for v in conds]
+        projection = ConditionProjection.fit([a for a, _ in halves], dim=train.cond_dim,
                                              shrinkage=train.lda_shrinkage)
-        # conditions for training: task centre + Gaussian noise with the pooled covariance of the fresh draws
-        # around their centres (measured on the draws the projection did not see)
-        centres, noise_l = projection.fresh_draw_model([v[1::2] if split else v for v in conds])
+        centres, noise_l = projection.fresh_draw_model([b for _, b in halves])
         noise_l = noise_l * train.condition_noise
         model = AdapterCVAE(CVAEConfig(coef_dim=basis.k, cond_dim=projection.out_dim, **(cvae or {})))
         model.coef_std.copy_(coef.std(0, unbiased=False).clamp_min(1e-6))
@@ -174,7 +189,7 @@ class AdapterGenerator:
 
         ``seed``: ``None`` decodes the prior's mean ``z = 0`` (the default, deterministic); an integer draws
         ``z ~ N(0, I)`` with that seed (ICM-LoRA's sampling). Raises ValueError on a condition of the wrong size
-        or with NaN/Inf.
+        or with NaN/Inf, FloatingPointError if the adapter comes out non-finite.
         """
         condition = torch.as_tensor(condition)
         if condition.dim() != 1 or condition.shape[0] != self.cond_dim:
@@ -187,12 +202,21 @@ class AdapterGenerator:
             z = torch.zeros(1, self.cvae.cfg.latent)
         else:
             z = torch.randn(1, self.cvae.cfg.latent, generator=torch.Generator().manual_seed(seed))
-        out = self.normalizer.denormalize(self.basis.decode(self.cvae.eval().decode(z, c))[0])
+        out = self.raw_adapters(self.cvae.eval().decode(z, c), torch.float64)[0].float()
         if not torch.isfinite(out).all():
             raise FloatingPointError("the generator produced NaN or Inf")
         adapter = unflatten_adapter(out, self.layout, dict(self.peft_config))
         adapter.metadata["lorakern_task"] = "generated"
         return adapter
+
+    def raw_adapters(self, coef: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat adapters in the adapter's own scale, ``[n, L]`` in ``dtype``, from basis coefficients ``[n, k]``:
+        ``(basis.mean + coef @ basis) * norm.scale + norm.mean``. Differentiable in ``coef`` (the fine-tuning
+        stage trains through it)."""
+        if coef.dim() != 2 or coef.shape[1] != self.basis.k:
+            raise ValueError(f"expected coefficients [n, {self.basis.k}], got {tuple(coef.shape)}")
+        x = self.basis.mean.to(dtype) + coef.to(dtype) @ self.basis._dense.to(dtype)
+        return x * self.normalizer._scale_full.to(dtype) + self.normalizer._mean_full.to(dtype)
 
     def generate_from_examples(self, model, tokenizer, examples: TaskExamples,
                                seed: int | None = None) -> LoraAdapter:
@@ -237,22 +261,28 @@ class AdapterGenerator:
             layout = AdapterLayout.from_dict(json.loads(meta["layout"]))
             peft_config = json.loads(meta["peft_config"])
             basis_meta = json.loads(meta["basis"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"{path}: bad metadata ({e})") from None
         if not isinstance(peft_config, dict) or not isinstance(basis_meta, dict):
             raise FormatError(f"{path}: peft_config and basis must be objects")
-        model = AdapterCVAE(cfg)
+        for k, v in tensors.items():
+            if k.split(".")[0] in ("cvae", "cond", "norm") and v.dtype != torch.float32:
+                raise FormatError(f"{path}: {k} must be float32, got {v.dtype}")
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("cvae.")}
+        with torch.device("meta"):  # the config's shapes, checked against the file before anything is allocated
+            want = {k: tuple(v.shape) for k, v in AdapterCVAE(cfg).state_dict().items()}
+        if {k: tuple(v.shape) for k, v in state.items()} != want:
+            raise FormatError(f"{path}: CVAE weights do not match its config {cfg.to_dict()}")
+        model = AdapterCVAE(cfg)
+        model.load_state_dict(state, strict=True)
+        if not all(torch.isfinite(v).all() for v in state.values()) or not bool((model.coef_std > 0).all()):
+            raise FormatError(f"{path}: NaN or Inf in the CVAE weights, or a coefficient scale that is not positive")
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise FormatError(f"{path}: CVAE weights do not match its config: {str(e)[:300]}") from None
-        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-            raise FormatError(f"{path}: NaN or Inf in the CVAE weights")
-        basis = AdapterBasis.from_tensors(tensors, basis_meta, "basis.")
-        try:
+            basis = AdapterBasis.from_tensors(tensors, basis_meta, "basis.")
             proj = ConditionProjection(tensors["cond.mean"], tensors["cond.std"], tensors["cond.weight"])
             norm = Normalizer(layout, tensors["norm.mean"], tensors["norm.scale"])
             return cls(proj, model, basis, norm, peft_config)
-        except (KeyError, ValueError) as e:
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise FormatError(f"{path}: {e}") from None

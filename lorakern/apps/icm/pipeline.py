@@ -77,13 +77,18 @@ def stage1_path(path: str | Path) -> Path:
 
 
 def training_task_vectors(model, tokenizer, names, cache: Path | None = None, progress: bool = True) -> dict:
-    """``{task: [TRAIN_DRAWS, hidden]}`` task vectors for training, cached in ``cache`` (safetensors) when given."""
+    """``{task: [TRAIN_DRAWS, hidden]}`` task vectors for training, cached in ``cache`` (safetensors) when given;
+    the cache is used only when its key (draws, seeds, examples, the model's class, name and width, the tasks'
+    prompts) matches."""
+    cfg = getattr(model, "config", None)
     key = json.dumps({"draws": TRAIN_DRAWS, "seed": TRAIN_SEED, "examples": CONDITION_EXAMPLES,
-                      "hidden": getattr(getattr(model, "config", None), "hidden_size", None)})
+                      "model": [type(model).__name__, getattr(cfg, "_name_or_path", None),
+                                getattr(cfg, "hidden_size", None)],
+                      "tasks": {n: [get_task(n).instruction, get_task(n).description] for n in sorted(names)}})
     if cache is not None and cache.is_file():
         try:
             tensors, meta = read_safetensors(cache)
-            if meta.get("key") == key and set(names) <= set(tensors):
+            if meta.get("key") == key and set(names) == set(tensors):
                 return {n: tensors[n].float() for n in names}
         except FormatError:
             pass
@@ -111,7 +116,7 @@ def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN
     if path.is_file() and rec_path.is_file() and not retrain:
         try:
             return AdapterGenerator.load(path), json.loads(rec_path.read_text())
-        except FormatError as e:  # e.g. a generator of an older format: build it again
+        except (FormatError, ValueError) as e:  # an older format, a damaged file or record: build it again
             if progress:
                 print(f"rebuilding the generator: {e}", flush=True)
     t0 = time.perf_counter()
@@ -131,7 +136,8 @@ def ensure_generator(model, tokenizer, path: str | Path | None = None, seen=SEEN
     ft_history = []
     if finetune_steps > 0:
         ft_history = finetune_generator(gen, model, tokenizer, {n: (get_task(n), vecs[n]) for n in trajs},
-                                        steps=finetune_steps, progress=progress)
+                                        steps=finetune_steps, seed=(train or GeneratorTrainConfig()).seed,
+                                        progress=progress)
     t4 = time.perf_counter()
     gen.save(path)
     record = {"seen": list(seen), "trajectory_seconds": round(t1 - t0, 1), "condition_seconds": round(t2 - t1, 1),

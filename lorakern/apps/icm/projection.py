@@ -15,19 +15,27 @@ Coordinates are scaled so that a task's vector moves by about one unit per
 coordinate between draws of examples.
 
 This departs from ICM-LoRA (Shao et al., 2025), which feeds the raw in-context vector
-to the CVAE; see :mod:`lorakern.apps.icm` for the measured effect.
+to the CVAE; the measured effect is in :mod:`lorakern.apps.icm.pipeline`.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ConditionProjection"]
+__all__ = ["ConditionProjection", "split_draws"]
+
+
+def split_draws(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-fitting split of one task's draws ``[V, D]``: ``(even draws, odd draws)`` for V >= 4, the projection
+    fitted on the first and :meth:`ConditionProjection.fresh_draw_model` measured on the second. With fewer
+    draws both are all of them (the noise model then underestimates how far fresh draws land)."""
+    return (v[0::2], v[1::2]) if v.shape[0] >= 4 else (v, v)
 
 
 class ConditionProjection:
-    """``project(v)``: ``((v - mean) / std) @ weight``; ``v`` ``[..., D]`` float32 -> ``[..., d]``.
+    """``projection(v)``: ``((v - mean) / std) @ weight``; ``v`` ``[..., D]`` float32 -> ``[..., d]``.
 
-    Attributes: ``mean``, ``std`` float32 ``[D]``; ``weight`` float32 ``[D, d]``.
+    Attributes: ``mean``, ``std`` float32 ``[D]``; ``weight`` float32 ``[D, d]``. The constructor raises
+    ValueError on other shapes or dtypes, NaN/Inf, or a std that is not positive.
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor):
@@ -36,16 +44,20 @@ class ConditionProjection:
             raise ValueError(f"need mean, std [D] and weight [D, d], got {tuple(mean.shape)}, {tuple(std.shape)}, "
                              f"{tuple(weight.shape)}")
         ts = (mean, std, weight)
+        if any(t.dtype not in (torch.float32, torch.float64) for t in ts):
+            raise ValueError(f"projection tensors must be float32, got {[t.dtype for t in ts]}")
         if not all(torch.isfinite(t).all() for t in ts) or not bool((std > 0).all()):
             raise ValueError("projection statistics must be finite with positive std")
         self.mean, self.std, self.weight = (t.float().contiguous() for t in ts)
 
     @property
     def in_dim(self) -> int:
+        """Size ``D`` of the task vectors it reads."""
         return self.mean.shape[0]
 
     @property
     def out_dim(self) -> int:
+        """Number ``d`` of task coordinates it writes."""
         return self.weight.shape[1]
 
     @classmethod
@@ -58,11 +70,14 @@ class ConditionProjection:
         D = draws[0].shape[-1]
         if any(v.dim() != 2 or v.shape[1] != D or v.shape[0] < 2 for v in draws):
             raise ValueError(f"each task needs [V >= 2, {D}] task vectors, got {[tuple(v.shape) for v in draws]}")
+        if not all(torch.isfinite(v).all() for v in draws):
+            raise ValueError("task vectors have NaN or Inf values")
         if not 0 < shrinkage <= 1:
             raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
-        dim = len(draws) - 1 if dim is None else dim
-        if not 1 <= dim <= len(draws) - 1:
-            raise ValueError(f"dim must be in 1..{len(draws) - 1} (tasks - 1), got {dim}")
+        most = min(len(draws) - 1, D)
+        dim = most if dim is None else dim
+        if type(dim) is not int or not 1 <= dim <= most:
+            raise ValueError(f"dim must be an integer in 1..{most} (tasks - 1, at most the vectors' size), got {dim!r}")
         allv = torch.cat(draws).double()
         mean = allv.mean(0)
         std = allv.std(0, unbiased=False)
@@ -99,12 +114,15 @@ class ConditionProjection:
         return centres, torch.linalg.cholesky(cov).float()
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """Task coordinates (float32 ``[..., d]``) of task vectors ``v`` ``[..., D]``; ValueError on another D."""
         if v.shape[-1] != self.in_dim:
             raise ValueError(f"expected task vectors of {self.in_dim} values, got {tuple(v.shape)}")
         return ((v.float() - self.mean) / self.std) @ self.weight
 
     def num_bytes(self) -> int:
+        """Bytes of ``mean``, ``std`` and ``weight`` as saved (float32)."""
         return 4 * (self.mean.numel() + self.std.numel() + self.weight.numel())
 
     def tensors(self, prefix: str = "cond.") -> dict[str, torch.Tensor]:
+        """``{prefix}mean``, ``{prefix}std``, ``{prefix}weight``, as a generator file stores them."""
         return {f"{prefix}mean": self.mean, f"{prefix}std": self.std, f"{prefix}weight": self.weight}
