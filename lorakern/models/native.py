@@ -416,7 +416,7 @@ class _Stack:
         from ..nn.quant_embedding import QuantEmbedding
         emb = llama.embed_tokens
         embed = []
-        if type(emb) is QuantEmbedding and emb.dtype == torch.float32 and emb.qweight.device.type == "cpu" \
+        if type(emb) is QuantEmbedding and emb.dtype == torch.float32 and emb.scale == 1.0 and emb.qweight.device.type == "cpu" \
                 and all(getattr(emb, n).is_contiguous() for n in ("qweight", "scales", "zeros")):
             embed = [emb.qweight.data_ptr(), emb.scales.data_ptr(), emb.zeros.data_ptr(), emb.num_embeddings,
                      emb.embedding_dim, emb.bits, emb.group_size]

@@ -25,13 +25,14 @@ from ..formats.packing import SUPPORTED_GROUP_SIZES
 from ..nn import GWQLinear, QuantEmbedding, QuantLinear, replace_module
 from ..quant.calibration import collect_statistics
 from ..quant.gptq import inverse_hessian_diag
-from ..quant.gwq import quantize_dense, quantize_with_outliers
+from ..quant.gwq import DENSE_QUANTIZERS, quantize_dense, quantize_with_outliers
 from ..quant.outliers import SCORES, outlier_scores, select_outliers
 from ..quant.rtn import quantize_rtn
+from .awq import apply_awq
 from .checkpoint import install_save_pretrained
 from .decode import forget_compiled_call
 
-__all__ = ["METHODS", "QuantConfig", "quantize_model"]
+__all__ = ["DENSE_ONLY", "METHODS", "QuantConfig", "quantize_model"]
 
 log = logging.getLogger("lorakern")
 
@@ -43,7 +44,10 @@ METHODS = {
     "spqr": ("hessian", "gptq"),    # SpQR-style Hessian outliers w^2 / [H^-1]_kk
     "magnitude": ("magnitude", "gptq"),
     "random": ("random", "gptq"),
+    "awq": (None, "awq"),            # AWQ scales folded into the model, clipping search, RTN
+    "gwq_awq": ("grad", "awq"),      # gradient outliers with the AWQ dense part
 }
+DENSE_ONLY = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,16 @@ class QuantConfig:
             benchmarks/eval_head_ppl.py) the 8-bit head moves perplexity 27.613 -> 27.629 (fp32 body) and
             39.133 -> 39.030 (4-bit body), a 4-bit head to 30.211 / 43.024; the 8-bit head reads 29 MB per
             decoded token instead of 108 MB.
-        method: one of :data:`METHODS`: "rtn" and "gptq" (dense, QuantLinear); "gwq" (gradient
-            outliers), "spqr" (Hessian outliers), "magnitude", "random" (GWQLinear with a fraction
-            ``outliers`` kept in fp16).
+        method: one of :data:`METHODS`: "rtn", "gptq" and "awq" (dense, QuantLinear); "gwq" (gradient
+            outliers), "gwq_awq" (gradient outliers, AWQ dense part), "spqr" (Hessian outliers), "magnitude",
+            "random" (GWQLinear with a fraction ``outliers`` kept in fp16). AWQ (:mod:`lorakern.quant.awq`,
+            :mod:`lorakern.models.awq`) searches per-channel scales on the calibration activations, folds them
+            into the RMSNorms and linear layers that produce the inputs, then quantizes with its clipping
+            search and RTN (dense "awq") or with GPTQ (dense "awq_gptq").
         outliers: fraction of each matrix kept as fp16 outliers (outlier methods).
         score: override the method's outlier score (:data:`lorakern.quant.SCORES`).
-        dense: "rtn" or "gptq" for the dense part (default: the method's).
+        dense: the dense quantizer (default: the method's): "rtn", "gptq", "awq" (AWQ scales, clipping, RTN)
+            or "awq_gptq" (AWQ scales, then GPTQ).
         per_row: budget ``round(outliers * K)`` outliers in every output row instead of
             ``round(outliers * N * K)`` per matrix.
         act_order: GPTQ column order by decreasing Hessian diagonal.
@@ -103,10 +111,12 @@ class QuantConfig:
         if self.head_bits not in (None, 4, 8):
             raise ValueError(f"head_bits must be 8, 4 or None, got {self.head_bits}")
         default_score, default_dense = METHODS[self.method]
-        score = None if self.method in ("rtn", "gptq") else (self.score or default_score)
+        score = None if self.method in DENSE_ONLY else (self.score or default_score)
         object.__setattr__(self, "score", score)
         object.__setattr__(self, "dense", self.dense or default_dense)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
+        if self.dense not in DENSE_QUANTIZERS:
+            raise ValueError(f"unknown dense quantizer {self.dense!r} (one of {DENSE_QUANTIZERS})")
         if score is not None and score not in SCORES:
             raise ValueError(f"unknown outlier score {score!r} (one of {SCORES})")
         if score is not None and not 0 <= self.outliers < 1:
@@ -118,7 +128,12 @@ class QuantConfig:
 
     @property
     def needs_hessians(self) -> bool:
-        return self.dense == "gptq" or self.score == "hessian"
+        return self.dense != "rtn" or self.score == "hessian"
+
+    @property
+    def awq(self) -> bool:
+        """AWQ scales are searched and folded into the model before the layers are quantized."""
+        return self.dense in ("awq", "awq_gptq")
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress: bool = True, *,
@@ -168,6 +183,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
     head = _head(model)
     targets, kept = _targets(model, cfg, head)
     stats = _statistics(model, cfg, targets, calibration, statistics, progress)
+    awq_record = None
+    if cfg.awq:
+        stats, awq_record = apply_awq(model, {n: g for n, _, g in targets}, stats, cfg.bits, cfg.group_size,
+                                      progress_bar=lambda it: tqdm(it, desc="AWQ scales", disable=not progress,
+                                                                   leave=False))
     gen = torch.Generator().manual_seed(cfg.seed)
     record = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("skip", "percdamp", "seed",
                                                                                 "head_bits")},
@@ -175,6 +195,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
               "calibration": list(calibration.shape) if calibration is not None else
               ([next(iter(statistics.values())).nsamples] if statistics else None),
               "layers": {}, "kept": kept, "fallback": {}}
+    if awq_record is not None:
+        record["awq"] = awq_record
     stored_bits, n_weights = 0.0, 0
     for name, lin, g in tqdm(targets, desc=f"quantize {cfg.method} {cfg.bits}-bit", disable=not progress,
                              leave=False):
@@ -269,12 +291,19 @@ def _quantize_head(model: nn.Module, name: str, cfg: QuantConfig) -> dict:
            "avg_bits": w.bits_per_weight()}
     if tied:
         emb_name = next(n for n, m in model.named_modules() if m is emb)
-        qe = QuantEmbedding(new.quantized_weight, dtype=emb.weight.dtype, padding_idx=emb.padding_idx, tied_to=name)
-        replace_module(model, emb_name, qe)
+        try:
+            scale = QuantEmbedding.scale_of(emb)
+        except ValueError as e:  # an embedding that does more than a (scaled) lookup keeps its float table
+            log.warning("lorakern: %s keeps its float table: %s", emb_name, e)
+            out["embedding_kept"] = str(e)
+        else:
+            qe = QuantEmbedding(new.quantized_weight, dtype=emb.weight.dtype, padding_idx=emb.padding_idx,
+                                tied_to=name, scale=scale)
+            replace_module(model, emb_name, qe)
+            out["embedding"] = emb_name
         for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
             if c is not None and hasattr(c, "tie_word_embeddings"):
                 c.tie_word_embeddings = False  # no longer tied float parameters: the packed rows are shared
-        out["embedding"] = emb_name
     return out
 
 
@@ -288,29 +317,33 @@ def _statistics(model, cfg: QuantConfig, targets, calibration, statistics, progr
             if st is not None and getattr(st, "tokens", 1) == 0:
                 continue  # unreached in calibration: RTN
             if st is None or (cfg.needs_hessians and st.hessian is None) or \
+                    (cfg.awq and getattr(st, "act_mean", None) is None) or \
                     (cfg.score in ("grad", "grad_w") and st.grad is None) or \
                     (cfg.score == "grad_w2" and st.grad_sq is None):
                 raise ValueError(f"statistics lack what method {cfg.method!r} needs for layer {n}")
         return stats
     if cfg.needs_gradients or cfg.needs_hessians:
         return collect_statistics(model, calibration, names, gradients=cfg.score in ("grad", "grad_w"),
-                                  grad_squares=cfg.score == "grad_w2", hessians=cfg.needs_hessians, progress=progress)
+                                  grad_squares=cfg.score == "grad_w2", hessians=cfg.needs_hessians,
+                                  act_means=cfg.awq, progress=progress)
     return {}
 
 
 def _quantize_layer(name: str, lin: nn.Module, g: int, cfg: QuantConfig, st, gen):
     """``(new module, its weight record, number of weights)`` for one layer; errors name the layer."""
     w = linear_weight(lin).detach().float().cpu()
+    # llm-awq searches no clipping for q and k ("due to the qk bmm, it is hard to clip precisely")
+    dense = "rtn" if cfg.dense == "awq" and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj") else cfg.dense
     try:
         H = st.hessian if st is not None else None
         if cfg.score is None:
-            qw, _ = quantize_dense(w, cfg.bits, g, cfg.dense, H, act_order=cfg.act_order, percdamp=cfg.percdamp)
+            qw, _ = quantize_dense(w, cfg.bits, g, dense, H, act_order=cfg.act_order, percdamp=cfg.percdamp)
             return QuantLinear(qw, lin.bias), qw, w.numel()
         s = outlier_scores(cfg.score, w, grad=st.grad if st else None, grad_sq=st.grad_sq if st else None,
                            hinv_diag=inverse_hessian_diag(H, cfg.percdamp) if cfg.score == "hessian" else None,
                            generator=gen)
         mask = select_outliers(s, cfg.outliers, cfg.per_row)
-        qw = quantize_with_outliers(w, mask, cfg.bits, g, cfg.dense, H, cfg.act_order, cfg.percdamp)
+        qw = quantize_with_outliers(w, mask, cfg.bits, g, dense, H, cfg.act_order, cfg.percdamp)
         return GWQLinear(qw, lin.bias), qw, w.numel()
     except (ValueError, TypeError, RuntimeError) as e:
         raise type(e)(f"quantize_model: layer {name} ({tuple(w.shape)}): {e}") from e

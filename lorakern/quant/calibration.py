@@ -42,6 +42,7 @@ class LayerStats:
         grad: mean over samples of dL/dW (fp32, [N, K]), or None.
         grad_sq: mean over samples of (dL/dW)^2 elementwise, or None.
         hessian: 2/n * sum over all tokens of x x^T (fp32, [K, K]), or None.
+        act_mean: mean over all tokens of |x| per input channel (fp32, [K]; AWQ's activation scale), or None.
         nsamples: samples seen.
         tokens: input rows (tokens) seen by the Hessian hook.
     """
@@ -49,12 +50,13 @@ class LayerStats:
     grad: torch.Tensor | None = None
     grad_sq: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    act_mean: torch.Tensor | None = None
     nsamples: int = 0
     tokens: int = 0
 
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str], *, gradients: bool = True,
-                       grad_squares: bool = False, hessians: bool = True,
+                       grad_squares: bool = False, hessians: bool = True, act_means: bool = False,
                        progress: bool = True) -> dict[str, LayerStats]:
     """Gradients and/or input Hessians of the Linear layers ``names`` of a causal LM.
 
@@ -69,6 +71,7 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
         gradients: accumulate the mean gradient of the next-token loss.
         grad_squares: also accumulate the mean squared per-sample gradient.
         hessians: accumulate ``H = 2/n_tokens * X^T X`` of each layer's inputs.
+        act_means: accumulate the mean ``|x|`` per input channel (AWQ).
     """
     if windows.dim() != 2 or windows.shape[0] < 1:
         raise ValueError(f"windows must be [n >= 1, seqlen], got {tuple(windows.shape)}")
@@ -83,6 +86,8 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
         if hessians:
             K = linear_shape(m)[1]
             st.hessian = torch.zeros(K, K, dtype=torch.float32)
+        if act_means:
+            st.act_mean = torch.zeros(linear_shape(m)[1], dtype=torch.float32)
 
         def hook(mod, inp, out, st=st):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1])
@@ -90,6 +95,8 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
             if st.hessian is not None:
                 x = x.float()
                 st.hessian.addmm_(x.t(), x)
+            if st.act_mean is not None:
+                st.act_mean.add_(x.float().abs().sum(0))
         hooks.append(m.register_forward_hook(hook))
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -124,13 +131,15 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, names: list[str]
         for st in stats.values():
             st.nsamples = n
             if st.tokens == 0:  # never reached: no statistics rather than zeros
-                st.hessian = st.grad = st.grad_sq = None
+                st.hessian = st.grad = st.grad_sq = st.act_mean = None
             if st.grad is not None:
                 st.grad.div_(n)
             if st.grad_sq is not None:
                 st.grad_sq.div_(n)
             if st.hessian is not None:
                 st.hessian.mul_(2.0 / max(st.tokens, 1))
+            if st.act_mean is not None:
+                st.act_mean.div_(max(st.tokens, 1))
     finally:
         for h in hooks:
             h.remove()

@@ -13,12 +13,15 @@ import torch
 from ..formats.outliers import MAX_OUTLIER_K, GWQWeight, SparseOutliers
 from ..formats.packing import pack_codes
 from ..formats.quantized import QuantizedWeight
+from .awq import clip_weight, search_clip
 from .gptq import gptq_quantize
 from .rtn import check_dense_weight, round_codes, rtn_params
 
 __all__ = ["DENSE_QUANTIZERS", "quantize_dense", "quantize_with_outliers"]
 
-DENSE_QUANTIZERS = ("rtn", "gptq")
+# "awq": RTN after AWQ's clipping search; "awq_gptq": GPTQ. Both expect weights already multiplied by AWQ's
+# per-channel scales (lorakern.models.awq folds them into the model) and the Hessian of the scaled inputs.
+DENSE_QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq")
 
 
 def _check(w, bits, group_size):
@@ -29,17 +32,25 @@ def _check(w, bits, group_size):
 
 def quantize_dense(w: torch.Tensor, bits: int, group_size: int, dense: str = "rtn", hessian=None,
                    exclude: torch.Tensor | None = None, act_order: bool = False, percdamp: float = 0.01):
-    """Dense group-wise quantization by RTN or GPTQ, with ``exclude`` left out of
-    the statistics. Returns ``(QuantizedWeight, w_final)``; ``w_final`` is w for
-    RTN and the error-updated weights for GPTQ (see :func:`gptq_quantize`)."""
+    """Dense group-wise quantization by ``dense`` (:data:`DENSE_QUANTIZERS`: RTN, GPTQ, RTN after AWQ's
+    clipping search, or GPTQ for AWQ-scaled weights), with ``exclude`` left out of the statistics. Returns
+    ``(QuantizedWeight, w_final)``; ``w_final`` is w for RTN, the clipped w for "awq" (outliers unchanged) and
+    the error-updated weights for GPTQ (see :func:`gptq_quantize`).
+
+    Raises:
+        ValueError: an unknown quantizer, a missing Hessian for the ones that need it, bad bits or shapes.
+    """
     _check(w, bits, group_size)
     w = w.detach().float().cpu()
+    if dense in ("gptq", "awq", "awq_gptq") and hessian is None:
+        raise ValueError(f"dense={dense!r} needs the layer's input Hessian")
+    if dense == "awq":
+        w = clip_weight(w, search_clip(w, hessian, bits, group_size, exclude), group_size, exclude)
+        dense = "rtn"
     if dense == "rtn":
         s, z = rtn_params(w, bits, group_size, exclude)
         q, wf = round_codes(w, s, z, bits), w
-    elif dense == "gptq":
-        if hessian is None:
-            raise ValueError("dense='gptq' needs the layer's input Hessian")
+    elif dense in ("gptq", "awq_gptq"):
         q, s, z, wf = gptq_quantize(w, hessian, bits, group_size, exclude=exclude, act_order=act_order,
                                     percdamp=percdamp)
     else:
