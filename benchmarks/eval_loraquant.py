@@ -9,11 +9,18 @@ for the language-modelling adapter. Trains the suite first if it is not cached
 (benchmarks/train_adapters.py).
 
     python benchmarks/eval_loraquant.py [--only add,sort] [--methods fp16,rtn2] [--json PATH]
+    python benchmarks/eval_loraquant.py --suite hard      # the harder tasks (issue 19): 400 examples per task,
+                                                          # LoRAQuant rho {0.7,0.8,0.9,0.95} x b_hi {2,3}, RTN at
+                                                          # 1/2/3 bits and groups 32/128, sign, fp16; PNG plot
+
+Method names: ``fp16``; ``loraquant_rho{R}_hi{B}`` (optionally ``_refined``); ``rtn{B}`` or ``rtn{B}_g{G}`` (plain
+RTN of the factors, group G, default 128); ``sign`` (1-bit sign of every SVD component).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +35,8 @@ from lorakern.apps.train.suite import adapter_dir, ensure_suite, evaluate_adapte
 
 METHODS = ["fp16", "loraquant_rho0.8_hi2", "loraquant_rho0.9_hi2", "loraquant_rho0.8_hi3", "loraquant_rho0.9_hi3",
            "rtn3", "rtn2", "rtn1", "sign"]
+HARD_METHODS = ["fp16", *[f"loraquant_rho{r}_hi{b}" for b in (2, 3) for r in (0.7, 0.8, 0.9, 0.95)],
+                *[f"rtn{b}_g{g}" for b in (3, 2, 1) for g in (128, 32)], "sign"]
 
 
 def build(method: str, adapter):
@@ -41,8 +50,9 @@ def build(method: str, adapter):
             hi = int(method.split("_hi")[1].split("_")[0])
             steps = 300 if method.endswith("_refined") else 0
             layers[name] = compress_lora(l.B, l.A, rho=rho, bits_high=hi, scale=l.scale, refine_steps=steps)
-        elif method.startswith("rtn"):
-            layers[name] = rtn_lora(l.B, l.A, int(method[3:]), scale=l.scale)
+        elif method.startswith("rtn"):  # rtn2 or rtn2_g32
+            bits, _, g = method[3:].partition("_g")
+            layers[name] = rtn_lora(l.B, l.A, int(bits), group_size=int(g or 128), scale=l.scale)
         elif method == "sign":
             layers[name] = compress_lora(l.B, l.A, h=0, scale=l.scale)
         else:
@@ -57,23 +67,70 @@ def retention(metric: float, fp16: float, higher: bool) -> float:
     return metric / fp16 if higher else fp16 / metric
 
 
+def binomial_halfwidth(p: float, n: int) -> float:
+    """Half-width of the normal-approximation 95% interval of an exact-match rate p on n examples."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def plot(summary: dict, rows: list, path: Path, title: str) -> None:
+    """Average bits per adapter parameter against mean retention, one marker per method family."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    fams = {"loraquant": ("o", "LoRAQuant"), "rtn": ("s", "RTN"), "sign": ("x", "sign"), "fp16": ("*", "fp16")}
+    for key, (marker, label) in fams.items():
+        ms = [m for m in summary if m.startswith(key)]
+        if not ms:
+            continue
+        ax.scatter([summary[m]["avg_bits"] for m in ms], [100 * summary[m]["retention"] for m in ms], marker=marker,
+                   s=50, label=label)
+        for m in ms:
+            short = m.replace("loraquant_", "").replace("_hi", " hi")
+            ax.annotate(short, (summary[m]["avg_bits"], 100 * summary[m]["retention"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("average bits per adapter parameter (codes + fp16 scales and zeros)")
+    ax.set_ylabel("metric retained vs the fp16 adapter, mean over tasks (%)")
+    ax.axhline(95, color="grey", ls="--", lw=0.8)
+    ax.axvline(2, color="grey", ls=":", lw=0.8)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def markdown(rows, summary, examples: int = 100) -> str:
+    """One row per method (base first), one column per adapter, then average bits and mean retention."""
     adapters = list(dict.fromkeys(r["adapter"] for r in rows))
-    methods = list(dict.fromkeys(["base", *[m for m in METHODS if any(r["method"] == m for r in rows)],
+    methods = list(dict.fromkeys(["base", *[m for m in [*METHODS, *HARD_METHODS] if any(r["method"] == m for r in rows)],
                                   *[r["method"] for r in rows]]))
     by = {(r["adapter"], r["method"]): r for r in rows}
     out = ["# LoRAQuant on the adapter suite (SmolLM2-135M)", "",
            f"Metric per adapter (exact match on {examples} held-out examples; `wikitext`: WikiText-2 test perplexity, "
-           "lower is better) and average bits per adapter parameter (codes + fp16 scales and zeros). "
+           "lower is better) and average bits per adapter parameter (codes + fp16 scales and zeros); retention is the "
+           "metric over the fp16 adapter's (perplexity: the inverse), averaged over adapters. "
            "Generated by `benchmarks/eval_loraquant.py`.", "",
-           "| adapter | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for a in adapters:
-        cells = [f"{by[(a, m)]['metric']:.3f}" if (a, m) in by else "" for m in methods]
-        out.append(f"| {a} | " + " | ".join(cells) + " |")
-    out.append("| avg bits | " + " | ".join(f"{summary[m]['avg_bits']:.2f}" if m in summary else "-" for m in methods)
-               + " |")
-    out.append("| retention vs fp16 | " + " | ".join(f"{100 * summary[m]['retention']:.1f}%" if m in summary else "-"
-                                                      for m in methods) + " |")
+           "| method | " + " | ".join(adapters) + " | avg bits | retention vs fp16 |",
+           "|---|" + "---|" * (len(adapters) + 2)]
+    for m in methods:
+        cells = [f"{by[(a, m)]['metric']:.3f}" if (a, m) in by else "" for a in adapters]
+        bits = f"{summary[m]['avg_bits']:.2f}" if m in summary else "-"
+        ret = f"{100 * summary[m]['retention']:.1f}%" if m in summary else "-"
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {bits} | {ret} |")
+    em = [r["metric"] for r in rows if r["method"] == "fp16" and r["metric_name"] == "exact_match"]
+    if em:
+        worst = max(binomial_halfwidth(p, examples) for p in em)
+        out += ["", f"95% binomial interval of one exact-match cell: ±1.96·sqrt(p(1-p)/n), at most "
+                    f"±{100 * worst:.1f} points here (n = {examples}); every method is scored on the same examples, "
+                    "so differences between methods vary less than that."]
     return "\n".join(out) + "\n"
 
 
@@ -82,18 +139,23 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated adapters (default: the suite)")
     ap.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (a LoRAQuant name may end in "
                                       "_refined: the data-free refinement, 300 steps)")
-    ap.add_argument("--examples", type=int, default=100)
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "loraquant_suite.json"))
+    ap.add_argument("--suite", choices=["default", "hard"], default="default",
+                    help="hard: the harder task variants (HARD_SUITE), 400 examples, the wider method grid")
+    ap.add_argument("--examples", type=int, default=None, help="held-out examples per task (default 100; hard 400)")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/loraquant_suite[_hard].json")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from an existing --json file")
     args = ap.parse_args(argv)
+    hard = args.suite == "hard"
+    args.examples = args.examples or (400 if hard else 100)
+    args.json = args.json or str(Path(__file__).parent / "results" / f"loraquant_suite{'_hard' if hard else ''}.json")
     if args.markdown_only:
         d = json.loads(Path(args.json).read_text())
         md = markdown(d["rows"], d["summary"], d.get("examples", 100))
         Path(args.json).with_suffix(".md").write_text(md)
         print(md)
         return
-    names = args.only.split(",") if args.only else suite_names()
-    methods = args.methods.split(",") if args.methods else METHODS
+    names = args.only.split(",") if args.only else suite_names(hard)
+    methods = args.methods.split(",") if args.methods else (HARD_METHODS if hard else METHODS)
     torch.manual_seed(0)
     model, tok = load_smollm2()
     ensure_suite(model, tok, names)
@@ -126,6 +188,8 @@ def main(argv=None):
     Path(args.json).write_text(json.dumps(out, indent=2))
     md = markdown(rows, summary, args.examples)
     Path(args.json).with_suffix(".md").write_text(md)
+    plot(summary, rows, Path(args.json).with_suffix(".png"),
+         f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {args.examples} examples per task)")
     print(md)
     print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
 

