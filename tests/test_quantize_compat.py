@@ -103,3 +103,29 @@ def test_quantize_errors_name_the_layer():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj"):
         lorakern.quantize_model(model, bits=4, group_size=32, progress=False)
+
+
+def test_quantized_model_is_freed_without_the_cycle_collector_and_copies_save_themselves(tmp_path):
+    import gc
+    import weakref
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lorakern.models import load_quantized_model
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, group_size=32, progress=False)
+    twin = copy.deepcopy(qm)
+    assert twin.save_pretrained.model is twin and qm.save_pretrained.model is qm
+    with torch.no_grad():
+        twin.lm_head.scales.mul_(2)  # the copy differs: its own save_pretrained must write it, not the original
+    twin.save_pretrained(tmp_path / "twin")
+    ids = torch.randint(0, 101, (1, 9))
+    torch.testing.assert_close(load_quantized_model(tmp_path / "twin")(ids).logits, twin(ids).logits, rtol=0, atol=0)
+    ref = weakref.ref(qm)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del qm
+        assert ref() is None  # no reference cycle keeps a quantized model alive
+    finally:
+        if was:
+            gc.enable()

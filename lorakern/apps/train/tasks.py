@@ -158,14 +158,14 @@ def _mul(rng):
     return f"{a} * {b}", str(a * b)
 
 
-def _reverse_long(rng):
-    w = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(8, 12)))
-    return _spaced(w), _spaced(w[::-1])
+def _add3(rng):
+    a, b, c = rng.randint(100, 999), rng.randint(100, 999), rng.randint(100, 999)
+    return f"{a} + {b} + {c}", str(a + b + c)
 
 
-def _sort_long(rng):
-    xs = [rng.randint(0, 9) for _ in range(rng.randint(9, 14))]
-    return _spaced(xs), _spaced(sorted(xs))
+def _sub4(rng):
+    a, b = sorted((rng.randint(1000, 9999), rng.randint(1000, 9999)), reverse=True)
+    return f"{a} - {b}", str(a - b)
 
 
 def _caesar_pos(rng):
@@ -180,12 +180,13 @@ def _count_long(rng):
 
 
 # Harder variants, on which a rank-16 adapter trained for minutes does not saturate (issue 19): so that
-# compression methods can be told apart by the metric they keep.
+# compression methods can be told apart by the metric they keep. (Reversing 8-12 letters and sorting 9-14 digits
+# were tried first: the suite's training reached 1.00 and 0.97 on them, so they were dropped.)
 HARD_SUITE: dict[str, Task] = {t.name: t for t in [
     Task("add4", "add two 4-digit numbers", "Add the numbers.", _add4),
     Task("mul", "multiply a 2-digit number by a digit 3-9", "Multiply the numbers.", _mul),
-    Task("reverse_long", "reverse 8-12 space-separated letters", "Reverse the letters.", _reverse_long),
-    Task("sort_long", "sort 9-14 digits ascending", "Sort the digits.", _sort_long),
+    Task("add3", "add three 3-digit numbers", "Add the numbers.", _add3),
+    Task("sub4", "subtract a 4-digit number from a larger one", "Subtract the numbers.", _sub4),
     Task("caesar_pos", "shift the i-th of 4-7 letters i places forward (1, 2, 3, ...)", "Encode the letters.",
          _caesar_pos),
     Task("count_long", "count one letter (a, b or c) among 12-20 letters", "Count the letter.", _count_long),
