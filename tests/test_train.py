@@ -67,9 +67,9 @@ def test_hard_suite_answers_are_right():
             elif name == "caesar_pos":
                 want = [chr((ord(c) - 97 + i + 1) % 26 + 97) for i, c in enumerate(x.split())]
                 assert y.split() == want
-            elif name == "count_long":
+            elif name == "count":
                 letter, word = x.split(" in ")
-                assert int(y) == word.split().count(letter) and 12 <= len(word.split()) <= 20
+                assert int(y) == word.split().count(letter)
             else:
                 raise AssertionError(f"untested task {name}")
     assert "z" in {y.split()[0] for x, y in HARD_SUITE["caesar_pos"].examples(300, 1) if x.split()[0] == "y"}

@@ -30,7 +30,8 @@ LM_EVAL_WINDOWS = (4, 512)  # the first 4 windows of 512 tokens of WikiText-2 te
 
 def suite_names(hard: bool = False) -> list[str]:
     """The suite's adapters: the generated tasks, then the language-modelling adapter; ``hard``: the harder
-    variants (:data:`~lorakern.apps.train.tasks.HARD_SUITE`, no language-modelling adapter)."""
+    variants and the suite's unsaturated count task (:data:`~lorakern.apps.train.tasks.HARD_SUITE`, no
+    language-modelling adapter)."""
     return list(HARD_SUITE) if hard else [*SUITE, LM_ADAPTER]
 
 

@@ -173,15 +173,10 @@ def _caesar_pos(rng):
     return _spaced(w), _spaced(_LETTERS[(_LETTERS.index(c) + i + 1) % 26] for i, c in enumerate(w))
 
 
-def _count_long(rng):
-    target = rng.choice("abc")
-    w = "".join(rng.choice("abcd") for _ in range(rng.randint(12, 20)))
-    return f"{target} in {_spaced(w)}", str(w.count(target))
-
-
 # Harder variants, on which a rank-16 adapter trained for minutes does not saturate (issue 19): so that
 # compression methods can be told apart by the metric they keep. (Reversing 8-12 letters and sorting 9-14 digits
-# were tried first: the suite's training reached 1.00 and 0.97 on them, so they were dropped.)
+# were tried first: the suite's training reached 1.00 and 0.97 on them; counting a letter among 12-20 reached
+# only 0.18, so the suite's own count task, which does not saturate (0.75), stands in for it.)
 HARD_SUITE: dict[str, Task] = {t.name: t for t in [
     Task("add4", "add two 4-digit numbers", "Add the numbers.", _add4),
     Task("mul", "multiply a 2-digit number by a digit 3-9", "Multiply the numbers.", _mul),
@@ -189,7 +184,7 @@ HARD_SUITE: dict[str, Task] = {t.name: t for t in [
     Task("sub4", "subtract a 4-digit number from a larger one", "Subtract the numbers.", _sub4),
     Task("caesar_pos", "shift the i-th of 4-7 letters i places forward (1, 2, 3, ...)", "Encode the letters.",
          _caesar_pos),
-    Task("count_long", "count one letter (a, b or c) among 12-20 letters", "Count the letter.", _count_long),
+    SUITE["count"],
 ]}
 
 
