@@ -58,12 +58,9 @@ def test_hard_suite_answers_are_right():
                 a, b = map(int, x.replace("*", "+").split(" + "))
                 assert int(y) == (a + b if name == "add4" else a * b)
                 assert (1000 <= a <= 9999 and 1000 <= b <= 9999) if name == "add4" else (12 <= a <= 99 and 3 <= b <= 9)
-            elif name == "add3":
-                a, b, c = map(int, x.split(" + "))
-                assert int(y) == a + b + c and all(100 <= v <= 999 for v in (a, b, c))
-            elif name == "sub4":
-                a, b = map(int, x.split(" - "))
-                assert int(y) == a - b >= 0 and 1000 <= b <= a <= 9999
+            elif name == "add":
+                a, b = map(int, x.split(" + "))
+                assert int(y) == a + b
             elif name == "caesar_pos":
                 want = [chr((ord(c) - 97 + i + 1) % 26 + 97) for i, c in enumerate(x.split())]
                 assert y.split() == want

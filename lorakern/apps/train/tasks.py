@@ -158,32 +158,22 @@ def _mul(rng):
     return f"{a} * {b}", str(a * b)
 
 
-def _add3(rng):
-    a, b, c = rng.randint(100, 999), rng.randint(100, 999), rng.randint(100, 999)
-    return f"{a} + {b} + {c}", str(a + b + c)
-
-
-def _sub4(rng):
-    a, b = sorted((rng.randint(1000, 9999), rng.randint(1000, 9999)), reverse=True)
-    return f"{a} - {b}", str(a - b)
-
-
 def _caesar_pos(rng):
     w = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 7)))
     return _spaced(w), _spaced(_LETTERS[(_LETTERS.index(c) + i + 1) % 26] for i, c in enumerate(w))
 
 
-# Harder variants, on which a rank-16 adapter trained for minutes does not saturate (issue 19): so that
-# compression methods can be told apart by the metric they keep. (Reversing 8-12 letters and sorting 9-14 digits
-# were tried first: the suite's training reached 1.00 and 0.97 on them; counting a letter among 12-20 reached
-# only 0.18, so the suite's own count task, which does not saturate (0.75), stands in for it.)
+# Tasks on which a rank-16 adapter trained for minutes (the suite's 120 steps x 16) does not saturate (issue 19),
+# so that compression methods can be told apart by the metric they keep: three harder variants (after training,
+# measured here: add4 0.81, mul 0.60, caesar_pos 0.59) and the suite's two unsaturated tasks (add 0.78, count 0.75).
+# Tried and dropped: reversing 8-12 letters (1.00) and sorting 9-14 digits (0.97) saturate; counting among 12-20
+# letters (0.18), adding three 3-digit numbers (0.00) and 4-digit subtraction (0.05) are not learned.
 HARD_SUITE: dict[str, Task] = {t.name: t for t in [
     Task("add4", "add two 4-digit numbers", "Add the numbers.", _add4),
     Task("mul", "multiply a 2-digit number by a digit 3-9", "Multiply the numbers.", _mul),
-    Task("add3", "add three 3-digit numbers", "Add the numbers.", _add3),
-    Task("sub4", "subtract a 4-digit number from a larger one", "Subtract the numbers.", _sub4),
     Task("caesar_pos", "shift the i-th of 4-7 letters i places forward (1, 2, 3, ...)", "Encode the letters.",
          _caesar_pos),
+    SUITE["add"],
     SUITE["count"],
 ]}
 
