@@ -110,8 +110,7 @@ def plot(summary: dict, rows: list, path: Path, title: str) -> None:
 def markdown(rows, summary, examples: int = 100) -> str:
     """One row per method (base first), one column per adapter, then average bits and mean retention."""
     adapters = list(dict.fromkeys(r["adapter"] for r in rows))
-    methods = list(dict.fromkeys(["base", *[m for m in [*METHODS, *HARD_METHODS] if any(r["method"] == m for r in rows)],
-                                  *[r["method"] for r in rows]]))
+    methods = list(dict.fromkeys(["base", *[r["method"] for r in rows]]))  # in the order they ran
     by = {(r["adapter"], r["method"]): r for r in rows}
     out = ["# LoRAQuant on the adapter suite (SmolLM2-135M)", "",
            f"Metric per adapter (exact match on {examples} held-out examples; `wikitext`: WikiText-2 test perplexity, "
@@ -152,6 +151,9 @@ def main(argv=None):
         d = json.loads(Path(args.json).read_text())
         md = markdown(d["rows"], d["summary"], d.get("examples", 100))
         Path(args.json).with_suffix(".md").write_text(md)
+        plot(d["summary"], d["rows"], Path(args.json).with_suffix(".png"),
+             f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {d.get('examples', 100)} "
+             "examples per task)")
         print(md)
         return
     names = args.only.split(",") if args.only else suite_names(hard)
