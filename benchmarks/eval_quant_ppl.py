@@ -38,7 +38,6 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 # name -> quantize_model keyword arguments
 METHODS = {
