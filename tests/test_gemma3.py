@@ -51,32 +51,33 @@ def test_awq_quantization_saved_and_reloaded(gemma, tmp_path):
     assert torch.equal(out, qm.generate(ids[:, :16], max_new_tokens=6, do_sample=False))
 
 
-def test_adapter_training_bank_and_fast_decode(gemma, tmp_path):
-    """Every path on Gemma: GWQ statistics and quantization, a trained adapter saved in PEFT format and loaded back,
-    an adapter bank with per-sequence adapters, and prepare_decode (compiled: not a Llama model, no native step)."""
-    from lorakern.adapters import apply_adapter, attach_adapters, load_peft_adapter, save_peft_adapter
+def _trained(gemma, tmp_path):
+    from lorakern.adapters import save_peft_adapter
     from lorakern.apps.train import TrainConfig, get_task, train_task_adapter
     from lorakern.quant import calibration_windows
     model, tok, win = gemma
     qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, method="gwq", calibration=calibration_windows(tok, 1, 128),
                                  progress=False)
-    assert qm.lorakern_quantization["score"] == "grad" and qm.lorakern_quantization["avg_bits"] > 4.4
     adapter = train_task_adapter(qm, tok, get_task("add"), TrainConfig(steps=3, batch_size=2), progress=False)
-    assert len(adapter.layers) == 18 * 7
     save_peft_adapter(adapter, tmp_path / "a")
+    return qm, adapter, win[:2, :24]
+
+
+def test_gwq_adapter_training(gemma, tmp_path):
+    """GWQ statistics and quantization, a trained adapter saved in PEFT format and loaded back; the adapter bank and
+    prepare_decode, whose results differ from transformers' own on Gemma 3 (an open problem, measured: the decode
+    step by up to 0.65 in the logits, the bank's forward by ~2 while every projection agrees to 1e-7), are refused."""
+    from lorakern.adapters import apply_adapter, attach_adapters, load_peft_adapter
+    qm, adapter, ids = _trained(gemma, tmp_path)
+    assert qm.lorakern_quantization["score"] == "grad" and qm.lorakern_quantization["avg_bits"] > 4.4
+    assert len(adapter.layers) == 18 * 7
     back = load_peft_adapter(tmp_path / "a")
-    ids = win[:2, :24]
     with apply_adapter(qm, back):
         one = qm(ids).logits
     with apply_adapter(qm, adapter):
         torch.testing.assert_close(qm(ids).logits, one, rtol=0, atol=0)
-    base = qm(ids).logits
-    assert not torch.allclose(one, base)
-    attach_adapters(qm, {"add": tmp_path / "a"}, dtype=torch.float32)
-    mixed = qm(ids, adapter_names=["add", None]).logits
-    torch.testing.assert_close(mixed[0], one[0], rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(mixed[1], base[1], rtol=1e-4, atol=1e-3)
-    eager = qm.generate(ids[:, :12], max_new_tokens=5, do_sample=False, adapter_names=["add", None])
-    lorakern.prepare_decode(qm, compile=False)
-    fast = qm.generate(ids[:, :12], max_new_tokens=5, do_sample=False, adapter_names=["add", None])
-    assert torch.equal(eager, fast)
+    assert not torch.allclose(one, qm(ids).logits)
+    with pytest.raises(NotImplementedError, match="differ"):
+        attach_adapters(qm, {"add": tmp_path / "a"}, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="differ"):
+        lorakern.prepare_decode(qm, compile=False)
