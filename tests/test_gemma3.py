@@ -64,10 +64,8 @@ def _trained(gemma, tmp_path):
 
 
 def test_gwq_adapter_training(gemma, tmp_path):
-    """GWQ statistics and quantization, a trained adapter saved in PEFT format and loaded back; the adapter bank and
-    prepare_decode, whose results differ from transformers' own on Gemma 3 (an open problem, measured: the decode
-    step by up to 0.65 in the logits, the bank's forward by ~2 while every projection agrees to 1e-7), are refused."""
-    from lorakern.adapters import apply_adapter, attach_adapters, load_peft_adapter
+    """GWQ statistics and quantization, a trained adapter saved in PEFT format and loaded back."""
+    from lorakern.adapters import apply_adapter, load_peft_adapter
     qm, adapter, ids = _trained(gemma, tmp_path)
     assert qm.lorakern_quantization["score"] == "grad" and qm.lorakern_quantization["avg_bits"] > 4.4
     assert len(adapter.layers) == 18 * 7
@@ -77,7 +75,42 @@ def test_gwq_adapter_training(gemma, tmp_path):
     with apply_adapter(qm, adapter):
         torch.testing.assert_close(qm(ids).logits, one, rtol=0, atol=0)
     assert not torch.allclose(one, qm(ids).logits)
-    with pytest.raises(NotImplementedError, match="differ"):
-        attach_adapters(qm, {"add": tmp_path / "a"}, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="differ"):
-        lorakern.prepare_decode(qm, compile=False)
+
+
+def test_adapter_bank_and_fast_decode_within_the_activation_noise(gemma, tmp_path):
+    """On Gemma the CPU kernels' int8 activation quantization is visible (its activations have large outliers):
+    two lorakern paths over the same weights (apply_adapter / the adapter bank; the eager / prepared decode step)
+    round activations in different places, so they are compared with the exact result (the same quantized weights
+    in fp32 matmuls, the adapter applied in fp32) and must stay within the noise the base layers themselves have."""
+    from lorakern.adapters import apply_adapter, attach_adapters
+    model, tok, win = gemma
+    _, adapter, ids = _trained(gemma, tmp_path)
+    qm = lorakern.quantize_model(copy.deepcopy(model), bits=4, head_bits=None, progress=False)
+    fm = copy.deepcopy(model)  # the same weights, exact fp32 matmuls
+    for n, mod in qm.named_modules():
+        if hasattr(mod, "quantized_weight") and n in dict(fm.named_modules()):
+            fm.get_submodule(n).weight.data.copy_(mod.quantized_weight.dequantize(torch.float32))
+    with torch.no_grad():
+        noise = float((qm(ids).logits - fm(ids).logits).abs().max())  # the base layers' own activation noise
+        with apply_adapter(fm, adapter):
+            exact = fm(ids).logits
+        with apply_adapter(qm, adapter):
+            one = qm(ids).logits
+        base = qm(ids).logits
+    attach_adapters(qm, {"add": tmp_path / "a"}, dtype=torch.float32)
+    mixed = qm(ids, adapter_names=["add", None]).logits
+    torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)  # no adapter: the base model exactly
+    e_apply, e_bank = float((one[0] - exact[0]).abs().max()), float((mixed[0] - exact[0]).abs().max())
+    print(f"int8 activation noise {noise:.3f}; vs exact: apply_adapter {e_apply:.3f}, bank {e_bank:.3f}")
+    assert e_bank <= 1.5 * max(e_apply, noise)
+    kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              adapter_names=["add", None])
+    eager = qm.generate(ids[:, :12], **kw)
+    lorakern.prepare_decode(qm, compile=False)
+    fast = qm.generate(ids[:, :12], **kw)
+    diff = (eager.sequences != fast.sequences).any(0).nonzero()
+    first = int(diff[0]) - 12 if diff.numel() else 3
+    assert first >= 1
+    for a, b in list(zip(eager.scores, fast.scores))[:first]:
+        print(f"decode step |logit diff| {float((a - b).abs().max()):.3f}")
+        assert float((a - b).abs().max()) <= 1.5 * noise

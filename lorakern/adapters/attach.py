@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats.linear_like import linear_shape
 from ..models.checkpoint import install_save_pretrained
-from ..models.decode import forget_compiled_call, refuse_unverified
+from ..models.decode import forget_compiled_call
 from ..models.fuse import is_fused, unfuse_projections
 from ..multilora.bank import AdapterBank
 from ..nn import ADAPTER_MODULES
@@ -145,7 +145,6 @@ def attach_adapters(model: nn.Module, adapters: dict, dtype: torch.dtype = torch
     """
     if getattr(model, "lorakern_bank", None) is not None:
         raise ValueError("lorakern: the model already has an adapter bank; detach_adapters first")
-    refuse_unverified(model, "attach_adapters")
     if not isinstance(adapters, dict) or not adapters:
         raise TypeError("lorakern: adapters must be a non-empty dict {name: adapter or path}")
     loaded = {}
