@@ -57,6 +57,7 @@ def _demo(args) -> int:
     import lorakern
     from lorakern.apps.evaluation import decode_tokens_per_second, perplexity, read_wikitext, token_windows
     from lorakern.models.builtin import BUILTIN_MODELS, builtin_model, load_builtin
+    from torch._dynamo.exc import FailOnRecompileLimitHit
 
     _check_output_file(args.json)
     spec = builtin_model(args.model)
@@ -77,7 +78,7 @@ def _demo(args) -> int:
         lorakern.prepare_decode(m, compile=not args.eager_decode, native=False if args.eager_decode else None)
         try:
             tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:  # quantized Gemma 3 (an open problem): eager static cache
+        except FailOnRecompileLimitHit:  # quantized Gemma 3 (an open problem): eager static cache
             lorakern.prepare_decode(m, compile=False, native=False)
             tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
             eager.append(name)
@@ -328,6 +329,7 @@ def main(argv=None) -> int:
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=_demo)
     from lorakern.models.quantize import METHODS
+    from lorakern.quant.gwq import DENSE_QUANTIZERS
     from lorakern.quant.outliers import SCORES
     q = sub.add_parser("quantize", help="quantize a model and write a quantized model directory")
     q.add_argument("model", help="'smollm2' or 'gemma3' (built in) or a local Hugging Face model directory")
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
     q.add_argument("--outliers", type=float, default=0.01, help="fraction kept in fp16 (outlier methods)")
     q.add_argument("--score", choices=SCORES, default=None, help="override the method's outlier score")
-    q.add_argument("--dense", choices=["rtn", "gptq", "awq", "awq_gptq"], default=None,
+    q.add_argument("--dense", choices=DENSE_QUANTIZERS, default=None,
                    help="dense quantizer (default: the method's)")
     q.add_argument("--per-row", action="store_true", help="outlier budget per output row")
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .rtn import rtn_params
+from .rtn import round_codes, rtn_params
 
 __all__ = ["AWQ_GRID", "CLIP_GRID", "CLIP_MAX_SHRINK", "awq_scales", "clip_weight", "fake_quantize",
            "output_error", "search_clip", "search_scales"]
@@ -43,10 +43,8 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, exclude: torch.Te
     N, K = w.shape
     w = w.float()
     s, z = rtn_params(w, bits, group_size, exclude)
-    g = w.reshape(N, K // group_size, group_size)
-    sf, zf = s.float().unsqueeze(-1), z.float().unsqueeze(-1)
-    q = torch.round(g / sf + zf).clamp_(0, (1 << bits) - 1)
-    out = ((q - zf) * sf).reshape(N, K)
+    q = round_codes(w, s, z, bits).float().reshape(N, K // group_size, group_size)
+    out = ((q - z.float().unsqueeze(-1)) * s.float().unsqueeze(-1)).reshape(N, K)
     return out if exclude is None else torch.where(exclude, w, out)
 
 
