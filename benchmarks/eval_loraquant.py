@@ -13,8 +13,13 @@ for the language-modelling adapter. Trains the suite first if it is not cached
                                                           # LoRAQuant rho {0.7,0.8,0.9,0.95} x b_hi {2,3}, RTN at
                                                           # 1/2/3 bits and groups 32/128, sign, fp16; PNG plot
 
-Method names: ``fp16``; ``loraquant_rho{R}_hi{B}`` (optionally ``_refined``); ``rtn{B}`` or ``rtn{B}_g{G}`` (plain
-RTN of the factors, group G, default 128); ``sign`` (1-bit sign of every SVD component).
+    python benchmarks/eval_loraquant.py --suite hard --methods M1,M2 --merge   # run M1, M2 and keep the JSON's
+                                                          # other rows (their run is named under "provenance")
+
+Method names: ``fp16``; ``loraquant_rho{R}_hi{B}`` (the paper's scales; optionally ``_refined``: 300 steps of its
+data-free refinement) and ``loraquant_rho{R}_hi{B}_unbiased`` (lorakern's default: every component unbiased along
+itself, :func:`lorakern.quant.unbias_components`); ``rtn{B}`` or ``rtn{B}_g{G}`` (plain RTN of the factors, group G,
+default 128); ``sign`` / ``sign_unbiased`` (1-bit sign of every SVD component).
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ from lorakern.apps.train.suite import adapter_dir, ensure_suite, evaluate_adapte
 METHODS = ["fp16", "loraquant_rho0.8_hi2", "loraquant_rho0.9_hi2", "loraquant_rho0.8_hi3", "loraquant_rho0.9_hi3",
            "rtn3", "rtn2", "rtn1", "sign"]
 HARD_METHODS = ["fp16", *[f"loraquant_rho{r}_hi{b}" for b in (2, 3) for r in (0.7, 0.8, 0.9, 0.95)],
-                *[f"rtn{b}_g{g}" for b in (3, 2, 1) for g in (128, 32)], "sign"]
+                *[f"rtn{b}_g{g}" for b in (3, 2, 1) for g in (128, 32)], "sign",
+                *[f"loraquant_rho{r}_hi{b}_unbiased" for b in (2, 3) for r in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)],
+                "sign_unbiased"]
 
 
 def build(method: str, adapter):
@@ -45,16 +52,17 @@ def build(method: str, adapter):
         return adapter, 16.0
     layers = {}
     for name, l in adapter.layers.items():
-        if method.startswith("loraquant"):  # loraquant_rho0.9_hi2, optionally _refined (300 refinement steps)
+        if method.startswith("loraquant"):  # loraquant_rho0.9_hi2[_refined][_unbiased]
             rho = float(method.split("_rho")[1].split("_")[0])
             hi = int(method.split("_hi")[1].split("_")[0])
-            steps = 300 if method.endswith("_refined") else 0
-            layers[name] = compress_lora(l.B, l.A, rho=rho, bits_high=hi, scale=l.scale, refine_steps=steps)
+            steps = 300 if "_refined" in method else 0
+            layers[name] = compress_lora(l.B, l.A, rho=rho, bits_high=hi, scale=l.scale, refine_steps=steps,
+                                         unbias=method.endswith("_unbiased"))
         elif method.startswith("rtn"):  # rtn2 or rtn2_g32
             bits, _, g = method[3:].partition("_g")
             layers[name] = rtn_lora(l.B, l.A, int(bits), group_size=int(g or 128), scale=l.scale)
-        elif method == "sign":
-            layers[name] = compress_lora(l.B, l.A, h=0, scale=l.scale)
+        elif method in ("sign", "sign_unbiased"):
+            layers[name] = compress_lora(l.B, l.A, h=0, scale=l.scale, unbias=method == "sign_unbiased")
         else:
             raise ValueError(f"unknown method {method!r}")
     params = sum(c.rank * sum(c.shape) for c in layers.values())
@@ -81,33 +89,49 @@ def plot(summary: dict, rows: list, path: Path, title: str) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    fams = {"loraquant": ("o", "LoRAQuant"), "rtn": ("s", "RTN"), "sign": ("x", "sign"), "fp16": ("*", "fp16")}
-    for key, (marker, label) in fams.items():
-        ms = [m for m in summary if m.startswith(key)]
-        if not ms:
-            continue
-        ax.scatter([summary[m]["avg_bits"] for m in ms], [100 * summary[m]["retention"] for m in ms], marker=marker,
-                   s=50, label=label)
-        for m in ms:
-            short = m.replace("loraquant_", "").replace("_hi", " hi")
-            ax.annotate(short, (summary[m]["avg_bits"], 100 * summary[m]["retention"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    fams = [("LoRAQuant, paper's scales", "o", lambda m: m.startswith("loraquant") and not m.endswith("_unbiased")),
+            ("LoRAQuant, unbiased (lorakern)", "D", lambda m: m.startswith("loraquant") and m.endswith("_unbiased")),
+            ("RTN", "s", lambda m: m.startswith("rtn")), ("sign", "x", lambda m: m == "sign"),
+            ("sign, unbiased", "+", lambda m: m == "sign_unbiased"), ("fp16", "*", lambda m: m == "fp16")]
+    pts = {m: (summary[m]["avg_bits"], 100 * summary[m]["retention"]) for m in summary}
+    # the Pareto front over every method: no other has fewer (or equal) bits and more retained
+    front = sorted((pts[m] for m in pts if not any(o != m and pts[o][0] <= pts[m][0] and pts[o][1] > pts[m][1]
+                                                   for o in pts)))
+    lo_bits, hi_bits = 1.3, 2.5  # the zoom: the range the issue's goal names
+    for a_ in (ax, zoom):
+        for label, marker, member in fams:
+            ms = [m for m in summary if member(m)]
+            if a_ is zoom:
+                ms = [m for m in ms if lo_bits <= pts[m][0] <= hi_bits]
+            if not ms:
+                continue
+            a_.scatter([pts[m][0] for m in ms], [pts[m][1] for m in ms], marker=marker, s=50, label=label)
+            for m in ms:
+                short = m.replace("loraquant_", "").replace("_hi", " hi").replace("_unbiased", "")
+                a_.annotate(short, pts[m], fontsize=6 if a_ is ax else 7, xytext=(3, 3), textcoords="offset points")
+        a_.plot(*zip(*front), color="black", lw=0.8, alpha=0.6, label="Pareto front (all methods)")
+        a_.axhline(95, color="grey", ls="--", lw=0.8)
+        a_.axvline(2, color="grey", ls=":", lw=0.8)
+        a_.grid(True, alpha=0.3)
+        a_.set_xlabel("average bits per adapter parameter (codes + fp16 scales and zeros)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("average bits per adapter parameter (codes + fp16 scales and zeros)")
     ax.set_ylabel("metric retained vs the fp16 adapter, mean over tasks (%)")
-    ax.axhline(95, color="grey", ls="--", lw=0.8)
-    ax.axvline(2, color="grey", ls=":", lw=0.8)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    zoom.set_xlim(lo_bits, hi_bits)
+    zoom_y = [pts[m][1] for m in pts if lo_bits <= pts[m][0] <= hi_bits and m.startswith("loraquant")]
+    bottom = max(min(zoom_y) - 3, 0) if zoom_y else 80
+    zoom.set_ylim(bottom, 101.5)
+    zoom.set_title(f"zoom: {lo_bits}-{hi_bits} bits, LoRAQuant's range (points below {bottom:.0f}% left out)",
+                   fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
 
 
-def markdown(rows, summary, examples: int = 100) -> str:
+def markdown(rows, summary, examples: int = 100, provenance: dict | None = None) -> str:
     """One row per method (base first), one column per adapter, then average bits and mean retention."""
     adapters = list(dict.fromkeys(r["adapter"] for r in rows))
     methods = list(dict.fromkeys(["base", *[r["method"] for r in rows]]))  # in the order they ran
@@ -130,6 +154,12 @@ def markdown(rows, summary, examples: int = 100) -> str:
         out += ["", f"95% binomial interval of one exact-match cell: ±1.96·sqrt(p(1-p)/n), at most "
                     f"±{100 * worst:.1f} points here (n = {examples}); every method is scored on the same examples, "
                     "so differences between methods vary less than that."]
+    if provenance:
+        by_run = {}
+        for m, mach in provenance.items():
+            by_run.setdefault(f"{mach.get('cpu')}, {mach.get('lorakern_isa')}, {mach.get('date')}", []).append(m)
+        out += ["", "Rows kept from an earlier run of this script (`--merge`; same examples): " + "; ".join(
+            f"{', '.join(sorted(ms))} ({run})" for run, ms in by_run.items()) + "."]
     return "\n".join(out) + "\n"
 
 
@@ -143,13 +173,16 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=None, help="held-out examples per task (default 100; hard 400)")
     ap.add_argument("--json", default=None, help="default benchmarks/results/loraquant_suite[_hard].json")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from an existing --json file")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --json's earlier run for the methods and adapters not run now (its machine "
+                         "and date are recorded under provenance)")
     args = ap.parse_args(argv)
     hard = args.suite == "hard"
     args.examples = args.examples or (400 if hard else 100)
     args.json = args.json or str(Path(__file__).parent / "results" / f"loraquant_suite{'_hard' if hard else ''}.json")
     if args.markdown_only:
         d = json.loads(Path(args.json).read_text())
-        md = markdown(d["rows"], d["summary"], d.get("examples", 100))
+        md = markdown(d["rows"], d["summary"], d.get("examples", 100), d.get("provenance"))
         Path(args.json).with_suffix(".md").write_text(md)
         plot(d["summary"], d["rows"], Path(args.json).with_suffix(".png"),
              f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {d.get('examples', 100)} "
@@ -162,6 +195,16 @@ def main(argv=None):
     model, tok = load_smollm2()
     ensure_suite(model, tok, names)
     rows, t0 = [], time.perf_counter()
+    kept, provenance = [], {}
+    if args.merge and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        if old.get("examples") != args.examples:
+            raise SystemExit(f"--merge: {args.json} has {old.get('examples')} examples per task, this run {args.examples}")
+        kept = [r for r in old["rows"] if r["adapter"] not in names or r["method"] not in [*methods, "base"]]
+        provenance = old.get("provenance") or {}
+        earlier = sorted({r["method"] for r in kept} - {"base"} - set(provenance))
+        if earlier:
+            provenance.update({m: old["machine"] for m in earlier})
     for name in names:
         adapter = load_peft_adapter(adapter_dir(name))
         metric_name, higher = metric_info(name)
@@ -176,6 +219,9 @@ def main(argv=None):
                              higher_is_better=higher))
             print(f"{name:9s} {method:22s} bits {bits:6.3f}  {metric_name} {m:.4f}   ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
+    # the kept rows first (base of every adapter from this run), so that the table keeps the earlier order
+    rows = kept + rows
+    provenance = {m: v for m, v in provenance.items() if any(r["method"] == m for r in rows)}
     summary = {}
     for method in {r["method"] for r in rows} - {"base"}:
         rs = [r for r in rows if r["method"] == method]
@@ -184,11 +230,11 @@ def main(argv=None):
         summary[method] = {"avg_bits": sum(r["avg_bits"] for r in rs) / len(rs),
                            "retention": sum(ret) / len(ret) if ret else float("nan")}
     out = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct (fp32 base)", "examples": args.examples,
-           "rows": rows, "summary": summary,
+           "rows": rows, "summary": summary, "provenance": provenance,
            "retention_note": "metric / fp16 metric (perplexity: fp16 / metric), averaged over adapters"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
-    md = markdown(rows, summary, args.examples)
+    md = markdown(rows, summary, args.examples, provenance)
     Path(args.json).with_suffix(".md").write_text(md)
     plot(summary, rows, Path(args.json).with_suffix(".png"),
          f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {args.examples} examples per task)")

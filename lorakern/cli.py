@@ -157,7 +157,8 @@ def _compress_mola(args) -> int:
 
     adapter = load_mola_adapter(args.in_dir)
     _check_output_file(args.out)
-    c = compress_mola_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size)
+    c = compress_mola_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
+                              unbias=not args.paper_scales)
     save_compressed_mola(args.out, c, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
     pairs = [(d, e) for m in adapter.layers for d, e in zip(adapter.layers[m].experts, c.layers[m].experts)]
     params = sum(e.rank * sum(e.shape) for _, e in pairs)
@@ -189,8 +190,8 @@ def _compress_adapter(args) -> int:
         from lorakern.models import load_model
         model, _ = load_model(args.model)
     layers = compress_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
-                              model=model)
-    meta = {"rho": str(args.rho), "bits_high": str(args.bits_high)}
+                              model=model, unbias=not args.paper_scales)
+    meta = {"rho": str(args.rho), "bits_high": str(args.bits_high), "unbiased": str(not args.paper_scales).lower()}
     if as_dir:
         from lorakern.adapters import save_compressed_adapter_dir
         save_compressed_adapter_dir(args.out, layers, adapter.config, extra_metadata=meta)
@@ -358,6 +359,9 @@ def main(argv=None) -> int:
     c.add_argument("--rho", type=float, default=0.9, help="energy ratio that picks h (default 0.9)")
     c.add_argument("--bits-high", type=int, default=2, choices=[2, 3, 4, 8])
     c.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    c.add_argument("--paper-scales", action="store_true", help="keep LoRAQuant's own scales (sign * mean|w| for the "
+                   "1-bit part) instead of lorakern's default, every component rescaled to be unbiased along itself "
+                   "(lorakern.quant.unbias_components; same bits)")
     c.add_argument("--model", default=None, help="base model ('smollm2' or a local HF directory) to check the "
                    "base-weight copies PEFT saves beside an adapter on lm_head against")
     c.set_defaults(fn=_compress_adapter)

@@ -107,6 +107,14 @@ def test_compressed_adapter_file_and_cli(peft_dir, tmp_path, capsys):
     assert main(["compress-adapter", str(src), str(tmp_path / "cli.safetensors"), "--rho", "0.8"]) == 0
     assert "bits per parameter" in capsys.readouterr().out
     assert set(load_compressed_adapter(tmp_path / "cli.safetensors")) == set(layers)
+    # --paper-scales: LoRAQuant's own scales, i.e. compress_adapter(unbias=False); the default is unbiased
+    assert main(["compress-adapter", str(src), str(tmp_path / "p.safetensors"), "--rho", "0.8", "--paper-scales"]) == 0
+    paper = load_compressed_adapter(tmp_path / "p.safetensors")
+    ours = load_compressed_adapter(tmp_path / "cli.safetensors")
+    want = compress_adapter(ad, rho=0.8, unbias=False)
+    for m, c in want.items():
+        assert torch.equal(paper[m].delta(), c.delta())
+        assert not torch.equal(ours[m].delta(), c.delta())
 
 
 def test_attach_adapter_checks_everything_first(peft_dir):

@@ -104,10 +104,58 @@ def test_refinement_lowers_the_high_part_error(rng):
         target = Bp[:, :c.h] @ Ap[:c.h]
         got = c.b_hi.dequantize().t() @ c.a_hi.dequantize()
         return float((got - target).norm())
-    plain = compress_lora(B, A, bits_high=2, h=4)
-    refined = compress_lora(B, A, bits_high=2, h=4, refine_steps=300)
+    plain = compress_lora(B, A, bits_high=2, h=4, unbias=False)  # the paper's refinement, on the paper's scales
+    refined = compress_lora(B, A, bits_high=2, h=4, refine_steps=300, unbias=False)
     assert hi_err(refined) < hi_err(plain)
     assert float((refined.delta() - ref).norm()) < float((plain.delta() - ref).norm())
+
+
+def component_ratios(c, B, A):
+    """<quantized component i, original component i>_F / |original component i|_F^2 for every i."""
+    Bp, Ap, _ = svd_reparameterize(B, A)
+    Bq, Aq = c.factors()
+    num = (Bq.double() * Bp.double()).sum(0) * (Aq.double() * Ap.double()).sum(1)
+    return num / ((Bp.double() ** 2).sum(0) * (Ap.double() ** 2).sum(1))
+
+
+@pytest.mark.parametrize("d,r,k,bits_high,rho", [(576, 16, 1536, 2, 0.9), (192, 9, 320, 3, 0.7),
+                                                 (1536, 16, 576, 4, 0.95), (64, 5, 96, 2, 1.0)])
+def test_unbias_makes_every_component_exact_along_itself(d, r, k, bits_high, rho, rng):
+    B, A = random_adapter(d, r, k, rng)
+    paper = compress_lora(B, A, rho=rho, bits_high=bits_high, unbias=False)
+    ours = compress_lora(B, A, rho=rho, bits_high=bits_high)
+    # only the B'-side scales change: codes, zeros, the A' side and the bit count are the paper's
+    for name in ("a_hi", "a_lo", "b_hi", "b_lo"):
+        p, o = getattr(paper, name), getattr(ours, name)
+        assert (p is None) == (o is None)
+        if p is None:
+            continue
+        assert torch.equal(p.qweight, o.qweight) and torch.equal(p.zeros, o.zeros)
+        if name.startswith("a"):
+            assert torch.equal(p.scales, o.scales)
+    assert ours.bits_per_param() == paper.bits_per_param()
+    # each component's projection onto the original is the original, up to the fp16 rounding of the new scales
+    torch.testing.assert_close(component_ratios(ours, B, A), torch.ones(r, dtype=torch.float64), rtol=0, atol=2e-3)
+    # the paper's 1-bit components keep about (2/pi)^2 = 0.41 of themselves (sign * mean|w| on both factors)
+    lo = component_ratios(paper, B, A)[paper.h:]
+    if len(lo):
+        assert (lo > 0.25).all() and (lo < 0.6).all(), lo
+
+
+def test_unbias_edge_cases(rng):
+    B, A = random_adapter(128, 8, 64, rng)
+    B[:, 5:] = 0  # three zero components: rank 5
+    c = compress_lora(B, A, h=2, bits_high=3)
+    assert all(torch.isfinite(w.scales.float()).all() for w in (c.b_hi, c.b_lo))
+    torch.testing.assert_close(component_ratios(c, B, A)[:5], torch.ones(5, dtype=torch.float64), rtol=0, atol=2e-3)
+    assert torch.isfinite(c.delta()).all()  # no NaN from the zero components
+    # rank 1, Gaussian factors of equal norm (B' = B): 1-bit scales 2 mean|b| ~ 1.6 sigma = 3e4 fit fp16; the
+    # factor (pi/2)^2 ~ 2.5 would take them past 65504, which is refused rather than saturated
+    sigma = 1.9e4
+    Bb, Ab = torch.randn(256, 1, generator=rng) * sigma, torch.randn(1, 256, generator=rng) * sigma
+    compress_lora(Bb, Ab, h=0, unbias=False)
+    with pytest.raises(ValueError, match="fp16"):
+        compress_lora(Bb, Ab, h=0)
 
 
 def test_rtn_baseline(rng):

@@ -191,14 +191,15 @@ def load_mola_adapter(path: str | os.PathLike) -> MoLAAdapter:
 
 
 def compress_mola_adapter(adapter: MoLAAdapter, rho: float = 0.9, bits_high: int = 2,
-                          group_size: int = 128) -> MoLAAdapter:
-    """LoRAQuant-compress every expert (:func:`lorakern.quant.compress_lora`); routers stay fp32. Returns a new
-    adapter whose experts are :class:`CompressedLoRA` (serve it with :func:`attach_mola`)."""
+                          group_size: int = 128, unbias: bool = True) -> MoLAAdapter:
+    """LoRAQuant-compress every expert (:func:`lorakern.quant.compress_lora`, ``unbias`` as there); routers stay
+    fp32. Returns a new adapter whose experts are :class:`CompressedLoRA` (serve it with :func:`attach_mola`)."""
     adapter.validate()
     layers = {}
     for m, layer in adapter.layers.items():
         ex = [e if isinstance(e, CompressedLoRA) else
-              compress_lora(e.B, e.A, rho=rho, bits_high=bits_high, group_size=group_size, scale=e.scale)
+              compress_lora(e.B, e.A, rho=rho, bits_high=bits_high, group_size=group_size, scale=e.scale,
+                            unbias=unbias)
               for e in layer.experts]
         layers[m] = MoLALayer(layer.router.clone(), ex)
     return MoLAAdapter(adapter.config, layers, dict(adapter.metadata))

@@ -202,8 +202,10 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
 
 
 def compress_adapter(adapter: LoraAdapter, rho: float = 0.9, bits_high: int = 2,
-                     group_size: int = 128, model: torch.nn.Module | None = None) -> dict[str, CompressedLoRA]:
-    """LoRAQuant-compress every layer of an adapter (see :func:`lorakern.quant.compress_lora`).
+                     group_size: int = 128, model: torch.nn.Module | None = None,
+                     unbias: bool = True) -> dict[str, CompressedLoRA]:
+    """LoRAQuant-compress every layer of an adapter (see :func:`lorakern.quant.compress_lora`; ``unbias=False``
+    keeps the paper's scales).
 
     A compressed file keeps no base-weight copies, so an adapter that carries some (PEFT's save of an
     adapter on ``lm_head``) is compressed only after they are checked against ``model``.
@@ -219,7 +221,8 @@ def compress_adapter(adapter: LoraAdapter, rho: float = 0.9, bits_high: int = 2,
                              "a compressed file keeps none, so they must first be checked against the base model "
                              "(compress_adapter(..., model=) or `lorakern compress-adapter --model`)")
         check_base_weights(model, adapter)
-    return {m: compress_lora(l.B, l.A, rho=rho, bits_high=bits_high, group_size=group_size, scale=l.scale)
+    return {m: compress_lora(l.B, l.A, rho=rho, bits_high=bits_high, group_size=group_size, scale=l.scale,
+                             unbias=unbias)
             for m, l in adapter.layers.items()}
 
 

@@ -40,7 +40,8 @@ _orig_activate = LoRAModelManager.activate_adapter
 
 
 def compress_settings() -> dict | None:
-    """The compression settings of ``LORAKERN_VLLM_COMPRESS`` (``rho``, ``bits_high``, ``group_size``), or None.
+    """The compression settings of ``LORAKERN_VLLM_COMPRESS`` (``rho``, ``bits_high``, ``group_size``, ``unbias``
+    as 0/1), or None.
 
     Raises:
         ValueError: a malformed value or an unknown key.
@@ -49,18 +50,29 @@ def compress_settings() -> dict | None:
     if not text:
         return None
     out = {}
-    casts = {"rho": float, "bits_high": int, "group_size": int}
+    casts = {"rho": float, "bits_high": int, "group_size": int, "unbias": _flag}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in casts:
             raise ValueError(f"lorakern: {ENV}={text!r}: expected comma-separated rho=..., bits_high=..., "
-                             f"group_size=... (got {item!r})")
+                             f"group_size=..., unbias=0|1 (got {item!r})")
         try:
             out[key] = casts[key](value)
         except ValueError:
-            raise ValueError(f"lorakern: {ENV}: {key}={value!r} is not a number") from None
+            kind = "0 or 1" if key == "unbias" else "a number"
+            raise ValueError(f"lorakern: {ENV}: {key}={value!r} is not {kind}") from None
     return out
+
+
+def _flag(value: str) -> bool:
+    """``1``/``true`` -> True, ``0``/``false`` -> False (ValueError otherwise)."""
+    v = value.strip().lower()
+    if v in ("1", "true"):
+        return True
+    if v in ("0", "false"):
+        return False
+    raise ValueError(value)
 
 
 def _placeholder(c: CompressedLoRA, module_name: str) -> LoRALayerWeights:
