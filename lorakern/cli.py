@@ -57,7 +57,7 @@ def _demo(args) -> int:
     import lorakern
     from lorakern.apps.evaluation import decode_tokens_per_second, perplexity, read_wikitext, token_windows
     from lorakern.models.builtin import BUILTIN_MODELS, builtin_model, load_builtin
-    from torch._dynamo.exc import FailOnRecompileLimitHit
+    from lorakern.models.native import native_decode_layers
 
     _check_output_file(args.json)
     spec = builtin_model(args.model)
@@ -70,20 +70,18 @@ def _demo(args) -> int:
     windows = token_windows(tok, text, args.window, args.windows)
     print(f"{spec.title} ({spec.baseline}), WikiText-2 test: first {args.windows} windows of {args.window} tokens; "
           f"decode {args.decode_tokens} tokens; CPU path {lorakern.active_isa()}, {torch.get_num_threads()} threads")
-    rows, eager = [], []
+    rows = []
 
     def evaluate(name, m, bits, avg_bits):
         ppl = perplexity(m, windows, desc=f"ppl {name}")
         # static cache; quantized Llama models: the native decode step, others: the compiled one
         lorakern.prepare_decode(m, compile=not args.eager_decode, native=False if args.eager_decode else None)
-        try:
-            tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
-        except FailOnRecompileLimitHit:  # quantized Gemma 3 (an open problem): eager static cache
-            lorakern.prepare_decode(m, compile=False, native=False)
-            tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
-            eager.append(name)
-        rows.append({"model": name, "bits": bits, "avg_bits": avg_bits, "ppl": ppl, "decode_tok_s": tps})
-        print(f"  {name:10} bits/weight {avg_bits:6.2f}   ppl {ppl:8.3f}   decode {tps:6.1f} tok/s", flush=True)
+        step = "eager" if args.eager_decode else "native" if native_decode_layers(m)[0] else "compiled"
+        tps = decode_tokens_per_second(m, tok, new_tokens=args.decode_tokens)
+        rows.append({"model": name, "bits": bits, "avg_bits": avg_bits, "ppl": ppl, "decode_tok_s": tps,
+                     "decode_step": step})
+        print(f"  {name:10} bits/weight {avg_bits:6.2f}   ppl {ppl:8.3f}   decode {tps:6.1f} tok/s ({step})",
+              flush=True)
 
     evaluate("fp32", model, 32, 32.0)
     stats = None
@@ -101,11 +99,9 @@ def _demo(args) -> int:
             rows[-1].update(method=method, group_sizes=sorted(set(rec["layers"].values())),
                             quantize_seconds=rec["seconds"])
             del qm
-    decode = ("eager decode" if args.eager_decode else "decode: static cache, the quantized models through the native "
-              "decode step (one C++ call per token), fp32 compiled (torch.compile; compile excluded)")
-    if eager:
-        decode += (f"; {', '.join(eager)} eager: torch.compile hit its recompile limit on this model (lorakern's "
-                   "native step is for Llama-family models)")
+    decode = ("eager decode" if args.eager_decode else "decode: static cache; native = lorakern's decode step (one C++ "
+              "call per token, quantized Llama-family models), compiled = torch.compile of transformers' step "
+              "(compile time excluded)")
     print(f"(quantized: every linear layer, group {args.group_size} (or the largest of 64/32 dividing in_features); the "
           f"output head (tied to the embedding) 8-bit RTN; gwq keeps 1% gradient outliers in fp16, GPTQ for the "
           f"rest, calibrated on {args.calib} windows of valid.txt; {decode}. {time.time() - t0:.0f} s in all)")

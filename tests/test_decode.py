@@ -257,3 +257,45 @@ def test_lora_linear_copies_after_its_eager_call():
                 if "lora" in name and getattr(other, name).dtype == torch.float16:
                     getattr(other, name).mul_(2)
             assert not torch.equal(other(x), y)
+
+
+def tiny_gemma3(seed: int = 0):
+    """A random 3-layer Gemma 3 text model whose local layers see a window of 4 positions."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_compiled_decode_of_sliding_window_attention_matches_eager():
+    """Gemma 3's local layers under prepare_decode: the static cache keeps them full-length (transformers'
+    sliding-window static layer recompiled at every decode step), the mask still limits them to their window:
+    the tokens and logits of transformers' own generate (dynamic cache) over 12 steps, well past the window of
+    4, eager and compiled, and one compiled graph for all the steps."""
+    import torch._dynamo as dynamo
+    from transformers.cache_utils import StaticSlidingWindowLayer
+    q = lorakern.quantize_model(tiny_gemma3(), bits=4, group_size=64, progress=False)
+    ids = torch.tensor([[1, 17, 33, 5, 90, 41, 8]])
+
+    def gen(model):
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+    with torch.no_grad():
+        want_toks, want_logits = gen(q)  # transformers' dynamic cache, sliding windows its own way
+        eager_toks, eager_logits = gen(lorakern.prepare_decode(q, compile=False, native=False))
+        assert torch.equal(eager_toks, want_toks)
+        torch.testing.assert_close(eager_logits, want_logits, rtol=0, atol=1e-4)
+        lorakern.prepare_decode(q, native=False)
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        c_toks, c_logits = gen(q)
+    assert torch.equal(c_toks, want_toks) and (c_logits - want_logits).abs().max() < COMPILED_ATOL
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # prefill runs eagerly: one decode graph (+ slack)
+    # what made it recompile: transformers' own sliding layer, which the cache prepare_decode builds has none of
+    cache = q._prepare_static_cache("static", 1, 32, None, {})
+    assert not any(isinstance(layer, StaticSlidingWindowLayer) for layer in cache.layers)
+    assert q._prepare_static_cache.model is q

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..formats.linear_like import is_conv1d, linear_shape
+from .instance_method import InstanceMethod
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
@@ -69,32 +69,7 @@ def install_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` safe for what lorakern did to the model (see :func:`_save_pretrained`);
     transformers' own would write packed buffers a plain ``from_pretrained`` silently ignores."""
     if hasattr(type(model), "save_pretrained"):
-        model.save_pretrained = _SavePretrained(model)
-
-
-class _SavePretrained:
-    """``model.save_pretrained`` replaced by :func:`_save_pretrained`, holding the model weakly: a bound method
-    kept on the instance would make a reference cycle, so a quantized model (1 GB for Gemma 3 270M) would
-    outlive its last reference until the cyclic garbage collector happened to run. A deep copy of the model gets
-    one bound to the copy."""
-
-    def __init__(self, model):
-        self._model = weakref.ref(model)
-        self.__doc__ = _save_pretrained.__doc__
-
-    @property
-    def model(self):
-        return self._model()
-
-    def __call__(self, *args, **kwargs):
-        model = self._model()
-        if model is None:
-            raise ReferenceError("the model this save_pretrained belonged to no longer exists")
-        return _save_pretrained(model, *args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        model = self._model()
-        return _SavePretrained(memo.get(id(model), model))
+        model.save_pretrained = InstanceMethod(_save_pretrained, model)  # held weakly: no reference cycle
 
 
 def save_quantized_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .instance_method import InstanceMethod
+
 __all__ = ["forget_compiled_call", "prepare_decode"]
 
 
@@ -33,6 +35,10 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       calls per decoder layer; an adapter bank's projections fuse too, each bank over its own columns; layers
       with other adapters stay apart). Attaching an adapter to a fused projection, or saving the model, gives the
       separate layers back by itself.
+    * Sliding-window attention (Gemma 3's local layers): the static cache keeps every position for those layers
+      too (:func:`_static_cache_full_length`); their attention mask still limits each query to its window, so
+      the result is the same. transformers' own sliding-window static layer counts its length in a Python int
+      that ``torch.compile`` specializes on, so every decode step recompiled until dynamo's recompile limit.
     * ``threads``: ``torch.set_num_threads`` (lorakern's C++ kernels use the same count); None keeps torch's
       choice, one thread per physical core.
     * ``native``: each decoder layer's decode step as one C++ call (:mod:`lorakern.models.native`: quantized,
@@ -70,6 +76,8 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
     if threads is not None:
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"
+    if _has_sliding_layers(model):
+        model._prepare_static_cache = InstanceMethod(_static_cache_full_length, model)
     if compile:
         from transformers import CompileConfig  # optional dependency (lorakern[models])
         cc = CompileConfig(fullgraph=fullgraph, dynamic=False, mode="default")
@@ -81,3 +89,32 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
         gc.disable_compile = True
     return model
 
+
+
+def _has_sliding_layers(model: nn.Module) -> bool:
+    """Whether the model's text config gives any layer sliding-window attention."""
+    get = getattr(getattr(model, "config", None), "get_text_config", None)
+    cfg = get(decoder=True) if get is not None else getattr(model, "config", None)
+    return "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+
+
+def _static_cache_full_length(model: nn.Module, cache_implementation, batch_size, max_cache_len, prefill_chunk_size,
+                              model_kwargs):
+    """transformers' ``generate`` static-cache builder (``_prepare_static_cache``), with every sliding-window
+    layer (``StaticSlidingWindowLayer``) replaced by a full-length ``StaticLayer``: the first tracks its length in
+    a Python int that torch.compile guards on (one recompilation per decode step), the second in a tensor. The
+    sliding-window mask is built from absolute positions (``get_mask_sizes`` of a static layer: the whole cache,
+    offset 0), so each query still sees only its window; the cost is the memory of full-length caches for those
+    layers. A layer the builder initialized early (chunked prefill) is initialized likewise."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+    cache = type(model)._prepare_static_cache(model, cache_implementation, batch_size, max_cache_len,
+                                              prefill_chunk_size, model_kwargs)
+    inner = getattr(cache, "self_attention_cache", cache)
+    length = model._previous_max_cache_length  # what the builder allocated the full-attention layers for
+    for i, layer in enumerate(inner.layers):
+        if isinstance(layer, StaticSlidingWindowLayer):
+            full = StaticLayer(max_cache_len=length)
+            if layer.is_initialized:
+                full.lazy_initialization(layer.keys, layer.values)
+            inner.layers[i] = full
+    return cache
