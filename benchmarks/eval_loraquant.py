@@ -10,11 +10,13 @@ for the language-modelling adapter. Trains the suite first if it is not cached
 
     python benchmarks/eval_loraquant.py [--only add,sort] [--methods fp16,rtn2] [--json PATH]
     python benchmarks/eval_loraquant.py --suite hard      # the harder tasks (issue 19): 400 examples per task,
-                                                          # LoRAQuant rho {0.7,0.8,0.9,0.95} x b_hi {2,3}, RTN at
-                                                          # 1/2/3 bits and groups 32/128, sign, fp16; PNG plot
+                                                          # LoRAQuant rho {0.7,0.8,0.9,0.95} x b_hi {2,3} with the
+                                                          # paper's scales, rho {0.5,...,0.95} x b_hi {2,3} unbiased,
+                                                          # RTN at 1/2/3 bits and groups 32/128, sign (both), fp16;
+                                                          # PNG plot
 
     python benchmarks/eval_loraquant.py --suite hard --methods M1,M2 --merge   # run M1, M2 and keep the JSON's
-                                                          # other rows (their run is named under "provenance")
+                                                          # other rows (every row names its run: "run", "runs")
 
 Method names: ``fp16``; ``loraquant_rho{R}_hi{B}`` (the paper's scales; optionally ``_refined``: 300 steps of its
 data-free refinement) and ``loraquant_rho{R}_hi{B}_unbiased`` (lorakern's default: every component unbiased along
@@ -131,7 +133,7 @@ def plot(summary: dict, rows: list, path: Path, title: str) -> None:
     print(f"wrote {path}")
 
 
-def markdown(rows, summary, examples: int = 100, provenance: dict | None = None) -> str:
+def markdown(rows, summary, examples: int = 100, runs: dict | None = None) -> str:
     """One row per method (base first), one column per adapter, then average bits and mean retention."""
     adapters = list(dict.fromkeys(r["adapter"] for r in rows))
     methods = list(dict.fromkeys(["base", *[r["method"] for r in rows]]))  # in the order they ran
@@ -154,12 +156,20 @@ def markdown(rows, summary, examples: int = 100, provenance: dict | None = None)
         out += ["", f"95% binomial interval of one exact-match cell: ±1.96·sqrt(p(1-p)/n), at most "
                     f"±{100 * worst:.1f} points here (n = {examples}); every method is scored on the same examples, "
                     "so differences between methods vary less than that."]
-    if provenance:
-        by_run = {}
-        for m, mach in provenance.items():
-            by_run.setdefault(f"{mach.get('cpu')}, {mach.get('lorakern_isa')}, {mach.get('date')}", []).append(m)
-        out += ["", "Rows kept from an earlier run of this script (`--merge`; same examples): " + "; ".join(
-            f"{', '.join(sorted(ms))} ({run})" for run, ms in by_run.items()) + "."]
+    labels = list(dict.fromkeys(r.get("run") for r in rows if r.get("run") and r["method"] != "base"))
+    if len(labels) > 1:  # rows from earlier runs (--merge): say which, per run
+        all_adapters = set(adapters)
+        notes = []
+        for label in sorted(labels)[:-1]:  # every run but the latest ("YYYY-MM-DD HH:MM:SS" sorts by time)
+            by_method = {}
+            for r in rows:
+                if r.get("run") == label and r["method"] != "base":
+                    by_method.setdefault(r["method"], []).append(r["adapter"])
+            parts = [m if set(a) >= all_adapters else f"{m} ({', '.join(a)})" for m, a in by_method.items()]
+            mach = (runs or {}).get(label, {})
+            notes.append(f"{', '.join(parts)} (run of {label}, {mach.get('cpu', '?')}, {mach.get('lorakern_isa', '?')})")
+        out += ["", "Rows from earlier runs of this script (`--merge`, same adapters and examples): " + "; ".join(notes)
+                + "."]
     return "\n".join(out) + "\n"
 
 
@@ -174,15 +184,15 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="default benchmarks/results/loraquant_suite[_hard].json")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from an existing --json file")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of --json's earlier run for the methods and adapters not run now (its machine "
-                         "and date are recorded under provenance)")
+                    help="keep --json's rows for the methods and adapters not run now (each row names its run; the "
+                         "runs' machines are under \"runs\")")
     args = ap.parse_args(argv)
     hard = args.suite == "hard"
     args.examples = args.examples or (400 if hard else 100)
     args.json = args.json or str(Path(__file__).parent / "results" / f"loraquant_suite{'_hard' if hard else ''}.json")
     if args.markdown_only:
         d = json.loads(Path(args.json).read_text())
-        md = markdown(d["rows"], d["summary"], d.get("examples", 100), d.get("provenance"))
+        md = markdown(d["rows"], d["summary"], d.get("examples", 100), d.get("runs"))
         Path(args.json).with_suffix(".md").write_text(md)
         plot(d["summary"], d["rows"], Path(args.json).with_suffix(".png"),
              f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {d.get('examples', 100)} "
@@ -195,16 +205,20 @@ def main(argv=None):
     model, tok = load_smollm2()
     ensure_suite(model, tok, names)
     rows, t0 = [], time.perf_counter()
-    kept, provenance = [], {}
+    machine = machine_info()
+    run, runs, kept = machine["date"], {machine["date"]: machine}, []
     if args.merge and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
         if old.get("examples") != args.examples:
             raise SystemExit(f"--merge: {args.json} has {old.get('examples')} examples per task, this run {args.examples}")
-        kept = [r for r in old["rows"] if r["adapter"] not in names or r["method"] not in [*methods, "base"]]
-        provenance = old.get("provenance") or {}
-        earlier = sorted({r["method"] for r in kept} - {"base"} - set(provenance))
-        if earlier:
-            provenance.update({m: old["machine"] for m in earlier})
+        kept = [dict(r) for r in old["rows"] if r["adapter"] not in names or r["method"] not in [*methods, "base"]]
+        runs.update(old.get("runs") or {})
+        legacy = old.get("provenance") or {}  # files written before rows named their run: method -> machine
+        for r in kept:
+            if "run" not in r:
+                mach = legacy.get(r["method"], old["machine"])
+                r["run"] = mach["date"]
+                runs.setdefault(mach["date"], mach)
     for name in names:
         adapter = load_peft_adapter(adapter_dir(name))
         metric_name, higher = metric_info(name)
@@ -219,9 +233,10 @@ def main(argv=None):
                              higher_is_better=higher))
             print(f"{name:9s} {method:22s} bits {bits:6.3f}  {metric_name} {m:.4f}   ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    # the kept rows first (base of every adapter from this run), so that the table keeps the earlier order
-    rows = kept + rows
-    provenance = {m: v for m, v in provenance.items() if any(r["method"] == m for r in rows)}
+    for r in rows:
+        r["run"] = run
+    rows = kept + rows  # the kept rows first, so that the table keeps the earlier order
+    runs = {k: v for k, v in runs.items() if any(r["run"] == k for r in rows)}
     summary = {}
     for method in {r["method"] for r in rows} - {"base"}:
         rs = [r for r in rows if r["method"] == method]
@@ -229,12 +244,12 @@ def main(argv=None):
         ret = [retention(r["metric"], fp[r["adapter"]], r["higher_is_better"]) for r in rs if fp.get(r["adapter"])]
         summary[method] = {"avg_bits": sum(r["avg_bits"] for r in rs) / len(rs),
                            "retention": sum(ret) / len(ret) if ret else float("nan")}
-    out = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct (fp32 base)", "examples": args.examples,
-           "rows": rows, "summary": summary, "provenance": provenance,
+    out = {"machine": machine, "model": "SmolLM2-135M-Instruct (fp32 base)", "examples": args.examples,
+           "rows": rows, "summary": summary, "runs": runs,
            "retention_note": "metric / fp16 metric (perplexity: fp16 / metric), averaged over adapters"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
-    md = markdown(rows, summary, args.examples, provenance)
+    md = markdown(rows, summary, args.examples, runs)
     Path(args.json).with_suffix(".md").write_text(md)
     plot(summary, rows, Path(args.json).with_suffix(".png"),
          f"LoRAQuant on the {'harder ' if hard else ''}adapter suite (SmolLM2-135M, {args.examples} examples per task)")

@@ -155,7 +155,8 @@ def _compress_mola(args) -> int:
     _check_output_file(args.out)
     c = compress_mola_adapter(adapter, rho=args.rho, bits_high=args.bits_high, group_size=args.group_size,
                               unbias=not args.paper_scales)
-    save_compressed_mola(args.out, c, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high)})
+    save_compressed_mola(args.out, c, extra_metadata={"rho": str(args.rho), "bits_high": str(args.bits_high),
+                                                      "unbiased": str(not args.paper_scales).lower()})
     pairs = [(d, e) for m in adapter.layers for d, e in zip(adapter.layers[m].experts, c.layers[m].experts)]
     params = sum(e.rank * sum(e.shape) for _, e in pairs)
     bits = sum(e.bits_per_param() * e.rank * sum(e.shape) for _, e in pairs) / params

@@ -145,17 +145,26 @@ def test_unbias_makes_every_component_exact_along_itself(d, r, k, bits_high, rho
 def test_unbias_edge_cases(rng):
     B, A = random_adapter(128, 8, 64, rng)
     B[:, 5:] = 0  # three zero components: rank 5
-    c = compress_lora(B, A, h=2, bits_high=3)
-    assert all(torch.isfinite(w.scales.float()).all() for w in (c.b_hi, c.b_lo))
-    torch.testing.assert_close(component_ratios(c, B, A)[:5], torch.ones(5, dtype=torch.float64), rtol=0, atol=2e-3)
-    assert torch.isfinite(c.delta()).all()  # no NaN from the zero components
-    # rank 1, Gaussian factors of equal norm (B' = B): 1-bit scales 2 mean|b| ~ 1.6 sigma = 3e4 fit fp16; the
-    # factor (pi/2)^2 ~ 2.5 would take them past 65504, which is refused rather than saturated
+    B[:64] = 0  # and the first group of every column of B' is zero
+    for h in (0, 2):
+        c, paper = compress_lora(B, A, h=h, bits_high=3, group_size=64), compress_lora(B, A, h=h, bits_high=3,
+                                                                                       group_size=64, unbias=False)
+        torch.testing.assert_close(component_ratios(c, B, A)[:5], torch.ones(5, dtype=torch.float64), rtol=0,
+                                   atol=2e-3)
+        # zero groups and zero components stay exactly zero
+        Bq = c.factors()[0]
+        assert (Bq[:64] == 0).all() and (Bq[:, 5:] == 0).all()
+        assert (c.delta()[:64] == 0).all() and torch.equal(paper.delta()[:64], c.delta()[:64])
+    # rank 1, Gaussian factors of equal norm (B' = B): 1-bit scales 2 mean|b| ~ 1.6 sigma = 3e4 fit fp16, but the
+    # factor (pi/2)^2 ~ 2.5 does not: the component is capped at fp16's largest scale, with a warning
     sigma = 1.9e4
     Bb, Ab = torch.randn(256, 1, generator=rng) * sigma, torch.randn(1, 256, generator=rng) * sigma
-    compress_lora(Bb, Ab, h=0, unbias=False)
-    with pytest.raises(ValueError, match="fp16"):
-        compress_lora(Bb, Ab, h=0)
+    paper = compress_lora(Bb, Ab, h=0, unbias=False)
+    with pytest.warns(UserWarning, match="capped"):
+        capped = compress_lora(Bb, Ab, h=0)
+    assert torch.isfinite(capped.b_lo.scales).all()
+    assert float(capped.b_lo.scales.float().max()) == float(torch.finfo(torch.float16).max)
+    assert 1 < float(component_ratios(capped, Bb, Ab)[0]) / float(component_ratios(paper, Bb, Ab)[0]) < 2.5
 
 
 def test_rtn_baseline(rng):

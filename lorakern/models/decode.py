@@ -35,10 +35,13 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
       calls per decoder layer; an adapter bank's projections fuse too, each bank over its own columns; layers
       with other adapters stay apart). Attaching an adapter to a fused projection, or saving the model, gives the
       separate layers back by itself.
-    * Sliding-window attention (Gemma 3's local layers): the static cache keeps every position for those layers
-      too (:func:`_static_cache_full_length`); their attention mask still limits each query to its window, so
-      the result is the same. transformers' own sliding-window static layer counts its length in a Python int
-      that ``torch.compile`` specializes on, so every decode step recompiled until dynamo's recompile limit.
+    * Sliding-window attention (Gemma 3's local layers), when compiling: the static cache keeps every position
+      for those layers too (:func:`_static_cache_full_length`, installed as ``model._prepare_static_cache``;
+      ``compile=False`` removes it); their attention mask still limits each query to its window, so the result
+      is the same. transformers' own sliding-window static layer counts its length in a Python int that
+      ``torch.compile`` specializes on, so every decode step recompiled until dynamo's recompile limit. The
+      cost: those layers' KV memory and attention (masked) grow with the whole cache length instead of the
+      window, which is small at the lengths these CPU models decode.
     * ``threads``: ``torch.set_num_threads`` (lorakern's C++ kernels use the same count); None keeps torch's
       choice, one thread per physical core.
     * ``native``: each decoder layer's decode step as one C++ call (:mod:`lorakern.models.native`: quantized,
@@ -51,7 +54,7 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
 
     Works with quantized models (:func:`lorakern.quantize_model`) and with adapter banks
     (:func:`lorakern.attach_adapters`: ``generate(..., adapter_names=[...])``); it stays a drop-in: nothing
-    but ``generation_config`` changes.
+    but ``generation_config`` changes (and, for a compiled sliding-window model, the static-cache builder).
 
     Raises:
         TypeError: ``model`` has no ``generation_config`` (not a transformers generative model).
@@ -76,7 +79,9 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
     if threads is not None:
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"
-    if _has_sliding_layers(model):
+    if isinstance(model.__dict__.get("_prepare_static_cache"), InstanceMethod):
+        del model.__dict__["_prepare_static_cache"]
+    if compile and _has_sliding_layers(model):
         model._prepare_static_cache = InstanceMethod(_static_cache_full_length, model)
     if compile:
         from transformers import CompileConfig  # optional dependency (lorakern[models])
@@ -92,29 +97,39 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
 
 
 def _has_sliding_layers(model: nn.Module) -> bool:
-    """Whether the model's text config gives any layer sliding-window attention."""
-    get = getattr(getattr(model, "config", None), "get_text_config", None)
-    cfg = get(decoder=True) if get is not None else getattr(model, "config", None)
-    return "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+    """Whether transformers' static cache would give any layer of ``model`` a sliding window (``layer_types``, or
+    ``sliding_window`` in the config as Mistral's has it)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return False
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (ImportError, AttributeError, TypeError):
+        return False
+    return "sliding_attention" in types
 
 
-def _static_cache_full_length(model: nn.Module, cache_implementation, batch_size, max_cache_len, prefill_chunk_size,
-                              model_kwargs):
-    """transformers' ``generate`` static-cache builder (``_prepare_static_cache``), with every sliding-window
-    layer (``StaticSlidingWindowLayer``) replaced by a full-length ``StaticLayer``: the first tracks its length in
-    a Python int that torch.compile guards on (one recompilation per decode step), the second in a tensor. The
-    sliding-window mask is built from absolute positions (``get_mask_sizes`` of a static layer: the whole cache,
-    offset 0), so each query still sees only its window; the cost is the memory of full-length caches for those
-    layers. A layer the builder initialized early (chunked prefill) is initialized likewise."""
+def _static_cache_full_length(model: nn.Module, *args, **kwargs):
+    """transformers' ``generate`` static-cache builder (``_prepare_static_cache``, arguments passed through), with
+    every sliding-window layer (``StaticSlidingWindowLayer``, exactly that class) replaced by a full-length
+    ``StaticLayer``: the first tracks its length in a Python int that torch.compile guards on (one recompilation
+    per decode step), the second in a tensor. The sliding-window mask is built from absolute positions
+    (``get_mask_sizes`` of a static layer: the whole cache, offset 0), so each query still sees only its window.
+    The length is the cache's full-attention layers' (or, with none, the length the builder recorded); without
+    either the cache is returned as built. A layer the builder initialized early (chunked prefill) is initialized
+    likewise."""
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
-    cache = type(model)._prepare_static_cache(model, cache_implementation, batch_size, max_cache_len,
-                                              prefill_chunk_size, model_kwargs)
+    cache = type(model)._prepare_static_cache(model, *args, **kwargs)
     inner = getattr(cache, "self_attention_cache", cache)
-    length = model._previous_max_cache_length  # what the builder allocated the full-attention layers for
+    full = [layer.max_cache_len for layer in inner.layers if type(layer) is StaticLayer]
+    length = max(full) if full else getattr(model, "_previous_max_cache_length", None)
+    if not isinstance(length, int) or length <= 0:
+        return cache
     for i, layer in enumerate(inner.layers):
-        if isinstance(layer, StaticSlidingWindowLayer):
-            full = StaticLayer(max_cache_len=length)
+        if type(layer) is StaticSlidingWindowLayer:
+            new = StaticLayer(max_cache_len=length)
             if layer.is_initialized:
-                full.lazy_initialization(layer.keys, layer.values)
-            inner.layers[i] = full
+                new.lazy_initialization(layer.keys, layer.values)
+            inner.layers[i] = new
     return cache

@@ -3,8 +3,8 @@ builder), held weakly.
 
 A bound method stored on the instance would make a reference cycle (model -> method -> model), so a model
 (1 GB for a quantized Gemma 3 270M) would outlive its last reference until the cyclic garbage collector
-happened to run. :class:`InstanceMethod` holds the model weakly, and a deep copy of the model gets one bound
-to the copy.
+happened to run. :class:`InstanceMethod` holds the model weakly; a deep copy or an unpickled copy of the model
+gets one bound to the copy (a shallow ``copy.copy`` shares the original's).
 """
 from __future__ import annotations
 
@@ -42,3 +42,7 @@ class InstanceMethod:
     def __deepcopy__(self, memo):
         model = self._model()
         return InstanceMethod(self.fn, memo.get(id(model), model))
+
+    def __reduce__(self):
+        # pickled with the model it belongs to (pickle keeps the cycle); a weak reference cannot be pickled
+        return InstanceMethod, (self.fn, self._model())

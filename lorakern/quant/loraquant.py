@@ -34,6 +34,7 @@ call: the shrink over A' on int8 activations, the expand over B'^T in fp32 tiles
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -180,32 +181,42 @@ def unbias_components(c: CompressedLoRA, Bt: torch.Tensor, A: torch.Tensor,
     The codes, the zeros and the bit count are unchanged (the zeros are in code units, so a scale
     factor scales the dequantized row).
 
-    A component that is zero, or whose quantized factor is orthogonal to or points away from the
-    original (``<q, w> <= 0``), keeps ``f = 1``; factors are clamped to ``[1 / max_factor, max_factor]``.
+    Kept as they are: a zero component, or one whose two projections have a product ``<= 0`` (``f = 1``);
+    a group whose scale is 0 (an all-zero group stays exactly zero); a scale the factor would underflow
+    to 0 in fp16 (it keeps its old value). ``f`` is clamped to ``[1 / max_factor, max_factor]`` and, per
+    row, to what keeps the row's largest scale inside fp16 (a warning says how many rows were capped).
 
     Raises:
-        ValueError: shapes that do not match ``c``; a rescaled scale that overflows fp16.
+        ValueError: shapes that do not match ``c``.
     """
     r = c.rank
     d, k = c.shape
     if Bt.shape != (r, d) or A.shape != (r, k):
         raise ValueError(f"expected Bt {(r, d)} and A {(r, k)}, got {tuple(Bt.shape)} and {tuple(A.shape)}")
-    Bq, Aq = c.factors()  # [d, r], [r, k] in fp32
-    Bt64, A64 = Bt.detach().double(), A.detach().double()
+    Bq, Aq = c.factors()  # [d, r], [r, k] in fp32, on c's device
+    Bt64, A64 = Bt.detach().to(Bq.device).double(), A.detach().to(Bq.device).double()
     num = Bt64.square().sum(1) * A64.square().sum(1)
     den = (Bq.t().double() * Bt64).sum(1) * (Aq.double() * A64).sum(1)
     ok = (num > 0) & (den > 0) & torch.isfinite(num / den.clamp_min(1e-300))
     f = torch.where(ok, num / den.clamp_min(1e-300), torch.ones_like(num)).clamp(1 / max_factor, max_factor)
+    fp16_max = float(torch.finfo(torch.float16).max)
+    capped = 0
 
     def rescale(w, rows):
+        nonlocal capped
         if w is None:
             return None
-        s = (w.scales.double() * rows.unsqueeze(1)).half()
-        if not torch.isfinite(s).all():
-            raise ValueError("unbiased scales overflow fp16; compress with unbias=False")
-        s = torch.where(s > 0, s, torch.full_like(s, 6.1035e-05))  # an underflow keeps the smallest normal
+        old = w.scales.double()
+        room = fp16_max / old.amax(1).clamp_min(1e-300)  # the largest factor each row's scales take in fp16
+        capped += int((rows > room).sum())
+        s = (old * torch.minimum(rows, room).unsqueeze(1)).half()
+        s = torch.where((s > 0) | (w.scales == 0), s, w.scales)  # zero groups stay zero; an underflow keeps its scale
         return dataclasses.replace(w, scales=s.contiguous())
-    return dataclasses.replace(c, b_hi=rescale(c.b_hi, f[:c.h]), b_lo=rescale(c.b_lo, f[c.h:]))
+    out = dataclasses.replace(c, b_hi=rescale(c.b_hi, f[:c.h]), b_lo=rescale(c.b_lo, f[c.h:]))
+    if capped:
+        warnings.warn(f"lorakern: unbias_components: {capped} component(s) capped to stay inside fp16's range (not "
+                      "fully unbiased)", stacklevel=2)
+    return out
 
 
 def rtn_lora(B: torch.Tensor, A: torch.Tensor, bits: int, group_size: int = 128, scale: float = 1.0) -> CompressedLoRA:

@@ -9,7 +9,8 @@ changes both steps:
   becomes a ``LoRAModel`` whose layers hold 0-rank placeholder tensors carrying the
   :class:`~lorakern.formats.lora.CompressedLoRA` (attribute ``lorakern_compressed``). A plain PEFT directory is
   compressed at load when ``LORAKERN_VLLM_COMPRESS`` gives the settings, e.g. ``rho=0.9,bits_high=2,group_size=128``
-  (every PEFT adapter of that process tree is then compressed). vLLM's CPU cache thus holds codes, not fp32
+  (every PEFT adapter of that process tree is then compressed; ``unbias=0`` keeps LoRAQuant's own scales instead
+  of lorakern's unbiased components). vLLM's CPU cache thus holds codes, not fp32
   matrices: 1,000 resident adapters fit in memory.
 * **activate** (:func:`activate_adapter`, wrapping ``LoRAModelManager.activate_adapter``): vLLM copies the
   placeholders (nothing) into the slot; lorakern then tells the LoRA backend which compressed layers the slot
