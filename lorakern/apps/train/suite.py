@@ -45,13 +45,15 @@ def metric_info(name: str) -> tuple[str, bool]:
     return ("perplexity", False) if name == LM_ADAPTER else ("exact_match", True)
 
 
-def evaluate_adapter_metric(model, tokenizer, name: str, n: int = EVAL_EXAMPLES, progress: bool = False) -> float:
+def evaluate_adapter_metric(model, tokenizer, name: str, n: int = EVAL_EXAMPLES, progress: bool = False,
+                            seed: int = 12345) -> float:
     """The adapter's metric on ``model`` as it stands (apply the adapter first): exact match on
-    ``n`` held-out examples, or WikiText-2 test perplexity for the language-modelling adapter."""
+    ``n`` held-out examples drawn with ``seed`` (disjoint from training's), or WikiText-2 test perplexity for the
+    language-modelling adapter (``seed`` unused)."""
     if name == LM_ADAPTER:
         windows = token_windows(tokenizer, read_wikitext("test"), LM_EVAL_WINDOWS[1], LM_EVAL_WINDOWS[0])
         return perplexity(model, windows, progress=progress)
-    return exact_match(model, tokenizer, get_task(name), n=n, progress=progress)
+    return exact_match(model, tokenizer, get_task(name), n=n, seed=seed, progress=progress)
 
 
 def default_config(name: str) -> TrainConfig:
