@@ -48,7 +48,7 @@ from lorakern.formats.quantized import QuantizedWeight
 from lorakern.models.smollm2 import load_smollm2
 from lorakern.quant import (calibration_windows, choose_h, collect_statistics, compress_lora, quantize_rtn,
                             quantize_sign, rtn_params, svd_reparameterize, unbias_components)
-from lorakern.quant.gptq import prepare_hessian
+from lorakern.quant.gptq import _cholesky_inverse_upper, prepare_hessian
 
 VARIANTS = ["fp16", "paper", "unbiased", "clip", "clip_unbiased", "lloyd1", "gptq_free", "gptq_wiki", "gptq_wiki_unbiased",
             "gptq_task"]
@@ -111,8 +111,7 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: int, G: int) -> QuantizedW
     weights (min/max RTN, or sign * mean|w| at 1 bit)."""
     n, K = W.shape
     W = W.float().clone()
-    Hd, _ = prepare_hessian(H, 0.01)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd.double())), upper=True).float()
+    U = _cholesky_inverse_upper(prepare_hessian(H, 0.01)[0].double()).float()  # GPTQ's upper factor of H^-1
     qmax = (1 << bits) - 1
     codes = torch.zeros(n, K, dtype=torch.uint8)
     S, Z = torch.zeros(n, K // G, dtype=torch.float16), torch.zeros(n, K // G, dtype=torch.float16)
@@ -143,7 +142,7 @@ def compensate_b(Bt: torch.Tensor, Ap: torch.Tensor, Aq: torch.Tensor, Sigma: to
     Bstar = (Bt.t().double() @ (Ap.double() @ S @ Aqd.t()) @ torch.linalg.inv(C)).t()  # [r, d]
     order = list(range(h, r)) + list(range(h))
     perm = torch.tensor(order)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(C[perm][:, perm])), upper=True)
+    U = _cholesky_inverse_upper(C[perm][:, perm])
     W = Bstar[perm].clone()
     rows = [None] * r
     for i in range(r):

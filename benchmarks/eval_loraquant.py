@@ -219,13 +219,9 @@ def main(argv=None):
             raise SystemExit(f"--merge: {args.json} has {old.get('examples')} examples per task (seed "
                              f"{old.get('eval_seed', 12345)}), this run {args.examples} (seed {args.eval_seed})")
         kept = [dict(r) for r in old["rows"] if r["adapter"] not in names or r["method"] not in [*methods, "base"]]
-        runs.update(old.get("runs") or {})
-        legacy = old.get("provenance") or {}  # files written before rows named their run: method -> machine
-        for r in kept:
-            if "run" not in r:
-                mach = legacy.get(r["method"], old["machine"])
-                r["run"] = mach["date"]
-                runs.setdefault(mach["date"], mach)
+        runs.update(old.get("runs") or {old["machine"]["date"]: old["machine"]})
+        for r in kept:  # a file from before rows named their run: all of it is that file's run
+            r.setdefault("run", old["machine"]["date"])
     for name in names:
         adapter = load_peft_adapter(adapter_dir(name))
         metric_name, higher = metric_info(name)

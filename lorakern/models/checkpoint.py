@@ -27,13 +27,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..formats.linear_like import is_conv1d, linear_shape
-from .instance_method import InstanceMethod
 from ..formats.io import FormatError, load_quantized, read_safetensors, save_quantized
 from ..formats.outliers import GWQWeight
 from ..formats.quantized import QuantizedWeight
 from ..nn import ADAPTER_MODULES, GWQLinear, QuantEmbedding, QuantLinear, replace_module
 from .fuse import unfused
 from .builtin import BUILTIN_MODELS, builtin_model, load_builtin
+from .instance_method import InstanceMethod
 
 __all__ = ["load_model", "load_quantized_model", "save_quantized_model"]
 

@@ -80,10 +80,10 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
         torch.set_num_threads(int(threads))
     gc.cache_implementation = "static"
     if isinstance(model.__dict__.get("_prepare_static_cache"), InstanceMethod):
-        del model.__dict__["_prepare_static_cache"]
-    if compile and _has_sliding_layers(model):
-        model._prepare_static_cache = InstanceMethod(_static_cache_full_length, model)
+        del model.__dict__["_prepare_static_cache"]  # an earlier compiled preparation's (below)
     if compile:
+        if _has_sliding_layers(model):
+            model._prepare_static_cache = InstanceMethod(_static_cache_full_length, model)
         from transformers import CompileConfig  # optional dependency (lorakern[models])
         cc = CompileConfig(fullgraph=fullgraph, dynamic=False, mode="default")
         cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
@@ -93,7 +93,6 @@ def prepare_decode(model: nn.Module, *, compile: bool = True, fullgraph: bool = 
         gc.compile_config = None
         gc.disable_compile = True
     return model
-
 
 
 def _has_sliding_layers(model: nn.Module) -> bool:
