@@ -81,6 +81,7 @@ CASES = [
     ("quantize", lambda f, t: ["quantize", str(f["model_badcfg"]), str(t / "q"), "--method", "rtn"], "model_badcfg"),
     ("quantize", lambda f, t: ["quantize", str(f["model_trunc"]), str(t / "q"), "--method", "rtn"], "model_trunc"),
     ("demo", lambda f, t: ["demo", "--json", str(t / "no" / "d.json")], "no"),
+    ("demo", lambda f, t: ["demo", "--model", "nope"], "built-in model"),
     ("train-generator", lambda f, t: ["train-generator", "--out", str(t / "no" / "g.safetensors")], "no"),
 ]
 
