@@ -161,5 +161,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* x
 // The same with AVX2 (bitwise the same results; the AVX2 and AVX-512 paths use it).
 void quantize_activations_avx2(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
                                float* xsum);
+void quantize_activations_avx512(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
+                               float* xsum);
 
 }  // namespace lk

@@ -10,7 +10,7 @@ const CpuKernels kGeneric{LK_ISA_GENERIC, qmm_rows_generic, qmm_rows_generic, qu
                           dense_shrink_generic, multi_expand_generic};
 const CpuKernels kAvx2{LK_ISA_AVX2, qmm_rows_avx2, qmm_gemm_avx2, quantize_activations_avx2, lora_expand_avx2, dense_shrink_avx2,
                        multi_expand_avx2};
-const CpuKernels kAvx512{LK_ISA_AVX512, qmm_rows_avx512, qmm_gemm_avx2, quantize_activations_avx2, lora_expand_avx512,
+const CpuKernels kAvx512{LK_ISA_AVX512, qmm_rows_avx512, qmm_gemm_avx2, quantize_activations_avx512, lora_expand_avx512,
                          dense_shrink_avx512, multi_expand_avx512};
 
 }  // namespace

@@ -524,7 +524,9 @@ static void check_multi_pieces(const char* name, DenseShrinkFn shrink, MultiExpa
 }
 
 
-static void check_act_quant(std::mt19937& rng) {
+using ActQuantFn = void (*)(const float*, int64_t, int64_t, int, int8_t*, float*, float*);
+
+static void check_act_quant(const char* name, ActQuantFn fn, std::mt19937& rng) {
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (int G : {32, 64, 128})
     for (int trial = 0; trial < 20; ++trial) {
@@ -540,14 +542,14 @@ static void check_act_quant(std::mt19937& rng) {
       std::vector<int8_t> q0((size_t)(M * K)), q1((size_t)(M * K));
       std::vector<float> s0((size_t)(M * nb)), s1((size_t)(M * nb)), z0((size_t)(M * ng)), z1((size_t)(M * ng));
       lk::quantize_activations(x.data(), M, K, G, q0.data(), s0.data(), z0.data());
-      lk::quantize_activations_avx2(x.data(), M, K, G, q1.data(), s1.data(), z1.data());
-      CHECK(q0 == q1, "avx2 activation codes differ (G=%d trial %d)", G, trial);
+      fn(x.data(), M, K, G, q1.data(), s1.data(), z1.data());
+      CHECK(q0 == q1, "%s activation codes differ (G=%d trial %d)", name, G, trial);
       for (size_t i = 0; i < s0.size(); ++i)
-        CHECK(std::memcmp(&s0[i], &s1[i], 4) == 0, "avx2 activation scale differs (G=%d)", G);
+        CHECK(std::memcmp(&s0[i], &s1[i], 4) == 0, "%s activation scale differs (G=%d)", name, G);
       for (size_t i = 0; i < z0.size(); ++i)
-        CHECK(std::memcmp(&z0[i], &z1[i], 4) == 0, "avx2 activation sums differ (G=%d)", G);
+        CHECK(std::memcmp(&z0[i], &z1[i], 4) == 0, "%s activation sums differ (G=%d)", name, G);
     }
-  std::printf("avx2 activation quantization: checked\n");
+  std::printf("%s activation quantization: checked\n", name);
 }
 
 // lk_quant_matmul_lora = lk_quant_matmul then lk_lora_mixed in place (the same kernels, one call);
@@ -1053,14 +1055,15 @@ int main() {
   check_rows_fn("avx512 (SIMDe emulation)", lk::qmm_rows_avx512_simde, rng);
 #endif
 #ifdef LORAKERN_HAVE_SIMDE
-  if (lk_detected_isa() >= LK_ISA_AVX2)  // decode (M <= 2) expands 2-8-bit parts through the AVX2 decoder
+  if (lk_detected_isa() >= LK_ISA_AVX2)  // decode (M <= 2) expands 3-bit parts and partial groups through the AVX2 decoder
     check_expand_fn("avx512 (SIMDe emulation)", lk::lora_expand_avx512_simde, rng);
 #endif
 #ifdef LORAKERN_HAVE_SIMDE
-  if (lk_detected_isa() >= LK_ISA_AVX2)  // the SIMDe build's compressed expand calls the AVX2 decoder (not for 1-bit)
+  if (lk_detected_isa() >= LK_ISA_AVX2)  // the SIMDe build's compressed expand calls the AVX2 decoder (3-bit, partial groups)
     check_multi_pieces("avx512 (SIMDe emulation)", lk::dense_shrink_avx512_simde, lk::multi_expand_avx512_simde, rng);
 #endif
-  if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant(rng);
+  if (lk_detected_isa() >= LK_ISA_AVX2) check_act_quant("avx2", lk::quantize_activations_avx2, rng);
+  if (lk_detected_isa() >= LK_ISA_AVX512) check_act_quant("avx512", lk::quantize_activations_avx512, rng);
   check_c_abi(rng);
   check_bank_resolve();
   check_route_top_k(rng);
