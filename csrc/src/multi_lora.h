@@ -62,7 +62,8 @@ inline void prefetch_part(const lk_qweight& p, int64_t r0, int64_t r1, int64_t c
 constexpr int64_t kExpandTile = 128;  // output columns per expand tile (a multiple of every group size)
 
 // The expand of one compressed part into one output row's columns [c0, c1), from the codes in registers
-// (AVX2; the AVX-512 path uses it for every width but 1 bit), for the layouts qpart_layout_avx2 accepts.
+// (AVX2; the AVX-512 path uses it for 3-bit parts, 2-bit parts in groups of 32 and partial groups), for the
+// layouts qpart_layout_avx2 accepts.
 bool qpart_layout_avx2(int bits, int G, int64_t c0, int64_t c1, int64_t rows);
 void axpy_qpart_avx2(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1);
 

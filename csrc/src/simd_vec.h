@@ -85,8 +85,8 @@ struct SimdVec {
   static void dequant_bits(const uint8_t* gp, int G, float s, float z, float* out) {
     V::template dequant_bits<BITS>(gp, G, s, z, out);
   }
-  // compressed parts decoded in registers: V::axpy_qpart (the AVX2 decoder; AVX-512 has its own for 1-bit
-  // parts), for the layouts qpart_layout_avx2 accepts
+  // compressed parts decoded in registers: V::axpy_qpart (the AVX2 decoder; AVX-512 has its own for 1-, 2-, 4-
+  // and 8-bit parts over whole groups), for the layouts qpart_layout_avx2 accepts
   static bool qpart_layout(int bits, int G, int64_t c0, int64_t c1, int64_t rows) {
     return qpart_layout_avx2(bits, G, c0, c1, rows);
   }
