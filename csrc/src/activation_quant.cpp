@@ -24,17 +24,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* x
       }
       const int64_t o = m * nb + b;
       float* gsum = &xsum[m * ng + b * B / G];
-      if (!finite) {  // NaN/Inf propagate as NaN; never cast a NaN to int
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = NAN;
-        *gsum = NAN;
-        continue;
-      }
-      if (amax == 0.f) {
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = 0.f;
-        continue;
-      }
+      if (act_block_special(finite, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
       xs[o] = amax / 127.f;
       int32_t qsum = 0;

@@ -31,21 +31,11 @@ void quantize_activations_avx2(const float* x, int64_t M, int64_t K, int G, int8
       }
       const int64_t o = m * nb + b;
       float* gsum = &xsum[m * ng + b * B / G];
-      if (_mm256_movemask_ps(finite) != 0xFF) {
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = NAN;
-        *gsum = NAN;
-        continue;
-      }
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-      const float amax = _mm_cvtss_f32(m4);
-      if (amax == 0.f) {
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = 0.f;
-        continue;
-      }
+      const float amax = _mm_cvtss_f32(m4);  // (any value when the block is not finite)
+      if (act_block_special(_mm256_movemask_ps(finite) == 0xFF, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
       xs[o] = amax / 127.f;
       const __m256 vinv = _mm256_set1_ps(inv);

@@ -32,18 +32,8 @@ void quantize_activations_avx512(const float* x, int64_t M, int64_t K, int G, in
       }
       const int64_t o = m * nb + b;
       float* gsum = &xsum[m * ng + b * B / G];
-      if (finite != 0xFFFF) {
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = NAN;
-        *gsum = NAN;
-        continue;
-      }
-      const float amax = _mm512_reduce_max_ps(vmax);
-      if (amax == 0.f) {
-        std::memset(qp, 0, (size_t)B);
-        xs[o] = 0.f;
-        continue;
-      }
+      const float amax = _mm512_reduce_max_ps(vmax);  // (any value when the block is not finite)
+      if (act_block_special(finite == 0xFFFF, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
       xs[o] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv);
