@@ -50,13 +50,15 @@ def act_block(group_size: int) -> int:
 def quantize_activations_int8(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """The CPU kernels' activation quantization, dequantized: each block of
     ``act_block(group_size)`` values along the last dim is rounded (half to even)
-    to int8 with scale max|x|/127. Returns fp32 ``xhat``."""
+    to int8 with scale max|x|/127 (a block whose 127 / max|x| overflows is zero). Returns fp32 ``xhat``."""
     K = x.shape[-1]
     B = act_block(group_size)
     xb = x.reshape(-1, K // B, B).float()
     amax = xb.abs().amax(-1, keepdim=True)
-    # true division (torch evaluates `127.0 / t` as reciprocal(t) * 127, which rounds differently)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    # true division (torch evaluates `127.0 / t` as reciprocal(t) * 127, which rounds differently); a block whose
+    # 127 / max|x| overflows (max 0, or below ~3.7e-37) is a zero block, as in the kernels (act_block_special)
+    inv = torch.full_like(amax, 127.0).div(amax)
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(amax))
     xq = torch.round(xb * inv).clamp(-127, 127)
     return (xq * (amax / 127.0)).view(x.shape)
 

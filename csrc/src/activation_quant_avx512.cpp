@@ -42,7 +42,7 @@ void quantize_activations_avx512(const float* x, int64_t M, int64_t K, int G, in
         const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xp + i), vinv)));
         const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         qs = _mm512_add_epi32(qs, q);
-        _mm_storeu_si128((__m128i*)(qp + i), _mm512_cvtsepi32_epi8(q));  // in [-127, 127]: no saturation
+        _mm_storeu_si128((__m128i*)(qp + i), _mm512_cvtsepi32_epi8(q));  // in [-127, 127] (inv finite): no saturation
       }
       *gsum += xs[o] * (float)_mm512_reduce_add_epi32(qs);
     }

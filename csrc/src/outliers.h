@@ -181,7 +181,7 @@ template <class H2F>
 class FusedOutliers {
  public:
   static constexpr int64_t kChunkRows = 32;     // rows per decode_outlier_sums: short running sums
-  static constexpr int64_t kPrefetchRows = 48;  // a row's CSR is prefetched this many rows before its chunk
+  static constexpr int64_t kPrefetchRows = 48;  // a row's CSR is prefetched when the row this far before it runs
   FusedOutliers(const QmmProblem& p, int64_t n1, H2F h2f)
       : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr || p.M == 1 ? 0 : p.M)) {}
   const float* at(int64_t n) {

@@ -336,8 +336,9 @@ void axpy_qpart_1bit_g(float* y, const float* coef, const lk_qweight& p, int64_t
 template <int BITS>
 void axpy_qpart_lowbit_g(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
   switch (p.group_size) {
-    case 32:
-      if constexpr (BITS != 2) axpy_qpart_lowbit<BITS, 32>(y, coef, p, c0, c1);
+    case 32:  // (2-bit groups of 32 are 8 bytes: lowbit_layout sends them to the AVX2 decoder)
+      if constexpr (BITS == 2) axpy_qpart_avx2(y, coef, p, c0, c1);
+      else axpy_qpart_lowbit<BITS, 32>(y, coef, p, c0, c1);
       break;
     case 64: axpy_qpart_lowbit<BITS, 64>(y, coef, p, c0, c1); break;
     default: axpy_qpart_lowbit<BITS, 128>(y, coef, p, c0, c1); break;

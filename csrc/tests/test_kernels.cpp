@@ -139,7 +139,7 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 }
 
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
-constexpr int64_t FUSED_DECODE_ROWS = 128;  // outliers.h: FusedOutliers::kDecodeRows (rows per running sum)
+constexpr int64_t FUSED_DECODE_ROWS = 32;  // outliers.h: FusedOutliers::kChunkRows (rows per running sum)
 
 // gemm: the blocked GEMM (quant_gemm_avx2.cpp), called for many rows: M up to 100 (its 64-row blocks and
 // 4-row tiles with every remainder) and N up to 300 in one trial (several chunks of 8-row panels).
@@ -190,7 +190,7 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng, bool g
         // K/B + K/G sequential additions and a 16-lane horizontal sum (4 levels).
         const double nterms = (double)(K / lk::act_block(G) + K / G + 3 + 4 + 1);
         // M = 1 with outliers: each row's outlier sum is the difference of a running sum over the rows of its
-        // 128-row block (outliers.h, decode_outlier_sums), so its error is a few roundings of that running sum's
+        // 32-row chunk (outliers.h, decode_outlier_sums), so its error is a few roundings of that running sum's
         // magnitude, not of the row's own terms: two ends, each after up to (outliers so far + 8) additions.
         std::vector<double> run_err((size_t)N, 0.0);
         if (pattern && M == 1) {
@@ -290,8 +290,9 @@ static void check_expand_fn(const char* name, ExpandFn fn, std::mt19937& rng) {
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (int bits : bits_list)
     for (int G : g_list)
-      for (int trial = 0; trial < 3; ++trial) {
-        const int64_t M = trial == 2 ? 20 + rng() % 30 : 1 + rng() % 5, N = (int64_t)G * (1 + rng() % 4);
+      for (int trial = 0; trial < 4; ++trial) {  // trial 3: decode over 40 groups (16-group chunks, one ragged)
+        const int64_t M = trial == 2 ? 20 + rng() % 30 : trial == 3 ? 1 + rng() % 2 : 1 + rng() % 5;
+        const int64_t N = (int64_t)G * (trial == 3 ? 40 : 1 + rng() % 4);
         const int64_t h = trial == 1 ? 0 : 1 + rng() % 6, rl = trial == 0 ? 0 : 1 + rng() % 12;
         Problem hi = make_problem(rng, 1, h, N, bits, G), lo = make_problem(rng, 1, rl, N, 1, G);
         std::vector<float> t_hi((size_t)(M * h)), t_lo((size_t)(M * rl)), y((size_t)(M * N));
@@ -538,11 +539,19 @@ static void check_act_quant(const char* name, ActQuantFn fn, std::mt19937& rng) 
       if (trial % 4 == 2) x[rng() % x.size()] = -INFINITY;
       if (trial % 4 == 3) std::fill(x.begin(), x.begin() + G, 0.f);  // an all-zero block
       if (trial == 5) for (size_t i = 0; i < x.size(); ++i) x[i] = (float)((int)(i % 255) - 127) * 0.5f;  // ties
+      if (trial == 6) {  // a block whose max |x| makes 127 / max overflow, with zeros in it: a zero block
+        std::fill(x.begin(), x.begin() + lk::act_block(G), 0.f);
+        x[1] = 1e-38f;
+        x[2] = -3e-38f;
+      }
       const int64_t nb = K / lk::act_block(G), ng = K / G;
       std::vector<int8_t> q0((size_t)(M * K)), q1((size_t)(M * K));
       std::vector<float> s0((size_t)(M * nb)), s1((size_t)(M * nb)), z0((size_t)(M * ng)), z1((size_t)(M * ng));
       lk::quantize_activations(x.data(), M, K, G, q0.data(), s0.data(), z0.data());
       fn(x.data(), M, K, G, q1.data(), s1.data(), z1.data());
+      if (trial == 6)
+        CHECK(s0[0] == 0.f && std::all_of(q0.begin(), q0.begin() + lk::act_block(G), [](int8_t q) { return q == 0; }),
+              "a block of max |x| 3e-38 is not a zero block (G=%d)", G);
       CHECK(q0 == q1, "%s activation codes differ (G=%d trial %d)", name, G, trial);
       for (size_t i = 0; i < s0.size(); ++i)
         CHECK(std::memcmp(&s0[i], &s1[i], 4) == 0, "%s activation scale differs (G=%d)", name, G);
