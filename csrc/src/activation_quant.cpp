@@ -24,8 +24,8 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* x
       }
       const int64_t o = m * nb + b;
       float* gsum = &xsum[m * ng + b * B / G];
-      if (act_block_special(finite, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
+      if (act_block_special(finite, inv, qp, B, &xs[o], gsum)) continue;
       xs[o] = amax / 127.f;
       int32_t qsum = 0;
       // Round half to even by the magic-number trick: adding 1.5 * 2^23 leaves no fraction bits, so the

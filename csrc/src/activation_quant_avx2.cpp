@@ -35,8 +35,8 @@ void quantize_activations_avx2(const float* x, int64_t M, int64_t K, int G, int8
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float amax = _mm_cvtss_f32(m4);  // (any value when the block is not finite)
-      if (act_block_special(_mm256_movemask_ps(finite) == 0xFF, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
+      if (act_block_special(_mm256_movemask_ps(finite) == 0xFF, inv, qp, B, &xs[o], gsum)) continue;
       xs[o] = amax / 127.f;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i qs = _mm256_setzero_si256();

@@ -33,14 +33,14 @@ void quantize_activations_avx512(const float* x, int64_t M, int64_t K, int G, in
       const int64_t o = m * nb + b;
       float* gsum = &xsum[m * ng + b * B / G];
       const float amax = _mm512_reduce_max_ps(vmax);  // (any value when the block is not finite)
-      if (act_block_special(finite == 0xFFFF, amax, qp, B, &xs[o], gsum)) continue;
       const float inv = 127.f / amax;
+      if (act_block_special(finite == 0xFFFF, inv, qp, B, &xs[o], gsum)) continue;
       xs[o] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       __m512i qs = _mm512_setzero_si512();
       for (int i = 0; i < B; i += 16) {
         const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xp + i), vinv)));
-        const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
         qs = _mm512_add_epi32(qs, q);
         _mm_storeu_si128((__m128i*)(qp + i), _mm512_cvtsepi32_epi8(q));  // in [-127, 127] (inv finite): no saturation
       }

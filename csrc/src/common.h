@@ -153,22 +153,22 @@ constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: m
 // so that the fused ops equal the separate ones bit for bit).
 inline bool use_gemm(int64_t M, int bits) { return M >= (bits == 8 ? kGemmMinRows8 : kGemmMinRows); }
 
-// Quantize activations: x (fp32) [M, K] -> xq, xs (per block), xsum (per group).
-// With xhat = xs_b * xq, the kernels compute y = xhat @ W^T (+ bias) exactly up
-// to fp32 rounding.
 // The blocks every activation quantizer treats alike, in this order: one holding a NaN or Inf (codes 0, its scale
 // and its group's sum NaN: NaN propagates; a NaN is never cast to int) and one whose max |x| is 0 or so small
 // (below ~3.7e-37) that 127 / max|x| overflows to Inf (codes 0, scale 0: such values are zero to any fp32
 // product; the Inf would turn a 0 into NaN = 0 * Inf, which the SIMD clamps let through). Returns whether the block
-// was one of them (then it is done).
-inline bool act_block_special(bool finite, float amax, int8_t* qp, int B, float* xs, float* gsum) {
-  if (finite && std::isfinite(127.f / amax)) return false;
+// was one of them (then it is done). inv: the block's 127 / max|x|, which the caller then multiplies by.
+inline bool act_block_special(bool finite, float inv, int8_t* qp, int B, float* xs, float* gsum) {
+  if (finite && std::isfinite(inv)) return false;
   std::memset(qp, 0, (size_t)B);
   *xs = finite ? 0.f : NAN;
   if (!finite) *gsum = NAN;
   return true;
 }
 
+// Quantize activations: x (fp32) [M, K] -> xq, xs (per block), xsum (per group).
+// With xhat = xs_b * xq, the kernels compute y = xhat @ W^T (+ bias) exactly up
+// to fp32 rounding.
 void quantize_activations(const float* x, int64_t M, int64_t K, int G, int8_t* xq, float* xs,
                           float* xsum);
 // The same with AVX2 and with AVX-512 (bitwise the same results; each ISA's kernel table uses its own).

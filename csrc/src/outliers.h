@@ -183,7 +183,7 @@ class FusedOutliers {
   static constexpr int64_t kChunkRows = 32;     // rows per decode_outlier_sums: short running sums
   static constexpr int64_t kPrefetchRows = 48;  // a row's CSR is prefetched when the row this far before it runs
   FusedOutliers(const QmmProblem& p, int64_t n1, H2F h2f)
-      : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr || p.M == 1 ? 0 : p.M)) {}
+      : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr ? 0 : p.M == 1 ? kChunkRows : p.M)) {}
   const float* at(int64_t n) {
     if (p_.M != 1) {
       row_outliers(p_, n, 0, p_.M, h2f_, acc_.data());
@@ -192,7 +192,6 @@ class FusedOutliers {
     if (n >= b1_) {  // the next kChunkRows rows, from CSR lines prefetched while the rows before ran
       b0_ = n;
       b1_ = std::min(n1_, n + kChunkRows);
-      acc_.resize((size_t)kChunkRows);
       decode_outlier_sums(p_, b0_, b1_, h2f_, acc_.data(), run_);
     }
     if (n + kPrefetchRows < n1_) prefetch_row(n + kPrefetchRows);

@@ -222,16 +222,16 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 
 // A 1-bit compressed part straight from its codes (SimdVec::axpy_qpart): y[0:c1-c0] += sum_i coef[i] s_i (q_i -
 // z_i) over columns [c0, c1) (rows <= 256, qpart_layout_avx2; c0 and c1 multiples of G, lowbit_layout). Each
-// row's two terms, d_i (1 - z_i) and d_i (0 - z_i) with d_i = coef[i] s_i, are formed 16 groups at a time (one fp16
-// vector of scales and one of zeros per row: form_terms) and broadcast once per row and pass; per 16 columns the
-// 16 code bits are a mask choosing which of the two sums acc + term (a masked and a plain add) each lane keeps. Up to 128 columns of a group (NV = 8
-// vectors) stay in registers across the rows: 8 independent add chains cover the add's latency. Measured here
-// (M = 1, N = 4096, 12 rows, G = 128): ~1.6 us against ~2.4 us for 32 columns a pass with both terms broadcast per
-// row and 16 columns. (Factoring the zero terms out as one constant per group saves the blend but loses up to ~4x
-// of the fp32 error bound per term where |z| is large beside |1 - z|.)
+// row's two terms, d_i (1 - z_i) and d_i (0 - z_i) with d_i = coef[i] s_i, are formed 16 groups at a time
+// (form_terms) and broadcast once per row and group; per 16 columns the 16 code bits are a mask choosing which of
+// the two sums acc + term (a masked and a plain add) each lane keeps. A whole group (G / 16 <= 8 vectors) stays in
+// registers across the rows: up to 8 independent add chains cover the add's latency. Measured here (M = 1,
+// N = 4096, 12 rows, G = 128): ~1.6 us against ~2.4 us for 32 columns a pass with both terms broadcast per row
+// and 16 columns. (Factoring the zero terms out as one constant per group saves the blend but loses up to ~4x of
+// the fp32 error bound per term where |z| is large beside |1 - z|.)
 template <int NV>
-inline void axpy_1bit_pass(float* yc, const uint8_t* gp, int64_t rb, int64_t R, const float* one,
-                           const float* zero) {
+inline void axpy_1bit_group(float* yc, const uint8_t* gp, int64_t rb, int64_t R, const float* one,
+                            const float* zero) {
   __m512 acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(yc + 16 * v);
   for (int64_t i = 0; i < R; ++i, gp += rb) {
@@ -245,8 +245,10 @@ inline void axpy_1bit_pass(float* yc, const uint8_t* gp, int64_t rb, int64_t R, 
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(yc + 16 * v, acc[v]);
 }
 
-// The rows' d = coef[i] s_i and z_i for groups [g, g + n) (n <= 16; row-major with stride 16).
-inline void form_terms(const float* coef, const lk_qweight& p, int64_t g, int64_t n, float* d, float* zs) {
+// Per row, for groups [g, g + n) (n <= 16; row-major with stride 16), from d = coef[i] s_i: ONE_ZERO, the 1-bit
+// terms d (1 - z) and d (0 - z) (as the AVX2 decoder forms them) in a and b; else d in a and z in b.
+template <bool ONE_ZERO>
+inline void form_terms(const float* coef, const lk_qweight& p, int64_t g, int64_t n, float* a, float* b) {
   const int64_t ng = p.K / p.group_size;
   for (int64_t i = 0; i < p.N; ++i) {
     const uint16_t *sp = p.scales + i * ng + g, *zp = p.zeros + i * ng + g;
@@ -261,28 +263,25 @@ inline void form_terms(const float* coef, const lk_qweight& p, int64_t g, int64_
       s = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)sb));
       z = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)zb));
     }
-    _mm512_store_ps(d + i * 16, _mm512_mul_ps(_mm512_set1_ps(coef[i]), s));
-    _mm512_store_ps(zs + i * 16, z);
+    const __m512 d = _mm512_mul_ps(_mm512_set1_ps(coef[i]), s);
+    if constexpr (ONE_ZERO) {
+      _mm512_store_ps(a + i * 16, _mm512_mul_ps(d, _mm512_sub_ps(_mm512_set1_ps(1.f), z)));
+      _mm512_store_ps(b + i * 16, _mm512_mul_ps(d, _mm512_sub_ps(_mm512_setzero_ps(), z)));
+    } else {
+      _mm512_store_ps(a + i * 16, d);
+      _mm512_store_ps(b + i * 16, z);
+    }
   }
 }
 
 template <int G>
 void axpy_qpart_1bit(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
-  const int64_t rb = row_bytes(p.K, 1), R = p.N;
-  constexpr int NV = G / 16 < 8 ? G / 16 : 8;  // vectors per pass: within one group
+  const int64_t rb = row_bytes(p.K, 1);
   alignas(64) float one[256 * 16], zero[256 * 16];
-  for (int64_t g = c0 / G, gend = (c1 + G - 1) / G; g < gend; ++g) {
+  for (int64_t g = c0 / G, gend = c1 / G; g < gend; ++g) {
     const int64_t gi = (g - c0 / G) % 16;
-    if (gi == 0) {  // the terms for codes 1 and 0 (as the AVX2 decoder forms them: c s (1 - z), c s (0 - z))
-      form_terms(coef, p, g, std::min<int64_t>(16, gend - g), one, zero);
-      for (int64_t i = 0; i < R * 16; i += 16) {
-        const __m512 d = _mm512_load_ps(one + i), z = _mm512_load_ps(zero + i);
-        _mm512_store_ps(one + i, _mm512_mul_ps(d, _mm512_sub_ps(_mm512_set1_ps(1.f), z)));
-        _mm512_store_ps(zero + i, _mm512_mul_ps(d, _mm512_sub_ps(_mm512_setzero_ps(), z)));
-      }
-    }
-    for (int64_t c = g * G; c < (g + 1) * G; c += 16 * NV)
-      axpy_1bit_pass<NV>(y + (c - c0), p.qweight + c / 8, rb, R, one + gi, zero + gi);
+    if (gi == 0) form_terms<true>(coef, p, g, std::min<int64_t>(16, gend - g), one, zero);
+    axpy_1bit_group<G / 16>(y + (g * G - c0), p.qweight + g * G / 8, rb, p.N, one + gi, zero + gi);
   }
 }
 
@@ -299,9 +298,9 @@ void axpy_qpart_lowbit(float* y, const float* coef, const lk_qweight& p, int64_t
   const int64_t rb = row_bytes(p.K, BITS), R = p.N;
   const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
   alignas(64) float d[256 * 16], zs[256 * 16];
-  for (int64_t g = c0 / G, gend = (c1 + G - 1) / G; g < gend; ++g) {
+  for (int64_t g = c0 / G, gend = c1 / G; g < gend; ++g) {
     const int64_t gi = (g - c0 / G) % 16;
-    if (gi == 0) form_terms(coef, p, g, std::min<int64_t>(16, gend - g), d, zs);
+    if (gi == 0) form_terms<false>(coef, p, g, std::min<int64_t>(16, gend - g), d, zs);
     const uint8_t* gp = p.qweight + g * W;
     float* yc = y + (g * G - c0);
     __m512 acc[NV];
@@ -322,7 +321,7 @@ void axpy_qpart_lowbit(float* y, const float* coef, const lk_qweight& p, int64_t
 // Whether axpy_qpart_1bit / axpy_qpart_lowbit take this width, group size and column range (whole groups; the
 // others, 3-bit and 2-bit in groups of 32: the AVX2 decoder).
 inline bool lowbit_layout(int bits, int G, int64_t c0, int64_t c1) {
-  return (bits == 1 || (bits == 2 && G >= 64) || bits == 4 || bits == 8) && G <= 128 && c0 % G == 0 && c1 % G == 0;
+  return (bits == 1 || (bits == 2 && G >= 64) || bits == 4 || bits == 8) && c0 % G == 0 && c1 % G == 0;
 }
 
 void axpy_qpart_1bit_g(float* y, const float* coef, const lk_qweight& p, int64_t c0, int64_t c1) {
