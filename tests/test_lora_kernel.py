@@ -72,8 +72,9 @@ def test_lora_mixed_cpu_matches_reference(isa, bits_hi, dtype, rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_prepared_lora_in_place_equals_out_of_place(isa, dtype, rng):
-    """PreparedLoRA.lora_mixed_ (base += adapter in place, the C ABI with base == y) gives exactly lora_mixed's
-    result, on the lean decode path and on the general one (3-D, non-contiguous), and refuses a base needing grad."""
+    """PreparedLoRA.lora_mixed (the lean decode path for 2-D, contiguous inputs) gives exactly the checked op's
+    result, and lora_mixed_ (base += adapter in place, the C ABI with base == y) exactly lora_mixed's, on the lean
+    path and on the general one (3-D, non-contiguous); a base needing grad is refused."""
     from lorakern.ops.cpu import PreparedLoRA
 
     for M, N, K, r, h, ga, gb in CASES[:3] + CASES[7:]:
@@ -84,6 +85,9 @@ def test_prepared_lora_in_place_equals_out_of_place(isa, dtype, rng):
             base = torch.randn(*shape[:-1], N, generator=rng).to(dtype)
             want = p.lora_mixed(x, base)
             assert not torch.equal(want, base)
+            # the lean path (2-D) and the general one (3-D) against the op with every argument checked
+            assert torch.equal(want, torch.ops.lorakern.lora_mixed(x, base, c.op_tensors(), c.bits_high, ga, gb,
+                                                                    c.scale)), (M, N, K, shape)
             got = base.clone()
             assert p.lora_mixed_(x, got) is got and torch.equal(got, want), (M, N, K, shape)
             if len(shape) == 3 and M > 1:  # non-contiguous x and base: the general path
