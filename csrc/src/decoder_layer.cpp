@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "driver.h"
+#include "kernels.h"
 #include "lorakern/lorakern.h"
 #include "multi_lora.h"
 
@@ -57,18 +58,6 @@ void rms_norm(const float* x, int64_t B, int64_t H, const float* w, float eps, f
     const float r = 1.f / std::sqrt((float)(ss / (double)H) + eps);
     for (int64_t i = 0; i < H; ++i) out[b * H + i] = w[i] * (xr[i] * r);
   }
-}
-
-// sum of a[i] b[i] in eight interleaved partial sums (a single running sum waits on the add latency each step;
-// eight independent ones vectorise: the attention scores of a batch-64 step were ~15% of its time with one)
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float tail = 0.f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
 // v <- v cos + rotate_half(v) sin, rotate_half(v) = [-v[D/2:], v[:D/2]] (transformers' apply_rotary_pos_emb).
@@ -197,6 +186,7 @@ lk_status layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const
     }
     // attention of each (sequence, query head) over positions 0..pos: softmax(scale q.k) . v
     const int64_t npos = pos + 1;
+    const lk::CpuKernels& kern = lk::active_kernels();
     const bool par = B * Hq * npos * D > (1 << 15);
     bool bad_alloc = false;
 #pragma omp parallel num_threads(par ? nt : 1)
@@ -216,32 +206,7 @@ lk_status layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const
         const float* kc = k_cache + (b * Hkv + kh) * max_len * D;
         const float* vc = v_cache + (b * Hkv + kh) * max_len * D;
         const uint8_t* mk = key_mask ? key_mask + b * max_len : nullptr;
-        float mx = -INFINITY;
-        bool nan = false;
-        for (int64_t j = 0; j < npos; ++j) {
-          if (mk && !mk[j]) {
-            p[j] = -INFINITY;
-            continue;
-          }
-          p[j] = dot(q, kc + j * D, D) * L->attn_scale;
-          nan |= std::isnan(p[j]);
-          mx = std::max(mx, p[j]);
-        }
-        float* o = att.data() + b * Hq * D + hq * D;
-        std::fill(o, o + D, nan ? NAN : 0.f);  // NaN scores give a NaN output, as softmax would
-        if (nan || mx == -INFINITY) continue;  // (or nothing to attend to: zeros)
-        float sum = 0.f;
-        for (int64_t j = 0; j < npos; ++j) {
-          p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
-          sum += p[j];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < npos; ++j) {
-          if (p[j] == 0.f) continue;
-          const float w = p[j] * inv;
-          const float* vr = vc + j * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
-        }
+        kern.attend(q, kc, vc, mk, npos, D, L->attn_scale, p.data(), att.data() + b * Hq * D + hq * D);
       }
     }
     if (bad_alloc) return LK_ERR_ALLOC;
@@ -254,7 +219,7 @@ lk_status layer_step(const lk_decoder_layer* L, const float* x, int64_t B, const
 #pragma omp parallel for num_threads(nt) schedule(static) if (B * I >= (1 << 14))
     for (int64_t b = 0; b < B; ++b) {  // act = silu(gate) * up, in place of the gate half (exp: worth threads)
       float* g = gu.data() + b * 2 * I;
-      for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+      kern.silu_mul(g, g + I, I);
     }
     // down from the gate halves (row stride 2 I): compact them first
     for (int64_t b = 1; b < B; ++b) std::copy(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, gu.data() + b * I);

@@ -1,17 +1,19 @@
-// The CPU kernel tables (kernels.h). One row per ISA; the AVX-512 path quantizes activations with the
-// AVX2 code (bitwise the same results as the generic one) and runs the AVX2 blocked GEMM (no AVX-512 version
-// yet); the generic table's GEMM slot is its row kernel.
+// The CPU kernel tables (kernels.h). One row per ISA; the activation quantizers of every ISA give bitwise the
+// generic results; the AVX-512 path runs the AVX2 blocked GEMM (no AVX-512 version yet); the generic table's GEMM
+// slot is its row kernel.
 #include "kernels.h"
+
+#include "decode_math.h"
 
 namespace lk {
 namespace {
 
 const CpuKernels kGeneric{LK_ISA_GENERIC, qmm_rows_generic, qmm_rows_generic, quantize_activations, lora_expand_generic,
-                          dense_shrink_generic, multi_expand_generic};
+                          dense_shrink_generic, multi_expand_generic, silu_mul_generic, attend_generic};
 const CpuKernels kAvx2{LK_ISA_AVX2, qmm_rows_avx2, qmm_gemm_avx2, quantize_activations_avx2, lora_expand_avx2, dense_shrink_avx2,
-                       multi_expand_avx2};
+                       multi_expand_avx2, silu_mul_avx2, attend_avx2};
 const CpuKernels kAvx512{LK_ISA_AVX512, qmm_rows_avx512, qmm_gemm_avx2, quantize_activations_avx512, lora_expand_avx512,
-                         dense_shrink_avx512, multi_expand_avx512};
+                         dense_shrink_avx512, multi_expand_avx512, silu_mul_avx512, attend_avx512};
 
 }  // namespace
 

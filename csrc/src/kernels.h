@@ -24,6 +24,10 @@ struct CpuKernels {
   // multi-adapter dense shrink of rows [i0, i1) of A, and the expand into columns [c0, c1)
   void (*dense_shrink)(const DenseShrink& p, int64_t i0, int64_t i1);
   void (*multi_expand)(const MultiExpand& e, int64_t c0, int64_t c1);
+  // the native decode step's SiLU gating and one query head's attention over the KV cache (decode_math.h)
+  void (*silu_mul)(float* g, const float* u, int64_t n);
+  void (*attend)(const float* q, const float* kc, const float* vc, const uint8_t* mk, int64_t npos, int64_t D,
+                 float scale, float* p, float* o);
 };
 
 const CpuKernels& cpu_kernels(lk_isa isa);  // the table of an ISA (generic for an unknown one)

@@ -1041,6 +1041,86 @@ static void check_grad_and_qalora(std::mt19937& rng) {
         "qalora without B refused");
 }
 
+// The native decode step's SiLU gating and attention (decode_math.h) of one ISA table against double precision:
+// exp within a few ulp over the normal range (0 below it, Inf above, NaN for NaN); silu(g) u; one head's
+// softmax(scale q.k) . v with masked positions, a NaN score (NaN output) and every position masked (zeros).
+static void check_decode_math(const char* name, const lk::CpuKernels& kern, std::mt19937& rng) {
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  // exp through silu: silu(g) * 1 = g / (1 + exp(-g)); sweep -g over [-90, 90] and the special values
+  std::vector<float> g, u;
+  for (float v = -90.f; v <= 90.f; v += 0.01173f) g.push_back(v);
+  for (float v : {0.f, -0.f, 1e-30f, -1e-30f, 87.3f, -87.3f, 88.7f, -88.7f, 89.f, -89.f, 1e4f, -1e4f, INFINITY, -INFINITY,
+                  NAN})
+    g.push_back(v);
+  for (size_t i = 0; i < 999; ++i) g.push_back(U(rng) * 20.f);
+  u.assign(g.size(), 1.f);
+  for (size_t i = 0; i < u.size(); i += 3) u[i] = U(rng);
+  std::vector<float> out = g;
+  kern.silu_mul(out.data(), u.data(), (int64_t)out.size());
+  int bad = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    // (torch's silu: inf at +inf, NaN at -inf, -inf / (1 + inf), as the formula in fp32 gives)
+    const double x = g[i], want = std::isinf(x) ? (x > 0 ? (double)u[i] * INFINITY : NAN) : x / (1.0 + std::exp(-x)) * u[i];
+    const double got = out[i];
+    if (std::isnan(x) || (std::isinf(x) && x < 0)) {
+      bad += !std::isnan(got);
+    } else if (std::isinf(x) && x > 0) {
+      bad += !(got == want || (u[i] == 0.f && std::isnan(got)));
+    } else {
+      // exp's error (a few ulp) shrinks by the derivative of 1 / (1 + e); the division and product round twice.
+      // Below g = -88.7 exp(-g) overflows and the result is 0 against < 1e-37 (as x / (1 + exp(-x)) in torch)
+      const bool off = !(std::fabs(got - want) <= 6e-7 * std::fabs(want) + 1e-36);
+      if (off && bad < 5) std::printf("  %s silu(%.9g) * %g = %.9g, want %.9g\n", name, x, u[i], got, want);
+      bad += off;
+    }
+  }
+  CHECK(bad == 0, "%s silu_mul: %d of %zu values off", name, bad, g.size());
+  for (float x : {0.f, 0.1f, 0.5f, 1.f, 3.f, 10.f, 50.f, 88.f, 88.5f, 88.72f}) {  // where 1 + exp(x) keeps exp's digits
+    float gg[1] = {-x}, uu[1] = {1.f};  // silu(-x) = -x / (1 + exp(x)): exp(x) recovered from it
+    kern.silu_mul(gg, uu, 1);
+    const double e = x == 0.f ? 1.0 : (double)-x / gg[0] - 1.0;
+    CHECK(x == 0.f || std::fabs(e - std::exp((double)x)) <= 1e-6 * std::exp((double)x) + 1e-30,
+          "%s exp(%g): %g against %g", name, x, e, std::exp((double)x));
+  }
+  // attention: random heads, D in {64, 37}, npos in {1, 5, 40, 203}, some masked positions
+  for (int64_t D : {64, 37})
+    for (int64_t npos : {1, 5, 40, 203}) {
+      std::vector<float> q(D), kc(npos * D), vc(npos * D), p(npos), o(D, NAN);
+      std::vector<uint8_t> mk(npos, 1);
+      for (auto& v : q) v = U(rng) * 3.f;
+      for (auto& v : kc) v = U(rng) * 3.f;
+      for (auto& v : vc) v = U(rng);
+      for (int64_t j = 1; j < npos; j += 3) mk[j] = 0;
+      const float scale = 0.125f;
+      kern.attend(q.data(), kc.data(), vc.data(), mk.data(), npos, D, scale, p.data(), o.data());
+      std::vector<double> sc(npos), w(npos);
+      double mx = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < npos; ++j) {
+        double d = 0;
+        for (int64_t k = 0; k < D; ++k) d += (double)q[k] * kc[j * D + k];
+        sc[j] = mk[j] ? d * scale : -INFINITY;
+        mx = std::max(mx, sc[j]);
+      }
+      for (int64_t j = 0; j < npos; ++j) sum += (w[j] = mk[j] ? std::exp(sc[j] - mx) : 0.0);
+      double worst = 0;
+      for (int64_t k = 0; k < D; ++k) {
+        double want = 0, mag = 0;
+        for (int64_t j = 0; j < npos; ++j) {
+          want += w[j] / sum * vc[j * D + k];
+          mag += w[j] / sum * std::fabs(vc[j * D + k]);
+        }
+        worst = std::max(worst, std::fabs(o[k] - want) / (1e-5 * (mag + 1e-3)));
+      }
+      CHECK(worst <= 1.0, "%s attend D=%ld npos=%ld: error %g x its bound", name, (long)D, (long)npos, worst);
+      std::vector<uint8_t> none(npos, 0);
+      kern.attend(q.data(), kc.data(), vc.data(), none.data(), npos, D, scale, p.data(), o.data());
+      CHECK(std::all_of(o.begin(), o.end(), [](float v) { return v == 0.f; }), "%s attend: all masked -> zeros", name);
+      q[0] = NAN;
+      kern.attend(q.data(), kc.data(), vc.data(), nullptr, npos, D, scale, p.data(), o.data());
+      CHECK(std::all_of(o.begin(), o.end(), [](float v) { return std::isnan(v); }), "%s attend: NaN score -> NaN", name);
+    }
+}
+
 int main() {
   // Fresh inputs every run; LORAKERN_TEST_SEED reproduces one.
   const char* env_seed = std::getenv("LORAKERN_TEST_SEED");
@@ -1050,7 +1130,7 @@ int main() {
   for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512}) {  // every table this CPU can run
     const lk::CpuKernels& kern = lk::cpu_kernels(isa);
     CHECK(kern.isa == isa && kern.qmm_rows && kern.qmm_gemm && kern.quantize_activations && kern.lora_expand && kern.dense_shrink &&
-              kern.multi_expand, "kernel table filled");
+              kern.multi_expand && kern.silu_mul && kern.attend, "kernel table filled");
     if (isa > lk_detected_isa()) {
       std::printf("%s (native): skipped (CPU lacks it)\n", lk_isa_name(isa));
       continue;
@@ -1059,6 +1139,7 @@ int main() {
     check_rows_fn((std::string(lk_isa_name(isa)) + " gemm").c_str(), kern.qmm_gemm, rng, true);
     check_expand_fn(lk_isa_name(isa), kern.lora_expand, rng);
     if (isa != LK_ISA_GENERIC) check_multi_pieces(lk_isa_name(isa), kern.dense_shrink, kern.multi_expand, rng);
+    check_decode_math(lk_isa_name(isa), kern, rng);
   }
 #ifdef LORAKERN_HAVE_SIMDE
   check_rows_fn("avx512 (SIMDe emulation)", lk::qmm_rows_avx512_simde, rng);
