@@ -34,7 +34,9 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
 JSON rows ``{"impl", "bits", "batch", "adapters", "resident_adapters", "compiled", "native", "tokens_per_s",
 "prefill_tokens_per_s", "ttft_ms", "peak_rss_mb"}`` (the process's peak RSS during the row: the kernel's
 high-water mark is reset before it, but what the process already holds -- the fp32 model the variants are
-copied from, earlier rows' leftovers -- is included, so read differences, not absolute values) in benchmarks/results/decode.json, a markdown table and a PNG of tokens/s
+copied from, earlier rows' leftovers, the RTN-4 and GWQ-4 models kept for the paired measurement -- is included,
+so read differences between lorakern's rows, not absolute values; the llama.cpp rows run in a child process
+holding no torch model: their RSS is that child's own) in benchmarks/results/decode.json, a markdown table and a PNG of tokens/s
 per configuration beside it (quick: decode_quick.*).
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ from lorakern.models.smollm2 import gguf_path
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LLAMACPP_DEADLINE_S = 1800  # the llama.cpp child's whole run (its rows take ~1 min here; the LoRA converter's download more)
 
 
 def reset_peak_rss() -> None:
@@ -176,21 +179,30 @@ def llamacpp_rows(peft_dir, ids, ids512, a, rows, tmpdir):
     """The llama.cpp rows, measured in a child process: a llama.cpp build that crashes (llama-cpp-python 0.3.36
     built with its defaults segfaulted in its first ``eval`` on this machine's AMX cores) then leaves its rows out
     with the reason printed, and the run goes on."""
+    import importlib.util
     import multiprocessing as mp
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("  llama.cpp: left out (llama_cpp is not installed); pip install llama-cpp-python (builds llama.cpp, "
+              "5-20 min on 2 cores)")
+        return
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     child = ctx.Process(target=_llamacpp_child, args=(q, peft_dir, ids, ids512, a, tmpdir))
     child.start()
-    got = None
-    while got is None and (child.is_alive() or not q.empty()):
+    got, deadline = None, time.time() + LLAMACPP_DEADLINE_S
+    while got is None and (child.is_alive() or not q.empty()) and time.time() < deadline:
         try:
             got = q.get(timeout=5)
         except Exception:  # queue.Empty: keep waiting while the child lives
             pass
+    if got is None and child.is_alive():
+        child.kill()
+        print(f"  llama.cpp: left out: no rows after {LLAMACPP_DEADLINE_S} s; its process was killed")
     child.join()
     if got is None:
-        print(f"  llama.cpp: left out: its process ended with code {child.exitcode} (a negative code is the signal "
-              "that killed it) before returning rows")
+        if child.exitcode:
+            print(f"  llama.cpp: left out: its process ended with code {child.exitcode} (negative: the signal that "
+                  "killed it; 1: a Python exception, printed above) before returning rows")
         return
     rows.extend(got)
 

@@ -74,8 +74,11 @@ def _check_layers_against_transformers(model, ids, attention_mask=None):
 @pytest.mark.parametrize("method,bias,bits,batch", [("rtn", False, 4, 1), ("rtn", True, 3, 1), ("gwq", False, 4, 1),
                                                     ("rtn", False, 2, 1), ("rtn", False, 8, 1), ("rtn", False, 4, 5),
                                                     ("gwq", True, 8, 17)])
-def test_native_layers_match_transformers(method, bias, bits, batch):
-    """batch >= 4: the projections inside the layer run the blocked GEMM (8-bit from 16 rows)."""
+def test_native_layers_match_transformers(isa, method, bias, bits, batch):
+    """batch >= 4: the projections inside the layer run the blocked GEMM (8-bit from 16 rows). Every ISA path
+    (``isa``): the step's SiLU and attention are built per ISA (csrc/src/decode_math.h), and the C++ test binary
+    is a sanitized build in which the compiler vectorizes none of those loops: this is where the vectorized ones
+    are checked."""
     model = lorakern.prepare_decode(_quantized(method, bias, bits))
     assert native_decode_layers(model)[:2] == (3, 3)
     assert model.generation_config.disable_compile  # the native step replaces the compiled one

@@ -1082,6 +1082,15 @@ static void check_decode_math(const char* name, const lk::CpuKernels& kern, std:
     CHECK(x == 0.f || std::fabs(e - std::exp((double)x)) <= 1e-6 * std::exp((double)x) + 1e-30,
           "%s exp(%g): %g against %g", name, x, e, std::exp((double)x));
   }
+  // exp of negative arguments, exactly, through attention: D = 1, keys {0, -t}, values {0, 1}, q = 1, scale 1
+  // give o = e / (1 + e) with e = exp(-t), so e = o / (1 - o) keeps exp's precision (silu hides it there)
+  for (float t = 0.25f; t < 87.f; t += 0.37f) {
+    const float q1[1] = {1.f}, k2[2] = {0.f, -t}, v2[2] = {0.f, 1.f};
+    float p2[2], o1[1] = {NAN};
+    kern.attend(q1, k2, v2, nullptr, 2, 1, 1.f, p2, o1);
+    const double e = (double)o1[0] / (1.0 - (double)o1[0]), want = std::exp(-(double)t);
+    CHECK(std::fabs(e - want) <= 5e-7 * want, "%s exp(%g): %g against %g", name, -t, e, want);
+  }
   // attention: random heads, D in {64, 37}, npos in {1, 5, 40, 203}, some masked positions
   for (int64_t D : {64, 37})
     for (int64_t npos : {1, 5, 40, 203}) {
