@@ -13,7 +13,7 @@ from .formats.lora import LoraParts, LoraPartView
 
 __all__ = ["NativeLibraryError", "native", "available_isas", "detected_isa", "active_isa", "set_isa"]
 
-_ISAS = ("generic", "avx2", "avx512")
+_ISAS = ("generic", "avx2", "avx512", "amx")
 
 
 class NativeLibraryError(RuntimeError):
@@ -73,7 +73,8 @@ def _check_env_isa(lib) -> None:
 
 
 def detected_isa() -> str:
-    """Best CPU kernel path this machine supports: 'generic', 'avx2' or 'avx512'."""
+    """Best CPU kernel path this machine supports: 'generic', 'avx2', 'avx512' or 'amx' (the AVX-512
+    kernels with the many-row GEMM on AMX-INT8 tiles)."""
     return native().detected_isa()
 
 
@@ -89,7 +90,7 @@ def available_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Force a CPU kernel path ('generic', 'avx2', 'avx512'); raises if unsupported."""
+    """Force a CPU kernel path ('generic', 'avx2', 'avx512', 'amx'); raises if unsupported."""
     if name not in _ISAS:
         raise ValueError(f"unknown ISA {name!r}; expected one of {', '.join(_ISAS)}")
     try:

@@ -155,7 +155,8 @@ lk_isa isa_from_name(const std::string& name) {
   if (name == "generic") return LK_ISA_GENERIC;
   if (name == "avx2") return LK_ISA_AVX2;
   if (name == "avx512") return LK_ISA_AVX512;
-  throw std::invalid_argument("unknown ISA '" + name + "' (expected generic, avx2 or avx512)");
+  if (name == "amx") return LK_ISA_AMX;
+  throw std::invalid_argument("unknown ISA '" + name + "' (expected generic, avx2, avx512 or amx)");
 }
 
 }  // namespace

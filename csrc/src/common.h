@@ -147,6 +147,8 @@ void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
 // The blocked GEMM (quant_gemm_avx2.cpp): the same contract, for many activation rows (M >= kGemmMinRows).
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
+// The same on AMX-INT8 tiles (quant_gemm_amx.cpp; built when the compiler knows AMX: LORAKERN_HAVE_AMX).
+void qmm_gemm_amx(const QmmProblem& p, int64_t n0, int64_t n1);
 constexpr int64_t kGemmMinRows = 4;  // measured: rows and GEMM cost the same at M = 4 (SmolLM2 shapes, AVX2)
 constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: measured break-even ~16 rows
 // Whether a quant_matmul of M rows at this many bits takes the GEMM (every caller of the base pass uses this,

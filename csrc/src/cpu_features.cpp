@@ -9,6 +9,11 @@
 #include <cpuid.h>
 #define LK_X86 1
 #endif
+#if defined(LK_X86) && defined(__linux__) && defined(LORAKERN_HAVE_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LK_AMX_LINUX 1
+#endif
 
 namespace {
 
@@ -19,6 +24,20 @@ uint64_t xgetbv0() {
   return ((uint64_t)edx << 32) | eax;
 }
 #endif
+
+// AMX-TILE and AMX-INT8 (cpuid 7.0 edx bits 24, 25), the tile state enabled in XCR0 (bits 17, 18), and Linux's
+// permission for this process to use it (granted once for all its threads; refused e.g. when a thread's
+// sigaltstack is too small for the larger signal frame). Without all of these the AVX-512 path is the best.
+bool amx_usable(unsigned edx7, uint64_t xcr0) {
+#ifdef LK_AMX_LINUX
+  if (!((edx7 >> 24) & 1) || !((edx7 >> 25) & 1) || (xcr0 & 0x60000) != 0x60000) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, asm/fpu/types.h
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  (void)edx7, (void)xcr0;
+  return false;
+#endif
+}
 
 lk_isa detect() {
 #ifdef LK_X86
@@ -35,8 +54,8 @@ lk_isa detect() {
   const bool avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31),
              avx512vnni = c & (1u << 11);
   const bool zmm_state = (xcr0 & 0xE6) == 0xE6;  // opmask, ZMM_Hi256, Hi16_ZMM
-  if (avx512f && avx512bw && avx512vl && avx512vnni && zmm_state) return LK_ISA_AVX512;
-  return LK_ISA_AVX2;
+  if (!(avx512f && avx512bw && avx512vl && avx512vnni && zmm_state)) return LK_ISA_AVX2;
+  return amx_usable(d, xcr0) ? LK_ISA_AMX : LK_ISA_AVX512;
 #else
   return LK_ISA_GENERIC;
 #endif
@@ -56,6 +75,7 @@ lk_isa from_env() {
     if (!std::strcmp(e, "generic")) want = LK_ISA_GENERIC;
     else if (!std::strcmp(e, "avx2")) want = LK_ISA_AVX2;
     else if (!std::strcmp(e, "avx512")) want = LK_ISA_AVX512;
+    else if (!std::strcmp(e, "amx")) want = LK_ISA_AMX;
   }
   // Never run a path the CPU lacks: fall back to the best supported one.
   return want > detected() ? detected() : want;
@@ -70,6 +90,7 @@ const char* lk_isa_name(lk_isa isa) {
     case LK_ISA_GENERIC: return "generic";
     case LK_ISA_AVX2: return "avx2";
     case LK_ISA_AVX512: return "avx512";
+    case LK_ISA_AMX: return "amx";
   }
   return "unknown";
 }
@@ -86,7 +107,7 @@ lk_isa lk_active_isa(void) {
 }
 
 lk_status lk_set_isa(lk_isa isa) {
-  if ((int)isa < 0 || isa > LK_ISA_AVX512) return LK_ERR_INVALID_ARG;
+  if ((int)isa < 0 || isa > LK_ISA_AMX) return LK_ERR_INVALID_ARG;
   if (isa > detected()) return LK_ERR_UNSUPPORTED;
   g_active.store((int)isa);
   return LK_OK;

@@ -15,6 +15,7 @@
 // s8; the 128 moves into the zero point as in the row kernels) and the panel holds q' and |q'| side by side:
 // vpmaddubsw(|q'|, sign(x, q')) = q' x, pairs <= 2 * 128 * 127 < 2^15, one vpmaddwd per step.
 //
+// The panels' layout and packing: gemm_panel.h (shared with the AMX GEMM).
 // Cache blocking: panels are packed a chunk at a time (kChunkBytes of codes, L2), and activation rows pass
 // over a chunk kMBlock at a time (kMBlock x K int8 stays in L2 while the chunk's panels are reused).
 #include <algorithm>
@@ -22,9 +23,9 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm_panel.h"
 #include "outliers.h"
 #include "simd_x86.h"
-#include "unpack_avx2.h"
 
 namespace lk {
 namespace {
@@ -38,66 +39,6 @@ inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
-}
-
-// r[s] <- dword s of every input row (8 x 8 transpose of 32-bit elements).
-inline void transpose8_epi32(__m256i* r) {
-  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
-  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
-  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
-  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
-  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
-  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
-  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
-  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
-  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
-}
-
-// Weight rows [n, n + nr) (nr <= 8) as one panel: codes (8 K bytes, layout above; 8-bit: q' then |q'|, 16 K
-// bytes), sf[8 g + j] = s and szf[8 g + j] = s z (8-bit: s (z - 128)) of row n + j in group g. Rows past nr are
-// zero codes with zero scales.
-template <int BITS, int G>
-void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* sf, float* szf) {
-  constexpr int GB = G * BITS / 8, NC = G / 32;
-  const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
-  for (int64_t g = 0; g < ng; ++g) {
-    __m256i c[NR][NC];
-    for (int j = 0; j < NR; ++j) {
-      if (j < nr) {
-        unpack_group<BITS, G>(p.qw + (n + j) * rb + g * GB, c[j]);
-      } else {
-        for (int q = 0; q < NC; ++q) c[j][q] = _mm256_setzero_si256();
-      }
-    }
-    for (int q = 0; q < NC; ++q) {  // 32 codes of each row = 8 steps of 4 codes
-      __m256i r[NR];
-      for (int j = 0; j < NR; ++j) r[j] = c[j][q];
-      transpose8_epi32(r);
-      uint8_t* dst = codes + (g * G + 32 * q) / 4 * 32;
-      for (int s = 0; s < 8; ++s) {
-        if constexpr (BITS == 8) {  // q' = q - 128 as s8, and |q'| as u8 (<= 128) K * 8 bytes further on
-          const __m256i c8 = _mm256_xor_si256(r[s], _mm256_set1_epi8((char)0x80));
-          _mm256_storeu_si256((__m256i*)(dst + 32 * s), c8);
-          _mm256_storeu_si256((__m256i*)(dst + 32 * s + NR * p.K), _mm256_abs_epi8(c8));
-        } else {
-          _mm256_storeu_si256((__m256i*)(dst + 32 * s), r[s]);
-        }
-      }
-    }
-    for (int j = 0; j < NR; ++j) {
-      const float s = j < nr ? _cvtsh_ss(p.scales[(n + j) * ng + g]) : 0.f;
-      const float z = j < nr ? _cvtsh_ss(p.zeros[(n + j) * ng + g]) - (BITS == 8 ? 128.f : 0.f) : 0.f;
-      sf[8 * g + j] = s;
-      szf[8 * g + j] = s * z;
-    }
-  }
 }
 
 // out[i] (8 lanes = the panel's 8 weight rows) for activation rows m0 + i, i < R.
@@ -181,7 +122,7 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
     const int64_t c1 = std::min(npan, c0 + per_chunk);
     for (int64_t pi = c0; pi < c1; ++pi) {
       const int64_t n = n0 + NR * pi;
-      pack_panel<BITS, G>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes.data() + (pi - c0) * panel_bytes,
+      pack_panel<BITS, G, NR, K8>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes.data() + (pi - c0) * panel_bytes,
                           sf.data() + (pi - c0) * NR * ng, szf.data() + (pi - c0) * NR * ng);
     }
     for (int64_t mb = 0; mb < p.M; mb += kMBlock) {

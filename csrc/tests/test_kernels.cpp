@@ -141,8 +141,8 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
 constexpr int64_t FUSED_DECODE_ROWS = 32;  // outliers.h: FusedOutliers::kChunkRows (rows per running sum)
 
-// gemm: the blocked GEMM (quant_gemm_avx2.cpp), called for many rows: M up to 100 (its 64-row blocks and
-// 4-row tiles with every remainder) and N up to 300 in one trial (several chunks of 8-row panels).
+// gemm: the blocked GEMMs (quant_gemm_avx2.cpp, quant_gemm_amx.cpp), called for many rows: M up to 100 (64-row
+// blocks, 4- and 16-row tiles with every remainder) and N up to 300 in one trial (several panels of 8 or 16 rows).
 static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng, bool gemm = false) {
   const int bits_list[] = {1, 2, 3, 4, 8};
   const int g_list[] = {32, 64, 128};
@@ -621,7 +621,7 @@ static void check_lora_direct_expand(std::mt19937& rng) {
   std::vector<float> base((size_t)(3 * N));
   std::normal_distribution<float> nd(0.f, 1.f);
   for (float& v : base) v = nd(rng);
-  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512}) {
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512, LK_ISA_AMX}) {
     if (lk_set_isa(isa) != LK_OK) continue;
     std::vector<float> tile((size_t)(3 * N), NAN);
     CHECK(lk_lora_mixed(x, LK_F32, 3, &l, base.data(), tile.data(), 2) == LK_OK, "tile path");
@@ -1136,7 +1136,7 @@ int main() {
   const unsigned seed = env_seed ? (unsigned)std::strtoul(env_seed, nullptr, 10) : std::random_device{}();
   std::printf("seed %u\n", seed);
   std::mt19937 rng(seed);
-  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512}) {  // every table this CPU can run
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512, LK_ISA_AMX}) {  // every table this CPU can run
     const lk::CpuKernels& kern = lk::cpu_kernels(isa);
     CHECK(kern.isa == isa && kern.qmm_rows && kern.qmm_gemm && kern.quantize_activations && kern.lora_expand && kern.dense_shrink &&
               kern.multi_expand && kern.silu_mul && kern.attend, "kernel table filled");
@@ -1169,7 +1169,7 @@ int main() {
   check_lora_direct_expand(rng);
   check_decoder_layer(rng);
   check_decoder_stack(rng);
-  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512})
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512, LK_ISA_AMX})
     if (lk_set_isa(isa) == LK_OK) {
       check_lora_abi(rng);
       check_multi_lora_abi(rng);

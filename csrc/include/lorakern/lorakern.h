@@ -38,7 +38,9 @@ typedef enum {
 
 typedef enum { LK_F32 = 0, LK_F16 = 1, LK_BF16 = 2 } lk_dtype;
 
-typedef enum { LK_ISA_GENERIC = 0, LK_ISA_AVX2 = 1, LK_ISA_AVX512 = 2 } lk_isa;
+/* CPU kernel paths, each a superset of the one before: AMX = the AVX-512 kernels with the blocked GEMM of many
+ * activation rows on AMX-INT8 tiles (Sapphire Rapids and later; the OS must grant the tile state). */
+typedef enum { LK_ISA_GENERIC = 0, LK_ISA_AVX2 = 1, LK_ISA_AVX512 = 2, LK_ISA_AMX = 3 } lk_isa;
 
 /* A group-wise quantized weight W[N, K] in the canonical packed layout:
  * w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]), g = k / group_size.
@@ -142,7 +144,7 @@ LK_API const char* lk_isa_name(lk_isa isa);
 /* Best ISA this CPU (and OS) supports. */
 LK_API lk_isa lk_detected_isa(void);
 /* ISA the kernels use now: the detected one, or the one forced by the
- * LORAKERN_ISA environment variable (generic|avx2|avx512) or lk_set_isa. */
+ * LORAKERN_ISA environment variable (generic|avx2|avx512|amx) or lk_set_isa. */
 LK_API lk_isa lk_active_isa(void);
 /* Force an ISA path; LK_ERR_UNSUPPORTED if the CPU cannot run it. */
 LK_API lk_status lk_set_isa(lk_isa isa);
