@@ -122,12 +122,16 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr int B = G < 64 ? G : 64;
   const int64_t K = p.K, ng = K / G, nb = K / B, panel_bytes = NR * K, npan = (n1 - n0 + NR - 1) / NR;
   const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  std::vector<uint8_t> codes((size_t)(per_chunk * panel_bytes));
-  std::vector<float> sf((size_t)(per_chunk * NR * ng)), szf(sf.size());
+  // Scratch kept per thread between calls: a chunk of panels is 256 KB, which malloc would map and unmap (page
+  // faults) on every call.
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> sf, szf, txs, txsum;
+  thread_local std::vector<int8_t> ta;
+  codes.resize((size_t)(per_chunk * panel_bytes));
+  sf.resize((size_t)(per_chunk * NR * ng));
+  szf.resize(sf.size());
   // The last partial tile of rows: its activations zero-padded to 16 rows (A tiles always load 16).
   const int64_t mfull = p.M / MR * MR, mtail = p.M - mfull;
-  std::vector<int8_t> ta;
-  std::vector<float> txs, txsum;
   if (mtail) {
     ta.assign((size_t)(MR * K), 0);
     txs.assign((size_t)(MR * nb), 0.f);

@@ -116,8 +116,11 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr bool K8 = BITS == 8;
   const int64_t ng = p.K / G, panel_bytes = NR * p.K * (K8 ? 2 : 1), npan = (n1 - n0 + NR - 1) / NR;
   const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  std::vector<uint8_t> codes((size_t)(per_chunk * panel_bytes));
-  std::vector<float> sf((size_t)(per_chunk * NR * ng)), szf(sf.size());
+  thread_local std::vector<uint8_t> codes;  // kept per thread: malloc would map and unmap 128 KB every call
+  thread_local std::vector<float> sf, szf;
+  codes.resize((size_t)(per_chunk * panel_bytes));
+  sf.resize((size_t)(per_chunk * NR * ng));
+  szf.resize(sf.size());
   for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
     const int64_t c1 = std::min(npan, c0 + per_chunk);
     for (int64_t pi = c0; pi < c1; ++pi) {
