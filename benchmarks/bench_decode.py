@@ -30,6 +30,8 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
   1,000 resident ones (rank 16 on all seven projections of every layer, h = 4 components at 2 bits; random codes:
   their values do not matter for speed; --quick: 100 resident; compiled and native); and PEFT's mixed batch with
   64 distinct fp32 adapters on the fp32 model as the peer. The ratios take each configuration's fastest step.
+  Then one adapter against 64 compressed ones, both native, timed alternately (5 rounds; quick: 3): the target's
+  figure (``compressed64_vs_one_adapter_native_paired``; the ratio of the two rows is reported beside it).
 
 JSON rows ``{"impl", "bits", "batch", "adapters", "resident_adapters", "compiled", "native", "tokens_per_s",
 "prefill_tokens_per_s", "ttft_ms", "peak_rss_mb"}`` (the process's peak RSS during the row: the kernel's
@@ -155,22 +157,25 @@ def batch1_rows(model, tok, ids, ids512, a, rows, peft16):
             kept[impl] = m  # prepared native (the last mode)
         del m
         torch._dynamo.reset()
-    return paired_rates(kept["lorakern_rtn"], kept["lorakern_gwq"], ids, a)
+    return paired_rates(("rtn4", kept["lorakern_rtn"], {}), ("gwq4", kept["lorakern_gwq"], {}), ids, a.new_tokens,
+                        a.repeats)
 
 
-def paired_rates(rtn, gwq, ids, a, rounds: int = 5) -> dict:
-    """GWQ-4 against RTN-4, both native, measured alternately in the same minutes (decode_speed of one, then of
-    the other, ``rounds`` times): the rows above time each model in its own stretch of the run, and this shared
-    machine's speed drifts by more than the 10% the target leaves (RTN-4 alone ranged 110-180 tokens/s over one
-    session). Returns the per-round tokens/s and ratios and their medians."""
-    r, g = [], []
+def paired_rates(ref, other, ids, new_tokens, repeats, rounds: int = 5) -> dict:
+    """Two prepared models timed alternately in the same minutes (decode_speed of one, then of the other,
+    ``rounds`` times), for a target that is the ratio of the two: the rows time each configuration in its own
+    stretch of the run, and this shared machine's speed drifts by more than the 10-20% such targets leave (RTN-4
+    alone ranged 110-180 tokens/s over one session). ``ref`` and ``other``: (name, model, generate kwargs).
+    Returns the per-round tokens/s (``<name>_tokens_per_s``), ratios other / ref and their median."""
+    (rn, rm, rkw), (on, om, okw) = ref, other
+    r, o = [], []
     for _ in range(rounds):
-        r.append(decode_speed(rtn, ids, a.new_tokens, a.repeats).tokens_per_s)
-        g.append(decode_speed(gwq, ids, a.new_tokens, a.repeats).tokens_per_s)
-    ratios_ = [b / x for x, b in zip(r, g)]
-    out = {"rtn4_tokens_per_s": r, "gwq4_tokens_per_s": g, "ratio_per_round": ratios_,
+        r.append(decode_speed(rm, ids, new_tokens, repeats, **rkw).tokens_per_s)
+        o.append(decode_speed(om, ids, new_tokens, repeats, **okw).tokens_per_s)
+    ratios_ = [b / x for x, b in zip(r, o)]
+    out = {f"{rn}_tokens_per_s": r, f"{on}_tokens_per_s": o, "ratio_per_round": ratios_,
            "median_ratio": statistics.median(ratios_)}
-    print(f"  paired native GWQ-4 / RTN-4 over {rounds} rounds: {[round(x, 3) for x in ratios_]}, median "
+    print(f"  paired native {on} / {rn} over {rounds} rounds: {[round(x, 3) for x in ratios_]}, median "
           f"{out['median_ratio']:.3f}", flush=True)
     return out
 
@@ -351,8 +356,7 @@ def batch64_rows(model, prompts, a, rows):
     one = copy.deepcopy(base)
     lorakern.attach_adapters(one, {"a0": dense_adapter(gen, shapes)}, dtype=torch.float16)
     measure(one, 1, 1, ["a0"] * B)
-    measure(one, 1, 1, ["a0"] * B, compiled=False, native=True)
-    del one
+    measure(one, 1, 1, ["a0"] * B, compiled=False, native=True)  # (kept, prepared native, for the paired rounds)
     fp = copy.deepcopy(base)
     lorakern.attach_adapters(fp, {f"a{i}": dense_adapter(gen, shapes) for i in range(B)}, dtype=torch.float16)
     measure(fp, B, B, [f"a{i}" for i in range(B)], compiled=False, native=True)
@@ -371,8 +375,12 @@ def batch64_rows(model, prompts, a, rows):
     rows[-1]["resident_bytes"] = resident_bytes
     measure(cq, B, n_res, [f"c{i}" for i in pick], compiled=False, native=True)
     rows[-1]["resident_bytes"] = resident_bytes
-    del cq, bank
+    paired = paired_rates(("one_adapter", one, {"adapter_names": ["a0"] * B}),
+                          ("compressed64", cq, {"adapter_names": [f"c{i}" for i in pick]}), prompts,
+                          a.new_tokens_b64, max(1, a.repeats - 1), rounds=3 if a.quick else 5)
+    del cq, bank, one
     peft_rows(model, prompts, shapes, a, rows, gen)
+    return paired
 
 
 def peft_rows(model, prompts, shapes, a, rows, gen):
@@ -432,8 +440,9 @@ def write_outputs(payload, path):
     print(f"wrote {png}")
 
 
-def ratios(rows, paired: dict | None = None) -> dict:
-    """The targets' ratios from the rows (and the paired GWQ-4 / RTN-4 measurement, when it ran)."""
+def ratios(rows, paired: dict | None = None, paired64: dict | None = None) -> dict:
+    """The targets' ratios from the rows (and the paired measurements, GWQ-4 / RTN-4 and 64 compressed adapters /
+    one adapter, when they ran)."""
     def get(impl, bits=None, batch=1, compiled=None, adapters=None, resident=None):
         for r in rows:
             if r["impl"] == impl and r["batch"] == batch and (bits is None or r["bits"] == bits) and \
@@ -472,7 +481,12 @@ def ratios(rows, paired: dict | None = None) -> dict:
     cq = best(r for r in rows if r["batch"] == 64 and r["resident_adapters"] > 64)
     pf = get("peft", batch=64)
     if one and cq:
-        out["64_compressed_of_resident_vs_one_adapter (target >= 0.8)"] = round(cq["tokens_per_s"] / one["tokens_per_s"], 3)
+        out["64_compressed_of_resident_vs_one_adapter (rows timed apart)"] = round(cq["tokens_per_s"] /
+                                                                                  one["tokens_per_s"], 3)
+    if paired64:
+        out["64_compressed_of_resident_vs_one_adapter_native_paired_median (target >= 0.8)"] = round(
+            paired64["median_ratio"], 3)
+    if one and cq:
         out["batch64_best_decode_steps (one adapter, 64 compressed)"] = f"{mode_name(one)}, {mode_name(cq)}"
     if cq and pf:
         out["64_compressed_vs_peft_mixed (target >= 10)"] = round(cq["tokens_per_s"] / pf["tokens_per_s"], 2)
@@ -513,12 +527,14 @@ def main(argv=None) -> int:
         peft16 = save_random_peft_adapters(model, Path(tmp), {"lora16": list(PROJ)}, 0.01, rank=lambda i: 16)["lora16"]
         llamacpp_rows(peft16, ids, ids512, a, rows, tmp)
         paired = batch1_rows(model, tok, ids, ids512, a, rows, peft16)
+    paired64 = None
     if not a.skip_batch64:
         print("batch 64:")
-        batch64_rows(model, prompts, a, rows)
+        paired64 = batch64_rows(model, prompts, a, rows)
     payload = {"machine": info, "model": "SmolLM2-135M-Instruct", "prompt_tokens": 32, "new_tokens": a.new_tokens,
                "new_tokens_batch64": a.new_tokens_b64, "repeats": a.repeats, "rows": rows,
-               "gwq4_vs_rtn4_native_paired": paired, "ratios": ratios(rows, paired)}
+               "gwq4_vs_rtn4_native_paired": paired, "compressed64_vs_one_adapter_native_paired": paired64,
+               "ratios": ratios(rows, paired, paired64)}
     for k, v in payload["ratios"].items():
         print(f"  {k}: {v}")
     write_outputs(payload, path)
