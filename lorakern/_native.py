@@ -67,7 +67,8 @@ def _check_env_isa(lib) -> None:
         raise NativeLibraryError(f"LORAKERN_ISA={want!r} is not one of {', '.join(_ISAS)}")
     if _ISAS.index(want) > _ISAS.index(lib.detected_isa()):
         raise NativeLibraryError(
-            f"LORAKERN_ISA={want!r} but this CPU supports at most {lib.detected_isa()!r}"
+            f"LORAKERN_ISA={want!r} but this machine (its CPU, OS permissions and this build) supports at most "
+            f"{lib.detected_isa()!r}"
         )
     lib.set_isa(want)
 

@@ -46,19 +46,20 @@ def test_quant_matmul_cpu_matches_reference(isa, bits, G, dtype, rng):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_blocked_gemm_chunks_and_tails(isa, bits, rng):
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_blocked_gemm_chunks_and_tails(isa, bits, G, rng):
     """The blocked GEMMs at sizes the small cases miss: N = 1000 rows of K = 1536 (SmolLM2's down_proj width) span
     several chunks of packed panels (AMX: 256 KB of 16-row panels, AVX2: 128 KB of 8-row ones) and end in a partial
     panel; M = 8 (the AMX GEMM's smallest), 37 and 83 rows end in partial 16-row tiles (83 also in a partial 64-row
-    block); bias on every other size. Poisoned output, every element checked against the references."""
+    block); groups of 32 (the AMX tiles' half-width blocks), 64 and 128 (two blocks a group); bias on two sizes. Poisoned output, every element checked against the references."""
     K, N = 1536, 1000
-    w = random_qweight(N, K, bits, 64, rng)
+    w = random_qweight(N, K, bits, G, rng)
     for M in (8, 37, 83):
         x = torch.randn(M, K, generator=rng) * 2
         bias = torch.randn(N, generator=rng) if M != 37 else None
         y = torch.full((M, N), float("nan"))
         native().quant_matmul(x.data_ptr(), 0, M, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
-                              N, K, bits, 64, bias.data_ptr() if bias is not None else 0, y.data_ptr(), 2)
+                              N, K, bits, G, bias.data_ptr() if bias is not None else 0, y.data_ptr(), 2)
         check_against_references(x, w, bias, y)
 
 

@@ -169,7 +169,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", [](const std::string& name) {
     const lk_status s = lk_set_isa(isa_from_name(name));
     if (s == LK_ERR_UNSUPPORTED)
-      throw std::runtime_error("ISA '" + name + "' is not supported by this CPU (best: " +
+      throw std::runtime_error("ISA '" + name + "' is not available here: CPU, OS permission or build (best: " +
                                lk_isa_name(lk_detected_isa()) + ")");
     check(s, "set_isa");
   });

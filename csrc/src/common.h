@@ -145,10 +145,18 @@ struct QmmProblem {
 void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1);
 void qmm_rows_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 void qmm_rows_avx512(const QmmProblem& p, int64_t n0, int64_t n1);
-// The blocked GEMM (quant_gemm_avx2.cpp): the same contract, for many activation rows (M >= kGemmMinRows).
+// The blocked GEMMs (quant_gemm_avx2.cpp; quant_gemm_amx.cpp below): the same contract, for many activation rows
+// (M >= kGemmMinRows).
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1);
 // The same on AMX-INT8 tiles (quant_gemm_amx.cpp; built when the compiler knows AMX: LORAKERN_HAVE_AMX).
 void qmm_gemm_amx(const QmmProblem& p, int64_t n0, int64_t n1);
+// A per-thread block of at least `bytes` bytes, kept between calls (contents undefined; 64-byte aligned data is not
+// promised), one per slot < kScratchSlots. Defined in kernels.cpp, compiled without ISA flags: the kernels' own
+// files must not instantiate std::vector members, whose shared (weak, ODR-merged) copies could carry their AVX-512
+// instructions into generic code. The blocked GEMMs keep their panels here (malloc would map and unmap a 128-256 KB
+// chunk on every call); slots 0-2: panel codes, scales, scaled zeros; 3: the AMX GEMM's padded last row tile.
+constexpr int kScratchSlots = 4;
+uint8_t* thread_scratch(int slot, size_t bytes);
 constexpr int64_t kGemmMinRows = 4;  // measured: rows and GEMM cost the same at M = 4 (SmolLM2 shapes, AVX2)
 constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: measured break-even ~16 rows
 // Whether a quant_matmul of M rows at this many bits takes the GEMM (every caller of the base pass uses this,

@@ -27,10 +27,14 @@ uint64_t xgetbv0() {
 
 // AMX-TILE and AMX-INT8 (cpuid 7.0 edx bits 24, 25), the tile state enabled in XCR0 (bits 17, 18), and Linux's
 // permission for this process to use it (granted once for all its threads; refused e.g. when a thread's
-// sigaltstack is too small for the larger signal frame). Without all of these the AVX-512 path is the best.
+// sigaltstack is too small for the larger signal frame). Without all of these the AVX-512 path is the best. The
+// permission changes the whole process (larger signal frames; small sigaltstacks refused later), so it is not asked
+// when LORAKERN_ISA names a lower path.
 bool amx_usable(unsigned edx7, uint64_t xcr0) {
 #ifdef LK_AMX_LINUX
   if (!((edx7 >> 24) & 1) || !((edx7 >> 25) & 1) || (xcr0 & 0x60000) != 0x60000) return false;
+  const char* e = std::getenv("LORAKERN_ISA");
+  if (e && (!std::strcmp(e, "generic") || !std::strcmp(e, "avx2") || !std::strcmp(e, "avx512"))) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, asm/fpu/types.h
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #else

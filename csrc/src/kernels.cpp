@@ -3,6 +3,8 @@
 // table with the blocked GEMM on AMX-INT8 tiles (quant_gemm_amx.cpp); the generic table's GEMM slot is its row kernel.
 #include "kernels.h"
 
+#include <vector>
+
 #include "decode_math.h"
 
 namespace lk {
@@ -35,5 +37,16 @@ const CpuKernels& cpu_kernels(lk_isa isa) {
 }
 
 const CpuKernels& active_kernels() { return cpu_kernels(lk_active_isa()); }
+
+uint8_t* thread_scratch(int slot, size_t bytes) {
+  thread_local std::vector<uint8_t> blocks[kScratchSlots];
+  std::vector<uint8_t>& b = blocks[slot];
+  if (b.size() < bytes) {
+    b.clear();
+    b.shrink_to_fit();
+    b.resize(bytes);
+  }
+  return b.data();
+}
 
 }  // namespace lk

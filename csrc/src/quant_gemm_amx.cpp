@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "common.h"
 #include "gemm_panel.h"
@@ -122,45 +121,47 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr int B = G < 64 ? G : 64;
   const int64_t K = p.K, ng = K / G, nb = K / B, panel_bytes = NR * K, npan = (n1 - n0 + NR - 1) / NR;
   const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  // Scratch kept per thread between calls: a chunk of panels is 256 KB, which malloc would map and unmap (page
-  // faults) on every call.
-  thread_local std::vector<uint8_t> codes;
-  thread_local std::vector<float> sf, szf, txs, txsum;
-  thread_local std::vector<int8_t> ta;
-  codes.resize((size_t)(per_chunk * panel_bytes));
-  sf.resize((size_t)(per_chunk * NR * ng));
-  szf.resize(sf.size());
-  // The last partial tile of rows: its activations zero-padded to 16 rows (A tiles always load 16).
+  // Per-thread scratch kept between calls (common.h: thread_scratch).
+  uint8_t* const codes = thread_scratch(0, (size_t)(per_chunk * panel_bytes));
+  float* const sf = reinterpret_cast<float*>(thread_scratch(1, (size_t)(per_chunk * NR * ng) * sizeof(float)));
+  float* const szf = reinterpret_cast<float*>(thread_scratch(2, (size_t)(per_chunk * NR * ng) * sizeof(float)));
+  // The last partial tile of rows: its activations, block scales and group sums zero-padded to 16 rows (A tiles
+  // always load 16), in one scratch block.
   const int64_t mfull = p.M / MR * MR, mtail = p.M - mfull;
+  int8_t* ta = nullptr;
+  float *txs = nullptr, *txsum = nullptr;
   if (mtail) {
-    ta.assign((size_t)(MR * K), 0);
-    txs.assign((size_t)(MR * nb), 0.f);
-    txsum.assign((size_t)(MR * ng), 0.f);
-    std::memcpy(ta.data(), p.xq + mfull * K, (size_t)(mtail * K));
-    std::memcpy(txs.data(), p.xs + mfull * nb, (size_t)(mtail * nb) * sizeof(float));
-    std::memcpy(txsum.data(), p.xsum + mfull * ng, (size_t)(mtail * ng) * sizeof(float));
+    const size_t tail_floats = (size_t)(MR * (nb + ng)), bytes = tail_floats * sizeof(float) + (size_t)(MR * K);
+    uint8_t* t = thread_scratch(3, bytes);
+    std::memset(t, 0, bytes);
+    txs = reinterpret_cast<float*>(t);
+    txsum = txs + MR * nb;
+    ta = reinterpret_cast<int8_t*>(t + tail_floats * sizeof(float));
+    std::memcpy(ta, p.xq + mfull * K, (size_t)(mtail * K));
+    std::memcpy(txs, p.xs + mfull * nb, (size_t)(mtail * nb) * sizeof(float));
+    std::memcpy(txsum, p.xsum + mfull * ng, (size_t)(mtail * ng) * sizeof(float));
   }
   configure_tiles(B);
   for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
     const int64_t c1 = std::min(npan, c0 + per_chunk);
     for (int64_t pi = c0; pi < c1; ++pi) {
       const int64_t n = n0 + NR * pi;
-      pack_panel<BITS, G, NR>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes.data() + (pi - c0) * panel_bytes,
-                              sf.data() + (pi - c0) * NR * ng, szf.data() + (pi - c0) * NR * ng);
+      pack_panel<BITS, G, NR>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes + (pi - c0) * panel_bytes,
+                              sf + (pi - c0) * NR * ng, szf + (pi - c0) * NR * ng);
     }
     for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
       const bool tail = m0 == mfull;
-      const int8_t* a = tail ? ta.data() : p.xq + m0 * K;
-      const float* xs = tail ? txs.data() : p.xs + m0 * nb;
-      const float* xsum = tail ? txsum.data() : p.xsum + m0 * ng;
+      const int8_t* a = tail ? ta : p.xq + m0 * K;
+      const float* xs = tail ? txs : p.xs + m0 * nb;
+      const float* xsum = tail ? txsum : p.xsum + m0 * ng;
       const int R = (int)std::min<int64_t>(MR, p.M - m0);
       for (int64_t pi = c0; pi < c1; ++pi) {
         const int64_t n = n0 + NR * pi;
         const int nr = (int)std::min<int64_t>(NR, n1 - n);
         const __mmask16 mask = (__mmask16)((1u << nr) - 1);
         const __m512 bv = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n) : _mm512_setzero_ps();
-        tile_dot<G>(K, a, xs, xsum, codes.data() + (pi - c0) * panel_bytes, sf.data() + (pi - c0) * NR * ng,
-                    szf.data() + (pi - c0) * NR * ng, R, mask, bv, p.y + m0 * p.N + n, p.N);
+        tile_dot<G>(K, a, xs, xsum, codes + (pi - c0) * panel_bytes, sf + (pi - c0) * NR * ng,
+                    szf + (pi - c0) * NR * ng, R, mask, bv, p.y + m0 * p.N + n, p.N);
       }
     }
   }

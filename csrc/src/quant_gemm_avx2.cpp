@@ -116,26 +116,24 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr bool K8 = BITS == 8;
   const int64_t ng = p.K / G, panel_bytes = NR * p.K * (K8 ? 2 : 1), npan = (n1 - n0 + NR - 1) / NR;
   const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  thread_local std::vector<uint8_t> codes;  // kept per thread: malloc would map and unmap 128 KB every call
-  thread_local std::vector<float> sf, szf;
-  codes.resize((size_t)(per_chunk * panel_bytes));
-  sf.resize((size_t)(per_chunk * NR * ng));
-  szf.resize(sf.size());
+  uint8_t* const codes = thread_scratch(0, (size_t)(per_chunk * panel_bytes));  // (common.h)
+  float* const sf = reinterpret_cast<float*>(thread_scratch(1, (size_t)(per_chunk * NR * ng) * sizeof(float)));
+  float* const szf = reinterpret_cast<float*>(thread_scratch(2, (size_t)(per_chunk * NR * ng) * sizeof(float)));
   for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
     const int64_t c1 = std::min(npan, c0 + per_chunk);
     for (int64_t pi = c0; pi < c1; ++pi) {
       const int64_t n = n0 + NR * pi;
-      pack_panel<BITS, G, NR, K8>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes.data() + (pi - c0) * panel_bytes,
-                          sf.data() + (pi - c0) * NR * ng, szf.data() + (pi - c0) * NR * ng);
+      pack_panel<BITS, G, NR, K8>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes + (pi - c0) * panel_bytes,
+                          sf + (pi - c0) * NR * ng, szf + (pi - c0) * NR * ng);
     }
     for (int64_t mb = 0; mb < p.M; mb += kMBlock) {
       const int64_t me = std::min(p.M, mb + kMBlock);
       for (int64_t pi = c0; pi < c1; ++pi) {
         const int64_t n = n0 + NR * pi;
         const int nr = (int)std::min<int64_t>(NR, n1 - n);
-        const uint8_t* pc = codes.data() + (pi - c0) * panel_bytes;
-        const float* ps = sf.data() + (pi - c0) * NR * ng;
-        const float* pz = szf.data() + (pi - c0) * NR * ng;
+        const uint8_t* pc = codes + (pi - c0) * panel_bytes;
+        const float* ps = sf + (pi - c0) * NR * ng;
+        const float* pz = szf + (pi - c0) * NR * ng;
         for (int64_t m0 = mb; m0 < me; m0 += MR) {
           const int R = (int)std::min<int64_t>(MR, me - m0);
           __m256 out[MR];
