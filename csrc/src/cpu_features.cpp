@@ -2,6 +2,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "lorakern/lorakern.h"
 
@@ -25,6 +26,15 @@ uint64_t xgetbv0() {
 }
 #endif
 
+// The path LORAKERN_ISA names, or -1 when it is unset or names none.
+int requested_isa() {
+  const char* e = std::getenv("LORAKERN_ISA");
+  if (!e) return -1;
+  for (lk_isa isa : {LK_ISA_GENERIC, LK_ISA_AVX2, LK_ISA_AVX512, LK_ISA_AMX})
+    if (!std::strcmp(e, lk_isa_name(isa))) return isa;
+  return -1;
+}
+
 // AMX-TILE and AMX-INT8 (cpuid 7.0 edx bits 24, 25), the tile state enabled in XCR0 (bits 17, 18), and Linux's
 // permission for this process to use it (granted once for all its threads; refused e.g. when a thread's
 // sigaltstack is too small for the larger signal frame). Without all of these the AVX-512 path is the best. The
@@ -33,8 +43,7 @@ uint64_t xgetbv0() {
 bool amx_usable(unsigned edx7, uint64_t xcr0) {
 #ifdef LK_AMX_LINUX
   if (!((edx7 >> 24) & 1) || !((edx7 >> 25) & 1) || (xcr0 & 0x60000) != 0x60000) return false;
-  const char* e = std::getenv("LORAKERN_ISA");
-  if (e && (!std::strcmp(e, "generic") || !std::strcmp(e, "avx2") || !std::strcmp(e, "avx512"))) return false;
+  if (const int want = requested_isa(); want >= 0 && want < LK_ISA_AMX) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, asm/fpu/types.h
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
@@ -73,14 +82,8 @@ lk_isa detected() {
 std::atomic<int> g_active{-1};
 
 lk_isa from_env() {
-  const char* e = std::getenv("LORAKERN_ISA");
-  lk_isa want = detected();
-  if (e && *e) {
-    if (!std::strcmp(e, "generic")) want = LK_ISA_GENERIC;
-    else if (!std::strcmp(e, "avx2")) want = LK_ISA_AVX2;
-    else if (!std::strcmp(e, "avx512")) want = LK_ISA_AVX512;
-    else if (!std::strcmp(e, "amx")) want = LK_ISA_AMX;
-  }
+  const int requested = requested_isa();
+  const lk_isa want = requested >= 0 ? (lk_isa)requested : detected();
   // Never run a path the CPU lacks: fall back to the best supported one.
   return want > detected() ? detected() : want;
 }

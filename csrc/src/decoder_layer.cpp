@@ -72,13 +72,7 @@ void rope(float* v, const float* cos, const float* sin, int64_t D) {
 
 // A per-thread block of at least n floats, reused by later calls on the thread (contents undefined).
 float* scratch(size_t n) {
-  thread_local std::vector<float> block;
-  if (block.size() < n) {
-    block.clear();
-    block.shrink_to_fit();
-    block.resize(n);
-  }
-  return block.data();
+  return reinterpret_cast<float*>(lk::thread_scratch(lk::kScratchDecodeStep, n * sizeof(float)));
 }
 
 // A view of part of the scratch block (what the step's buffers were as vectors: data() and end()).

@@ -5,7 +5,9 @@
 // vpmaddubsw (AVX2, NR = 8), and exactly AMX's "VNNI" layout of a B tile (NR = 16: tile row = 4 codes of 16
 // weight rows). Compiled with the including file's flags (anonymous namespace), like unpack_avx2.h.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "unpack_avx2.h"
@@ -75,6 +77,61 @@ void pack_panel(const QmmProblem& p, int64_t n, int nr, uint8_t* codes, float* s
       sf[NR * g + j] = s;
       szf[NR * g + j] = s * z;
     }
+  }
+}
+
+// The panels of weight rows [n0, n1), packed a chunk at a time (at most chunk_bytes of codes, at least one panel)
+// into the thread's scratch (common.h: thread_scratch, slots 0-2). next() packs the following chunk, panels
+// [c0, c1), and returns false when none is left.
+template <int BITS, int G, int NR, bool CENTRED = false>
+struct PanelChunks {
+  const QmmProblem& p;
+  const int64_t n0, n1, ng, panel_bytes, npan, per_chunk;
+  uint8_t* const codes;
+  float* const sf;
+  float* const szf;
+  int64_t c0 = 0, c1 = 0;
+
+  PanelChunks(const QmmProblem& p_, int64_t n0_, int64_t n1_, int64_t chunk_bytes)
+      : p(p_), n0(n0_), n1(n1_), ng(p_.K / G), panel_bytes(NR * p_.K * (CENTRED ? 2 : 1)),
+        npan((n1_ - n0_ + NR - 1) / NR), per_chunk(std::min(npan, std::max<int64_t>(1, chunk_bytes / panel_bytes))),
+        codes(thread_scratch(0, (size_t)(per_chunk * panel_bytes))),
+        sf(reinterpret_cast<float*>(thread_scratch(1, (size_t)(per_chunk * NR * ng) * sizeof(float)))),
+        szf(reinterpret_cast<float*>(thread_scratch(2, (size_t)(per_chunk * NR * ng) * sizeof(float)))) {}
+
+  bool next() {
+    if (c1 >= npan) return false;
+    c0 = c1;
+    c1 = std::min(npan, c0 + per_chunk);
+    for (int64_t pi = c0; pi < c1; ++pi)
+      pack_panel<BITS, G, NR, CENTRED>(p, row(pi), rows(pi), codes + (pi - c0) * panel_bytes,
+                                       sf + (pi - c0) * NR * ng, szf + (pi - c0) * NR * ng);
+    return true;
+  }
+  int64_t row(int64_t pi) const { return n0 + NR * pi; }                            // first weight row of panel pi
+  int rows(int64_t pi) const { return (int)std::min<int64_t>(NR, n1 - row(pi)); }  // its rows (<= NR)
+  const uint8_t* codes_of(int64_t pi) const { return codes + (pi - c0) * panel_bytes; }
+  const float* scales_of(int64_t pi) const { return sf + (pi - c0) * NR * ng; }
+  const float* szeros_of(int64_t pi) const { return szf + (pi - c0) * NR * ng; }
+};
+
+// f(bits, G) with both as std::integral_constant<int, ...>, for the problem's format (bits 1, 2, 3, 4, 8; groups
+// 32, 64, 128): one switch for the GEMMs' template instances.
+template <class F>
+inline void with_format(const QmmProblem& p, F&& f) {
+  const auto by_group = [&](auto bits) {
+    switch (p.G) {
+      case 32: f(bits, std::integral_constant<int, 32>{}); break;
+      case 64: f(bits, std::integral_constant<int, 64>{}); break;
+      default: f(bits, std::integral_constant<int, 128>{}); break;
+    }
+  };
+  switch (p.bits) {
+    case 1: by_group(std::integral_constant<int, 1>{}); break;
+    case 2: by_group(std::integral_constant<int, 2>{}); break;
+    case 3: by_group(std::integral_constant<int, 3>{}); break;
+    case 4: by_group(std::integral_constant<int, 4>{}); break;
+    default: by_group(std::integral_constant<int, 8>{}); break;
   }
 }
 

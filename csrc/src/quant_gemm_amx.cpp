@@ -119,12 +119,7 @@ void tile_dot(int64_t K, const int8_t* a, const float* xs, const float* xsum, co
 template <int BITS, int G>
 void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr int B = G < 64 ? G : 64;
-  const int64_t K = p.K, ng = K / G, nb = K / B, panel_bytes = NR * K, npan = (n1 - n0 + NR - 1) / NR;
-  const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  // Per-thread scratch kept between calls (common.h: thread_scratch).
-  uint8_t* const codes = thread_scratch(0, (size_t)(per_chunk * panel_bytes));
-  float* const sf = reinterpret_cast<float*>(thread_scratch(1, (size_t)(per_chunk * NR * ng) * sizeof(float)));
-  float* const szf = reinterpret_cast<float*>(thread_scratch(2, (size_t)(per_chunk * NR * ng) * sizeof(float)));
+  const int64_t K = p.K, ng = K / G, nb = K / B;
   // The last partial tile of rows: its activations, block scales and group sums zero-padded to 16 rows (A tiles
   // always load 16), in one scratch block.
   const int64_t mfull = p.M / MR * MR, mtail = p.M - mfull;
@@ -141,41 +136,26 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
     std::memcpy(txs, p.xs + mfull * nb, (size_t)(mtail * nb) * sizeof(float));
     std::memcpy(txsum, p.xsum + mfull * ng, (size_t)(mtail * ng) * sizeof(float));
   }
+  PanelChunks<BITS, G, NR> pan(p, n0, n1, kChunkBytes);
   configure_tiles(B);
-  for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
-    const int64_t c1 = std::min(npan, c0 + per_chunk);
-    for (int64_t pi = c0; pi < c1; ++pi) {
-      const int64_t n = n0 + NR * pi;
-      pack_panel<BITS, G, NR>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes + (pi - c0) * panel_bytes,
-                              sf + (pi - c0) * NR * ng, szf + (pi - c0) * NR * ng);
-    }
+  while (pan.next()) {
     for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
       const bool tail = m0 == mfull;
       const int8_t* a = tail ? ta : p.xq + m0 * K;
       const float* xs = tail ? txs : p.xs + m0 * nb;
       const float* xsum = tail ? txsum : p.xsum + m0 * ng;
       const int R = (int)std::min<int64_t>(MR, p.M - m0);
-      for (int64_t pi = c0; pi < c1; ++pi) {
-        const int64_t n = n0 + NR * pi;
-        const int nr = (int)std::min<int64_t>(NR, n1 - n);
-        const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+      for (int64_t pi = pan.c0; pi < pan.c1; ++pi) {
+        const int64_t n = pan.row(pi);
+        const __mmask16 mask = (__mmask16)((1u << pan.rows(pi)) - 1);
         const __m512 bv = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n) : _mm512_setzero_ps();
-        tile_dot<G>(K, a, xs, xsum, codes + (pi - c0) * panel_bytes, sf + (pi - c0) * NR * ng,
-                    szf + (pi - c0) * NR * ng, R, mask, bv, p.y + m0 * p.N + n, p.N);
+        tile_dot<G>(K, a, xs, xsum, pan.codes_of(pi), pan.scales_of(pi), pan.szeros_of(pi), R, mask, bv,
+                    p.y + m0 * p.N + n, p.N);
       }
     }
   }
   _tile_release();
   if (p.row_ptr) slab_outliers(p, n0, n1, [](uint16_t h) { return _cvtsh_ss(h); });
-}
-
-template <int BITS>
-void gemm_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
-  switch (p.G) {
-    case 32: gemm_rows<BITS, 32>(p, n0, n1); break;
-    case 64: gemm_rows<BITS, 64>(p, n0, n1); break;
-    default: gemm_rows<BITS, 128>(p, n0, n1); break;
-  }
 }
 
 }  // namespace
@@ -185,13 +165,7 @@ void gemm_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
 // 1.0-1.2x at 8, 1.4-1.6x at 16, 2x at 64).
 void qmm_gemm_amx(const QmmProblem& p, int64_t n0, int64_t n1) {
   if (p.M < kAmxMinRows) return qmm_gemm_avx2(p, n0, n1);
-  switch (p.bits) {
-    case 1: gemm_rows_bits<1>(p, n0, n1); break;
-    case 2: gemm_rows_bits<2>(p, n0, n1); break;
-    case 3: gemm_rows_bits<3>(p, n0, n1); break;
-    case 4: gemm_rows_bits<4>(p, n0, n1); break;
-    default: gemm_rows_bits<8>(p, n0, n1); break;
-  }
+  with_format(p, [&](auto bits, auto g) { gemm_rows<decltype(bits)::value, decltype(g)::value>(p, n0, n1); });
 }
 
 }  // namespace lk

@@ -114,26 +114,16 @@ inline void store_tile(const QmmProblem& p, int64_t m0, int R, int64_t n, int nr
 template <int BITS, int G>
 void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   constexpr bool K8 = BITS == 8;
-  const int64_t ng = p.K / G, panel_bytes = NR * p.K * (K8 ? 2 : 1), npan = (n1 - n0 + NR - 1) / NR;
-  const int64_t per_chunk = std::min(npan, std::max<int64_t>(1, kChunkBytes / panel_bytes));
-  uint8_t* const codes = thread_scratch(0, (size_t)(per_chunk * panel_bytes));  // (common.h)
-  float* const sf = reinterpret_cast<float*>(thread_scratch(1, (size_t)(per_chunk * NR * ng) * sizeof(float)));
-  float* const szf = reinterpret_cast<float*>(thread_scratch(2, (size_t)(per_chunk * NR * ng) * sizeof(float)));
-  for (int64_t c0 = 0; c0 < npan; c0 += per_chunk) {
-    const int64_t c1 = std::min(npan, c0 + per_chunk);
-    for (int64_t pi = c0; pi < c1; ++pi) {
-      const int64_t n = n0 + NR * pi;
-      pack_panel<BITS, G, NR, K8>(p, n, (int)std::min<int64_t>(NR, n1 - n), codes + (pi - c0) * panel_bytes,
-                          sf + (pi - c0) * NR * ng, szf + (pi - c0) * NR * ng);
-    }
+  PanelChunks<BITS, G, NR, K8> pan(p, n0, n1, kChunkBytes);
+  while (pan.next()) {
     for (int64_t mb = 0; mb < p.M; mb += kMBlock) {
       const int64_t me = std::min(p.M, mb + kMBlock);
-      for (int64_t pi = c0; pi < c1; ++pi) {
-        const int64_t n = n0 + NR * pi;
-        const int nr = (int)std::min<int64_t>(NR, n1 - n);
-        const uint8_t* pc = codes + (pi - c0) * panel_bytes;
-        const float* ps = sf + (pi - c0) * NR * ng;
-        const float* pz = szf + (pi - c0) * NR * ng;
+      for (int64_t pi = pan.c0; pi < pan.c1; ++pi) {
+        const int64_t n = pan.row(pi);
+        const int nr = pan.rows(pi);
+        const uint8_t* pc = pan.codes_of(pi);
+        const float* ps = pan.scales_of(pi);
+        const float* pz = pan.szeros_of(pi);
         for (int64_t m0 = mb; m0 < me; m0 += MR) {
           const int R = (int)std::min<int64_t>(MR, me - m0);
           __m256 out[MR];
@@ -151,26 +141,11 @@ void gemm_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   if (p.row_ptr) slab_outliers(p, n0, n1, [](uint16_t h) { return _cvtsh_ss(h); });
 }
 
-template <int BITS>
-void gemm_rows_bits(const QmmProblem& p, int64_t n0, int64_t n1) {
-  switch (p.G) {
-    case 32: gemm_rows<BITS, 32>(p, n0, n1); break;
-    case 64: gemm_rows<BITS, 64>(p, n0, n1); break;
-    default: gemm_rows<BITS, 128>(p, n0, n1); break;
-  }
-}
-
 }  // namespace
 
 // Rows [n0, n1) of y for every m (the contract of qmm_rows).
 void qmm_gemm_avx2(const QmmProblem& p, int64_t n0, int64_t n1) {
-  switch (p.bits) {
-    case 1: gemm_rows_bits<1>(p, n0, n1); break;
-    case 2: gemm_rows_bits<2>(p, n0, n1); break;
-    case 3: gemm_rows_bits<3>(p, n0, n1); break;
-    case 4: gemm_rows_bits<4>(p, n0, n1); break;
-    default: gemm_rows_bits<8>(p, n0, n1); break;
-  }
+  with_format(p, [&](auto bits, auto g) { gemm_rows<decltype(bits)::value, decltype(g)::value>(p, n0, n1); });
 }
 
 }  // namespace lk
