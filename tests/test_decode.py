@@ -15,9 +15,11 @@ pytest.importorskip("transformers")
 IDS = torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(5))
 # Compiled vs eager logits: inductor reorders the fp32 arithmetic around the kernels (norms, rotary, residuals),
 # and a last-bit change of an activation can move its int8 code across a rounding boundary (one step, ~1% of the
-# block's max): up to ~1e-3 on these logits of magnitude ~1. A wrong compiled path (an adapter missing or
-# misrouted) moves them by > 0.1 (asserted where adapters are used).
-COMPILED_ATOL = 1e-2
+# block's max): up to ~1e-3 on these logits of magnitude ~1, and more where such flips compound over a dozen
+# decode steps (the tiny Gemma 3's sliding-window test, logits up to 0.84: 3e-3 measured on an Intel Xeon, 1.02e-2 on
+# an AMD EPYC with AVX-512, where inductor vectorizes the fp32 code around the kernels differently). A wrong compiled
+# path (an adapter missing or misrouted) moves them by > 0.1 (asserted where adapters are used).
+COMPILED_ATOL = 3e-2
 
 
 def tied_llama():

@@ -70,12 +70,39 @@ def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
             assert torch.equal(y, base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["multi", "shrink_expand"])
+def test_many_segments_match_reference(isa, dtype, op, rng):
+    """Batches of many small segments (decode: each sequence its own adapter), where one work item covers a whole
+    segment block and gathers its own rows, and of few, around the switch between the two (4 segment blocks per
+    thread): 18 adapters of mixed kinds and ranks, 1-3 entries each, a segment of 40 (two blocks), -1 ids."""
+    ranks = (8, 16, 5, 12, 16, 1, 4, 9) * 2 + (16, 3)
+    kinds = "dcdccdcc" * 2 + "cd"
+    bank = random_bank(rng, ranks=ranks, kinds=kinds)
+    lb = bank.layers["l"]
+    for n_used in (1, 3, 4, 5, 8, 9, 18):
+        ids = torch.cat([torch.arange(n_used).repeat_interleave(torch.randint(1, 4, (n_used,), generator=rng)),
+                         torch.full((40,), n_used // 2), torch.full((3,), -1)])
+        ids = ids[torch.randperm(ids.numel(), generator=rng)]
+        T = ids.numel()
+        b = bank.batch(ids)
+        x = (torch.randn(T, K, generator=rng) * 2).to(dtype)
+        base = torch.randn(T, N, generator=rng).to(dtype)
+        y = run(op, lb, b, x, base)
+        model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+        err = (y.double() - model).abs()
+        tol = tolerance(x, lb, b, model, dtype)
+        assert (err <= tol).all(), f"{n_used} adapters: max err {err.max():.3g}, tol {tol.flatten()[err.argmax()]:.3g}"
+        assert torch.equal(y[ids < 0], base[ids < 0])
+
+
 @pytest.mark.parametrize("k", [2, 3])
-def test_mixtures_match_reference(isa, k, rng):
-    bank = random_bank(rng, dtype=torch.bfloat16)
+@pytest.mark.parametrize("n", [6, 18])  # 18: many segments (whole items), a token in several: expand after a barrier
+def test_mixtures_match_reference(isa, k, n, rng):
+    bank = random_bank(rng, dtype=torch.bfloat16, ranks=((8, 16, 5, 64, 16, 1) * 3)[:n], kinds=("dcdccd" * 3)[:n])
     lb = bank.layers["l"]
     T = 29
-    ids = torch.randint(-1, 6, (T, k), generator=rng)
+    ids = torch.randint(-1, n, (T, k), generator=rng)
     ids[0] = 3  # one token with the same adapter twice
     w = torch.randn(T, k, generator=rng)
     b = bank.batch(ids, w)

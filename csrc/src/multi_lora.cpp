@@ -3,10 +3,12 @@
 //
 // Shrink: the batch's activation rows are gathered once in entry order (fp32; int8 as well
 // when a compressed adapter is used), so every segment is a contiguous block of rows.
-// Work items are (segment, row block of A) pairs, scheduled dynamically so that one busy
-// adapter and many single-token ones balance across threads. Dense adapters run an fp32
-// dot over rows of A converted four at a time; compressed ones run the quant_matmul row
-// kernel on their high and 1-bit parts.
+// Work items are scheduled dynamically: with many segments (decode: one token per sequence)
+// one item per segment block covers every slice and row of its adapters and gathers its own
+// rows (no barrier before the expand's); with few, (segment, row block of A) pairs, so that
+// one busy adapter is shared by the threads. Dense adapters run an fp32 dot over rows of A
+// converted four at a time; compressed ones run the quant_matmul row kernel on their high
+// and 1-bit parts, each item scaling its own results into t.
 // Expand: threads own tiles of output columns; each adds every segment's t B^T into its
 // columns, so entries of a k-way mixture that hit the same token never race.
 #include <omp.h>
@@ -71,12 +73,17 @@ lk_status check_batch(const lk_lora_slot* slots, int64_t num_slots, const lk_lor
   return LK_OK;
 }
 
+// A shrink work item: entries [m0, m1) of one segment (relative to its first) against rows [i0, i1) of one part of
+// slice s0's adapter, or (part kWhole) against every row of the adapters of slices [s0, s1). Whole items gather and
+// quantize their own entries' rows of x (no other item reads them): the batch of many small segments (decode: one
+// token per sequence) then runs as one dynamically scheduled loop with no barrier before the expand's.
 struct Item {
-  int64_t slice, seg;
-  int part;  // 0 dense, 1 compressed high, 2 compressed low
+  int64_t s0, s1, seg;
+  int part;  // 0 dense, 1 compressed high, 2 compressed low, kWhole
   int64_t i0, i1;  // rows of A (of the part)
   int64_t m0, m1;  // entries of the segment (relative to its first)
 };
+constexpr int kWhole = 3;
 
 float elem_f32(const void* p, lk_dtype d, int64_t i) {
   if (d == LK_F32) return static_cast<const float*>(p)[i];
@@ -136,10 +143,15 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
     std::vector<Item> items;
     const int G = ga, B = G ? lk::act_block(G) : 1;
     const int nt = lk::threads_for(num_threads);
+    bool whole = false;  // whole items (Item): enough segment blocks to keep every thread busy
     if (shrink && E) {
       if (x_dtype != LK_F32) xg.reset(new float[(size_t)(E * K)]);
       xrow.resize((size_t)E);
       coef.resize((size_t)(ns * E));
+      const int64_t eblk = 32;  // entries per item (a segment with many tokens is split)
+      int64_t nblocks = 0;
+      for (int64_t s = 0; s < b->num_segments; ++s) nblocks += (b->segments[3 * s + 2] + eblk - 1) / eblk;
+      whole = nblocks >= 4 * nt;
       for (int64_t i = 0; i < ns; ++i) {
         const lk_lora_slice& sc = slices[i];
         if (expand && !sc.N) continue;  // no output columns: nothing to compute
@@ -148,22 +160,25 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
           const lk_lora_slot& sl = sc.slots[sg[0]];
           for (int64_t e = sg[1]; e < sg[1] + sg[2]; ++e) coef[i * E + e] = b->weights[e] * sl.scale;
           const int64_t h = sl.kind == LK_SLOT_DENSE ? 0 : sl.q.a_hi.N, r = slot_rank(sl);
-          if (!sg[2] || !r) continue;
-          // work items: 16 rows of A (4 when the batch has few segments, so that every thread gets work) x 32
-          // entries (a segment with many tokens is split too)
-          const int64_t blk = b->num_segments * ns * 4 >= nt * 4 ? 16 : 4, eblk = 32;
+          if (whole || !sg[2] || !r) continue;
+          // few segments: items of 16 rows of A (4 when the batch has very few, so that every thread gets work)
+          const int64_t blk = b->num_segments * ns * 4 >= nt * 4 ? 16 : 4;
           for (int64_t m = 0; m < sg[2]; m += eblk)
             for (int64_t r0 = 0; r0 < r; r0 += blk) {
               const int64_t r1 = std::min(r, r0 + blk), m1 = std::min(sg[2], m + eblk);
               if (sl.kind == LK_SLOT_DENSE) {
-                items.push_back({i, s, 0, r0, r1, m, m1});
+                items.push_back({i, i + 1, s, 0, r0, r1, m, m1});
               } else {
-                if (r0 < h) items.push_back({i, s, 1, r0, std::min(r1, h), m, m1});
-                if (r1 > h) items.push_back({i, s, 2, std::max(r0, h) - h, r1 - h, m, m1});
+                if (r0 < h) items.push_back({i, i + 1, s, 1, r0, std::min(r1, h), m, m1});
+                if (r1 > h) items.push_back({i, i + 1, s, 2, std::max(r0, h) - h, r1 - h, m, m1});
               }
             }
         }
       }
+      if (whole)
+        for (int64_t s = 0; s < b->num_segments; ++s)
+          for (int64_t m = 0; m < b->segments[3 * s + 2]; m += eblk)
+            items.push_back({0, ns, s, kWhole, 0, 0, m, std::min(b->segments[3 * s + 2], m + eblk)});
       if (compressed) {
         tq.reset(new float[(size_t)(ns * E * ldt)]);
         xq.reset(new int8_t[(size_t)(E * K)]);
@@ -188,67 +203,133 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
     const auto efn = kern.multi_expand;
     const auto rfn = kern.qmm_rows;
     const size_t xb = x_dtype == LK_F32 ? 4 : 2;
+    const auto gather = [&](int64_t e) {  // entry e's row of x (fp32, and int8 for compressed adapters)
+      const char* row = static_cast<const char*>(x) + (size_t)(b->tokens[e] * K) * xb;
+      const float* xr = reinterpret_cast<const float*>(row);
+      if (x_dtype != LK_F32) {
+        float* xc = xg.get() + e * K;
+        const uint16_t* hx = reinterpret_cast<const uint16_t*>(row);
+        for (int64_t k = 0; k < K; ++k) xc[k] = x_dtype == LK_F16 ? lk::half_to_float(hx[k]) : lk::bf16_to_float(hx[k]);
+        xr = xc;
+      }
+      xrow[e] = xr;
+      if (compressed)
+        kern.quantize_activations(xr, 1, K, G, xq.get() + e * K, xs.get() + e * (K / B), xsum.get() + e * (K / G));
+    };
+    // t's rows of entries [m0, m1) of segment s, slice i, from rows [i0, i1) of one part of its adapter (weight *
+    // scale applied): dense directly; compressed through its [count, rows] block of tq (the segment's high block,
+    // then its low block), each element scaled into t by the item that computed it
+    const auto shrink_part = [&](int64_t i, int64_t s, int part, int64_t i0, int64_t i1, int64_t m0, int64_t m1) {
+      const int64_t* sg = b->segments + 3 * s;
+      const lk_lora_slot& sl = slices[i].slots[sg[0]];
+      const int64_t e0 = sg[1] + m0, cnt = m1 - m0;
+      const float* cf = coef.data() + i * E + e0;
+      if (part == 0) {
+        const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, cf, t + (i * E + e0) * ldt, ldt};
+        sfn(p, i0, i1);
+        return;
+      }
+      const lk_qweight& w = part == 1 ? sl.q.a_hi : sl.q.a_lo;
+      const int64_t h = sl.q.a_hi.N;
+      float* out = tq.get() + (i * E + sg[1]) * ldt + (part == 1 ? 0 : sg[2] * h) + m0 * w.N;
+      const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros, xq.get() + e0 * K,
+                             xs.get() + e0 * (K / B), xsum.get() + e0 * (K / G), nullptr, out};
+      rfn(p, i0, i1);
+      const int64_t off = part == 1 ? 0 : h;
+      for (int64_t m = 0; m < cnt; ++m) {
+        float* tr = t + (i * E + e0 + m) * ldt + off;
+        for (int64_t n = i0; n < i1; ++n) tr[n] = cf[m] * out[m * w.N + n];
+      }
+    };
+    // fused: whole items that also add their own entries' expand (every slice, all columns) right after their
+    // shrink, with t still in L1 and no barrier between: when no token appears in two entries (no mixtures), no two
+    // items write the same row of y. The rows of the base are copied first (where y is not already the base).
+    bool fused = whole && expand && !t_io;
+    if (fused) {
+      std::vector<uint8_t> seen((size_t)T, 0);
+      for (int64_t e = 0; e < E && fused; ++e) fused = !seen[(size_t)b->tokens[e]]++;
+    }
+    const bool copy_base = expand && (base != y || y_dtype != LK_F32);
+    // y32's row m, columns [c0, c1) of slice i: the base's (fp32), or zeros
+    const auto base_row = [&](int64_t m, int64_t i, int64_t c0, int64_t c1) {
+      const lk_lora_slice& sc = slices[i];
+      float* yr = y32 + m * ldy + sc.col;
+      if (!base)
+        std::fill(yr + c0, yr + c1, 0.f);
+      else if (y_dtype == LK_F32)
+        std::memcpy(yr + c0, static_cast<const float*>(base) + m * ldy + sc.col + c0, (size_t)(c1 - c0) * 4);
+      else
+        for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * ldy + sc.col + col);
+    };
+    // hints for a whole item's rows of A (and, fused, of B^T) of every slice: the small parts of many adapters are
+    // as many short streams, which the hardware prefetchers do not follow; issued together, their misses overlap
+    const auto prefetch_item = [&](size_t n) {
+      if (n >= items.size()) return;
+      const int64_t slot = b->segments[3 * items[n].seg];
+      const auto lines = [](const void* p, int64_t bytes) {
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
+      };
+      for (int64_t i = items[n].s0; i < items[n].s1; ++i) {
+        const lk_lora_slot& sl = slices[i].slots[slot];
+        if (sl.kind == LK_SLOT_COMPRESSED) {
+          lk::prefetch_part(sl.q.a_hi, 0, sl.q.a_hi.N, 0, K);
+          lk::prefetch_part(sl.q.a_lo, 0, sl.q.a_lo.N, 0, K);
+          if (fused) {
+            lk::prefetch_part(sl.q.b_hi, 0, sl.q.b_hi.N, 0, slices[i].N);
+            lk::prefetch_part(sl.q.b_lo, 0, sl.q.b_lo.N, 0, slices[i].N);
+          }
+        } else if (sl.rank) {
+          const int64_t eb = sl.dtype == LK_F32 ? 4 : 2;
+          lines(sl.a, sl.rank * K * eb);
+          if (fused) lines(sl.bt, sl.rank * slices[i].N * eb);
+        }
+      }
+    };
 #pragma omp parallel num_threads(nt)
     {
-      if (shrink && E) {
+      if (fused && copy_base) {
 #pragma omp for schedule(static)
-        for (int64_t e = 0; e < E; ++e) {  // gather (and quantize) the entries' rows of x
-          const char* row = static_cast<const char*>(x) + (size_t)(b->tokens[e] * K) * xb;
-          const float* xr = reinterpret_cast<const float*>(row);
-          if (x_dtype != LK_F32) {
-            float* xc = xg.get() + e * K;
-            const uint16_t* hx = reinterpret_cast<const uint16_t*>(row);
-            for (int64_t k = 0; k < K; ++k)
-              xc[k] = x_dtype == LK_F16 ? lk::half_to_float(hx[k]) : lk::bf16_to_float(hx[k]);
-            xr = xc;
-          }
-          xrow[e] = xr;
-          if (compressed) {
-            int8_t* q = xq.get() + e * K;
-            float *qs = xs.get() + e * (K / B), *qsum = xsum.get() + e * (K / G);
-            kern.quantize_activations(xr, 1, K, G, q, qs, qsum);
-          }
+        for (int64_t m = 0; m < T; ++m)
+          for (int64_t i = 0; i < ns; ++i) base_row(m, i, 0, slices[i].N);
+      }
+      if (shrink && E) {
+        if (!whole) {
+#pragma omp for schedule(static)
+          for (int64_t e = 0; e < E; ++e) gather(e);
         }
 #pragma omp for schedule(dynamic, 1)
         for (size_t n = 0; n < items.size(); ++n) {
           const Item& it = items[n];
-          const int64_t* sg = b->segments + 3 * it.seg;
-          const lk_lora_slot& sl = slices[it.slice].slots[sg[0]];
-          const int64_t e0 = sg[1] + it.m0, cnt = it.m1 - it.m0;  // this item's entries
-          if (it.part == 0) {
-            const lk::DenseShrink p{xrow.data() + e0, cnt, K, sl.a, sl.dtype, coef.data() + it.slice * E + e0,
-                                    t + (it.slice * E + e0) * ldt, ldt};
-            sfn(p, it.i0, it.i1);
-          } else {
-            const lk_qweight& w = it.part == 1 ? sl.q.a_hi : sl.q.a_lo;
-            const int64_t h = sl.q.a_hi.N;
-            // the segment's [count, h] and [count, r - h] blocks; this item fills rows m0..m1 of one
-            float* out = tq.get() + (it.slice * E + sg[1]) * ldt + (it.part == 1 ? 0 : sg[2] * h) + it.m0 * w.N;
-            const lk::QmmProblem p{cnt, w.N, K, w.bits, G, w.qweight, w.scales, w.zeros, xq.get() + e0 * K,
-                                   xs.get() + e0 * (K / B), xsum.get() + e0 * (K / G), nullptr, out};
-            rfn(p, it.i0, it.i1);
+          if (it.part != kWhole) {
+            shrink_part(it.s0, it.seg, it.part, it.i0, it.i1, it.m0, it.m1);
+            continue;
           }
-        }
-        if (compressed) {
-#pragma omp for schedule(static)
-          for (int64_t is = 0; is < ns * b->num_segments; ++is) {
-            const int64_t i = is / b->num_segments, s = is % b->num_segments;
-            const int64_t* sg = b->segments + 3 * s;
+          const int64_t* sg = b->segments + 3 * it.seg;
+          prefetch_item(n);
+          prefetch_item(n + (size_t)nt);  // (likely this thread's next item)
+          for (int64_t e = sg[1] + it.m0; e < sg[1] + it.m1; ++e) gather(e);  // rows no other item reads
+          for (int64_t i = it.s0; i < it.s1; ++i) {
+            if (expand && !slices[i].N) continue;
             const lk_lora_slot& sl = slices[i].slots[sg[0]];
-            if (sl.kind != LK_SLOT_COMPRESSED || (expand && !slices[i].N)) continue;
-            const int64_t h = sl.q.a_hi.N, rl = sl.q.a_lo.N, e0 = sg[1], cnt = sg[2];
-            const float* hi = tq.get() + (i * E + e0) * ldt;
-            const float* lo = hi + cnt * h;
-            const float* cf = coef.data() + i * E;
-            for (int64_t m = 0; m < cnt; ++m) {
-              float* tr = t + (i * E + e0 + m) * ldt;
-              for (int64_t k = 0; k < h; ++k) tr[k] = cf[e0 + m] * hi[m * h + k];
-              for (int64_t k = 0; k < rl; ++k) tr[h + k] = cf[e0 + m] * lo[m * rl + k];
+            if (sl.kind == LK_SLOT_DENSE) {
+              if (sl.rank) shrink_part(i, it.seg, 0, 0, sl.rank, it.m0, it.m1);
+            } else {
+              if (sl.q.a_hi.N) shrink_part(i, it.seg, 1, 0, sl.q.a_hi.N, it.m0, it.m1);
+              if (sl.q.a_lo.N) shrink_part(i, it.seg, 2, 0, sl.q.a_lo.N, it.m0, it.m1);
             }
+          }
+          if (!fused) continue;
+          const int64_t one[3] = {sg[0], sg[1] + it.m0, it.m1 - it.m0};  // this item's entries as a segment
+          const lk_lora_batch part{one, 1, b->tokens, b->weights, E};
+          for (int64_t i = 0; i < ns; ++i) {
+            if (!slices[i].N) continue;
+            const lk::MultiExpand me{slices[i].slots, &part, t + i * E * ldt, ldt, slices[i].N, y32 + slices[i].col,
+                                     ldy};
+            efn(me, 0, slices[i].N);
           }
         }
       }
-      if (expand) {  // each thread: its own run of whole tiles across the slices, the base first, then every segment
+      if (expand && !fused) {  // each thread: its own run of whole tiles across the slices, the base first, then every segment
         const int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
         const int64_t u0 = ntiles * tid / T_, u1 = ntiles * (tid + 1) / T_;
         for (int64_t i = 0; i < ns; ++i) {
@@ -257,18 +338,8 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
           if (a1 <= a0) continue;
           const int64_t c0 = std::min(sc.N, (a0 - tile0[i]) * lk::kExpandTile);
           const int64_t c1 = std::min(sc.N, (a1 - tile0[i]) * lk::kExpandTile);
-          if (base != y || y_dtype != LK_F32) {
-            for (int64_t m = 0; m < T; ++m) {
-              float* yr = y32 + m * ldy + sc.col;
-              if (!base)
-                std::fill(yr + c0, yr + c1, 0.f);
-              else if (y_dtype == LK_F32)
-                std::memcpy(yr + c0, static_cast<const float*>(base) + m * ldy + sc.col + c0,
-                            (size_t)(c1 - c0) * 4);
-              else
-                for (int64_t col = c0; col < c1; ++col) yr[col] = elem_f32(base, y_dtype, m * ldy + sc.col + col);
-            }
-          }
+          if (copy_base)
+            for (int64_t m = 0; m < T; ++m) base_row(m, i, c0, c1);
           const lk::MultiExpand me{sc.slots, b, t + (t_io ? 0 : i * E * ldt), ldt, sc.N, y32 + sc.col, ldy};
           efn(me, c0, c1);
         }

@@ -5,7 +5,6 @@
 // rows. Each ISA file supplies `Isa` with its tile kernel, dot product and scale
 // conversion; this header is compiled with that file's flags (anonymous namespace).
 #pragma once
-#include <vector>
 
 #include "common.h"
 #include "outliers.h"
@@ -23,7 +22,8 @@ constexpr int64_t kScaleRows = 16;
 template <int BITS, int G, class Isa>
 void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
-  std::vector<float> sfb((size_t)(ng * kScaleRows)), szfb((size_t)(ng * kScaleRows));
+  float* const sfb = reinterpret_cast<float*>(thread_scratch(kScratchRowScales, (size_t)(2 * ng * kScaleRows) * 4));
+  float* const szfb = sfb + ng * kScaleRows;
   const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
   const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
   FusedOutliers<decltype(h2f)> outliers(p, n1, h2f);
@@ -33,12 +33,12 @@ void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
     const int64_t nb = (n - n0) % kScaleRows;
     if (nb == 0) {  // rows [n, n + kScaleRows) are contiguous in scales and zeros
       const int64_t rows = std::min<int64_t>(kScaleRows, n1 - n);
-      Isa::scales(p.scales + n * ng, p.zeros + n * ng, rows * ng, sfb.data(), szfb.data());
+      Isa::scales(p.scales + n * ng, p.zeros + n * ng, rows * ng, sfb, szfb);
       if constexpr (BITS == 8 && Isa::kCentred8)  // the tile summed (q - 128) x: s z x -> s (z - 128) x
         for (int64_t g = 0; g < rows * ng; ++g) szfb[g] -= 128.f * sfb[g];
     }
-    const float* sf = sfb.data() + nb * ng;
-    const float* szf = szfb.data() + nb * ng;
+    const float* sf = sfb + nb * ng;
+    const float* szf = szfb + nb * ng;
     const uint8_t* prow = p.qw + n * rb;
     const float b = p.bias ? p.bias[n] : 0.f;
     float out[4];

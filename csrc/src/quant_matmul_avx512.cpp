@@ -223,11 +223,12 @@ inline void dequant_group_bits(const uint8_t* gp, int G, float s, float z, float
 // A 1-bit compressed part straight from its codes (SimdVec::axpy_qpart): y[0:c1-c0] += sum_i coef[i] s_i (q_i -
 // z_i) over columns [c0, c1) (rows <= 256, qpart_layout_avx2; c0 and c1 multiples of G, lowbit_layout). Each
 // row's two terms, d_i (1 - z_i) and d_i (0 - z_i) with d_i = coef[i] s_i, are formed 16 groups at a time
-// (form_terms) and broadcast once per row and group; per 16 columns the 16 code bits are a mask choosing which of
-// the two sums acc + term (a masked and a plain add) each lane keeps. A whole group (G / 16 <= 8 vectors) stays in
-// registers across the rows: up to 8 independent add chains cover the add's latency. Measured here (M = 1,
-// N = 4096, 12 rows, G = 128): ~1.6 us against ~2.4 us for 32 columns a pass with both terms broadcast per row
-// and 16 columns. (Factoring the zero terms out as one constant per group saves the blend but loses up to ~4x of
+// (form_terms) and broadcast once per row and group; per 16 columns the 16 code bits are a mask choosing each lane's
+// term (a blend), added to the accumulator: one add per row on its dependency chain (the earlier form, a plain
+// add then a masked add of the other term, gave the same sums with two adds on the chain: latency-bound at G = 64,
+// whose 4 vectors are only 4 chains). A whole group (G / 16 <= 8 vectors) stays in registers across the rows.
+// Measured (Intel, M = 1, N = 4096, 12 rows, G = 128): ~1.6 us against ~2.4 us for 32 columns a pass with both
+// terms broadcast per row and 16 columns. (Factoring the zero terms out as one constant per group saves the blend but loses up to ~4x of
 // the fp32 error bound per term where |z| is large beside |1 - z|.)
 template <int NV>
 inline void axpy_1bit_group(float* yc, const uint8_t* gp, int64_t rb, int64_t R, const float* one,
@@ -239,7 +240,8 @@ inline void axpy_1bit_group(float* yc, const uint8_t* gp, int64_t rb, int64_t R,
     for (int v = 0; v < NV; ++v) {
       uint16_t w;
       std::memcpy(&w, gp + 2 * v, 2);  // column c + 16 v + k is bit k of these two bytes
-      acc[v] = _mm512_mask_add_ps(_mm512_add_ps(acc[v], z), (__mmask16)w, acc[v], o);  // one term per lane
+      // one term per lane, chosen off the accumulator's chain (one add on it per row, not two)
+      acc[v] = _mm512_add_ps(acc[v], _mm512_mask_blend_ps((__mmask16)w, z, o));
     }
   }
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(yc + 16 * v, acc[v]);
