@@ -35,7 +35,8 @@ tokens; tokens/s is the difference, TTFT the 1-token call). Rows:
   compressed rate the PEFT ratio uses (the median of its 5 rounds). A row's tokens/s is the difference of two
   ``generate`` calls; at batch 64 the prefill of 2,048 tokens is a large part of both, so one slow 1-token call
   inflates that row (seen once: 1,112 tokens/s for a configuration whose paired rounds gave 722-752).
-  ``--ratios-only`` recomputes the ratios, table and plot from a JSON file's rows and rounds.
+  ``--ratios-only`` recomputes the ratios, table and plot from a JSON file's rows and rounds; ``--skip-batch1``
+  runs the 64-stream rows only (give ``--json`` another file to keep a full run's results).
 
 JSON rows ``{"impl", "bits", "batch", "adapters", "resident_adapters", "compiled", "native", "tokens_per_s",
 "prefill_tokens_per_s", "ttft_ms", "peak_rss_mb"}`` (the process's peak RSS during the row: the kernel's
@@ -508,6 +509,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, 100 resident adapters (~10 min)")
     ap.add_argument("--json", help="results (default benchmarks/results/decode.json; quick: decode_quick.json)")
     ap.add_argument("--skip-batch64", action="store_true", help="one stream only")
+    ap.add_argument("--skip-batch1", action="store_true", help="the 64-stream rows only (and their ratios), e.g. "
+                    "after a change to the multi-adapter kernels; give --json another file to keep the full run's")
     ap.add_argument("--ratios-only", action="store_true", help="recompute the ratios, table and plot of an existing "
                     "--json file (its rows and paired rounds as measured), without running anything")
     ap.add_argument("--llama-cpp-sdist", help="llama-cpp-python's source distribution (.tar.gz), for llama.cpp's "
@@ -537,15 +540,18 @@ def main(argv=None) -> int:
     ids512 = ids_all[2000:2512].unsqueeze(0)
     prompts = torch.stack([ids_all[4000 + 32 * i: 4032 + 32 * i] for i in range(64)])
     rows = []
+    paired = None
     import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        print("batch 1:")
-        from pathlib import Path
+    if not a.skip_batch1:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("batch 1:")
+            from pathlib import Path
 
-        from lorakern.testing import save_random_peft_adapters
-        peft16 = save_random_peft_adapters(model, Path(tmp), {"lora16": list(PROJ)}, 0.01, rank=lambda i: 16)["lora16"]
-        llamacpp_rows(peft16, ids, ids512, a, rows, tmp)
-        paired = batch1_rows(model, tok, ids, ids512, a, rows, peft16)
+            from lorakern.testing import save_random_peft_adapters
+            peft16 = save_random_peft_adapters(model, Path(tmp), {"lora16": list(PROJ)}, 0.01,
+                                               rank=lambda i: 16)["lora16"]
+            llamacpp_rows(peft16, ids, ids512, a, rows, tmp)
+            paired = batch1_rows(model, tok, ids, ids512, a, rows, peft16)
     paired64 = None
     if not a.skip_batch64:
         print("batch 64:")
