@@ -243,10 +243,12 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
     };
     // fused: whole items that also add their own entries' expand (every slice, all columns) right after their
     // shrink, with t still in L1 and no barrier between: when no token appears in two entries (no mixtures), no two
-    // items write the same row of y. The rows of the base are copied first (where y is not already the base).
+    // items write the same row of y. Where y is not already the base, each item copies its own rows of the base
+    // first (after reading x there: x may be y), and the rows without entries are copied beside the items.
     bool fused = whole && expand && !t_io;
+    std::vector<uint8_t> seen;  // fused: whether row m of y has an entry
     if (fused) {
-      std::vector<uint8_t> seen((size_t)T, 0);
+      seen.assign((size_t)T, 0);
       for (int64_t e = 0; e < E && fused; ++e) fused = !seen[(size_t)b->tokens[e]]++;
     }
     const bool copy_base = expand && (base != y || y_dtype != LK_F32);
@@ -270,6 +272,7 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
         for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
       };
       for (int64_t i = items[n].s0; i < items[n].s1; ++i) {
+        if (expand && !slices[i].N) continue;  // (its slots are not checked: not read)
         const lk_lora_slot& sl = slices[i].slots[slot];
         if (sl.kind == LK_SLOT_COMPRESSED) {
           lk::prefetch_part(sl.q.a_hi, 0, sl.q.a_hi.N, 0, K);
@@ -287,10 +290,11 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
     };
 #pragma omp parallel num_threads(nt)
     {
-      if (fused && copy_base) {
-#pragma omp for schedule(static)
+      if (fused && copy_base) {  // rows without entries here; each item copies its own rows after reading x there
+#pragma omp for schedule(static) nowait
         for (int64_t m = 0; m < T; ++m)
-          for (int64_t i = 0; i < ns; ++i) base_row(m, i, 0, slices[i].N);
+          if (!seen[(size_t)m])
+            for (int64_t i = 0; i < ns; ++i) base_row(m, i, 0, slices[i].N);
       }
       if (shrink && E) {
         if (!whole) {
@@ -319,6 +323,9 @@ lk_status run_multi(const void* x, lk_dtype x_dtype, int64_t T, int64_t K, const
             }
           }
           if (!fused) continue;
+          if (copy_base)  // (x may be y: its rows here were gathered above, and no other item reads them)
+            for (int64_t e = sg[1] + it.m0; e < sg[1] + it.m1; ++e)
+              for (int64_t i = 0; i < ns; ++i) base_row(b->tokens[e], i, 0, slices[i].N);
           const int64_t one[3] = {sg[0], sg[1] + it.m0, it.m1 - it.m0};  // this item's entries as a segment
           const lk_lora_batch part{one, 1, b->tokens, b->weights, E};
           for (int64_t i = 0; i < ns; ++i) {

@@ -116,7 +116,7 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
     const lk_lora_slot& sl = e.slots[b.segments[3 * s]];
     rmax = std::max(rmax, sl.kind == LK_SLOT_DENSE ? sl.rank : sl.q.a_hi.N + sl.q.a_lo.N);
   }
-  std::vector<float> W((size_t)(rmax * kExpandTile));
+  float* const W = reinterpret_cast<float*>(thread_scratch(kScratchExpandTile, (size_t)(rmax * kExpandTile) * 4));
   const auto prefetch = [&](int64_t s) {  // a compressed segment's B^T columns [c0, c1)
     if (s >= b.num_segments || !b.segments[3 * s + 2]) return;
     const lk_lora_slot& sl = e.slots[b.segments[3 * s]];
@@ -165,15 +165,15 @@ void multi_expand_cols(const MultiExpand& e, int64_t c0, int64_t c1) {
       if (tiled)
         for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
           const int64_t t1 = std::min(c1, t0 + kExpandTile);
-          const int64_t rows = part_tile<Isa>(*tiled, e.N, t0, t1, W.data());
-          add_tile<Isa>(e, sg, t0, t1 - t0, W.data(), rows, tiled == &qh ? 0 : qh.N);
+          const int64_t rows = part_tile<Isa>(*tiled, e.N, t0, t1, W);
+          add_tile<Isa>(e, sg, t0, t1 - t0, W, rows, tiled == &qh ? 0 : qh.N);
         }
       continue;
     }
     for (int64_t t0 = c0; t0 < c1; t0 += kExpandTile) {
       const int64_t t1 = std::min(c1, t0 + kExpandTile);
-      slot_tile<Isa>(sl, e.N, t0, t1, W.data());
-      add_tile<Isa>(e, sg, t0, t1 - t0, W.data(), r, 0);
+      slot_tile<Isa>(sl, e.N, t0, t1, W);
+      add_tile<Isa>(e, sg, t0, t1 - t0, W, r, 0);
     }
   }
 }
