@@ -46,6 +46,16 @@ def run(op, lb, b, x, base=None):
     return torch.ops.lorakern.lora_expand(t, base, *args)
 
 
+def run_checked(op, lb, b, x, base, dtype, what):
+    """run() against the int8-activation model within tolerance(); returns y."""
+    y = run(op, lb, b, x, base)
+    model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
+    err = (y.double() - model).abs()
+    tol = tolerance(x, lb, b, model, dtype)
+    assert (err <= tol).all(), f"{what}: max err {err.max():.3g}, tol there {tol.flatten()[err.argmax()]:.3g}"
+    return y
+
+
 @pytest.mark.parametrize("kind", ["one", "distinct", "none", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["multi", "shrink_expand"])
@@ -60,12 +70,8 @@ def test_multi_lora_cpu_matches_reference(isa, kind, dtype, op, groups, rng):
         b = bank.batch(mapping(kind, T, 6, rng))
         x = (torch.randn(T, k_, generator=rng) * 2).to(dtype)
         base = torch.randn(T, n_, generator=rng).to(dtype)
-        y = run(op, lb, b, x, base)
-        model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
-        err = (y.double() - model).abs()
-        tol = tolerance(x, lb, b, model, dtype)
+        y = run_checked(op, lb, b, x, base, dtype, f"T={T}")
         assert y.dtype == dtype and y.shape == (T, n_)
-        assert (err <= tol).all(), f"T={T}: max err {err.max():.3g}, tol there {tol.flatten()[err.argmax()]:.3g}"
         if kind == "none":
             assert torch.equal(y, base)
 
@@ -88,11 +94,7 @@ def test_many_segments_match_reference(isa, dtype, op, rng):
         b = bank.batch(ids)
         x = (torch.randn(T, K, generator=rng) * 2).to(dtype)
         base = torch.randn(T, N, generator=rng).to(dtype)
-        y = run(op, lb, b, x, base)
-        model = oracle.multi_lora_int8_act(x, base, *lb.op_args(), b.segments, b.tokens, b.weights, lb.max_rank())
-        err = (y.double() - model).abs()
-        tol = tolerance(x, lb, b, model, dtype)
-        assert (err <= tol).all(), f"{n_used} adapters: max err {err.max():.3g}, tol {tol.flatten()[err.argmax()]:.3g}"
+        y = run_checked(op, lb, b, x, base, dtype, f"{n_used} adapters")
         assert torch.equal(y[ids < 0], base[ids < 0])
 
 
