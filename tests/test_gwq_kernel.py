@@ -177,6 +177,34 @@ def test_gwq_cpu_decode_rejects_decreasing_row_ptr_anywhere(isa, pos):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("bump", [33, 40, 63])
+def test_gwq_cpu_decode_rejects_bump_in_chunk_without_outliers(isa, bump):
+    # At M = 1 a chunk of 32 rows whose first and last pointers are equal is skipped after checking that every
+    # pointer between equals them: a pointer that rises and falls back inside it must be refused (one thread:
+    # chunks start at rows 0, 32, 64)
+    w = random_qweight(80, 128, 4, 128)
+    counts = torch.zeros(80, dtype=torch.int32)
+    counts[:6] = 3
+    counts[70:] = 2
+    rp = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
+    nnz = int(rp[-1])
+    ci = torch.cat([torch.randperm(128)[:int(c)].sort().values for c in counts]).to(torch.int32).to(torch.uint16)
+    v = torch.randn(nnz).to(torch.float16)
+    x = torch.randn(1, 128)
+    args = (w.qweight, w.scales, w.zeros, 4, 128)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ok = torch.ops.lorakern.gwq_matmul(x, *args, rp, ci, v)
+        check_gwq(x, w, SparseOutliers(rp, ci, v, (80, 128)), None, ok)
+        bad = rp.clone()
+        bad[bump] += 1
+        with pytest.raises(ValueError, match="outlier CSR is inconsistent"):
+            torch.ops.lorakern.gwq_matmul(x, *args, bad, ci, v)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_outlier_validation_messages():
     o = random_outliers(6, 64, "5pct")
     with pytest.raises(TypeError, match="int32"):

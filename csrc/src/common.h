@@ -157,8 +157,10 @@ void qmm_gemm_amx(const QmmProblem& p, int64_t n0, int64_t n1);
 // chunk on every call); slots 0-2: panel codes, scales, scaled zeros; 3: the AMX GEMM's padded last row tile;
 // kScratchDecodeStep: the native decode step's work buffers (decoder_layer.cpp); kScratchRowScales: the row kernels'
 // converted scales (qmm_rows_simd.h: called once per small adapter part, where two mallocs a call showed);
-// kScratchExpandTile: the multi-adapter expand's fp32 tile of B^T (multi_lora_simd.h, once per segment and slice).
-constexpr int kScratchDecodeStep = 4, kScratchRowScales = 5, kScratchExpandTile = 6, kScratchSlots = 7;
+// kScratchExpandTile: the multi-adapter expand's fp32 tile of B^T (multi_lora_simd.h, once per segment and slice);
+// kScratchOutlierRun: the running sum of a chunk's outlier products (outliers.h: decode_outlier_sums).
+constexpr int kScratchDecodeStep = 4, kScratchRowScales = 5, kScratchExpandTile = 6, kScratchOutlierRun = 7,
+              kScratchSlots = 8;
 uint8_t* thread_scratch(int slot, size_t bytes);
 constexpr int64_t kGemmMinRows = 4;  // measured: rows and GEMM cost the same at M = 4 (SmolLM2 shapes, AVX2)
 constexpr int64_t kGemmMinRows8 = 16;  // 8-bit panels cost twice the packing: measured break-even ~16 rows

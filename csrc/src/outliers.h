@@ -93,13 +93,15 @@ inline __m256 scan8(__m256 v) {
 // their contiguous run of the CSR in one branch-free pass: the running sum of the products (8 a step on
 // AVX2), each row's sum the difference of the running sum at its two ends. Per row (a masked gather step
 // and a horizontal sum, its length feeding the loop's branches) the outliers cost ~2 ns each on SmolLM2's
-// GWQ layers (1%, K = 576) beside the dense pass; this pass about half. The differences cancel the rows
+// GWQ layers (1%, K = 576) beside the dense pass; this pass about half. Alone, on the AMD EPYC (AVX-512):
+// 0.57 ns an outlier on one core, CSR in cache or not (~1.7 cycles: the x[col] loads and lane inserts and the
+// scan's shuffles); 16 a step with AVX-512 ran at the same speed with these inserts and at 1.08 ns with
+// vgatherdps. The differences cancel the rows
 // before, so each sum has an absolute error of a few ulp of the running sum: callers keep [n0, n1) short
-// (FusedOutliers: 32 rows). Pointers or columns out of range: the rows contribute nothing and *p.bad_csr
+// (add_decode_outliers: kChunkRows). Pointers or columns out of range: the rows contribute nothing and *p.bad_csr
 // is set.
 template <class H2F>
-inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f, float* acc,
-                                std::vector<float>& run) {
+inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f, float* acc) {
   const int32_t* rp = p.row_ptr;
   const int64_t J0 = rp[n0], J1 = rp[n1];
   const auto fail = [&] {
@@ -107,22 +109,24 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
     for (int64_t n = n0; n < n1; ++n) acc[n - n0] = 0.f;
   };
   if (J0 < 0 || J1 > p.nnz || J0 > J1) return fail();
-  run.resize((size_t)(J1 - J0 + 1));
-  float* r = run.data() + 1 - J0;  // r[j] = sum of the products J0..j; r[J0 - 1] = 0
+  float* const run = reinterpret_cast<float*>(thread_scratch(kScratchOutlierRun, (size_t)(J1 - J0 + 1) * 4));
+  float* r = run + 1 - J0;  // r[j] = sum of the products J0..j; r[J0 - 1] = 0
   r[J0 - 1] = 0.f;
   const uint16_t* col = p.col;
   const uint16_t* val = p.val;
+  const float* const xt = p.xt;  // (locals: the vector stores below may alias p's fields, which would be re-read)
+  const int64_t K = p.K;
   float s = 0.f;
   int64_t j = J0;
 #ifdef LK_OUTLIERS_AVX2
-  const __m256i kmax = _mm256_set1_epi32((int)(p.K - 1));
+  const __m256i kmax = _mm256_set1_epi32((int)(K - 1));
   __m256 carry = _mm256_setzero_ps();
   for (; j + 8 <= J1; j += 8) {
     const __m256i c = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(col + j)));
     const __m256i bad = _mm256_cmpgt_epi32(c, kmax);
     if (!_mm256_testz_si256(bad, bad)) return fail();
     const __m256 v = scan8(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(val + j))),
-                                         gather8(p.xt, col + j)));
+                                         gather8(xt, col + j)));
     _mm256_storeu_ps(r + j, _mm256_add_ps(v, carry));
     carry = _mm256_add_ps(carry, _mm256_permute_ps(_mm256_permute2f128_ps(v, v, 0x11), 0xFF));
   }
@@ -130,8 +134,8 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
 #endif
   for (; j < J1; ++j) {
     const int64_t c = col[j];
-    if (c >= p.K) return fail();
-    s += h2f(val[j]) * p.xt[c];
+    if (c >= K) return fail();
+    s += h2f(val[j]) * xt[c];
     r[j] = s;
   }
   // Row pointers that decrease are caught here: each is compared with the one before, and read clamped
@@ -150,7 +154,7 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
       const __m256i e = _mm256_loadu_si256((const __m256i*)(rp + n + 1));
       dec = _mm256_or_si256(dec, _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i*)(rp + n)), e));
       const __m256i idx = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(e, lo), hi), lo);
-      const __m256 next = _mm256_i32gather_ps(run.data(), idx, 4);
+      const __m256 next = _mm256_i32gather_ps(run, idx, 4);
       const __m256 before = _mm256_blend_ps(_mm256_permutevar8x32_ps(next, rot), _mm256_set1_ps(prev), 0x01);
       _mm256_storeu_ps(acc + (n - n0), _mm256_sub_ps(next, before));
       prev = _mm256_cvtss_f32(_mm256_permutevar8x32_ps(next, _mm256_set1_epi32(7)));
@@ -170,54 +174,33 @@ inline void decode_outlier_sums(const QmmProblem& p, int64_t n0, int64_t n1, H2F
   if (decreasing) fail();
 }
 
-// The outlier sums each row of a row loop adds to its outputs (M <= kOutlierRowBlock; rows asked in
-// increasing order from n0): at(n)[m] for m < M. Decode computes them kChunkRows rows at a time
-// (decode_outlier_sums over the chunk's CSR run), and each row asked prefetches the CSR lines of the row
-// kPrefetchRows ahead, so a chunk's columns and values are in cache when it starts and their reads overlap the
-// dense rows' stream. Measured on 4096 x 4096, 4-bit, 1% outliers, weights streamed (AVX-512, 2 threads): gwq
-// over dense 1.09-1.11 against 1.15-1.17 for one pass over the whole slab before the rows, and 1.23 for
-// 128-row chunks without the prefetch. M > 1: per row (row_outliers: contiguous pieces of x^T's columns).
+// Decode (M = 1): y[n] += the outlier sums of rows [n0, n1), after the rows' dense pass, kChunkRows rows per
+// decode_outlier_sums (short running sums). A chunk without outliers costs the check that its row pointers are
+// all equal. Measured on SmolLM2's GWQ-4 layers (210 per token, 1% outliers, AVX-512, 2 threads, AMD EPYC):
+// gwq over dense 1.19-1.24 against 1.43-1.52 with the chunks' sums computed between the dense rows (each
+// chunk's CSR prefetched 48 rows ahead: the CSR's reads interleaved with the weight stream; 1.09-1.11 on
+// 4096 x 4096 layers on an Intel Xeon) -- prefetching the slab's CSR before the rows changed nothing here.
+constexpr int64_t kChunkRows = 32;
+
 template <class H2F>
-class FusedOutliers {
- public:
-  static constexpr int64_t kChunkRows = 32;     // rows per decode_outlier_sums: short running sums
-  static constexpr int64_t kPrefetchRows = 48;  // a row's CSR is prefetched when the row this far before it runs
-  FusedOutliers(const QmmProblem& p, int64_t n1, H2F h2f)
-      : p_(p), n1_(n1), h2f_(h2f), acc_((size_t)(!p.row_ptr ? 0 : p.M == 1 ? kChunkRows : p.M)) {}
-  const float* at(int64_t n) {
-    if (p_.M != 1) {
-      row_outliers(p_, n, 0, p_.M, h2f_, acc_.data());
-      return acc_.data();
+inline void add_decode_outliers(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f) {
+  float acc[kChunkRows];
+  const int32_t* rp = p.row_ptr;
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(n1, c0 + kChunkRows);
+    if (rp[c0] == rp[c1]) {  // no outliers, if the pointers between are equal too (else the CSR is refused)
+      int32_t diff = 0;
+      for (int64_t n = c0 + 1; n < c1; ++n) diff |= rp[n] ^ rp[c0];
+      if (diff || rp[c0] < 0 || rp[c0] > p.nnz) p.bad_csr->store(1, std::memory_order_relaxed);
+      continue;
     }
-    if (n >= b1_) {  // the next kChunkRows rows, from CSR lines prefetched while the rows before ran
-      b0_ = n;
-      b1_ = std::min(n1_, n + kChunkRows);
-      decode_outlier_sums(p_, b0_, b1_, h2f_, acc_.data(), run_);
-    }
-    if (n + kPrefetchRows < n1_) prefetch_row(n + kPrefetchRows);
-    return acc_.data() + (n - b0_);
+    decode_outlier_sums(p, c0, c1, h2f, acc);
+    for (int64_t n = c0; n < c1; ++n) p.y[n] += acc[n - c0];
   }
+}
 
- private:
-  // Row r's CSR columns and values, line by line, into the caches (a hint: row pointers out of range skip it).
-  void prefetch_row(int64_t r) const {
-    const int64_t a = p_.row_ptr[r], b = p_.row_ptr[r + 1];
-    if (a < 0 || b > p_.nnz || a >= b) return;
-    const uintptr_t line = ~uintptr_t(63);
-    for (uintptr_t c = uintptr_t(p_.col + a) & line, e = uintptr_t(p_.col + b - 1); c <= e; c += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
-    for (uintptr_t v = uintptr_t(p_.val + a) & line, e = uintptr_t(p_.val + b - 1); v <= e; v += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(v), 0, 3);
-  }
-
-  const QmmProblem& p_;
-  int64_t n1_, b0_ = 0, b1_ = 0;
-  H2F h2f_;
-  std::vector<float> acc_, run_;
-};
-
-// Activation rows per outlier block. Up to this M, each weight row adds its
-// outliers right after its dense pass (one accumulator). Above it, x^T no longer
+// Activation rows per outlier block. Up to this M (from 2), each weight row adds its
+// outliers right after its dense pass (row_outliers into the same accumulator). Above it, x^T no longer
 // fits in L2 (4096 x 128 fp32 = 2 MiB) and random outlier columns would each miss
 // to L3, so the thread's slab adds its outliers after its dense pass, 16
 // activation rows at a time (a 256 KiB slice of x^T for K = 4096).
@@ -239,6 +222,13 @@ inline void slab_outliers(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f) 
       for (int64_t n = n0; n < n1; ++n) yr[n] += br[(n - n0) * B];
     }
   }
+}
+
+// The outliers of rows [n0, n1) added to y after the rows' dense pass: M = 1 add_decode_outliers, else slab_outliers.
+template <class H2F>
+inline void outliers_after_rows(const QmmProblem& p, int64_t n0, int64_t n1, H2F h2f) {
+  if (p.M == 1) add_decode_outliers(p, n0, n1, h2f);
+  else slab_outliers(p, n0, n1, h2f);
 }
 
 }  // namespace

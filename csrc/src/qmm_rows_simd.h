@@ -1,8 +1,8 @@
 // The row loop shared by the SIMD quant_matmul kernels (AVX2, AVX-512). Per weight
-// row: the row's outliers (gwq_matmul, M <= kOutlierRowBlock), the group scales and
+// row: the row's outliers (gwq_matmul, 1 < M <= kOutlierRowBlock), the group scales and
 // scale*zero in fp32 (converted kScaleRows rows at a time), the row against tiles of up to 4 activation rows, then the
-// zero-point term, outliers and bias; larger M adds the outliers per slab after the
-// rows. Each ISA file supplies `Isa` with its tile kernel, dot product and scale
+// zero-point term, outliers and bias; M = 1 and larger M add the outliers of the thread's rows after them
+// (outliers_after_rows). Each ISA file supplies `Isa` with its tile kernel, dot product and scale
 // conversion; this header is compiled with that file's flags (anonymous namespace).
 #pragma once
 
@@ -24,12 +24,12 @@ void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / G, rb = row_bytes(p.K, BITS);
   float* const sfb = reinterpret_cast<float*>(thread_scratch(kScratchRowScales, (size_t)(2 * ng * kScaleRows) * 4));
   float* const szfb = sfb + ng * kScaleRows;
-  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
+  // 1 < M <= kOutlierRowBlock: each row's outliers with its dense pass; else after the rows (outliers.h)
+  const bool fused = p.row_ptr && p.M > 1 && p.M <= kOutlierRowBlock;
   const auto h2f = [](uint16_t h) { return _cvtsh_ss(h); };
-  FusedOutliers<decltype(h2f)> outliers(p, n1, h2f);
-  const float* sparse = nullptr;
+  float sparse[kOutlierRowBlock];
   for (int64_t n = n0; n < n1; ++n) {
-    if (fused) sparse = outliers.at(n);
+    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse);
     const int64_t nb = (n - n0) % kScaleRows;
     if (nb == 0) {  // rows [n, n + kScaleRows) are contiguous in scales and zeros
       const int64_t rows = std::min<int64_t>(kScaleRows, n1 - n);
@@ -57,7 +57,7 @@ void simd_rows(const QmmProblem& p, int64_t n0, int64_t n1) {
       }
     }
   }
-  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
+  if (p.row_ptr && !fused) outliers_after_rows(p, n0, n1, h2f);
 }
 
 template <int BITS, class Isa>

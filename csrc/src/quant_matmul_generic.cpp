@@ -19,12 +19,12 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
   std::vector<uint8_t> codes((size_t)G);
   std::vector<float> sf((size_t)ng), szf((size_t)ng);
   std::vector<float> acc((size_t)p.M), zacc((size_t)p.M);
-  const bool fused = p.row_ptr && p.M <= kOutlierRowBlock;  // else slab_outliers after the rows
+  // 1 < M <= kOutlierRowBlock: each row's outliers with its dense pass; else after the rows (outliers.h)
+  const bool fused = p.row_ptr && p.M > 1 && p.M <= kOutlierRowBlock;
   const auto h2f = [](uint16_t h) { return half_to_float(h); };
-  FusedOutliers<decltype(h2f)> outliers(p, n1, h2f);
-  const float* sparse = nullptr;
+  float sparse[kOutlierRowBlock];
   for (int64_t n = n0; n < n1; ++n) {
-    if (fused) sparse = outliers.at(n);
+    if (fused) row_outliers(p, n, 0, p.M, h2f, sparse);
     const uint8_t* prow = p.qw + n * rb;
     for (int64_t g = 0; g < ng; ++g) {
       sf[g] = half_to_float(p.scales[n * ng + g]);
@@ -50,7 +50,7 @@ void qmm_rows_generic(const QmmProblem& p, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < p.M; ++m)
       p.y[m * p.N + n] = acc[m] - zacc[m] + (fused ? sparse[m] : 0.f) + b;
   }
-  if (p.row_ptr && !fused) slab_outliers(p, n0, n1, h2f);
+  if (p.row_ptr && !fused) outliers_after_rows(p, n0, n1, h2f);
 }
 
 namespace {

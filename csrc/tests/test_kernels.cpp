@@ -139,7 +139,7 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 }
 
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
-constexpr int64_t FUSED_DECODE_ROWS = 32;  // outliers.h: FusedOutliers::kChunkRows (rows per running sum)
+constexpr int64_t FUSED_DECODE_ROWS = 32;  // outliers.h: kChunkRows (rows per running sum)
 
 // gemm: the blocked GEMMs (quant_gemm_avx2.cpp, quant_gemm_amx.cpp), called for many rows: M up to 100 (64-row
 // blocks, 4- and 16-row tiles with every remainder) and N up to 300 in one trial (several panels of 8 or 16 rows).
