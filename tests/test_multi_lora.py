@@ -353,7 +353,7 @@ def test_multi_lora_triton_is_memory_safe_on_bad_tables(rng):
 
 # ---- several output slices in one call (q/k/v of different widths) -----------------------------------------
 
-from lorakern.multilora import apply_slices  # noqa: E402
+from lorakern.multilora import apply_slices, apply_slices_  # noqa: E402
 
 
 def qkv_bank(rng, dtype=torch.float16, ga_k=64):
@@ -394,6 +394,29 @@ def test_slices_match_reference_and_single_layers(isa, dtype, ga_k, rng):
         tol = tolerance(x, lb, b, model[:, col: col + lb.N], dtype)
         assert ((y[:, col: col + lb.N].double() - model[:, col: col + lb.N]).abs() <= tol).all()
         col += lb.N
+
+
+@pytest.mark.parametrize("T", [23, 300])  # few segment blocks (fine-grained items) and many (whole items)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_equals_out_of_place(isa, T, dtype, rng):
+    # vLLM's LoRA layers add into their base output in place (apply_slices_, LayerBank.apply_): the C++ core
+    # reads each base element before it writes it there, so the sums are the out-of-place ones bit for bit
+    bank, lbs = qkv_bank(rng)
+    b = bank.batch(torch.randint(-1, 4, (T,), generator=rng))
+    x = torch.randn(T, K, generator=rng).to(dtype)
+    base = torch.randn(T, 320, generator=rng).to(dtype)
+    want = apply_slices(lbs, x, base, b)
+    y = base.clone()
+    assert apply_slices_(lbs, x, y, b) is y
+    assert torch.equal(y, want)
+    y1 = base[:, :192].clone()
+    assert lbs[0].apply_(x, y1, b) is y1
+    assert torch.equal(y1, lbs[0].apply(x, base[:, :192].contiguous(), b))
+    strided = base.clone()[:, :192]  # not contiguous: computed out of place, then copied in
+    assert torch.equal(lbs[0].apply_(x, strided, b), y1)
+    buf = torch.randn(T * (K + 320)).to(dtype)  # x and y in one storage: refused before any kernel runs
+    with pytest.raises(ValueError, match="shares memory with x"):
+        apply_slices_(lbs, buf[: T * K].view(T, K), buf[T * K:].view(T, 320), b)
 
 
 def test_slices_refuse_bad_calls(rng):

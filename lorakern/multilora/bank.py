@@ -22,7 +22,7 @@ from ..formats.lora import CompressedLoRA, LoraAdapter
 from .batch import LoRABatch
 from ..ops.registry import eager_cpu, eager_helper
 
-__all__ = ["AdapterBank", "LayerBank", "apply_slices"]
+__all__ = ["AdapterBank", "LayerBank", "apply_slices", "apply_slices_"]
 
 DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -303,6 +303,15 @@ class LayerBank:
         return torch.ops.lorakern.multi_lora(x, base, *self.op_args(), *batch.op_args(), self.max_rank(),
                                              batch.max_count, batch.mixture)
 
+    def apply_(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
+        """``y += the batch's adapters applied to x`` in place (x ``[T, K]``, y ``[T, N]``, one dtype; y must not
+        overlap x); returns ``y``. Eager CPU calls with a contiguous y write into it directly (no output
+        allocation and copy: vLLM's LoRA layers add into their base output this way); otherwise
+        ``y.copy_(apply(x, y, batch))``."""
+        if eager_cpu(x) and self.device.type == "cpu" and y.is_contiguous():
+            return self.prepared().multi_lora(self.N, self.K, x, y, batch, inplace=True)
+        return y.copy_(self.apply(x, y, batch))
+
     def prepared(self):
         """The bank's pointers for eager CPU calls (``lorakern.ops.cpu.PreparedBank``), checked once per change."""
         if self._fields is None:
@@ -460,6 +469,14 @@ class AdapterBank:
         """A :class:`~lorakern.multilora.LoRABatch` for per-token adapters: names or ids (``None``,
         ``'__base__'`` or -1: no adapter), or ``[T, k]`` ids with ``weights [T, k]`` for mixtures."""
         return LoRABatch.build(self, adapters, weights, device=device or self.device)
+
+
+def apply_slices_(banks: list, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
+    """:func:`apply_slices` added into ``y`` ``[T, sum of N]`` in place (y must not overlap x); returns ``y``.
+    Eager CPU calls with a contiguous y write into it directly, others copy the result in."""
+    if eager_cpu(x) and all(lb.device.type == "cpu" for lb in banks) and y.is_contiguous():
+        return eager_helper("multi_lora_slices_prepared")(banks, x, y, batch, inplace=True)
+    return y.copy_(apply_slices(banks, x, y, batch))
 
 
 def apply_slices(banks: list, x: torch.Tensor, base: torch.Tensor, batch) -> torch.Tensor:

@@ -327,16 +327,20 @@ class PreparedBank:
         self._keep = _contiguous_bank(bank, table, scales)
         self.view = bank_view(*self._keep, group_a, group_b)
 
-    def multi_lora(self, N: int, K: int, x, base, batch):
-        """``base + the batch's adapters applied to x`` (x ``[T, K]``, base ``[T, N]``, one dtype)."""
+    def multi_lora(self, N: int, K: int, x, base, batch, inplace: bool = False):
+        """``base + the batch's adapters applied to x`` (x ``[T, K]``, base ``[T, N]``, one dtype): a new tensor, or
+        ``inplace``: added into ``base`` (contiguous, not overlapping x), which is returned."""
         code = _DTYPE_CODE.get(x.dtype)
         if (code is None or x.dim() != 2 or x.shape[1] != K or base.dtype != x.dtype or base.dim() != 2
                 or base.shape[0] != x.shape[0] or base.shape[1] != N or batch.num_tokens != x.shape[0]):
             raise ValueError(f"lorakern: multi_lora: x {tuple(x.shape)} {x.dtype} / base {tuple(base.shape)} "
                              f"{base.dtype} do not fit the layer ({N}, {K}) and a batch of {batch.num_tokens} tokens")
         x = x if x.is_contiguous() else x.contiguous()
-        base = base if base.is_contiguous() else base.contiguous()
-        y = torch.empty_like(base)
+        if inplace:
+            y = _inplace_target(base, x)
+        else:
+            base = base if base.is_contiguous() else base.contiguous()
+            y = torch.empty_like(base)
         _batch_errors(native().multi_lora, x.data_ptr(), code, x.shape[0], K, N, self.view,
                       *_batch_args(*_batch_tensors(batch, x.device)), -1, base.data_ptr(), y.data_ptr())
         return y
@@ -348,13 +352,23 @@ def _batch_tensors(batch, device) -> tuple:
     return tuple(t if t.is_contiguous() else t.contiguous() for t in (batch.segments, batch.tokens, batch.weights))
 
 
+def _inplace_target(base, x):
+    """``base`` as the output of an in-place call: contiguous and not sharing memory with ``x``."""
+    if not base.is_contiguous():
+        raise ValueError("lorakern: an in-place multi-adapter call needs a contiguous output")
+    if base.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("lorakern: an in-place multi-adapter call's output shares memory with x")
+    return base
+
+
 @helper("multi_lora_slices_prepared")
-def multi_lora_slices_prepared(banks: list, x, base, batch):
+def multi_lora_slices_prepared(banks: list, x, base, batch, inplace: bool = False):
     """``multi_lora_slices`` over :class:`PreparedBank` objects (one per output slice, each built once per bank change):
     ``base [T, sum of N]`` plus each slice's adapters in its own columns, for repeated eager CPU calls (the
     fused q/k/v and gate/up of vLLM's LoRA layers). ``banks``: LayerBanks (their pointers prepared once per change);
     every bank's K, the widths, the activations and the batch are checked here (O(1)), the C++ core checks every
-    slot, segment and token."""
+    slot, segment and token. ``inplace``: the adapters are added into ``base`` (contiguous, not overlapping x),
+    which is returned; else a new tensor."""
     K = x.shape[-1] if x.dim() else -1
     bad = [i for i, lb in enumerate(banks) if lb.K != K]
     if bad:
@@ -370,8 +384,11 @@ def multi_lora_slices_prepared(banks: list, x, base, batch):
                          f"{batch.num_tokens} tokens; got x {tuple(x.shape)} {x.dtype}, base {tuple(base.shape)} "
                          f"{base.dtype}")
     x = x if x.is_contiguous() else x.contiguous()
-    base = base if base.is_contiguous() else base.contiguous()
-    y = torch.empty_like(base)
+    if inplace:
+        y = _inplace_target(base, x)
+    else:
+        base = base if base.is_contiguous() else base.contiguous()
+        y = torch.empty_like(base)
     _batch_errors(native().multi_lora_slices, x.data_ptr(), code, x.shape[0], K, [p.view for p in prepared],
                   widths, *_batch_args(*_batch_tensors(batch, x.device)), max_rank, base.data_ptr(),
                   y.data_ptr(), base.shape[1])
