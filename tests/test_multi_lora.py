@@ -407,16 +407,25 @@ def test_in_place_equals_out_of_place(isa, T, dtype, rng):
     base = torch.randn(T, 320, generator=rng).to(dtype)
     want = apply_slices(lbs, x, base, b)
     y = base.clone()
+    v = y._version
     assert apply_slices_(lbs, x, y, b) is y
     assert torch.equal(y, want)
+    assert y._version > v  # written through its pointer: autograd must still see the change
     y1 = base[:, :192].clone()
     assert lbs[0].apply_(x, y1, b) is y1
     assert torch.equal(y1, lbs[0].apply(x, base[:, :192].contiguous(), b))
     strided = base.clone()[:, :192]  # not contiguous: computed out of place, then copied in
     assert torch.equal(lbs[0].apply_(x, strided, b), y1)
-    buf = torch.randn(T * (K + 320)).to(dtype)  # x and y in one storage: refused before any kernel runs
+    buf = torch.randn(T * (K + 320)).to(dtype)  # x and y overlapping: refused before any kernel runs
     with pytest.raises(ValueError, match="shares memory with x"):
-        apply_slices_(lbs, buf[: T * K].view(T, K), buf[T * K:].view(T, 320), b)
+        apply_slices_(lbs, buf[: T * K].view(T, K), buf[T * K - 320: T * K - 320 + T * 320].view(T, 320), b)
+    y2 = base.clone()  # one storage, disjoint ranges: allowed
+    z = torch.empty(T * K + T * 320, dtype=dtype)
+    z[: T * K] = x.reshape(-1)
+    z[T * K:] = base.reshape(-1)
+    assert torch.equal(apply_slices_(lbs, z[: T * K].view(T, K), z[T * K:].view(T, 320), b), want)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        apply_slices_(lbs, x, y2.requires_grad_(), b)
 
 
 def test_slices_refuse_bad_calls(rng):

@@ -1,6 +1,7 @@
-// Sparse fp16 outliers of a weight row (gwq_matmul), added into that row's
-// results right after its dense pass. Included by every ISA's kernel file and
-// compiled with its flags (anonymous namespace: one copy per translation unit).
+// Sparse fp16 outliers of the weight rows (gwq_matmul): for 1 < M <= kOutlierRowBlock added into a row's results
+// right after its dense pass (row_outliers); at M = 1 and above kOutlierRowBlock added after the thread's dense rows
+// (outliers_after_rows). Included by every ISA's kernel file and compiled with its flags (anonymous namespace: one
+// copy per translation unit).
 #pragma once
 #include <algorithm>
 #include <cstdint>

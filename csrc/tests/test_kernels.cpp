@@ -139,7 +139,7 @@ static std::vector<double> model(const Problem& p, const std::vector<int8_t>& xq
 }
 
 using RowsFn = void (*)(const lk::QmmProblem&, int64_t, int64_t);
-constexpr int64_t FUSED_DECODE_ROWS = 32;  // outliers.h: kChunkRows (rows per running sum)
+constexpr int64_t DECODE_CHUNK_ROWS = 32;  // outliers.h: kChunkRows (rows per running sum)
 
 // gemm: the blocked GEMMs (quant_gemm_avx2.cpp, quant_gemm_amx.cpp), called for many rows: M up to 100 (64-row
 // blocks, 4- and 16-row tiles with every remainder) and N up to 300 in one trial (several panels of 8 or 16 rows).
@@ -191,17 +191,21 @@ static void check_rows_fn(const char* name, RowsFn fn, std::mt19937& rng, bool g
         const double nterms = (double)(K / lk::act_block(G) + K / G + 3 + 4 + 1);
         // M = 1 with outliers: each row's outlier sum is the difference of a running sum over the rows of its
         // 32-row chunk (outliers.h, decode_outlier_sums), so its error is a few roundings of that running sum's
-        // magnitude, not of the row's own terms: two ends, each after up to (outliers so far + 8) additions.
+        // magnitude, not of the row's own terms: two ends, each after up to (outliers so far + 8) additions. A
+        // chunk starts at its thread's first row or 32 rows after another, so the rows [n - 31, n] bound it.
         std::vector<double> run_err((size_t)N, 0.0);
         if (pattern && M == 1) {
-          double mag = 0, cnt = 0;
+          std::vector<double> mag((size_t)N + 1, 0.0), cnt((size_t)N + 1, 0.0);  // prefix sums over rows
           for (int64_t n = 0; n < N; ++n) {
-            if (n % FUSED_DECODE_ROWS == 0) mag = cnt = 0;
-            for (int32_t j = p.row_ptr[n]; j < p.row_ptr[n + 1]; ++j) {
-              mag += std::fabs((double)lk::half_to_float(p.val[j]) * p.x[p.col[j]]);
-              cnt += 1;
-            }
-            run_err[n] = 2 * (cnt + 8) * 0x1p-24 * mag;
+            double m = 0;
+            for (int32_t j = p.row_ptr[n]; j < p.row_ptr[n + 1]; ++j)
+              m += std::fabs((double)lk::half_to_float(p.val[j]) * p.x[p.col[j]]);
+            mag[n + 1] = mag[n] + m;
+            cnt[n + 1] = cnt[n] + (p.row_ptr[n + 1] - p.row_ptr[n]);
+          }
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t a = std::max<int64_t>(0, n - (DECODE_CHUNK_ROWS - 1));
+            run_err[n] = 2 * (cnt[n + 1] - cnt[a] + 8) * 0x1p-24 * (mag[n + 1] - mag[a]);
           }
         }
         double worst = 0;

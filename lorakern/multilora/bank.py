@@ -304,10 +304,14 @@ class LayerBank:
                                              batch.max_count, batch.mixture)
 
     def apply_(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
-        """``y += the batch's adapters applied to x`` in place (x ``[T, K]``, y ``[T, N]``, one dtype; y must not
-        overlap x); returns ``y``. Eager CPU calls with a contiguous y write into it directly (no output
-        allocation and copy: vLLM's LoRA layers add into their base output this way); otherwise
-        ``y.copy_(apply(x, y, batch))``."""
+        """``y += the batch's adapters applied to x`` in place (x ``[T, K]``, y ``[T, N]``, one dtype); returns ``y``.
+        Eager CPU calls with a contiguous y write into it directly (no new output tensor and no copy: vLLM's LoRA
+        layers add into their base output this way; fp16/bf16 still go through an fp32 work buffer inside the
+        C++ core); otherwise ``y.copy_(apply(x, y, batch))``.
+
+        Raises:
+            ValueError: y overlaps x (direct path), or what :meth:`apply` raises.
+            RuntimeError: y requires grad (direct path)."""
         if eager_cpu(x) and self.device.type == "cpu" and y.is_contiguous():
             return self.prepared().multi_lora(self.N, self.K, x, y, batch, inplace=True)
         return y.copy_(self.apply(x, y, batch))
@@ -472,8 +476,9 @@ class AdapterBank:
 
 
 def apply_slices_(banks: list, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
-    """:func:`apply_slices` added into ``y`` ``[T, sum of N]`` in place (y must not overlap x); returns ``y``.
-    Eager CPU calls with a contiguous y write into it directly, others copy the result in."""
+    """:func:`apply_slices` added into ``y`` ``[T, sum of N]`` in place; returns ``y``. Eager CPU calls with a
+    contiguous y write into it directly (see :meth:`LayerBank.apply_`: y must not overlap x nor require grad), others
+    copy the result in. A failure in the C++ core (out of memory) can leave some slices added."""
     if eager_cpu(x) and all(lb.device.type == "cpu" for lb in banks) and y.is_contiguous():
         return eager_helper("multi_lora_slices_prepared")(banks, x, y, batch, inplace=True)
     return y.copy_(apply_slices(banks, x, y, batch))

@@ -353,11 +353,18 @@ def _batch_tensors(batch, device) -> tuple:
 
 
 def _inplace_target(base, x):
-    """``base`` as the output of an in-place call: contiguous and not sharing memory with ``x``."""
+    """``base`` as the output of an in-place call: contiguous, not needing grad, and not overlapping ``x`` (address
+    ranges compared: views of one storage and separate storages over one buffer alike). Its version counter is
+    bumped (the C++ core writes through its pointer), unless it is an inference tensor (which has none)."""
     if not base.is_contiguous():
         raise ValueError("lorakern: an in-place multi-adapter call needs a contiguous output")
-    if base.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+    if base.requires_grad:
+        raise RuntimeError("lorakern: an in-place multi-adapter call's output requires grad (use the out-of-place call)")
+    b0, x0 = base.data_ptr(), x.data_ptr()
+    if b0 < x0 + x.numel() * x.element_size() and x0 < b0 + base.numel() * base.element_size():
         raise ValueError("lorakern: an in-place multi-adapter call's output shares memory with x")
+    if not base.is_inference():
+        torch.autograd.graph.increment_version(base)
     return base
 
 

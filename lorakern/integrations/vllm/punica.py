@@ -4,8 +4,9 @@ vLLM keeps every LoRA layer's adapters in stacked slot tensors, one per output s
 A ``[max_loras, 1, max_rank, K]`` and B ``[max_loras, 1, N_slice, max_rank]`` (ranks zero-padded, alpha/r
 folded into B). This wrapper turns each layer's slots into lorakern :class:`~lorakern.multilora.LayerBank`\\ s
 (one copy, with each slot's true rank) when vLLM writes a slot (``tensor._version`` changes: an adapter
-loaded or evicted), never per step, and applies all slices of a fused layer (q/k/v, gate/up) in one
-``torch.ops.lorakern.multi_lora_slices`` call. A token without an adapter (index -1) gets none, also when
+loaded or evicted), never per step, and applies all slices of a fused layer (q/k/v, gate/up) in one call of the
+C++ core (``multi_lora_slices``, through :func:`~lorakern.multilora.apply_slices_`: added into vLLM's base output in
+place). A token without an adapter (index -1) gets none, also when
 every slot is full (stock vLLM's CPU path reads the last slot for it).
 
 Which method does what:
