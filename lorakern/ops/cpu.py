@@ -336,11 +336,7 @@ class PreparedBank:
             raise ValueError(f"lorakern: multi_lora: x {tuple(x.shape)} {x.dtype} / base {tuple(base.shape)} "
                              f"{base.dtype} do not fit the layer ({N}, {K}) and a batch of {batch.num_tokens} tokens")
         x = x if x.is_contiguous() else x.contiguous()
-        if inplace:
-            y = _inplace_target(base, x)
-        else:
-            base = base if base.is_contiguous() else base.contiguous()
-            y = torch.empty_like(base)
+        base, y = _base_and_output(base, x, inplace)
         _batch_errors(native().multi_lora, x.data_ptr(), code, x.shape[0], K, N, self.view,
                       *_batch_args(*_batch_tensors(batch, x.device)), -1, base.data_ptr(), y.data_ptr())
         return y
@@ -352,10 +348,14 @@ def _batch_tensors(batch, device) -> tuple:
     return tuple(t if t.is_contiguous() else t.contiguous() for t in (batch.segments, batch.tokens, batch.weights))
 
 
-def _inplace_target(base, x):
-    """``base`` as the output of an in-place call: contiguous, not needing grad, and not overlapping ``x`` (address
-    ranges compared: views of one storage and separate storages over one buffer alike). Its version counter is
-    bumped (the C++ core writes through its pointer), unless it is an inference tensor (which has none)."""
+def _base_and_output(base, x, inplace: bool) -> tuple:
+    """``(base, y)`` for a multi-adapter call: ``inplace``, y is base itself, which must be contiguous, must not need
+    grad and must not overlap ``x`` (address ranges compared: views of one storage and separate storages over one
+    buffer alike); its version counter is bumped (the C++ core writes through its pointer), unless it is an
+    inference tensor (which has none). Else base made contiguous and a new y."""
+    if not inplace:
+        base = base if base.is_contiguous() else base.contiguous()
+        return base, torch.empty_like(base)
     if not base.is_contiguous():
         raise ValueError("lorakern: an in-place multi-adapter call needs a contiguous output")
     if base.requires_grad:
@@ -365,7 +365,7 @@ def _inplace_target(base, x):
         raise ValueError("lorakern: an in-place multi-adapter call's output shares memory with x")
     if not base.is_inference():
         torch.autograd.graph.increment_version(base)
-    return base
+    return base, base
 
 
 @helper("multi_lora_slices_prepared")
@@ -391,11 +391,7 @@ def multi_lora_slices_prepared(banks: list, x, base, batch, inplace: bool = Fals
                          f"{batch.num_tokens} tokens; got x {tuple(x.shape)} {x.dtype}, base {tuple(base.shape)} "
                          f"{base.dtype}")
     x = x if x.is_contiguous() else x.contiguous()
-    if inplace:
-        y = _inplace_target(base, x)
-    else:
-        base = base if base.is_contiguous() else base.contiguous()
-        y = torch.empty_like(base)
+    base, y = _base_and_output(base, x, inplace)
     _batch_errors(native().multi_lora_slices, x.data_ptr(), code, x.shape[0], K, [p.view for p in prepared],
                   widths, *_batch_args(*_batch_tensors(batch, x.device)), max_rank, base.data_ptr(),
                   y.data_ptr(), base.shape[1])
